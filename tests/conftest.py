@@ -1,0 +1,67 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The benchmark data directory described in ``../shared/data/README.md``.
+
+    ``INTATTN_DATA_DIR`` overrides the default ``<repo root>/../shared/data``. Where the
+    directory does not exist the test is skipped, unless ``INTATTN_REQUIRE_DATA=1``, which
+    makes it fail instead (for machines that must run the data tests).
+    """
+    override = os.environ.get("INTATTN_DATA_DIR")
+    path = Path(override) if override else REPO_ROOT.parent / "shared" / "data"
+    if not path.is_dir():
+        reason = (
+            f"benchmark data directory {path} not found; set INTATTN_DATA_DIR to a copy of "
+            "shared/data (INTATTN_REQUIRE_DATA=1 turns this skip into a failure)"
+        )
+        if os.environ.get("INTATTN_REQUIRE_DATA") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+# ----------------------------------------------------------------------------- models
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default embedded model, loaded once per test session."""
+    import intattn_analysis as ia
+
+    return ia.load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The second embedded model (Gemma3 architecture), loaded once per test session."""
+    import intattn_analysis as ia
+
+    return ia.load_model("gemma-3-270m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A saved word-level tokenizer of 128 tokens, for tiny random models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, 128)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="</s>",
+    )
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    tokenizer.save_pretrained(path)
+    return path

@@ -9,9 +9,11 @@ LLMs* (IntAttn-Edit, arXiv 2510.27400). Typical use::
 """
 
 from .architectures import ARCHITECTURES, HOOKS, ArchSpec, LayerSpec, UnknownArchitectureError
-from .datasets import DatasetError, load_facts
+from .datasets import DatasetError, benchmark_path, facts_table, load_facts
 from .facts import Fact, FactError, Probe
+from .known import known_facts, mark_known
 from .loading import EMBEDDED_MODELS, ModelHandle, ModelLoadError, load_model
+from .predictions import answer_probability, top_predictions
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,12 @@ __all__ = [
     "ModelLoadError",
     "Probe",
     "UnknownArchitectureError",
+    "answer_probability",
+    "benchmark_path",
+    "facts_table",
+    "known_facts",
     "load_facts",
     "load_model",
+    "mark_known",
+    "top_predictions",
 ]

@@ -62,6 +62,8 @@ __all__ = [
     "ERRATA",
     "FORMATS",
     "Format",
+    "benchmark_path",
+    "facts_table",
     "detect_format",
     "load_facts",
     "mquake_rewrites",
@@ -842,3 +844,49 @@ def write_rome_counterfact(facts: Iterable[Fact], path: str | Path) -> Path:
             DatasetWarning, stacklevel=2,
         )
     return path
+
+
+# ---------------------------------------------------------------------------- helpers
+def benchmark_path(relative: str | Path = "") -> Path:
+    """A file of the public benchmark collection, e.g. ``"knowedit/ZsRE-test-all.json"``.
+
+    The collection lives in ``$INTATTN_DATA_DIR`` when that is set, else in
+    ``shared/data`` beside the repository (the layout of the project's own checkout). A
+    user with copies elsewhere passes their paths to :func:`load_facts` directly.
+    """
+    import os
+
+    root = os.environ.get("INTATTN_DATA_DIR")
+    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = base / relative
+    if not path.exists():
+        raise DatasetError(
+            "benchmark file not found; set INTATTN_DATA_DIR to the folder that holds the "
+            "benchmark files (knowedit/, counterfact/, zsre/, mquake/), or pass the file's "
+            "path to load_facts",
+            path=path,
+        )
+    return path
+
+
+def facts_table(facts: Sequence[Fact]):
+    """A pandas DataFrame with one row per fact (probe lists shown as counts)."""
+    import pandas as pd
+
+    rows = [
+        {
+            "case_id": f.case_id,
+            "relation": f.relation,
+            "subject": f.subject,
+            "prompt": f.text,
+            "target_true": f.target_true,
+            "target_new": f.target_new,
+            "paraphrases": len(f.paraphrases),
+            "neighborhood": len(f.neighborhood),
+            "portability": len(f.portability),
+            "locality": len(f.locality),
+            **{f"known[{m}]": k for m, k in sorted(f.known.items())},
+        }
+        for f in facts
+    ]
+    return pd.DataFrame(rows)

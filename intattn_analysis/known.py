@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .facts import Fact
 from .loading import ModelHandle
 
-__all__ = ["greedy_continuation", "is_known", "mark_known", "starts_with_answer"]
+__all__ = ["greedy_continuation", "is_known", "known_facts", "mark_known", "starts_with_answer"]
 
 
 def starts_with_answer(continuation: str, answer: str) -> bool:

@@ -14,6 +14,7 @@ from .facts import Fact, FactError, Probe
 from .known import known_facts, mark_known
 from .loading import EMBEDDED_MODELS, ModelHandle, ModelLoadError, load_model
 from .predictions import answer_probability, top_predictions
+from .tracing import Noise, TraceResult, balance, trace
 
 __version__ = "0.1.0"
 
@@ -28,9 +29,12 @@ __all__ = [
     "LayerSpec",
     "ModelHandle",
     "ModelLoadError",
+    "Noise",
     "Probe",
+    "TraceResult",
     "UnknownArchitectureError",
     "answer_probability",
+    "balance",
     "benchmark_path",
     "facts_table",
     "known_facts",
@@ -38,4 +42,5 @@ __all__ = [
     "load_model",
     "mark_known",
     "top_predictions",
+    "trace",
 ]

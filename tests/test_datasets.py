@@ -332,8 +332,6 @@ def test_builtin_missing(tmp_path, monkeypatch):
 
 
 def test_packaged_builtin_file_loads():
-    if not datasets._builtin_resource().is_file():
-        pytest.skip("intattn_analysis/data/builtin_facts.json is not written yet")
     facts = load_facts("builtin")
     assert facts and {f.source for f in facts} == {"builtin"}
 

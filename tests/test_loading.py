@@ -92,3 +92,19 @@ def test_sharding_arguments_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ia.ModelLoadError, match="CUDA devices"):
             ia.load_model("smollm2-135m", n_devices=2)
+
+
+def test_greedy_continuation_equals_a_fresh_hf_model(smollm2):
+    """Several greedy tokens through the bridge equal `generate` on an unwrapped model
+    (the wrapped model's own `generate` misuses its key-value cache)."""
+    from transformers import AutoModelForCausalLM
+
+    from intattn_analysis.loading import _converted_dir, EMBEDDED_MODELS
+
+    fresh = AutoModelForCausalLM.from_pretrained(_converted_dir(EMBEDDED_MODELS["smollm2-135m"]))
+    text = "The official currency of Japan is the"
+    ids = torch.tensor(smollm2.tokenize(text))
+    with torch.no_grad():
+        out = fresh.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = smollm2.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert greedy_continuation(smollm2, text, 6) == expected

@@ -13,7 +13,7 @@ what greedy decoding of the prompt gives.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -33,24 +33,43 @@ def starts_with_answer(continuation: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def greedy_continuation(model: ModelHandle, text: str, max_new_tokens: int) -> str:
+def greedy_continuation(
+    model: ModelHandle,
+    text: str,
+    max_new_tokens: int,
+    stop: Callable[[str], bool] | None = None,
+) -> str:
     """The model's greedy continuation of ``text``, decoded without special tokens.
 
     Each step is a full forward of the bridge on the prompt and the tokens chosen so far,
     with no key-value cache: ``generate`` on a Hugging Face model whose modules the bridge
     has wrapped reuses its cache incorrectly (the tokens after the first come out as
     garbage), and a fact's answer is a few tokens long, so recomputation costs little.
-    Stops early at the end-of-sequence token.
+    Decoding ends at the end-of-sequence token, or early once ``stop(continuation)`` is
+    true.
     """
     ids = torch.tensor([model.tokenize(text)[0]], device=model.device)
     prompt_length = ids.shape[1]
     eos = model.tokenizer.eos_token_id
+    continuation = ""
     for _ in range(max_new_tokens):
         next_token = model.bridge(ids)[0, -1].argmax()
         ids = torch.cat([ids, next_token.view(1, 1)], dim=1)
-        if eos is not None and int(next_token) == eos:
+        continuation = model.tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
+        if (eos is not None and int(next_token) == eos) or (stop is not None and stop(continuation)):
             break
-    return model.tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
+    return continuation
+
+
+def _answer_decided(answer: str) -> Callable[[str], bool]:
+    """Whether a partial continuation already settles :func:`starts_with_answer`."""
+
+    def decided(continuation: str) -> bool:
+        # a partly decoded multi-byte character shows as U+FFFD; judge only what is final
+        text = continuation.lstrip().rstrip("\ufffd")
+        return len(text) > len(answer) or not answer.startswith(text)
+
+    return decided
 
 
 def is_known(model: ModelHandle, fact: Fact) -> tuple[bool, str]:
@@ -65,22 +84,10 @@ def is_known(model: ModelHandle, fact: Fact) -> tuple[bool, str]:
         return False, ""
     answer = fact.target_true
     answer_tokens = len(model.tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
-    ids = torch.tensor([model.tokenize(fact.text)[0]], device=model.device)
-    prompt_length = ids.shape[1]
-    eos = model.tokenizer.eos_token_id
-    text = ""
-    with torch.no_grad():
-        for _ in range(answer_tokens + 2):
-            next_token = model.bridge(ids)[0, -1].argmax()
-            ids = torch.cat([ids, next_token.view(1, 1)], dim=1)
-            text = model.tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
-            # a partly decoded multi-byte character shows as U+FFFD; judge only what is final
-            stripped = text.lstrip().rstrip("\ufffd")
-            if len(stripped) > len(answer) or (eos is not None and int(next_token) == eos):
-                break
-            if not answer.startswith(stripped):
-                break
-    return starts_with_answer(text, answer), text
+    continuation = greedy_continuation(
+        model, fact.text, answer_tokens + 2, stop=_answer_decided(answer)
+    )
+    return starts_with_answer(continuation, answer), continuation
 
 
 def mark_known(

@@ -63,6 +63,7 @@ __all__ = [
     "FORMATS",
     "Format",
     "benchmark_path",
+    "benchmark_root",
     "facts_table",
     "detect_format",
     "load_facts",
@@ -847,18 +848,25 @@ def write_rome_counterfact(facts: Iterable[Fact], path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- helpers
-def benchmark_path(relative: str | Path = "") -> Path:
-    """A file of the public benchmark collection, e.g. ``"knowedit/ZsRE-test-all.json"``.
+def benchmark_root() -> Path:
+    """The folder of the public benchmark collection (it may not exist).
 
-    The collection lives in ``$INTATTN_DATA_DIR`` when that is set, else in
-    ``shared/data`` beside the repository (the layout of the project's own checkout). A
-    user with copies elsewhere passes their paths to :func:`load_facts` directly.
+    ``$INTATTN_DATA_DIR`` when that is set, else ``shared/data`` beside the repository
+    (the layout of the project's own checkout).
     """
     import os
 
     root = os.environ.get("INTATTN_DATA_DIR")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
-    path = base / relative
+    return Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def benchmark_path(relative: str | Path = "") -> Path:
+    """A file of the public benchmark collection, e.g. ``"knowedit/ZsRE-test-all.json"``.
+
+    The collection lives in :func:`benchmark_root`. A user with copies elsewhere passes
+    their paths to :func:`load_facts` directly.
+    """
+    path = benchmark_root() / relative
     if not path.exists():
         raise DatasetError(
             "benchmark file not found; set INTATTN_DATA_DIR to the folder that holds the "

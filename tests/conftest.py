@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -18,8 +17,9 @@ def data_dir() -> Path:
     directory does not exist the test is skipped, unless ``INTATTN_REQUIRE_DATA=1``, which
     makes it fail instead (for machines that must run the data tests).
     """
-    override = os.environ.get("INTATTN_DATA_DIR")
-    path = Path(override) if override else REPO_ROOT.parent / "shared" / "data"
+    from intattn_analysis.datasets import benchmark_root
+
+    path = benchmark_root()
     if not path.is_dir():
         reason = (
             f"benchmark data directory {path} not found; set INTATTN_DATA_DIR to a copy of "

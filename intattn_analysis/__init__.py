@@ -10,9 +10,15 @@ LLMs* (IntAttn-Edit, arXiv 2510.27400). Typical use::
 
 from .architectures import ARCHITECTURES, HOOKS, ArchSpec, LayerSpec, UnknownArchitectureError
 from .datasets import DatasetError, benchmark_path, facts_table, load_facts
-from .facts import Fact, FactError, Probe
+from .facts import Fact, FactError, Probe, sample_by_relation
 from .known import known_facts, mark_known
-from .loading import EMBEDDED_MODELS, ModelHandle, ModelLoadError, load_model
+from .loading import EMBEDDED_MODELS, ModelHandle, ModelLoadError, cache_root, load_model
+from .localization import (
+    attention_share_by_depth,
+    early_attention_finding,
+    layer_ranges,
+    suggest_edit_layers,
+)
 from .predictions import answer_probability, top_predictions
 from .tracing import Noise, TraceResult, balance, trace
 
@@ -34,13 +40,19 @@ __all__ = [
     "TraceResult",
     "UnknownArchitectureError",
     "answer_probability",
+    "attention_share_by_depth",
     "balance",
     "benchmark_path",
+    "cache_root",
+    "early_attention_finding",
     "facts_table",
     "known_facts",
+    "layer_ranges",
     "load_facts",
     "load_model",
     "mark_known",
+    "sample_by_relation",
+    "suggest_edit_layers",
     "top_predictions",
     "trace",
 ]

@@ -24,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping, NamedTuple
 
-__all__ = ["Fact", "FactError", "Probe"]
+__all__ = ["Fact", "FactError", "Probe", "sample_by_relation"]
 
 SUBJECT_SLOT = "{}"
 
@@ -219,3 +219,29 @@ class Fact:
     def __str__(self) -> str:
         arrow = f"{self.target_true!r} -> " if self.target_true is not None else "-> "
         return f"{self.text!r} {arrow}{self.target_new!r}"
+
+
+def sample_by_relation(facts: Iterable[Fact], n: int | None) -> list[Fact]:
+    """Up to ``n`` facts spread evenly over relations, deterministically.
+
+    Relations are visited round-robin in sorted order, taking each relation's facts in
+    their original order, so a small sample covers as many relations as it can. ``n=None``
+    returns every fact (in the original order).
+    """
+    facts = list(facts)
+    if n is None:
+        return facts
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer or None, got {n!r}")
+    groups: dict[str, list[Fact]] = {}
+    for fact in facts:
+        groups.setdefault(str(fact.relation or ""), []).append(fact)
+    queues = [groups[r] for r in sorted(groups)]
+    chosen: list[Fact] = []
+    depth = 0
+    while len(chosen) < min(n, len(facts)):
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < n:
+                chosen.append(queue[depth])
+        depth += 1
+    return chosen

@@ -10,11 +10,20 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import pandas as pd
 
 from .facts import Fact
 
-__all__ = ["figures_dir", "plot_known_by_relation", "save_figure"]
+__all__ = [
+    "figures_dir",
+    "plot_aie_curves",
+    "plot_alphas",
+    "plot_known_by_relation",
+    "plot_severed",
+    "plot_trace_heatmaps",
+    "save_figure",
+]
 
 
 def figures_dir() -> Path:
@@ -55,3 +64,161 @@ def plot_known_by_relation(facts: Sequence[Fact], models: Sequence[str]) -> plt.
     ax.legend(loc="lower right", frameon=False)
     fig.tight_layout()
     return fig
+
+
+# =========================================================================== localization
+#: ROME's colours: residual stream purple, MLP green, attention red.
+KIND_COLORS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+MODULE_COLORS = {"attn": "tab:red", "mlp": "tab:green", "resid": "tab:purple"}
+KIND_LABELS = {"resid": "single restored layer", "mlp": "MLP", "attn": "attention"}
+
+
+def plot_trace_heatmaps(result, fact=None, *, kinds: Sequence[str] | None = None) -> plt.Figure:
+    """ROME's causal-trace picture for one fact: one heatmap per kind, tokens x layers.
+
+    Each cell is ``p(answer)`` when that state is restored in the corrupted run; darker
+    means the state carries more of the fact. Subject tokens are starred and drawn in bold.
+    For ``attn``/``mlp`` the column is the centre of the restored window. ``fact`` is a
+    :class:`~intattn_analysis.facts.Fact`, a fact key, or ``None`` for the first fact
+    traced. The colour scale starts at the corrupted run's probability, as in ROME.
+    """
+    table = result.to_dataframe()
+    key = _fact_key(result, fact)
+    part = table[table["fact"] == key]
+    kinds = [k for k in (kinds or ("resid", "mlp", "attn")) if k in set(part["kind"])]
+    if not kinds:
+        raise ValueError(f"fact {key} has no traced kinds in this result")
+    first = part.iloc[0]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 0.36 * part["token"].nunique() + 1.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows = part[part["kind"] == kind]
+        grid = rows.pivot_table(index="token", columns="layer", values="p_restored")
+        labels = (
+            rows.drop_duplicates("token").set_index("token").loc[grid.index]
+        )
+        is_subject = labels["token_class"].str.startswith("subject").to_numpy()
+        names = [
+            f"{text!r}*" if subject else repr(text)
+            for text, subject in zip(labels["token_text"], is_subject)
+        ]
+        image = ax.imshow(
+            grid.to_numpy(), cmap=KIND_COLORS[kind], aspect="auto",
+            vmin=float(first["p_corrupted"]), interpolation="nearest",
+        )
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        for tick, subject in zip(ax.get_yticklabels(), is_subject):
+            tick.set_fontweight("bold" if subject else "normal")
+        layers = list(grid.columns)
+        step = max(1, len(layers) // 8)
+        ax.set_xticks(range(0, len(layers), step), [layers[i] for i in range(0, len(layers), step)])
+        ax.set_xlabel("layer" if kind == "resid" else f"centre of {result.settings['window']}-layer window")
+        ax.set_title(f"restored: {KIND_LABELS[kind]}", fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02).set_label("p(answer)", fontsize=8)
+    fact_obj = next(f for f in result.facts if f.key == key)
+    fig.suptitle(
+        f"{result.settings['model'].split('@')[0]}: {fact_obj.text!r} -> {fact_obj.target_true!r}  "
+        f"(p clean {float(first['p_clean']):.2f}, corrupted {float(first['p_corrupted']):.2f})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def _fact_key(result, fact) -> str:
+    keys = [f.key for f in result.facts]
+    if fact is None:
+        return keys[0]
+    key = fact if isinstance(fact, str) else fact.key
+    if key not in keys:
+        raise ValueError(f"fact {key!r} is not in this result; traced facts: {keys[:10]}")
+    return key
+
+
+def plot_aie_curves(results, tokens: Sequence[str] = ("subject_last", "last")) -> plt.Figure:
+    """Average indirect effect per layer, attention vs MLP, with 95% confidence bands.
+
+    ``results`` is one :class:`~intattn_analysis.tracing.TraceResult` or a mapping
+    ``{label: TraceResult}`` (one row of panels per label, e.g. per model); one panel per
+    token class in ``tokens``. Bands are ``aie +/- 1.96 sem`` over facts.
+    """
+    results = _labelled(results)
+    fig, axes = plt.subplots(
+        len(results), len(tokens), figsize=(4.6 * len(tokens), 2.9 * len(results)), squeeze=False
+    )
+    for row, (label, result) in enumerate(results.items()):
+        for col, token in enumerate(tokens):
+            ax = axes[row][col]
+            curves = result.contributions(token)
+            for module, part in curves.groupby("module", sort=False):
+                color = MODULE_COLORS[module]
+                ax.plot(part["layer"], part["aie"], color=color, label=KIND_LABELS[module], lw=1.6)
+                ax.fill_between(part["layer"], part["ci_low"], part["ci_high"], color=color, alpha=0.18, lw=0)
+            ax.axhline(0, color="0.6", lw=0.6)
+            n = int(curves["n_facts"].max())
+            ax.set_title(f"{label}: {token} token (n={n})", fontsize=10)
+            ax.set_xlabel(f"centre of {result.settings['window']}-layer window")
+            ax.set_ylabel("AIE")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_severed(plain, severed: dict, token: str = "subject_last", label: str = "") -> plt.Figure:
+    """ROME's severed-path comparison: the residual-stream AIE at ``token`` restored
+    normally vs with the later MLP (or attention) outputs at that token held corrupted.
+
+    ``plain`` is a trace of kind ``resid``; ``severed`` maps ``"mlp"`` / ``"attn"`` to
+    traces made with ``severed=...``. The gap between the plain curve and a severed one is
+    the part of the effect that flows through that module.
+    """
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    curves = {"none": plain, **severed}
+    for which, result in curves.items():
+        aie = result.average_indirect_effect()
+        part = aie[(aie["kind"] == "resid") & (aie["token_class"] == token)]
+        if part.empty:
+            raise ValueError(f"the {which!r} trace has no resid rows at token class {token!r}")
+        color = {"none": MODULE_COLORS["resid"], "mlp": MODULE_COLORS["mlp"], "attn": MODULE_COLORS["attn"]}[which]
+        name = "no severing" if which == "none" else f"{KIND_LABELS[which]} severed"
+        ax.plot(part["layer"], part["aie"], color=color, label=name, lw=1.6,
+                ls="-" if which == "none" else "--")
+        ax.fill_between(part["layer"], part["ci_low"], part["ci_high"], color=color, alpha=0.15, lw=0)
+    ax.axhline(0, color="0.6", lw=0.6)
+    ax.set_xlabel("restored layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("AIE of the residual stream")
+    ax.set_title(f"{label + ': ' if label else ''}severed paths at the {token} token", fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_alphas(alphas: dict, edit_layers: dict | None = None) -> plt.Figure:
+    """Alpha per layer for each model (``{label: LayerAlphas}``), its global alpha as a
+    dashed line and, where given, the suggested edit layers shaded."""
+    fig, axes = plt.subplots(1, len(alphas), figsize=(5.2 * len(alphas), 3.0), squeeze=False)
+    for ax, (label, per_layer) in zip(axes[0], alphas.items()):
+        layers = sorted(per_layer)
+        ax.bar(layers, [per_layer[l] for l in layers], color=MODULE_COLORS["attn"], alpha=0.75,
+               label="alpha (attention share)")
+        global_alpha = getattr(per_layer, "global_alpha", float("nan"))
+        ax.axhline(global_alpha, color="0.2", ls="--", lw=1, label=f"global alpha {global_alpha:.2f}")
+        if edit_layers and label in edit_layers:
+            chosen = list(edit_layers[label])
+            ax.axvspan(min(chosen) - 0.5, max(chosen) + 0.5, color="0.85", zorder=0, label="edit layers")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("alpha")
+        ax.set_title(label, fontsize=10)
+        ax.legend(frameon=False, fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def _labelled(results) -> dict:
+    from .tracing import TraceResult
+
+    if isinstance(results, TraceResult):
+        return {results.settings["model"].split("@")[0]: results}
+    return dict(results)

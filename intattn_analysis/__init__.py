@@ -12,6 +12,7 @@ from .architectures import ARCHITECTURES, HOOKS, ArchSpec, LayerSpec, UnknownArc
 from .datasets import DatasetError, benchmark_path, facts_table, load_facts
 from .facts import Fact, FactError, Probe, sample_by_relation
 from .known import known_facts, mark_known
+from .covariance import SecondMoments, second_moments
 from .loading import EMBEDDED_MODELS, ModelHandle, ModelLoadError, cache_root, load_model
 from .localization import (
     attention_share_by_depth,
@@ -19,6 +20,7 @@ from .localization import (
     layer_ranges,
     suggest_edit_layers,
 )
+from .metrics import METRICS, Evaluation, evaluate
 from .predictions import answer_probability, top_predictions
 from .tracing import Noise, TraceResult, balance, trace
 
@@ -30,13 +32,16 @@ __all__ = [
     "HOOKS",
     "ArchSpec",
     "DatasetError",
+    "Evaluation",
     "Fact",
     "FactError",
     "LayerSpec",
+    "METRICS",
     "ModelHandle",
     "ModelLoadError",
     "Noise",
     "Probe",
+    "SecondMoments",
     "TraceResult",
     "UnknownArchitectureError",
     "answer_probability",
@@ -45,6 +50,7 @@ __all__ = [
     "benchmark_path",
     "cache_root",
     "early_attention_finding",
+    "evaluate",
     "facts_table",
     "known_facts",
     "layer_ranges",
@@ -52,6 +58,7 @@ __all__ = [
     "load_model",
     "mark_known",
     "sample_by_relation",
+    "second_moments",
     "suggest_edit_layers",
     "top_predictions",
     "trace",

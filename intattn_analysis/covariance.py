@@ -1,0 +1,506 @@
+"""Second moments of the keys of the editable matrices: ``C = E[k kᵀ]`` per layer and module.
+
+A MEMIT-family edit of a linear map ``W`` (key ``k`` in, value ``v`` out) inserts new
+key/value pairs ``(K, V)`` while changing the map as little as possible on the keys it
+already serves. "The keys it already serves" are summarised by their uncentred second
+moment over a text corpus, ``C = E[k kᵀ]``, and the update is
+``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (DESIGN.md §2.4). IntAttn-Edit edits two maps per layer, so
+it needs two moments per layer:
+
+* ``"mlp"``: the key of the MLP down-projection is its input, the activated hidden layer
+  (hook ``blocks.{l}.mlp.out.hook_in``, ``[batch, pos, d_mlp]``); this is ROME/MEMIT's
+  ``mom2`` statistic.
+* ``"attn"``: the key of the attention output projection ``o_proj`` is its input, the
+  heads' outputs (hook ``blocks.{l}.attn.o.hook_in``, ``[batch, pos, head, d_head]``),
+  flattened head-major to ``[batch, pos, head * d_head]``, which is the layout ``o_proj``'s
+  weight consumes (``value = key @ Wᵀ``; the tests check it).
+
+Collecting the statistics is the expensive part of every MEMIT-family method, so
+:func:`second_moments` collects every requested layer and both modules in **one**
+streaming pass over the corpus, and stops each forward as soon as the last needed key has
+been seen (a private exception raised from that hook), so layers above it and the
+unembedding never run. Padding is never counted: sequences are right-padded, which leaves
+every real position of a causal model unchanged, and only real positions enter the sums.
+Each batch's ``kᵀk`` is computed in ``dtype`` (float32 by default, as ROME/MEMIT's
+``mom2_dtype``) and summed over batches in float64 on the model's device; the result is
+the sum divided by the number of tokens counted.
+
+Every ``(module, layer)`` moment is cached in its own safetensors file under
+``cache_dir`` (default ``cache_root() / "moments"``), named by everything its numbers
+depend on: the model's ``cache_id`` (name and revision or GGUF hash), the model's dtype,
+module, layer, corpus id, ``n_tokens``, ``max_len`` and ``dtype``. ``batch_size`` is
+deliberately not part of the key: it changes only how the same tokens are grouped (the
+sums agree to float rounding). Files are written atomically. A later call loads what is
+cached and computes only the missing pairs, again in one pass. The statistics describe
+the model's weights at the time they are collected: compute them *before* editing.
+
+Scale. ROME and MEMIT estimate ``C`` from 100,000 Wikipedia articles, each cut to the
+model's context length (1,024 tokens for GPT-2 XL, 2,048 for GPT-J), float32 products:
+on the order of 10⁷-10⁸ tokens. A paper-scale run here is
+``second_moments(model, layers, corpus="wikipedia", n_tokens=10_000_000, max_len=1024)``
+or more (a GPU job); the default ``n_tokens=100_000`` over model samples is a laptop
+setting whose ``C`` is noisier, and which the covariance weight λ partly compensates for.
+For a ``d``-dimensional key ``C`` has rank at most the number of tokens counted: with
+``d_mlp`` in the tens of thousands (7B models) use at least a few hundred thousand tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .architectures import MODULES
+from .corpus import CorpusError, ModelSamples, TextCorpus, resolve_corpus
+from .loading import ModelHandle, cache_root
+
+__all__ = [
+    "CACHE_FORMAT",
+    "SecondMoments",
+    "cache_file",
+    "second_moments",
+    "second_moments_per_layer",
+]
+
+#: Bump when the stored format or the algorithm changes (part of every cache key).
+CACHE_FORMAT = 1
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+Pair = tuple[str, int]
+
+
+class _StopForward(Exception):
+    """Raised from the last needed key hook: the rest of the forward is not needed."""
+
+
+# =========================================================================== result
+class SecondMoments(Mapping[Pair, Tensor]):
+    """The moments ``E[k kᵀ]`` of one collection, keyed by ``(module, layer)``.
+
+    Each value is a float64 ``[d, d]`` tensor (``d = d_mlp`` for ``"mlp"``,
+    ``n_heads * d_head`` for ``"attn"``). ``n_tokens`` is the number of tokens counted,
+    ``corpus_id`` names the corpus, ``max_len`` the sequence cap, ``dtype`` the precision
+    of the per-batch products. A plain ``{(module, layer): tensor}`` dict is accepted
+    wherever a :class:`SecondMoments` is (:meth:`of` wraps it; its provenance fields are
+    then ``None``).
+    """
+
+    def __init__(
+        self,
+        moments: Mapping[Pair, Tensor],
+        *,
+        n_tokens: int | None = None,
+        corpus_id: str | None = None,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        model_id: str | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        self._moments = {(str(m), int(l)): t for (m, l), t in moments.items()}
+        self.n_tokens = n_tokens
+        self.corpus_id = corpus_id
+        self.max_len = max_len
+        self.dtype = dtype
+        self.model_id = model_id
+        #: Seconds the collection passes took (not counting reading or sampling the
+        #: corpus; 0 when everything came from the cache).
+        self.seconds = seconds
+
+    @classmethod
+    def of(cls, moments: "Mapping[Pair, Tensor] | SecondMoments") -> "SecondMoments":
+        """``moments`` as a :class:`SecondMoments` (a plain dict is wrapped, not copied)."""
+        return moments if isinstance(moments, SecondMoments) else cls(moments)
+
+    def __getitem__(self, key: Pair) -> Tensor:
+        try:
+            return self._moments[key]
+        except KeyError:
+            raise KeyError(
+                f"no second moment for {key!r}; held: {sorted(self._moments)}"
+            ) from None
+
+    def __iter__(self) -> Iterator[Pair]:
+        return iter(self._moments)
+
+    def __len__(self) -> int:
+        return len(self._moments)
+
+    def layers(self, module: str) -> list[int]:
+        """The layers held for ``module``."""
+        return sorted(l for m, l in self._moments if m == module)
+
+    def describe(self) -> dict[str, Any]:
+        """Where the numbers come from, as plain data (for result files and tables)."""
+        return {
+            "model": self.model_id,
+            "corpus": self.corpus_id,
+            "n_tokens": self.n_tokens,
+            "max_len": self.max_len,
+            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
+            "matrices": {
+                m: self.layers(m) for m in MODULES if self.layers(m)
+            },
+            "dims": {f"{m}:{l}": int(t.shape[0]) for (m, l), t in sorted(self._moments.items())},
+        }
+
+    def __repr__(self) -> str:
+        held = ", ".join(f"{m}: {self.layers(m)}" for m in MODULES if self.layers(m))
+        return (
+            f"SecondMoments({held}; corpus={self.corpus_id!r}, n_tokens={self.n_tokens}, "
+            f"max_len={self.max_len})"
+        )
+
+
+# =========================================================================== validation
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _pairs(model: ModelHandle, layers: Any, modules: Any) -> list[Pair]:
+    if isinstance(modules, str):
+        modules = (modules,)
+    modules = tuple(dict.fromkeys(modules))
+    if not modules or any(m not in MODULES for m in modules):
+        raise ValueError(
+            f"modules must be a non-empty selection of {list(MODULES)}, got {list(modules)}"
+        )
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    try:
+        layers = list(layers)
+    except TypeError:
+        raise ValueError(f"layers must be an int or a sequence of ints, got {layers!r}") from None
+    n_layers = model.n_layers
+    bad = [
+        l for l in layers
+        if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_layers
+    ]
+    if bad or not layers:
+        raise ValueError(
+            f"layers must be integers in [0, {n_layers}) for {model.name} and not empty; "
+            f"got {bad or layers}"
+        )
+    return [(m, l) for l in sorted(set(layers)) for m in modules]
+
+
+# =========================================================================== cache
+def _cache_key(
+    model: ModelHandle, pair: Pair, corpus_id: str, n_tokens: int, max_len: int, dtype: torch.dtype
+) -> dict[str, Any]:
+    module, layer = pair
+    return {
+        "format": CACHE_FORMAT,
+        "model": model.cache_id,
+        "model_dtype": str(model.dtype),
+        "module": module,
+        "layer": layer,
+        "corpus": corpus_id,
+        "n_tokens": n_tokens,
+        "max_len": max_len,
+        "dtype": str(dtype),
+    }
+
+
+def cache_file(
+    cache_dir: str | os.PathLike,
+    model: ModelHandle,
+    module: str,
+    layer: int,
+    corpus_id: str,
+    n_tokens: int,
+    max_len: int,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """The file that holds (or would hold) one cached moment.
+
+    The name spells out the settings for a reader of the folder; the hash at its end
+    covers the full key (:func:`_cache_key`), so no setting can be silently left out.
+    """
+    key = _cache_key(model, (module, layer), corpus_id, n_tokens, max_len, dtype)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    corpus_slug = "".join(c if c.isalnum() or c in "-." else "_" for c in corpus_id)
+    name = (
+        f"mom2-{module}-layer{layer}-{corpus_slug}-n{n_tokens}-len{max_len}-"
+        f"{str(dtype).replace('torch.', '')}-{digest}.safetensors"
+    )
+    return Path(cache_dir) / model.cache_id.replace("/", "--") / name
+
+
+def _write_atomic(path: Path, moment: Tensor, key: dict, counted: int) -> None:
+    """Save one moment so that a reader sees the whole file or none of it."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        metadata = {"key": json.dumps(key, sort_keys=True), "n_tokens_counted": str(counted)}
+        save_file({"mom2": moment.detach().cpu().contiguous()}, staging, metadata=metadata)
+        os.chmod(staging, 0o644)  # mkstemp makes it private; a cache is shared
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def _read_cached(path: Path, key: dict, device: torch.device) -> tuple[Tensor, int] | None:
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            if json.loads(metadata.get("key", "null")) != key:
+                return None
+            return fh.get_tensor("mom2").to(device), int(metadata["n_tokens_counted"])
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None  # unreadable or foreign: recompute and overwrite
+
+
+# =========================================================================== collection
+def _batches(
+    sequences: list[list[int]], batch_size: int, pad_id: int, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(ids, real)``: right-padded ``[batch, pos]`` token ids and a mask of real tokens."""
+    for first in range(0, len(sequences), batch_size):
+        chunk = sequences[first : first + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        real = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for row, sequence in enumerate(chunk):
+            ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            real[row, : len(sequence)] = True
+        yield ids.to(device), real
+
+
+class _Collector:
+    """Hooks that add each batch's ``kᵀk`` to float64 sums, and stop the forward early."""
+
+    def __init__(self, model: ModelHandle, pairs: Sequence[Pair], dtype: torch.dtype) -> None:
+        self.pairs = list(pairs)
+        self.dtype = dtype
+        self.sums: dict[Pair, Tensor] = {}
+        self.fired: set[Pair] = set()
+        self.real: Tensor | None = None
+        self._real_on: dict[torch.device, Tensor] = {}
+        self.hooks = [(model.layer(l).key_hook(m), self._hook((m, l))) for m, l in self.pairs]
+
+    def start_batch(self, real: Tensor) -> None:
+        self.real, self._real_on = real, {}
+        self.fired.clear()
+
+    def _hook(self, pair: Pair):
+        def accumulate(x: Tensor, hook=None) -> None:
+            real = self._real_on.get(x.device)
+            if real is None:
+                real = self._real_on[x.device] = self.real.to(x.device)
+            # [batch, pos, head, d_head] -> [batch, pos, head * d_head]: o_proj's input layout
+            keys = x.reshape(*x.shape[:2], -1)[real].to(self.dtype)
+            product = (keys.T @ keys).to(torch.float64)
+            if pair in self.sums:
+                self.sums[pair] += product
+            else:
+                self.sums[pair] = product
+            self.fired.add(pair)
+            if len(self.fired) == len(self.pairs):
+                raise _StopForward
+
+        return accumulate
+
+
+@torch.no_grad()
+def _collect(
+    model: ModelHandle,
+    pairs: Sequence[Pair],
+    sequences: list[list[int]],
+    *,
+    batch_size: int,
+    dtype: torch.dtype,
+    progress: bool,
+    description: str,
+) -> dict[Pair, Tensor]:
+    """One streaming pass over ``sequences``: the summed ``kᵀk`` of every pair."""
+    collector = _Collector(model, pairs, dtype)
+    pad_id = model.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else int(pad_id)
+    total = sum(len(s) for s in sequences)
+    with tqdm(total=total, unit="tok", desc=description, disable=not progress) as bar:
+        with model.bridge.hooks(fwd_hooks=collector.hooks):
+            for ids, real in _batches(sequences, batch_size, pad_id, model.device):
+                collector.start_batch(real)
+                try:
+                    model.bridge(ids)
+                except _StopForward:
+                    pass
+                if len(collector.fired) != len(collector.pairs):
+                    missing = sorted(set(collector.pairs) - collector.fired)
+                    raise RuntimeError(
+                        f"the key hooks of {missing} did not fire during a forward of "
+                        f"{model.name}; is the bridge's hook vocabulary the package's?"
+                    )
+                bar.update(int(real.sum()))
+    return collector.sums
+
+
+def _validated(
+    model, layers, modules, corpus, n_tokens, max_len, batch_size, dtype
+) -> tuple[list[Pair], "TextCorpus | ModelSamples"]:
+    pairs = _pairs(model, layers, modules)
+    _positive_int("n_tokens", n_tokens)
+    _positive_int("max_len", max_len)
+    _positive_int("batch_size", batch_size)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in _DTYPES]}, got {dtype!r}")
+    return pairs, resolve_corpus(corpus)
+
+
+def _sequences(
+    model, source, n_tokens, max_len, corpus_cache, progress, allow_fewer_tokens
+) -> list[list[int]]:
+    sequences = source.sequences(
+        model, n_tokens, max_len, cache_dir=corpus_cache, progress=progress
+    )
+    found = sum(len(s) for s in sequences)
+    if found == 0:
+        raise CorpusError(f"the corpus {source.corpus_id!r} holds no tokens")
+    if found < n_tokens and not allow_fewer_tokens:
+        raise CorpusError(
+            f"the corpus {source.corpus_id!r} holds only {found} tokens (in sequences of at "
+            f"most max_len={max_len}), fewer than n_tokens={n_tokens}. Pass n_tokens<={found}, "
+            "a larger corpus, or allow_fewer_tokens=True to use all of it."
+        )
+    return sequences
+
+
+def second_moments(
+    model: ModelHandle,
+    layers: int | Sequence[int],
+    modules: str | Sequence[str] = ("mlp", "attn"),
+    corpus: object = None,
+    *,
+    n_tokens: int = 100_000,
+    max_len: int = 128,
+    batch_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None | bool = None,
+    progress: bool = True,
+    one_pass: bool = True,
+    allow_fewer_tokens: bool = False,
+) -> SecondMoments:
+    """``E[k kᵀ]`` of the keys of ``modules`` at ``layers``, over ``n_tokens`` corpus tokens.
+
+    Args:
+        model: the loaded model; its weights as they are now are the ones measured.
+        layers: a layer index or several.
+        modules: ``"mlp"`` (down-projection input), ``"attn"`` (``o_proj`` input), or both.
+        corpus: ``None`` (text sampled from the model, the offline default), a ``.txt``
+            file or folder, ``"wikitext"`` / ``"wikipedia"``, a list of strings, or a
+            :class:`~intattn_analysis.corpus.TextCorpus` /
+            :class:`~intattn_analysis.corpus.ModelSamples`
+            (see :mod:`intattn_analysis.corpus`).
+        n_tokens: tokens to count, exactly; a corpus with fewer is an error unless
+            ``allow_fewer_tokens``.
+        max_len: the longest sequence fed to the model (longer documents are chunked).
+        batch_size: sequences per forward.
+        dtype: precision of each batch's ``kᵀk``; the sum over batches is float64.
+        cache_dir: the folder of cached moments (default ``cache_root() / "moments"``;
+            sampled corpora go to its ``corpora`` subfolder); ``False`` turns the cache
+            of moments off (a sampled corpus is still cached, in the default folder).
+        progress: show tqdm progress bars.
+        one_pass: ``True`` collects every missing pair in one pass; ``False`` runs one
+            pass per ``(module, layer)``, as a per-layer implementation would (for
+            benchmarks; see :func:`second_moments_per_layer`).
+        allow_fewer_tokens: use the whole corpus when it holds fewer than ``n_tokens``
+            tokens (the result's ``n_tokens`` says how many were counted).
+
+    Returns:
+        a :class:`SecondMoments`, float64 ``[d, d]`` per ``(module, layer)``, on the
+        model's device.
+    """
+    pairs, source = _validated(model, layers, modules, corpus, n_tokens, max_len, batch_size, dtype)
+    default_folder = cache_root() / "moments"
+    if cache_dir is False:
+        folder, corpus_folder = None, default_folder / "corpora"
+    else:
+        folder = default_folder if cache_dir is None or cache_dir is True else Path(cache_dir)
+        corpus_folder = folder / "corpora"
+    corpus_id = source.corpus_id
+
+    moments: dict[Pair, Tensor] = {}
+    counted: int | None = None
+    files: dict[Pair, Path] = {}
+    if folder is not None:
+        for pair in pairs:
+            files[pair] = cache_file(folder, model, *pair, corpus_id, n_tokens, max_len, dtype)
+            hit = _read_cached(
+                files[pair], _cache_key(model, pair, corpus_id, n_tokens, max_len, dtype),
+                model.device,
+            )
+            if hit is not None:
+                moments[pair], counted = hit
+    missing = [p for p in pairs if p not in moments]
+    if counted is not None and counted < n_tokens and not allow_fewer_tokens:
+        raise CorpusError(
+            f"the corpus {corpus_id!r} holds only {counted} tokens (cached result), fewer than "
+            f"n_tokens={n_tokens}; pass allow_fewer_tokens=True to use all of it"
+        )
+
+    seconds = 0.0
+    if missing:
+        sequences = _sequences(
+            model, source, n_tokens, max_len,
+            corpus_folder, progress, allow_fewer_tokens,
+        )
+        counted = sum(len(s) for s in sequences)
+        started = time.perf_counter()
+        groups = [missing] if one_pass else [[p] for p in missing]
+        for group in groups:
+            top = max(l for _, l in group)
+            sums = _collect(
+                model, group, sequences, batch_size=batch_size, dtype=dtype, progress=progress,
+                description=f"key moments of {len(group)} matrices, layers <= {top}",
+            )
+            for pair in group:
+                moments[pair] = sums[pair] / counted
+                if folder is not None:
+                    key = _cache_key(model, pair, corpus_id, n_tokens, max_len, dtype)
+                    _write_atomic(files[pair], moments[pair], key, counted)
+        seconds = time.perf_counter() - started
+
+    return SecondMoments(
+        {p: moments[p] for p in pairs},
+        n_tokens=counted,
+        corpus_id=corpus_id,
+        max_len=max_len,
+        dtype=dtype,
+        model_id=model.cache_id,
+        seconds=seconds,
+    )
+
+
+def second_moments_per_layer(
+    model: ModelHandle,
+    layers: int | Sequence[int],
+    modules: str | Sequence[str] = ("mlp", "attn"),
+    corpus: object = None,
+    **kwargs: Any,
+) -> SecondMoments:
+    """:func:`second_moments` with one pass per ``(module, layer)`` and no disk cache.
+
+    What a per-layer implementation (ROME/MEMIT's ``layer_stats``) costs: each matrix gets
+    its own pass over the corpus, stopped after its layer. The numbers equal the one-pass
+    result; a benchmark compares the two timings (``result.seconds``).
+    """
+    kwargs.setdefault("cache_dir", False)
+    return second_moments(model, layers, modules, corpus, one_pass=False, **kwargs)

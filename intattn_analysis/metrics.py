@@ -1,0 +1,637 @@
+"""Evaluation of an edit: the KnowEdit metrics the paper reports, ROME's CounterFact metrics,
+and the residue of the old answer.
+
+``evaluate(model, facts)`` scores a model on a list of facts and returns an
+:class:`Evaluation`: one row per fact (``per_fact``), the means under the names the papers
+use (``summary``), how many facts each mean is over (``counts``), and the raw scores a later
+call needs. The usual pattern is one call before an edit and one after::
+
+    pre = evaluate(model, facts)               # baseline numbers, and the pre-edit state
+    with edit(model, facts):
+        post = evaluate(model, facts, pre=pre)  # pre-edit values are reused, not recomputed
+
+Metric sets (the ``metrics`` argument):
+
+``"knowedit"``, the paper's metrics, as KnowEdit / EasyEdit compute them
+(Zhang et al. 2024, *A Comprehensive Study of Knowledge Editing for LLMs*; EasyEdit's
+``compute_edit_quality`` and ``test_prediction_acc``). All of them are *teacher-forced token
+accuracies*: the prompt and the answer's tokens are fed in one forward, and an answer token
+counts as right when the model's argmax at the position before it is that token; a probe's
+accuracy is the mean over its answer tokens.
+
+* ``Edit Succ.``: accuracy of ``target_new`` after the filled edit prompt.
+* ``Rephrase``: the same accuracy after each paraphrase, averaged over the paraphrases.
+* ``Portability``: accuracy of each portability probe's answer after its prompt, averaged
+  within each sub-type (``Probe.kind``; one column ``Portability/<kind>`` per sub-type) and
+  then over the fact's sub-types (each sub-type weighs the same within a fact).
+* ``Locality``: for each locality probe, the share of the model's teacher-forced argmax
+  tokens over the probe's answer positions that are the same as before the edit (EasyEdit
+  compares the pre- and post-edit predictions, not the ground truth); averaged per sub-type
+  (``Locality/<kind>``) and then over sub-types, as for portability. Locality is a
+  comparison with the pre-edit model, so an evaluation without ``pre`` gives NaN (not
+  measured), never 1.0: pass ``pre`` to measure it (the unedited model against itself
+  gives exactly 1.0).
+* ``Fluency`` (its own metric set, ``"fluency"``, since generating costs far more than
+  scoring): ROME's n-gram entropy (Meng et al. 2022, ``compute_n_gram_entropy``) of the
+  filled edit prompt followed by its greedy continuation of ``fluency_tokens`` tokens:
+  ``mean(2/3 * H_2, 4/3 * H_3)`` with ``H_n`` the entropy in bits of the text's word
+  n-gram frequencies. ROME and EasyEdit score the generated text *with* its prompt, and so
+  does this. Two differences from them, both documented in :func:`n_gram_entropy`: words
+  are split by a regular expression rather than NLTK's tokenizer, and the continuation is
+  greedy rather than top-k sampled, so that the number is deterministic.
+
+``"counterfact"``, ROME's CounterFact metrics (``compute_rewrite_quality_counterfact`` and
+``summarize.py`` of kmeng01/rome). Here the probability of an answer is ROME's: the mean
+negative log-likelihood of all of its tokens, teacher-forced after the prompt, and
+``p = exp(-mean NLL)`` where a probability is reported.
+
+* ``Efficacy`` (ROME's *efficacy success*): 1 when the NLL of ``target_new`` after the edit
+  prompt is below that of ``target_true``, else 0. ``Efficacy magnitude``:
+  ``p(target_new) - p(target_true)``.
+* ``Paraphrase``, ``Paraphrase magnitude``: the same on each paraphrase, averaged.
+* ``Neighborhood``: on each neighborhood probe, 1 when its own answer (the unchanged true
+  object) is more likely than ``target_new``; ``Neighborhood magnitude``:
+  ``p(answer) - p(target_new)``; averaged over the probes.
+* ``Score`` (summary only): the harmonic mean of the Efficacy, Paraphrase and Neighborhood
+  means, as in ROME's tables.
+
+Efficacy and Paraphrase need ``target_true`` and are NaN where a fact has none.
+
+``"residue"``, the old knowledge an edit leaves behind: ``Residue p(true)`` is
+``p(target_true)`` (the CounterFact probability above) after the edit prompt, and
+``Residue old top-1`` is 1 when the model's greedy first token after the prompt is still the
+first token of ``target_true``. Each comes as ``pre`` (before the edit) and ``post`` (after
+it). An evaluation without ``pre`` describes the model as it is, as the baseline: its
+``pre`` columns hold the current model's values and its ``post`` columns are NaN. With
+``pre``, the ``pre`` columns are copied from it and the ``post`` columns measured.
+
+Every metric a fact cannot have (no ``target_true``, no paraphrase, no portability probe
+...) is NaN for that fact, never 0; the summary is a NaN-ignoring mean and ``counts`` says
+over how many facts each mean is taken.
+
+Answers are tokenized as they follow the prompt: ``" " + answer`` (the answer stripped), as
+:func:`~intattn_analysis.predictions.first_answer_token` does, or the bare answer where
+the prompt already ends with whitespace. Prompt and answer are tokenized apart and their
+ids joined, so the answer's tokens are the same after every prompt.
+
+Batching never changes a number: the (prompt, answer) pairs of all facts and probes are
+deduplicated, grouped by their total token length, and run through the bridge in batches
+of ``batch_size`` rows of the *same* length, so there is no padding at all (padding a
+sequence, even with an attention mask, changes its logits by about 1e-4 on CPU). Greedy
+generation batches prompts of the same length in the same way; all rows of a batch grow by
+one token per step, so they stay the same length. The bridge has no key-value cache, so
+each generation step is a full forward of the prompt and the tokens so far.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .facts import Fact
+from .loading import ModelHandle
+
+__all__ = [
+    "METRICS",
+    "AnswerScore",
+    "Evaluation",
+    "answer_token_ids",
+    "evaluate",
+    "greedy_generations",
+    "n_gram_entropy",
+    "score_answers",
+    "word_tokens",
+]
+
+#: The metric sets :func:`evaluate` knows, in the order their columns appear.
+METRICS = ("knowedit", "counterfact", "residue", "fluency")
+
+# The columns of each metric set, in order (sub-type columns are added after their parent).
+_COLUMNS = {
+    "knowedit": ["Edit Succ.", "Rephrase", "Portability", "Locality"],
+    "counterfact": [
+        "Efficacy", "Paraphrase", "Neighborhood",
+        "Efficacy magnitude", "Paraphrase magnitude", "Neighborhood magnitude",
+    ],
+    "residue": [
+        "Residue p(true) pre", "Residue p(true) post",
+        "Residue old top-1 pre", "Residue old top-1 post",
+    ],
+    "fluency": ["Fluency"],
+}
+
+
+# --------------------------------------------------------------------------- n-grams
+_WORD = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]")
+
+
+def word_tokens(text: str) -> list[str]:
+    """Words and punctuation marks of ``text``, for n-gram statistics.
+
+    A regular-expression stand-in for NLTK's ``word_tokenize`` (which ROME uses and which
+    needs downloaded data): runs of word characters, with inner apostrophes kept
+    (``"don't"`` is one word, where NLTK gives ``"do"``, ``"n't"``), and each other
+    non-space character on its own.
+    """
+    return _WORD.findall(text)
+
+
+def n_gram_entropy(
+    text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
+) -> float:
+    """ROME's fluency measure of one text: the mean over ``n`` of ``weight_n * H_n``.
+
+    ``H_n`` is the entropy in bits of the frequency distribution of the text's word
+    n-grams (:func:`word_tokens`); ROME's defaults are bi- and tri-grams with weights 2/3
+    and 4/3 (``compute_n_gram_entropy`` in kmeng01/rome,
+    ``experiments/py/eval_utils_counterfact.py``).
+    A text with no n-gram of some length contributes 0 for it, as in ROME. Repetitive
+    generations (the failure mode of a damaged model) have low entropy.
+    """
+    if len(ns) != len(weights):
+        raise ValueError(f"ns and weights must have the same length, got {ns!r} and {weights!r}")
+    tokens = word_tokens(text)
+    weighted = []
+    for n, weight in zip(ns, weights):
+        counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+        total = sum(counts.values())
+        entropy = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        weighted.append(weight * entropy)
+    return float(np.mean(weighted))
+
+
+# --------------------------------------------------------------------------- scoring
+@dataclass(frozen=True)
+class AnswerScore:
+    """A teacher-forced answer after one prompt.
+
+    ``answer_ids`` are the answer's tokens; ``predicted`` the model's argmax at the position
+    before each of them (``predicted[0]`` is the greedy first token after the prompt);
+    ``log_probs`` the log-probability of each answer token.
+    """
+
+    answer_ids: tuple[int, ...]
+    predicted: tuple[int, ...]
+    log_probs: tuple[float, ...]
+
+    @property
+    def accuracy(self) -> float:
+        """KnowEdit's token accuracy: the share of answer tokens that are the argmax."""
+        return float(np.mean([p == a for p, a in zip(self.predicted, self.answer_ids)]))
+
+    @property
+    def nll(self) -> float:
+        """ROME's mean negative log-likelihood per answer token."""
+        return -float(np.mean(self.log_probs))
+
+    @property
+    def probability(self) -> float:
+        """``exp(-nll)``: the geometric mean of the answer tokens' probabilities."""
+        return math.exp(-self.nll)
+
+
+def answer_token_ids(model: ModelHandle, context: str, answer: str) -> list[int]:
+    """The tokens of ``answer`` as it follows ``context``.
+
+    ``" " + answer.strip()``, unless ``context`` ends with whitespace, then the stripped
+    answer; no special tokens. The first id is
+    :func:`~intattn_analysis.predictions.first_answer_token` for a context that does not end
+    with whitespace.
+    """
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(
+            f"an answer must be a non-empty string, got {answer!r} (after {context!r})"
+        )
+    text = answer.strip() if context[-1:].isspace() else " " + answer.strip()
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"the answer {answer!r} tokenizes to no tokens")
+    return [int(i) for i in ids]
+
+
+def _same_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by length, each group cut into batches of at most ``batch_size``."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, length in enumerate(lengths):
+        groups[length].append(index)
+    return [
+        group[start : start + batch_size]
+        for _, group in sorted(groups.items())
+        for start in range(0, len(group), batch_size)
+    ]
+
+
+@torch.no_grad()
+def score_answers(
+    model: ModelHandle,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[AnswerScore]:
+    """Teacher-forced scores of ``(context, answer)`` pairs, one :class:`AnswerScore` each.
+
+    Each pair is fed as the context's tokens (with the tokenizer's special tokens) followed
+    by :func:`answer_token_ids`. Identical pairs are scored once. Sequences are batched
+    only with others of the same length, so a score does not depend on ``batch_size``.
+    """
+    _check_batch_size(batch_size)
+    unique = list(dict.fromkeys(pairs))
+    if not unique:
+        return []
+    contexts = model.tokenize([context for context, _ in unique])
+    answers = [answer_token_ids(model, context, answer) for context, answer in unique]
+    sequences = [c + a for c, a in zip(contexts, answers)]
+    scores: dict[tuple[str, str], AnswerScore] = {}
+    batches = _same_length_batches([len(s) for s in sequences], batch_size)
+    for batch in tqdm(batches, desc="scoring answers", disable=not progress, leave=False):
+        ids = torch.tensor([sequences[i] for i in batch], device=model.device)
+        logits = model.bridge(ids)
+        for row, index in enumerate(batch):
+            start, end = len(contexts[index]) - 1, len(sequences[index]) - 1
+            log_probs = torch.log_softmax(logits[row, start:end].float(), dim=-1)
+            target = torch.tensor(answers[index], device=log_probs.device)
+            scores[unique[index]] = AnswerScore(
+                answer_ids=tuple(answers[index]),
+                predicted=tuple(int(t) for t in log_probs.argmax(dim=-1).tolist()),
+                log_probs=tuple(log_probs.gather(1, target[:, None])[:, 0].tolist()),
+            )
+    return [scores[pair] for pair in pairs]
+
+
+@torch.no_grad()
+def greedy_generations(
+    model: ModelHandle,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """The greedy continuation of each text, the same as
+    :func:`~intattn_analysis.known.greedy_continuation` gives one at a time.
+
+    Prompts of the same token length are decoded together, ``batch_size`` at a time, by
+    full bridge forwards (no key-value cache); a row stops at the end-of-sequence token,
+    which is then dropped from the decoded text with the other special tokens.
+    """
+    _check_batch_size(batch_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    texts = list(texts)
+    if not texts:
+        return []
+    encoded = model.tokenize(texts)
+    eos = model.tokenizer.eos_token_id
+    generated: list[list[int]] = [[] for _ in texts]
+    batches = _same_length_batches([len(e) for e in encoded], batch_size)
+    for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
+        ids = torch.tensor([encoded[i] for i in batch], device=model.device)
+        alive = list(batch)
+        for _ in range(max_new_tokens):
+            next_tokens = model.bridge(ids)[:, -1].argmax(dim=-1)
+            keep = []
+            for row, (index, token) in enumerate(zip(alive, next_tokens.tolist())):
+                generated[index].append(int(token))
+                if eos is None or token != eos:
+                    keep.append(row)
+            if not keep:
+                break
+            ids = torch.cat([ids, next_tokens[:, None]], dim=1)
+            if len(keep) < len(alive):
+                ids = ids[keep]
+                alive = [alive[row] for row in keep]
+    return [model.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in generated]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+# --------------------------------------------------------------------------- evaluation
+def _fingerprint(fact: Fact) -> tuple:
+    """What must be equal for a pre-edit evaluation to serve as ``pre`` for this fact."""
+    return (fact.key, fact.locality)
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`.
+
+    Attributes:
+        per_fact: one row per fact, in the order given: ``case_id``, ``key``
+            (``Fact.key``), ``subject``, one column per metric (NaN where the fact lacks
+            what the metric needs), and the raw values behind them (``p_new`` and
+            ``p_true``, the CounterFact probabilities after the edit prompt;
+            ``old_top1``; ``generation``, the greedy continuation used for fluency).
+        summary: the mean of each metric column over the facts that have it, plus
+            ``Score``; named by the model.
+        counts: over how many facts each summary value is taken.
+        answers: one row per scored (fact, probe) pair: ``fact`` (position in the fact
+            list), ``role`` (``edit``, ``rephrase``, ``portability``, ``locality``,
+            ``neighborhood``, with ``/true`` or ``/new`` for CounterFact's two answers),
+            ``kind``, ``prompt``, ``answer``, ``accuracy``, ``nll``, ``predicted``.
+        model: the model's ``cache_id``.
+        metrics: the metric sets computed.
+        with_pre: whether a pre-edit evaluation was given.
+        fingerprints: per fact, its key and locality probes; ``pre`` must match them.
+        locality_predictions: per fact, per locality probe, the model's teacher-forced
+            argmax tokens (what a later evaluation compares with).
+    """
+
+    per_fact: pd.DataFrame
+    summary: pd.Series
+    counts: pd.Series
+    answers: pd.DataFrame
+    model: str
+    metrics: tuple[str, ...]
+    with_pre: bool
+    fingerprints: list[tuple] = field(repr=False)
+    locality_predictions: list[list[tuple[int, ...]]] | None = field(repr=False, default=None)
+
+    def table(self) -> pd.DataFrame:
+        """The summary with its counts, one row per metric."""
+        return pd.DataFrame({"mean": self.summary, "n": self.counts})
+
+    def __repr__(self) -> str:
+        return (
+            f"Evaluation(model={self.model!r}, facts={len(self.per_fact)}, "
+            f"with_pre={self.with_pre})\n{self.table().to_string()}"
+        )
+
+
+def _metric_names(metrics: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    if not metrics:
+        raise ValueError(f"metrics is empty; choose from {list(METRICS)}")
+    for name in metrics:
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; the metric sets are {list(METRICS)}")
+    return tuple(name for name in METRICS if name in metrics)
+
+
+def _check_facts(facts: Sequence[Fact]) -> list[Fact]:
+    if isinstance(facts, Fact):
+        raise TypeError(
+            "facts must be a list of Fact records, got a single Fact; wrap it in a list"
+        )
+    facts = list(facts)
+    if not facts:
+        raise ValueError("facts is empty; evaluate needs at least one Fact")
+    for i, fact in enumerate(facts):
+        if not isinstance(fact, Fact):
+            raise TypeError(f"facts[{i}] must be a Fact, got {type(fact).__name__}")
+        if not isinstance(fact.target_new, str) or not fact.target_new.strip():
+            raise ValueError(
+                f"facts[{i}].target_new must be a non-empty string, got {fact.target_new!r}"
+            )
+    return facts
+
+
+def _check_pre(pre: Evaluation, facts: list[Fact], metrics: tuple[str, ...]) -> None:
+    if not isinstance(pre, Evaluation):
+        raise TypeError(
+            f"pre must be an Evaluation returned by evaluate(), got {type(pre).__name__}"
+        )
+    if len(pre.fingerprints) != len(facts):
+        raise ValueError(
+            f"pre was computed on {len(pre.fingerprints)} facts, but {len(facts)} are given; "
+            "pass the same facts, in the same order, as for the pre-edit evaluation"
+        )
+    for i, (before, fact) in enumerate(zip(pre.fingerprints, facts)):
+        if before != _fingerprint(fact):
+            raise ValueError(
+                f"pre was computed on different facts: facts[{i}] ({fact}) is not the fact "
+                "at that position in pre; pass the same facts, in the same order"
+            )
+    needs = {"knowedit": "locality", "residue": "residue"}
+    for name, what in needs.items():
+        if name in metrics and name not in pre.metrics:
+            raise ValueError(
+                f"metrics include {name!r}, whose {what} values compare with the pre-edit "
+                f"model, but pre was computed with metrics={list(pre.metrics)}; compute pre "
+                f"with {name!r} included"
+            )
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else math.nan
+
+
+def _by_kind(values: Sequence[tuple[str, float]]) -> tuple[float, dict[str, float]]:
+    """Overall mean (of the per-kind means) and the per-kind means of ``(kind, value)``."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for kind, value in values:
+        groups[kind].append(value)
+    per_kind = {kind: _mean(v) for kind, v in groups.items()}
+    return _mean(per_kind.values()), {k: v for k, v in per_kind.items() if k}
+
+
+def _harmonic_mean(values: Sequence[float]) -> float:
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
+
+
+def evaluate(
+    model: ModelHandle,
+    facts: Sequence[Fact],
+    *,
+    pre: Evaluation | None = None,
+    metrics: Sequence[str] | str = METRICS,
+    fluency_tokens: int = 50,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Evaluation:
+    """Score ``model`` on ``facts`` with the metric sets in ``metrics`` (see the module docstring).
+
+    ``pre`` is the evaluation of the same facts, in the same order, before the edit: its
+    pre-edit locality predictions and residue values are reused (nothing of the pre-edit
+    model is recomputed), and a ``pre`` computed on other facts, or without a metric set
+    that needs it, raises ``ValueError``. ``fluency_tokens`` is the length of the greedy
+    generations scored for fluency. All teacher-forced scoring is one deduplicated pass in
+    batches of ``batch_size`` same-length sequences; results do not depend on it.
+    """
+    facts = _check_facts(facts)
+    metrics = _metric_names(metrics)
+    _check_batch_size(batch_size)
+    if "fluency" in metrics and (
+        isinstance(fluency_tokens, bool)
+        or not isinstance(fluency_tokens, int)
+        or fluency_tokens < 1
+    ):
+        raise ValueError(f"fluency_tokens must be a positive integer, got {fluency_tokens!r}")
+    if pre is not None:
+        _check_pre(pre, facts, metrics)
+    knowedit = "knowedit" in metrics
+    fluency = "fluency" in metrics
+    counterfact = "counterfact" in metrics
+    residue = "residue" in metrics
+
+    # Every (fact, role, kind, prompt, answer) to score, then one batched pass over them.
+    requests: list[tuple[int, str, str, str, str]] = []
+    for i, fact in enumerate(facts):
+        new, true = fact.target_new, fact.target_true
+        paraphrases = fact.paraphrase_texts
+        if knowedit or counterfact:
+            requests.append((i, "edit", "", fact.text, new))
+        if knowedit:
+            requests += [(i, "rephrase", "", text, new) for text in paraphrases]
+            requests += [(i, "portability", p.kind, p.prompt, p.answer) for p in fact.portability]
+            requests += [(i, "locality", p.kind, p.prompt, p.answer) for p in fact.locality]
+        if (counterfact or residue) and true is not None:
+            requests.append((i, "edit/true", "", fact.text, true))
+        if counterfact:
+            if true is not None:
+                requests += [(i, "rephrase/true", "", text, true) for text in paraphrases]
+                requests += [(i, "rephrase", "", text, new) for text in paraphrases if not knowedit]
+            for p in fact.neighborhood:
+                requests.append((i, "neighborhood/true", p.kind, p.prompt, p.answer))
+                requests.append((i, "neighborhood/new", p.kind, p.prompt, new))
+    scored = score_answers(
+        model, [(prompt, answer) for *_, prompt, answer in requests],
+        batch_size=batch_size, progress=progress,
+    )
+    answers = pd.DataFrame(
+        [
+            dict(fact=i, role=role, kind=kind, prompt=prompt, answer=answer,
+                 accuracy=s.accuracy, nll=s.nll, predicted=s.predicted)
+            for (i, role, kind, prompt, answer), s in zip(requests, scored)
+        ],
+        columns=["fact", "role", "kind", "prompt", "answer", "accuracy", "nll", "predicted"],
+    )
+    lookup: dict[tuple[int, str], list[tuple[str, str, AnswerScore]]] = defaultdict(list)
+    for (i, role, kind, prompt, _), s in zip(requests, scored):
+        lookup[i, role].append((kind, prompt, s))
+
+    generations = None
+    if fluency:
+        generations = greedy_generations(
+            model, [f.text for f in facts], fluency_tokens, batch_size=batch_size,
+            progress=progress,
+        )
+
+    rows = []
+    locality_predictions = [] if knowedit else None
+    for i, fact in enumerate(facts):
+        row: dict = {"case_id": fact.case_id, "key": fact.key, "subject": fact.subject}
+        edit_new = lookup[i, "edit"][0][2] if (knowedit or counterfact) else None
+        edit_true = lookup[i, "edit/true"][0][2] if lookup.get((i, "edit/true")) else None
+        if knowedit:
+            row["Edit Succ."] = edit_new.accuracy
+            row["Rephrase"] = _mean(s.accuracy for _, _, s in lookup[i, "rephrase"])
+            overall, per_kind = _by_kind([(k, s.accuracy) for k, _, s in lookup[i, "portability"]])
+            row["Portability"] = overall
+            row.update({f"Portability/{k}": v for k, v in per_kind.items()})
+            predictions = [s.predicted for _, _, s in lookup[i, "locality"]]
+            locality_predictions.append(predictions)
+            if pre is not None:
+                before = pre.locality_predictions[i]
+                overall, per_kind = _by_kind([
+                    (kind, float(np.mean(np.equal(after, old))))
+                    for (kind, _, _), after, old in zip(lookup[i, "locality"], predictions, before)
+                ])
+            else:
+                overall, per_kind = math.nan, {}
+            row["Locality"] = overall
+            row.update({f"Locality/{k}": v for k, v in per_kind.items()})
+        if fluency:
+            row["Fluency"] = n_gram_entropy(fact.text + generations[i])
+        if counterfact:
+            if edit_true is not None:
+                row["Efficacy"] = float(edit_new.nll < edit_true.nll)
+                row["Efficacy magnitude"] = edit_new.probability - edit_true.probability
+                pairs = list(zip(lookup[i, "rephrase"], lookup[i, "rephrase/true"]))
+                row["Paraphrase"] = _mean(float(n.nll < t.nll) for (_, _, n), (_, _, t) in pairs)
+                row["Paraphrase magnitude"] = _mean(
+                    n.probability - t.probability for (_, _, n), (_, _, t) in pairs
+                )
+            else:
+                row.update({"Efficacy": math.nan, "Efficacy magnitude": math.nan,
+                            "Paraphrase": math.nan, "Paraphrase magnitude": math.nan})
+            pairs = list(zip(lookup[i, "neighborhood/true"], lookup[i, "neighborhood/new"]))
+            row["Neighborhood"] = _mean(float(t.nll < n.nll) for (_, _, t), (_, _, n) in pairs)
+            row["Neighborhood magnitude"] = _mean(
+                t.probability - n.probability for (_, _, t), (_, _, n) in pairs
+            )
+        if residue:
+            p_true = edit_true.probability if edit_true is not None else math.nan
+            old_top1 = (
+                float(edit_true.predicted[0] == edit_true.answer_ids[0])
+                if edit_true is not None else math.nan
+            )
+            if pre is None:
+                row["Residue p(true) pre"], row["Residue p(true) post"] = p_true, math.nan
+                row["Residue old top-1 pre"], row["Residue old top-1 post"] = old_top1, math.nan
+            else:
+                before = pre.per_fact.iloc[i]
+                row["Residue p(true) pre"], row["Residue p(true) post"] = before["p_true"], p_true
+                row["Residue old top-1 pre"] = before["old_top1"]
+                row["Residue old top-1 post"] = old_top1
+        if counterfact or residue:
+            row["p_true"] = edit_true.probability if edit_true is not None else math.nan
+            row["old_top1"] = (
+                float(edit_true.predicted[0] == edit_true.answer_ids[0])
+                if edit_true is not None else math.nan
+            )
+        if edit_new is not None:
+            row["p_new"] = edit_new.probability
+        if fluency:
+            row["generation"] = generations[i]
+        rows.append(row)
+
+    per_fact = pd.DataFrame(rows)
+    metric_columns = _ordered_metric_columns(per_fact.columns, metrics)
+    per_fact = per_fact[
+        ["case_id", "key", "subject", *metric_columns,
+         *[c for c in ("p_new", "p_true", "old_top1", "generation") if c in per_fact.columns]]
+    ]
+    values = per_fact[metric_columns].astype(float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN
+        summary = values.apply(lambda column: np.nanmean(column.to_numpy()))
+    counts = values.notna().sum()
+    if counterfact:
+        summary["Score"] = _harmonic_mean(
+            [summary["Efficacy"], summary["Paraphrase"], summary["Neighborhood"]]
+        )
+        counts["Score"] = int(min(counts["Efficacy"], counts["Paraphrase"], counts["Neighborhood"]))
+    summary.name = counts.name = model.cache_id
+    return Evaluation(
+        per_fact=per_fact,
+        summary=summary,
+        counts=counts.astype(int),
+        answers=answers,
+        model=model.cache_id,
+        metrics=metrics,
+        with_pre=pre is not None,
+        fingerprints=[_fingerprint(f) for f in facts],
+        locality_predictions=locality_predictions,
+    )
+
+
+def _ordered_metric_columns(columns: Iterable[str], metrics: tuple[str, ...]) -> list[str]:
+    """Metric columns in the papers' order, each sub-type column after its parent."""
+    present = set(columns)
+    ordered = []
+    for name in metrics:
+        for column in _COLUMNS[name]:
+            if column in present:
+                ordered.append(column)
+                ordered += sorted(c for c in present if c.startswith(column + "/"))
+    return ordered

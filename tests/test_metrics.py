@@ -1,0 +1,312 @@
+"""Evaluation metrics: KnowEdit, CounterFact, residue and fluency on SmolLM2-135M.
+
+Hand-built facts check each metric against what it must be (the true answer scores 1,
+an unchanged model is perfectly local, efficacy agrees with the probabilities), a
+temporary weight perturbation stands in for an edit, and a few real KnowEdit ZsRE records
+check that the file's sub-types come through. Batching must not change any number.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import intattn_analysis as ia
+from intattn_analysis.known import greedy_continuation
+from intattn_analysis.metrics import (
+    METRICS,
+    Evaluation,
+    answer_token_ids,
+    evaluate,
+    greedy_generations,
+    n_gram_entropy,
+    score_answers,
+    word_tokens,
+)
+from intattn_analysis.predictions import answer_probability, first_answer_token
+
+FAST = ("knowedit", "counterfact", "residue")  # everything but fluency (generation)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # A shared 2-core machine: one thread keeps these small forwards fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+EIFFEL = ia.Fact(
+    subject="Eiffel Tower",
+    prompt="The {} is located in the city of",
+    target_true="Paris",
+    target_new="Rome",
+    paraphrases=["Where is the {}? It stands in the city of", "The {} can be found in"],
+    neighborhood=[ia.Probe("The Louvre is located in the city of", "Paris")],
+    portability=[
+        ia.Probe("The Eiffel Tower is in the country of", "Italy", "Reasoning"),
+        ia.Probe("La tour Eiffel is located in the city of", "Rome", "Subject_Aliasing"),
+    ],
+    locality=[
+        ia.Probe("The capital of Germany is", "Berlin", "Relation_Specificity"),
+        ia.Probe("Water is made of hydrogen and", "oxygen", "Forgetfulness"),
+    ],
+    case_id="eiffel",
+)
+# target_new is the model's own (true) answer: every accuracy on it is 1.
+EIFFEL_TRUE = ia.Fact(
+    subject="Eiffel Tower", prompt="The {} is located in the city of",
+    target_true="Paris", target_new="Paris", case_id="eiffel-true",
+)
+WEIRD = ia.Fact(
+    subject="Eiffel Tower", prompt="The {} is located in the city of",
+    target_true="Paris", target_new="Zxqvortlemberg Quasi", case_id="weird",
+)
+NO_TRUE = ia.Fact(
+    subject="Colosseum", prompt="The {} is located in the city of",
+    target_true=None, target_new="Paris", case_id="no-true",
+)
+HAND = [EIFFEL, EIFFEL_TRUE, WEIRD, NO_TRUE]
+
+
+@pytest.fixture(scope="module")
+def hand_pre(smollm2):
+    return evaluate(smollm2, HAND, metrics=FAST, progress=False)
+
+
+@pytest.fixture(scope="module")
+def zsre_facts(data_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ia.load_facts(data_dir / "knowedit" / "ZsRE-test-all.json", limit=4)
+
+
+# --------------------------------------------------------------------------- n-grams
+def test_word_tokens_split_words_and_punctuation():
+    assert word_tokens("Paris, France. It's big!") == [
+        "Paris", ",", "France", ".", "It's", "big", "!"
+    ]
+
+
+def test_n_gram_entropy_on_hand_computed_texts():
+    # "a b a b": bigrams ab x2, ba x1; trigrams aba, bab
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert n_gram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    # four distinct words: 3 equally likely bigrams, 2 trigrams
+    assert n_gram_entropy("one two three four") == pytest.approx(
+        (2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2
+    )
+    assert n_gram_entropy("the the the the the") == 0.0
+    assert n_gram_entropy("") == 0.0  # no n-grams contribute 0, as in ROME
+    assert n_gram_entropy("x y", ns=[1], weights=[1.0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same length"):
+        n_gram_entropy("a b", ns=[2, 3], weights=[1.0])
+
+
+# --------------------------------------------------------------------------- primitives
+def test_answer_tokens_follow_first_answer_token(smollm2):
+    ids = answer_token_ids(smollm2, "The capital of France is", "Paris")
+    assert ids[0] == first_answer_token(smollm2, "Paris")
+    # after a trailing space the answer carries no space of its own
+    bare = answer_token_ids(smollm2, "Answer: ", "Paris")
+    assert bare == smollm2.tokenizer("Paris", add_special_tokens=False)["input_ids"]
+
+
+def test_scores_agree_with_a_single_unpadded_forward(smollm2):
+    context, answer = EIFFEL.text, "Paris"
+    (score,) = score_answers(smollm2, [(context, answer)], progress=False)
+    assert len(score.answer_ids) == 1
+    expected = answer_probability(smollm2, context, answer)
+    assert score.probability == pytest.approx(expected, abs=1e-5)
+    # a multi-token answer: mean NLL over its tokens, by hand
+    answer = "Zxqvortlemberg Quasi"
+    (score,) = score_answers(smollm2, [(context, answer)], progress=False)
+    prompt_ids = smollm2.tokenize(context)[0]
+    answer_ids = answer_token_ids(smollm2, context, answer)
+    assert len(answer_ids) > 2
+    with torch.no_grad():
+        logits = smollm2.bridge(torch.tensor([prompt_ids + answer_ids]))[0]
+    log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+    nll = -float(log_probs[torch.arange(len(answer_ids)), answer_ids].mean())
+    assert score.nll == pytest.approx(nll, abs=1e-5)
+
+
+def test_batched_greedy_generation_equals_greedy_continuation(smollm2):
+    texts = [
+        "The Eiffel Tower is located in the city of",
+        "The Colosseum is located in the city of",  # same length as the first
+        "The capital of Germany is",
+        "Water is made of",
+    ]
+    batched = greedy_generations(smollm2, texts, 6, batch_size=2, progress=False)
+    assert batched == [greedy_continuation(smollm2, t, 6) for t in texts]
+
+
+# --------------------------------------------------------------------------- metrics
+def test_edit_success_is_one_for_the_known_answer_and_low_for_a_weird_one(hand_pre):
+    rows = hand_pre.per_fact.set_index("case_id")
+    assert rows.loc["eiffel-true", "Edit Succ."] == 1.0
+    assert rows.loc["weird", "Edit Succ."] < 0.5
+    assert rows.loc["eiffel", "Edit Succ."] == 0.0  # the unedited model says Paris, not Rome
+
+
+def test_portability_is_averaged_per_sub_type(hand_pre):
+    answers = hand_pre.answers
+    probes = answers[(answers.fact == 0) & (answers.role == "portability")]
+    by_kind = probes.groupby("kind").accuracy.mean()
+    row = hand_pre.per_fact.iloc[0]
+    for kind in ("Reasoning", "Subject_Aliasing"):
+        assert row[f"Portability/{kind}"] == pytest.approx(by_kind[kind])
+    assert row["Portability"] == pytest.approx(by_kind.mean())
+    assert math.isnan(hand_pre.per_fact.iloc[1]["Portability"])  # no probes: NaN, not 0
+
+
+def test_efficacy_agrees_with_the_probabilities(hand_pre):
+    rows = hand_pre.per_fact.set_index("case_id")
+    for case in ("eiffel", "weird"):
+        row = rows.loc[case]
+        assert row["Efficacy"] == float(row["p_new"] > row["p_true"])
+        assert row["Efficacy magnitude"] == pytest.approx(row["p_new"] - row["p_true"])
+        assert row["Efficacy"] == 0.0  # the model prefers Paris
+    assert rows.loc["eiffel", "Neighborhood"] == 1.0  # the Louvre stays in Paris
+    summary = hand_pre.summary
+    parts = summary[["Efficacy", "Paraphrase", "Neighborhood"]].to_numpy()
+    hmean = len(parts) / (1 / parts).sum() if (parts > 0).all() else 0.0
+    assert summary["Score"] == pytest.approx(hmean)
+
+
+def test_missing_fields_give_nan_and_counts(hand_pre):
+    row = hand_pre.per_fact.set_index("case_id").loc["no-true"]
+    for column in ("Efficacy", "Efficacy magnitude", "Paraphrase", "Rephrase",
+                   "Residue p(true) pre", "Neighborhood"):
+        assert math.isnan(row[column]), column
+    assert not math.isnan(row["Edit Succ."])
+    counts = hand_pre.counts
+    assert counts["Edit Succ."] == 4
+    assert counts["Efficacy"] == 3
+    assert counts["Rephrase"] == 1
+    assert counts["Neighborhood"] == 1
+    assert counts["Locality"] == 0 and math.isnan(hand_pre.summary["Locality"])  # no pre
+
+
+def test_unchanged_model_is_perfectly_local_and_keeps_its_residue(smollm2, hand_pre):
+    post = evaluate(smollm2, HAND, pre=hand_pre, metrics=FAST, progress=False)
+    assert post.with_pre
+    row = post.per_fact.iloc[0]
+    assert row["Locality"] == 1.0
+    assert row["Locality/Relation_Specificity"] == 1.0
+    assert row["Locality/Forgetfulness"] == 1.0
+    for column in ("Residue p(true) pre", "Residue p(true) post",
+                   "Residue old top-1 pre", "Residue old top-1 post"):
+        assert column in post.summary.index
+    assert row["Residue p(true) post"] == row["Residue p(true) pre"]
+    assert row["Residue old top-1 pre"] == 1.0  # the model answers Paris
+    assert math.isnan(hand_pre.per_fact.iloc[0]["Residue p(true) post"])
+
+
+def test_pre_values_are_reused_not_recomputed(smollm2, hand_pre):
+    tampered = Evaluation(**{**hand_pre.__dict__, "per_fact": hand_pre.per_fact.copy()})
+    tampered.per_fact["p_true"] = 0.125
+    tampered.locality_predictions = [
+        [tuple(-1 for _ in tokens) for tokens in fact] for fact in hand_pre.locality_predictions
+    ]
+    post = evaluate(smollm2, HAND, pre=tampered, metrics=FAST, progress=False)
+    assert (post.per_fact["Residue p(true) pre"] == 0.125).all()
+    assert post.summary["Locality"] == 0.0  # compared with the (tampered) pre tokens
+
+
+def test_a_perturbed_model_changes_locality_and_residue(smollm2):
+    facts = [EIFFEL]
+    pre = evaluate(smollm2, facts, metrics=FAST, progress=False)
+    weights = [smollm2.weight("mlp", layer) for layer in range(2, 6)]
+    saved = [w.detach().clone() for w in weights]
+    generator = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            for w in weights:
+                w.add_(torch.randn(w.shape, generator=generator) * 0.5)
+        post = evaluate(smollm2, facts, pre=pre, metrics=FAST, progress=False)
+    finally:
+        with torch.no_grad():
+            for w, s in zip(weights, saved):
+                w.copy_(s)
+    row = post.per_fact.iloc[0]
+    assert row["Locality"] < 1.0
+    assert row["Residue p(true) post"] != pytest.approx(row["Residue p(true) pre"], abs=1e-3)
+    assert row["Residue p(true) pre"] == pre.per_fact.iloc[0]["p_true"]
+
+
+def test_batch_size_does_not_change_any_number(smollm2, zsre_facts):
+    facts = HAND + zsre_facts[:2]
+    one = evaluate(smollm2, facts, batch_size=1, fluency_tokens=3, progress=False)
+    eight = evaluate(smollm2, facts, batch_size=8, fluency_tokens=3, progress=False)
+    assert list(one.per_fact.columns) == list(eight.per_fact.columns)
+    numbers = one.per_fact.select_dtypes("number").columns
+    assert "Fluency" in numbers and "Edit Succ." in numbers
+    np.testing.assert_allclose(
+        one.per_fact[numbers].to_numpy(float), eight.per_fact[numbers].to_numpy(float),
+        atol=1e-5, equal_nan=True,
+    )
+    assert list(one.per_fact["generation"]) == list(eight.per_fact["generation"])
+    second = evaluate(smollm2, facts, pre=one, batch_size=8, metrics=FAST, progress=False)
+    assert (second.per_fact["Locality"].dropna() == 1.0).all()
+
+
+def test_knowedit_zsre_records_give_sub_type_columns(smollm2, zsre_facts):
+    pre = evaluate(smollm2, zsre_facts, metrics=FAST, progress=False)
+    post = evaluate(smollm2, zsre_facts, pre=pre, metrics=FAST, progress=False)
+    kinds = {p.kind for f in zsre_facts for p in f.portability}
+    assert kinds  # the first records have portability probes
+    for kind in kinds:
+        assert f"Portability/{kind}" in post.summary.index
+    assert "Locality/Relation_Specificity" in post.summary.index
+    assert post.summary["Locality"] == 1.0
+    assert list(post.per_fact["case_id"]) == [f.case_id for f in zsre_facts]
+    for name in ("Edit Succ.", "Rephrase", "Portability", "Efficacy", "Paraphrase"):
+        assert 0.0 <= post.summary[name] <= 1.0
+    assert math.isnan(post.summary["Neighborhood"]) and post.counts["Neighborhood"] == 0
+
+
+def test_fluency_scores_the_prompt_and_its_generation(smollm2):
+    result = evaluate(smollm2, [EIFFEL], metrics="fluency", fluency_tokens=5, progress=False)
+    row = result.per_fact.iloc[0]
+    assert row["generation"] == greedy_continuation(smollm2, EIFFEL.text, 5)
+    assert row["Fluency"] == pytest.approx(n_gram_entropy(EIFFEL.text + row["generation"]))
+    assert list(result.summary.index) == ["Fluency"]
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors(smollm2, hand_pre):
+    with pytest.raises(ValueError, match="facts is empty"):
+        evaluate(smollm2, [], progress=False)
+    with pytest.raises(TypeError, match="single Fact"):
+        evaluate(smollm2, EIFFEL, progress=False)
+    broken = ia.Fact(subject="Eiffel Tower", prompt="The {} is in", target_true=None,
+                     target_new="x")
+    object.__setattr__(broken, "target_new", "")
+    with pytest.raises(ValueError, match=r"facts\[1\]\.target_new"):
+        evaluate(smollm2, [EIFFEL, broken], progress=False)
+    with pytest.raises(ValueError, match="unknown metric 'efficacy'.*knowedit"):
+        evaluate(smollm2, [EIFFEL], metrics=("knowedit", "efficacy"), progress=False)
+    with pytest.raises(ValueError, match="metrics is empty"):
+        evaluate(smollm2, [EIFFEL], metrics=(), progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(smollm2, [EIFFEL], batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="fluency_tokens"):
+        evaluate(smollm2, [EIFFEL], fluency_tokens=0, progress=False)
+    with pytest.raises(ValueError, match="4 facts, but 3"):
+        evaluate(smollm2, HAND[:3], pre=hand_pre, metrics=FAST, progress=False)
+    with pytest.raises(ValueError, match=r"different facts: facts\[1\]"):
+        evaluate(smollm2, [EIFFEL, WEIRD, EIFFEL_TRUE, NO_TRUE], pre=hand_pre, metrics=FAST,
+                 progress=False)
+    knowedit_only = evaluate(smollm2, [EIFFEL], metrics="knowedit", progress=False)
+    with pytest.raises(ValueError, match="'residue'"):
+        evaluate(smollm2, [EIFFEL], pre=knowedit_only, metrics=FAST, progress=False)
+    with pytest.raises(TypeError, match="pre must be an Evaluation"):
+        evaluate(smollm2, [EIFFEL], pre=hand_pre.summary, metrics=FAST, progress=False)
+    assert set(METRICS) == {"knowedit", "counterfact", "residue", "fluency"}

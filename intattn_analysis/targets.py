@@ -40,8 +40,6 @@ Departures from the reference code (kmeng01/memit ``compute_z.py``), on purpose:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -52,7 +50,7 @@ from tqdm import tqdm
 
 from .architectures import hook
 from .facts import SUBJECT_SLOT, Fact
-from .loading import ModelHandle, cache_root
+from .loading import ModelHandle, cache_root, write_json_atomic
 
 __all__ = [
     "CONTEXT_STARTS",
@@ -110,11 +108,7 @@ def context_templates(model: ModelHandle, n: int = 5, length: int = 10) -> list[
 
 def _write_json_atomic(path, payload: Any) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh)
-        os.replace(tmp, path)
+        write_json_atomic(path, payload)
     except OSError:  # a read-only cache only costs a regeneration next time
         pass
 

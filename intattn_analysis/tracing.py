@@ -64,7 +64,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import warnings
 import weakref
 from collections import defaultdict
@@ -78,7 +77,7 @@ from torch import Tensor
 
 from .architectures import hook
 from .facts import SUBJECT_SLOT, Fact
-from .loading import ModelHandle
+from .loading import ModelHandle, write_json_atomic
 from .predictions import first_answer_token
 
 __all__ = [
@@ -793,19 +792,7 @@ def _cache_file(
     return folder / f"trace-{fact.key}-{kind}-{digest}.json"
 
 
-def _write_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON so that a reader sees the whole file or none of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as fh:
-            json.dump(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+_write_atomic = write_json_atomic
 
 
 def _read_cached(path: Path) -> list[dict] | None:

@@ -65,3 +65,15 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's duration: on a shared 2-core machine an OpenMP team
+    of 2 waits on a busy core at every op, so small forwards run faster on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

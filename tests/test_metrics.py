@@ -32,13 +32,7 @@ from intattn_analysis.predictions import answer_probability, first_answer_token
 FAST = ("knowedit", "counterfact", "residue")  # everything but fluency (generation)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A shared 2-core machine: one thread keeps these small forwards fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 EIFFEL = ia.Fact(

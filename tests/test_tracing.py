@@ -25,14 +25,7 @@ TOLERANCE = 1e-5
 NUMBERS = ["p_clean", "p_corrupted", "p_restored", "ie"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine an OpenMP team of 2 waits on a busy core at every op;
-    # one thread keeps these small forwards fast whatever else runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(params=["smollm2", "gemma3"])

@@ -25,12 +25,14 @@ from .localization import (
 from .metrics import METRICS, Evaluation, evaluate
 from .targets import ZTargets, compute_z
 from .predictions import answer_probability, top_predictions
+from .runs import BatchRun, edit_batches, editable_batches
 from .tracing import Noise, TraceResult, balance, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
+    "BatchRun",
     "EMBEDDED_MODELS",
     "EditError",
     "EditHparams",
@@ -61,6 +63,8 @@ __all__ = [
     "compute_z",
     "early_attention_finding",
     "edit",
+    "edit_batches",
+    "editable_batches",
     "evaluate",
     "facts_table",
     "hparams_for",

@@ -28,18 +28,16 @@ exactly (bit for bit) what ``memit`` computes.
 
 **Post-norm architectures** (Gemma 2/3). There a module's output ``x`` goes through an
 RMSNorm before it joins the residual stream, ``y = g ⊙ x / rms(x)``, so a residual target
-``R`` is not the module's own target. The plain first-order inversion (holding
-``rms(x)`` fixed) asks for ``Δx = R ⊙ rms(x) / g``, with ``g`` the norm's effective gain
-(``norm(ones) · rms(ones)``, right for RMSNorms that scale by ``w`` or by ``1 + w``).
-Measured on Gemma-3-270M that overshoots badly: some gains are zero or tiny (``R / g``
-explodes), and since ``y`` always has unit rms in ``g``-space, any sizeable ``Δx``
-renormalises the whole output, whose few huge-gain dimensions then swing by far more
-than ``R``. :func:`_module_space` therefore uses a damped, tangent version of the same
-inversion (``Δu_i = g_i R_i / (g_i² + μ)`` with ``u = x / rms(x)``, the component along
-``u`` removed, ``μ`` the least damping that keeps ``rms(Δu) <= POST_NORM_TRUST``). It
-under-reaches rather than overshoots; what a layer does not reach is left to the later
-layers, which re-read ``h_L``. The test suite reports the relative error of the residual
-change achieved on Gemma-3 against the requested one, with and without the conversion.
+``R`` is not the module's own target. The first-order inversion (holding ``rms(x)``
+fixed, ``Δx = R ⊙ rms(x) / g``) overshoots badly on Gemma-3-270M: a few gains are in the
+hundreds and some are near zero, so ``R / g`` explodes, and a normed output has a fixed
+size, so any sizeable ``Δx`` renormalises the whole output. A damped version of it that
+stays where the first-order model holds moves the residual only a tenth of the way. The
+norm's outputs form a shell (``g ⊙ u`` with ``rms(u) = 1``), so :func:`_module_space`
+takes the point of that shell closest to the wanted output, exactly (a one-multiplier
+problem), and asks the module for the ``Δx`` that gives it; the later layers re-read
+``h_L`` and take up what one layer's norm cannot express. The test suite measures the
+residual change achieved against the requested one on Gemma-3.
 
 Every edit is reversible: :class:`EditResult` keeps copies of the original weights,
 taken before the first write, and :meth:`EditResult.restore` copies them back, so the
@@ -66,7 +64,14 @@ from .architectures import MODULES, hook
 from .facts import Fact
 from .hparams import SPREADS, EditHparams, hparams_for
 from .loading import ModelHandle
-from .targets import ZTargets, compute_z, context_templates, prompt_rows, read_at_subject
+from .targets import (
+    DEFAULT_Z_BATCH,
+    ZTargets,
+    compute_z,
+    context_templates,
+    prompt_rows,
+    read_at_subject,
+)
 
 __all__ = [
     "METHODS",
@@ -82,9 +87,6 @@ __all__ = [
 DELTAS_FORMAT = 1
 #: Largest relative residual ``||A X − B|| / ||B||`` accepted from the solve.
 SOLVE_TOLERANCE = 1e-6
-#: A post-normed module's output is asked to change by at most this rms, relative to its
-#: own rms (see :func:`_module_space`).
-POST_NORM_TRUST = 0.1
 #: Smallest ratio of the system's smallest to largest squared Cholesky pivot accepted.
 CONDITION_LIMIT = 1e-13
 
@@ -438,14 +440,20 @@ def _post_norm(model: ModelHandle, module: str, layer: int) -> torch.nn.Module |
 def _module_space(
     model: ModelHandle, module: str, layer: int, residual: Tensor, outputs: Tensor, n_ctx: int
 ) -> Tensor:
-    """The module-output change ``Δx`` that best makes the residual change ``residual``
-    through a post-norm (see the module notes); ``outputs`` are the module outputs per row.
+    """The module-output change ``Δx`` whose post-norm output comes closest to changing
+    the residual by ``residual`` (see the module notes); ``outputs`` are the module
+    outputs per row (``n_ctx`` rows per fact), ``residual`` one row per fact.
 
-    With ``u = x / rms(x)`` (unit rms) the norm gives ``y = g ⊙ u``, so ``Δx = rms(x) Δu``
-    with, per dimension, ``Δu_i = g_i R_i / (g_i² + μ)``: the plain inversion ``R / g``
-    at ``μ = 0``, damped where the gain is small. The component along ``u`` (which only
-    rescales ``rms(x)``) is removed, and ``μ >= 0`` is the smallest damping that keeps
-    ``rms(Δu) <= POST_NORM_TRUST``, the range where the first-order model holds.
+    The norm maps ``x`` to ``y = g ⊙ u`` with ``u = x / rms(x)``, so every output it can
+    give lies on the shell ``{g ⊙ u : ||u||² = d}``. The wanted output is
+    ``t = ȳ + R`` (``ȳ``: the current normed output averaged over the prefixes). The
+    closest point of the shell, ``argmin ||g ⊙ u − t||`` subject to ``||u||² = d``, is
+    ``u* = g ⊙ t / (g² + μ)`` with the multiplier ``μ > −min g²`` that puts ``u*`` on the
+    sphere (a one-dimensional monotone equation, solved by bisection in float64). Then
+    ``Δx = rms(x) u* − x``, averaged over the prefixes, keeps the size of ``x`` and
+    changes only its direction. Where ``t`` is on the shell the write is exact; where it
+    is not (a residual target larger than the norm can express) the write goes as far as
+    the norm allows and the later layers, which re-read ``h_L``, take up the rest.
     """
     norm = _post_norm(model, module, layer)
     if norm is None:
@@ -456,36 +464,30 @@ def _module_space(
     gain = (norm(ones).double() * math.sqrt(1.0 + eps)).to(residual.device)
     x = outputs.double().to(residual.device)
     rms = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [rows, 1]
-    scale = 1.0 / (1.0 / rms).view(-1, n_ctx).mean(1)  # harmonic mean over the prefixes
-    u = (x / rms).view(-1, n_ctx, d).mean(1)
-    u = u / u.norm(dim=-1, keepdim=True).clamp(min=1e-30)
-    R = residual.double()
+    normed = (gain * x / rms).view(-1, n_ctx, d).mean(1)
+    gt = gain * (normed + residual.double())
+    g2 = gain.pow(2)
 
-    def change(mu: Tensor) -> Tensor:
-        denominator = gain.pow(2) + mu[:, None]
-        # a zero gain (a norm weight of exactly -1 under "1 + w") blocks that dimension
-        du = torch.where(denominator > 0, gain * R / denominator.clamp(min=1e-300), 0.0)
-        return du - (du * u).sum(-1, keepdim=True) * u
+    def surplus(mu: Tensor) -> Tensor:  # ||u(mu)||² − d, decreasing in mu
+        return (gt / (g2 + mu[:, None])).pow(2).sum(-1) - d
 
-    def size(du: Tensor) -> Tensor:
-        return du.pow(2).mean(-1).sqrt()
-
-    mu = torch.zeros(R.shape[0], dtype=torch.float64, device=R.device)
-    du = change(mu)
-    over = size(du) > POST_NORM_TRUST
-    if bool(over.any()):
-        low = torch.zeros_like(mu)
-        high = torch.full_like(mu, float(gain.pow(2).max()) + 1.0)
-        while bool((size(change(high)) > POST_NORM_TRUST).any()):
-            high = high * 10
-        for _ in range(60):  # bisection on a log scale is overkill; 60 halvings suffice
-            middle = (low + high) / 2
-            too_big = size(change(middle)) > POST_NORM_TRUST
-            low = torch.where(too_big, middle, low)
-            high = torch.where(too_big, high, middle)
-        mu = torch.where(over, high, mu)
-        du = change(mu)
-    return du * scale[:, None]
+    # ||u(mu)|| <= ||g ⊙ t|| / mu for mu > 0, so mu = ||g ⊙ t|| / sqrt(d) is too large;
+    # as mu falls to −min g² the norm grows without bound (unless g ⊙ t vanishes there)
+    low = torch.full((gt.shape[0],), -float(g2.min()), dtype=torch.float64, device=gt.device)
+    high = gt.norm(dim=-1) / math.sqrt(d) + 1e-12
+    for _ in range(200):
+        middle = (low + high) / 2
+        long = surplus(middle) > 0
+        low = torch.where(long, middle, low)
+        high = torch.where(long, high, middle)
+    shell = gt / (g2 + high[:, None])
+    if not bool(torch.isfinite(shell).all()):
+        raise EditError(
+            f"the post-norm of {module} at layer {layer} could not be inverted (non-finite "
+            "module target); check the model's norm weights and the edit targets"
+        )
+    size = rms.view(-1, n_ctx).mean(1)
+    return size[:, None] * shell - x.view(-1, n_ctx, d).mean(1)
 
 
 def _mean_over_contexts(x: Tensor, n_ctx: int) -> Tensor:
@@ -503,6 +505,7 @@ def edit(
     hparams: EditHparams | None = None,
     moments: Mapping[tuple[str, int], Tensor] | None = None,
     targets: ZTargets | None = None,
+    z_batch_size: int = DEFAULT_Z_BATCH,
     progress: bool = True,
 ) -> EditResult:
     """Write ``facts`` (their ``target_new``) into the model's weights, in place.
@@ -524,6 +527,8 @@ def edit(
             facts and the last edited layer, so methods compared on one batch (MEMIT,
             IntAttn-Edit at several alphas, attention-only) can share them; default
             computed here.
+        z_batch_size: facts whose targets are optimised together (memory only; see
+            :func:`intattn_analysis.targets.compute_z`).
         progress: show progress bars.
 
     Returns:
@@ -573,7 +578,8 @@ def edit(
     templates = context_templates(model, hp.n_context_templates, hp.context_template_length)
     t0 = time.perf_counter()
     if targets is None:
-        targets = compute_z(model, facts, hp, templates=templates, progress=progress)
+        targets = compute_z(model, facts, hp, templates=templates, batch_size=z_batch_size,
+                            progress=progress)
     else:
         _check_targets(targets, facts, hp, templates)
     timings["targets"] = time.perf_counter() - t0

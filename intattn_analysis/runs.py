@@ -1,0 +1,138 @@
+"""Edit-and-evaluate runs: batches of facts, several methods, one results table.
+
+The paper's tables come from one procedure, repeated per batch of edits: evaluate the
+unedited model, compute the targets ``z*`` once, then for each method write the batch,
+evaluate, and restore the weights. :func:`edit_batches` does exactly that and returns
+one metrics row per (batch, method), ready for :func:`intattn_analysis.reporting.main_table`.
+:func:`editable_batches` cuts a benchmark into batches, leaving out (and listing) the
+records that ask for no change. Notebook 03 and ``intattn evaluate`` both use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import pandas as pd
+from tqdm import tqdm
+
+from . import reporting
+from .editing import edit
+from .facts import Fact
+from .hparams import EditHparams
+from .loading import ModelHandle
+from .metrics import evaluate
+from .targets import ZTargets, compute_z
+
+__all__ = ["BatchRun", "edit_batches", "editable_batches"]
+
+
+def editable_batches(
+    facts: Sequence[Fact], batch_size: int, n_batches: int | None = None, *, offset: int = 0
+) -> tuple[list[list[Fact]], list[Fact]]:
+    """Consecutive batches of ``batch_size`` facts that change an answer.
+
+    Records whose ``target_new`` equals ``target_true`` (nothing to write; KnowEdit's
+    ZsRE test split has 43) are left out and returned as the second value so that the
+    caller can report them. ``offset`` skips that many editable facts first;
+    ``n_batches=None`` takes every full batch.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if n_batches is not None and (not isinstance(n_batches, int) or n_batches < 1):
+        raise ValueError(f"n_batches must be an integer >= 1 or None, got {n_batches!r}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    unchanged = [f for f in facts if not f.changes_answer]
+    editable = [f for f in facts if f.changes_answer][offset:]
+    available = len(editable) // batch_size
+    if available == 0:
+        raise ValueError(
+            f"{len(editable)} editable fact(s) after offset {offset}: not one batch of "
+            f"{batch_size}; lower batch_size or offset"
+        )
+    if n_batches is None:
+        n_batches = available
+    elif n_batches > available:
+        raise ValueError(
+            f"{n_batches} batches of {batch_size} asked for, but only {available} full "
+            f"batch(es) of editable facts are left after offset {offset}"
+        )
+    batches = [editable[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
+    return batches, unchanged
+
+
+@dataclass
+class BatchRun:
+    """What :func:`edit_batches` measured.
+
+    Attributes:
+        records: one row per (batch, method), ``"pre-edit"`` included: the labels and
+            every summary metric (:func:`intattn_analysis.reporting.record`).
+        timings: one row per (batch, method): seconds for targets, solve and the edit.
+        targets: the shared ``z*`` of each batch (index = batch number).
+        per_fact: the per-fact metrics of every evaluation, labelled like ``records``.
+    """
+
+    records: pd.DataFrame
+    timings: pd.DataFrame
+    targets: list[ZTargets] = field(default_factory=list)
+    per_fact: pd.DataFrame | None = None
+
+    def table(self, metrics: Sequence[str] = reporting.MAIN_METRICS) -> pd.DataFrame:
+        """Mean, std and batch count per (model, dataset, method)."""
+        return reporting.main_table(self.records, metrics=metrics)
+
+
+def edit_batches(
+    model: ModelHandle,
+    batches: Sequence[Sequence[Fact]],
+    methods: Sequence[str],
+    hparams: EditHparams,
+    *,
+    moments: Mapping | None = None,
+    dataset: str = "",
+    metrics: Sequence[str] = ("knowedit", "counterfact", "residue", "fluency"),
+    fluency_tokens: int = 50,
+    progress: bool = True,
+) -> BatchRun:
+    """Evaluate, edit with each method, evaluate again and restore, batch by batch.
+
+    The targets depend only on the unedited model, the facts and the last edited layer,
+    so every method of a batch shares them (computed once per batch). The weights are
+    restored bit for bit after each method, so methods and batches do not see each
+    other's edits.
+    """
+    if not batches:
+        raise ValueError("batches is empty; pass at least one batch of facts")
+    if not methods:
+        raise ValueError("methods is empty; name at least one of intattn_analysis.METHODS")
+    records, timings, per_fact, targets_of = [], [], [], []
+    steps = tqdm(total=len(batches) * (len(methods) + 1), desc=f"{model.name} {dataset}".strip(),
+                 disable=not progress)
+    for b, batch in enumerate(batches):
+        labels = {"model": model.name, "dataset": dataset, "batch": b}
+        pre = evaluate(model, batch, pre=None, metrics=metrics, fluency_tokens=fluency_tokens,
+                       progress=False)
+        records.append(reporting.record(pre, **labels, method="pre-edit"))
+        per_fact.append(pre.per_fact.assign(**labels, method="pre-edit"))
+        targets = compute_z(model, batch, hparams, progress=False)
+        targets_of.append(targets)
+        steps.update()
+        for method in methods:
+            with edit(model, batch, method=method, hparams=hparams, moments=moments,
+                      targets=targets, progress=False) as result:
+                post = evaluate(model, batch, pre=pre, metrics=metrics,
+                                fluency_tokens=fluency_tokens, progress=False)
+            records.append(reporting.record(post, **labels, method=method))
+            per_fact.append(post.per_fact.assign(**labels, method=method))
+            timings.append({**labels, "method": method, "targets_s": targets.seconds,
+                            **result.timings})
+            steps.update()
+    steps.close()
+    return BatchRun(
+        records=pd.DataFrame(records),
+        timings=pd.DataFrame(timings),
+        targets=targets_of,
+        per_fact=pd.concat(per_fact, ignore_index=True),
+    )

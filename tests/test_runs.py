@@ -1,0 +1,96 @@
+"""Edit-and-evaluate runs (``intattn_analysis.runs``) and the ``intattn evaluate`` command."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import intattn_analysis as ia
+from intattn_analysis import cli, runs
+from intattn_analysis.covariance import second_moments
+from intattn_analysis.hparams import hparams_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EIFFEL = ia.Fact.from_text(
+    "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", target_true="Paris"
+)
+COLOSSEUM = ia.Fact.from_text(
+    "The Colosseum is located in the city of", "Colosseum", "London", target_true="Rome"
+)
+SAME = ia.Fact.from_text("The Louvre is located in the city of", "Louvre", "Paris", target_true="paris")
+LAYERS = (5, 6)
+
+
+def test_editable_batches_leave_out_and_list_unchanged_records():
+    facts = [EIFFEL, SAME, COLOSSEUM, EIFFEL, COLOSSEUM]
+    batches, unchanged = runs.editable_batches(facts, 2)
+    assert unchanged == [SAME]
+    assert batches == [[EIFFEL, COLOSSEUM], [EIFFEL, COLOSSEUM]]
+    batches, _ = runs.editable_batches(facts, 2, 1, offset=1)
+    assert batches == [[COLOSSEUM, EIFFEL]]
+    assert runs.editable_batches(facts, 3)[0] == [[EIFFEL, COLOSSEUM, EIFFEL]]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [((2, 3), "only 2 full batch"), ((5,), "not one batch"), ((0,), "batch_size"),
+     ((2, 0), "n_batches")],
+)
+def test_editable_batches_errors_name_the_fix(args, match):
+    with pytest.raises(ValueError, match=match):
+        runs.editable_batches([EIFFEL, SAME, COLOSSEUM, EIFFEL, COLOSSEUM], *args)
+
+
+@pytest.fixture(scope="module")
+def corpus_moments(smollm2, tmp_path_factory):
+    texts = [f"{f.text} {f.target_true or ''}" for f in ia.load_facts("builtin")
+             if f.subject not in (EIFFEL.subject, COLOSSEUM.subject)]
+    return second_moments(
+        smollm2, list(LAYERS), modules=("mlp", "attn"), corpus=texts, n_tokens=10000, max_len=64,
+        cache_dir=tmp_path_factory.mktemp("moments"), progress=False, allow_fewer_tokens=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def fast(smollm2):
+    return hparams_for(smollm2).replace(layers=LAYERS, alpha=0.3, n_context_templates=2, v_steps=10)
+
+
+def test_edit_batches_edits_evaluates_and_restores(smollm2, corpus_moments, fast):
+    weights = {k: v.detach().clone() for k, v in smollm2.hf_model.state_dict().items()}
+    run = runs.edit_batches(smollm2, [[EIFFEL, COLOSSEUM]], ["memit", "intattn"], fast,
+                            moments=corpus_moments, dataset="hand", metrics=("knowedit",),
+                            progress=False)
+    assert list(run.records["method"]) == ["pre-edit", "memit", "intattn"]
+    assert set(run.records["dataset"]) == {"hand"} and set(run.records["batch"]) == {0}
+    by_method = run.records.set_index("method")["Edit Succ."]
+    assert by_method["memit"] > by_method["pre-edit"]
+    assert len(run.targets) == 1 and run.targets[0].z.shape[0] == 2
+    assert list(run.timings["method"]) == ["memit", "intattn"]
+    assert len(run.per_fact) == 3 * 2
+    table = run.table(("Edit Succ.", "Locality"))
+    assert table.loc[(smollm2.name, "hand", "memit"), ("Edit Succ.", "n")] == 1
+    for name, value in smollm2.hf_model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+
+
+def test_evaluate_command_prints_and_writes_the_table(smollm2, corpus_moments, monkeypatch, tmp_path, capsys):
+    import intattn_analysis.covariance as covariance
+    import intattn_analysis.loading as loading
+
+    monkeypatch.setattr(covariance, "second_moments", lambda *a, **k: corpus_moments)
+    monkeypatch.setattr(loading, "load_model", lambda name, **k: smollm2)
+    out = tmp_path / "run"
+    code = cli.main([
+        "evaluate", "--data", "builtin", "--batch-size", "2", "--batches", "1",
+        "--methods", "memit", "--metrics", "knowedit", "--layers", "5", "6", "--alpha", "0",
+        "--v-steps", "5", "--out", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "pre-edit" in printed and "memit" in printed and "Edit Succ." in printed
+    records = pd.read_csv(out.with_suffix(".csv"))
+    assert list(records["method"]) == ["pre-edit", "memit"]
+    assert (tmp_path / "run_per_fact.csv").exists() and out.with_suffix(".md").read_text().startswith("|")

@@ -39,8 +39,10 @@ Departures from the reference code (kmeng01/memit ``compute_z.py``), on purpose:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -58,6 +60,7 @@ __all__ = [
     "ZTargets",
     "compute_z",
     "context_templates",
+    "target_key",
 ]
 
 #: The words MEMIT starts its context prefixes from, then a few more for N > 5.
@@ -239,6 +242,79 @@ def read_at_subject(
     return out
 
 
+# =========================================================================== cache
+#: Version of the cached target files; bump it when the optimisation changes.
+TARGETS_CACHE_FORMAT = 1
+#: The hyperparameters a target depends on (the solve's settings do not enter).
+TARGET_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss")
+
+
+def target_key(model: ModelHandle, fact: Fact, hparams, layer: int, templates: Sequence[str]) -> dict:
+    """Everything one fact's ``z*`` depends on: the model (``cache_id`` and dtype), the
+    fact's content, the layer, the context prefixes, the KL prompt and the target
+    hyperparameters."""
+    return {
+        "format": TARGETS_CACHE_FORMAT,
+        "model": model.cache_id,
+        "model_dtype": str(model.dtype),
+        "fact": fact.key,
+        "subject": fact.subject,
+        "prompt": fact.prompt,
+        "target_new": fact.target_new,
+        "layer": int(layer),
+        "templates": list(templates),
+        "kl_prompt": KL_PROMPT,
+        **{name: getattr(hparams, name) for name in TARGET_FIELDS},
+    }
+
+
+def _target_file(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    folder = cache_dir / key["model"].replace("/", "--")
+    return folder / f"z-layer{key['layer']}-{key['fact']}-{digest}.json"
+
+
+def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cache_dir) -> "ZTargets":
+    start_time = time.perf_counter()
+    if not facts:
+        raise ValueError("facts is empty; pass at least one Fact")
+    layer = max(hparams.layers) if layer is None else int(layer)
+    if templates is None:
+        templates = context_templates(model, hparams.n_context_templates, hparams.context_template_length)
+    templates = list(templates)
+    keys = [target_key(model, fact, hparams, layer, templates) for fact in facts]
+    found: dict[int, dict] = {}
+    for i, key in enumerate(keys):
+        path = _target_file(cache_dir, key)
+        try:
+            stored = json.loads(path.read_text()) if path.exists() else None
+        except (OSError, ValueError):
+            stored = None  # a damaged file is recomputed and replaced
+        if stored is not None and stored.get("key") == key:
+            found[i] = stored
+    missing = [i for i in range(len(facts)) if i not in found]
+    if missing:
+        fresh = compute_z(model, [facts[i] for i in missing], hparams, layer=layer,
+                          templates=templates, batch_size=batch_size, progress=progress)
+        for j, i in enumerate(missing):
+            found[i] = {
+                "key": keys[i],
+                "z": fresh.z[j].tolist(), "h": fresh.h[j].tolist(), "delta": fresh.delta[j].tolist(),
+                "diagnostics": fresh.diagnostics[j],
+            }
+            _write_json_atomic(_target_file(cache_dir, keys[i]), found[i])
+    def stack(name: str) -> Tensor:
+        return torch.tensor([found[i][name] for i in range(len(facts))], dtype=torch.float32,
+                            device=model.device)
+
+    return ZTargets(
+        z=stack("z"), h=stack("h"), delta=stack("delta"), layer=layer,
+        context_templates=templates,
+        diagnostics=[found[i]["diagnostics"] for i in range(len(facts))],
+        seconds=time.perf_counter() - start_time,
+    )
+
+
 # =========================================================================== targets
 @dataclass
 class ZTargets:
@@ -337,6 +413,7 @@ def compute_z(
     templates: Sequence[str] | None = None,
     batch_size: int = DEFAULT_Z_BATCH,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> ZTargets:
     """Target residual states ``z*`` for ``facts`` at the output of ``layer`` (default:
     the last of ``hparams.layers``); see the module notes for the loss and the batching.
@@ -346,7 +423,14 @@ def compute_z(
     activations for the backward pass, about 25 MB per row on SmolLM2-135M. A fact's
     ``z*`` does not depend on which facts share its batch, so ``batch_size`` changes
     memory and speed only, never the result.
+
+    With ``cache_dir`` each fact's target is read from, or written to, one file there,
+    under a key of everything it depends on (:func:`target_key`): a later run on the
+    same fact, in any batch, reuses it. ``seconds`` then counts only the facts computed.
     """
+    if cache_dir is not None:
+        return _cached_z(model, list(facts), hparams, layer, templates, batch_size, progress,
+                         Path(cache_dir))
     start_time = time.perf_counter()
     facts = list(facts)
     if not facts:

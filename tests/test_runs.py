@@ -62,7 +62,7 @@ def test_edit_batches_edits_evaluates_and_restores(smollm2, corpus_moments, fast
     weights = {k: v.detach().clone() for k, v in smollm2.hf_model.state_dict().items()}
     run = runs.edit_batches(smollm2, [[EIFFEL, COLOSSEUM]], ["memit", "intattn"], fast,
                             moments=corpus_moments, dataset="hand", metrics=("knowedit",),
-                            progress=False)
+                            targets_cache=False, progress=False)
     assert list(run.records["method"]) == ["pre-edit", "memit", "intattn"]
     assert set(run.records["dataset"]) == {"hand"} and set(run.records["batch"]) == {0}
     by_method = run.records.set_index("method")["Edit Succ."]
@@ -80,6 +80,7 @@ def test_evaluate_command_prints_and_writes_the_table(smollm2, corpus_moments, m
     import intattn_analysis.covariance as covariance
     import intattn_analysis.loading as loading
 
+    monkeypatch.setenv("INTATTN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(covariance, "second_moments", lambda *a, **k: corpus_moments)
     monkeypatch.setattr(loading, "load_model", lambda name, **k: smollm2)
     out = tmp_path / "run"
@@ -94,3 +95,24 @@ def test_evaluate_command_prints_and_writes_the_table(smollm2, corpus_moments, m
     records = pd.read_csv(out.with_suffix(".csv"))
     assert list(records["method"]) == ["pre-edit", "memit"]
     assert (tmp_path / "run_per_fact.csv").exists() and out.with_suffix(".md").read_text().startswith("|")
+    assert len(list((tmp_path / "cache" / "targets").rglob("z-*.json"))) == 2
+
+
+def test_targets_cache_reuses_each_fact_and_keys_every_setting(smollm2, fast, tmp_path):
+    first = ia.compute_z(smollm2, [EIFFEL, COLOSSEUM], fast, progress=False, cache_dir=tmp_path)
+    files = sorted(tmp_path.rglob("z-*.json"))
+    assert len(files) == 2
+    # the same facts in another batch and order come from the cache, bit for bit
+    again = ia.compute_z(smollm2, [COLOSSEUM, EIFFEL], fast, progress=False, cache_dir=tmp_path)
+    assert torch.equal(again.z, first.z[[1, 0]]) and torch.equal(again.delta, first.delta[[1, 0]])
+    assert again.diagnostics[0] == first.diagnostics[1]
+    assert sorted(tmp_path.rglob("z-*.json")) == files
+    # a setting the target depends on makes a new entry; a damaged file is recomputed
+    ia.compute_z(smollm2, [EIFFEL], fast.replace(v_steps=3), progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.rglob("z-*.json"))) == 3
+    files[0].write_text("{not json")
+    redone = ia.compute_z(smollm2, [EIFFEL, COLOSSEUM], fast, progress=False, cache_dir=tmp_path)
+    torch.testing.assert_close(redone.z, first.z, rtol=1e-4, atol=1e-3)
+    # a solve setting does not enter the key
+    ia.compute_z(smollm2, [EIFFEL], fast.replace(lambda_mlp=123.0), progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.rglob("z-*.json"))) == 3

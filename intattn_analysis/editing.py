@@ -15,7 +15,7 @@ layer ``L`` (:func:`intattn_analysis.targets.compute_z`), for each edited layer 
 ascending order:
 
 1. read ``h_L``, the current residual at the subject's last token at the output of
-   ``L`` (averaged over the context prefixes), with the weights written so far;
+   ``L`` in the bare prompt (where ``z*`` was set), with the weights written so far;
 2. ``R = (z* − h_L) · spread(layers left)`` (MEMIT ``1/(L−i)``, PMET ``1/sqrt(L−i)``);
 3. if ``alpha_l > 0``: keys ``K_a`` = the ``o_proj`` input (concatenated heads) at the
    subject's last token, averaged over the prefixes as MEMIT's ``compute_ks`` does;
@@ -61,7 +61,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .architectures import MODULES, hook
-from .facts import Fact
+from .facts import SUBJECT_SLOT, Fact
 from .hparams import SPREADS, EditHparams, hparams_for
 from .loading import ModelHandle
 from .targets import (
@@ -632,6 +632,7 @@ def _solve_loop(
 ) -> None:
     rows = prompt_rows(model, facts, templates)
     n_ctx = len(templates)
+    bare = list(templates).index(SUBJECT_SLOT)
     last = max(hp.layers)
     z = targets.z.double()
     spread: Callable[[int], float] = SPREADS[hp.spread]
@@ -647,7 +648,9 @@ def _solve_loop(
                 names.append(hook("resid_post", last))
             read = read_at_subject(model, rows, names)
             if step == 0:
-                h_last = _mean_over_contexts(read[hook("resid_post", last)], n_ctx)
+                # z* = h + δ with h read in the bare prompt, so the state it is compared
+                # with is read there too (MEMIT's cur_zs); the keys are context averages
+                h_last = read[hook("resid_post", last)].double().view(-1, n_ctx, z.shape[-1])[:, bare]
                 residual = (z - h_last) * spread(len(hp.layers) - i)
             part = residual * (share if module == "attn" else 1.0 - share)
             result.residuals[(module, layer)] = part.float().cpu()

@@ -258,14 +258,20 @@ def plot_main_table(table, metrics: Sequence[str] = ("Edit Succ.", "Portability"
 def plot_alpha_sweep(sweep, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", "Portability", "Locality"),
                      label: str = "") -> plt.Figure:
     """Each metric against alpha (the paper's Figure 4). ``sweep`` has a column ``alpha``
-    and one column per metric (values in [0, 1])."""
-    fig, ax = plt.subplots(figsize=(5.4, 3.2))
-    for metric in metrics:
-        ax.plot(sweep["alpha"], sweep[metric] * 100, marker="o", label=metric, lw=1.5)
-    ax.set_xlabel("alpha (attention share of the update)")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"alpha sweep{': ' + label if label else ''}", fontsize=10)
-    ax.legend(frameon=False, fontsize=8)
+    and one column per metric (values in [0, 1]); with a ``panel`` column, one panel per
+    value (for example one per model), titled by it."""
+    panels = list(dict.fromkeys(sweep["panel"])) if "panel" in sweep.columns else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        part = sweep if panel is None else sweep[sweep["panel"] == panel]
+        for metric in metrics:
+            if metric in part.columns and part[metric].notna().any():
+                ax.plot(part["alpha"], part[metric] * 100, marker="o", label=metric, lw=1.5)
+        ax.set_xlabel("alpha (attention share of the update)")
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 105)
+        title = ": ".join(str(t) for t in (label, panel) if t)
+        ax.set_title(f"alpha sweep{': ' + title if title else ''}", fontsize=10)
+        ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig

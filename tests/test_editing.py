@@ -97,7 +97,7 @@ def _answers(model, fact: ia.Fact, answer: str) -> bool:
 # ----------------------------------------------------------------------------- hparams
 def test_hparams_round_trip_and_defaults(smollm2):
     hp = hparams_for(smollm2, "intattn")
-    assert hp.layers == (1, 2, 3, 4, 5) and "localization" in hp.source
+    assert hp.layers == (3, 4, 5) and "localization" in hp.source
     assert hp.alpha == {l: 0.0 for l in hp.layers}  # attention's traced share there is ~0
     per_layer = hp.replace(alpha={1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5}, spread="pmet")
     assert EditHparams.from_json(per_layer.to_json()) == per_layer

@@ -116,3 +116,25 @@ def test_targets_cache_reuses_each_fact_and_keys_every_setting(smollm2, fast, tm
     # a solve setting does not enter the key
     ia.compute_z(smollm2, [EIFFEL], fast.replace(lambda_mlp=123.0), progress=False, cache_dir=tmp_path)
     assert len(list(tmp_path.rglob("z-*.json"))) == 3
+
+
+def test_alpha_sweep_and_main_table_figures(tmp_path):
+    from intattn_analysis import plots, reporting
+
+    sweep = pd.DataFrame({
+        "panel": ["a"] * 3 + ["b"] * 3, "alpha": [0, 0.5, 1] * 2,
+        "Edit Succ.": [0.9, 0.5, 0.1, 0.8, 0.7, 0.2], "Locality": [0.6, 0.5, 0.3] * 2,
+        "Portability": [float("nan")] * 6,
+    })
+    fig = plots.plot_alpha_sweep(sweep, label="ZsRE")
+    assert [ax.get_title() for ax in fig.axes] == ["alpha sweep: ZsRE: a", "alpha sweep: ZsRE: b"]
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2]  # an all-NaN metric is not drawn
+    single = plots.plot_alpha_sweep(sweep[sweep["panel"] == "a"].drop(columns="panel"))
+    assert len(single.axes) == 1
+    records = [{"model": "m", "dataset": "d", "method": method, "batch": b, "Edit Succ.": v,
+                "Rephrase": v, "Portability": v, "Locality": v, "Fluency": 4.0}
+               for b, (method, v) in enumerate([("memit", 0.9), ("memit", 0.7)])]
+    table = reporting.main_table(records)
+    assert reporting.formatted(table).loc[("m", "d", "memit"), "Edit Succ."] == "80.0 ± 14.1"
+    paths = plots.save_figure(plots.plot_main_table(table), "main", tmp_path)
+    assert all(p.exists() for p in paths)

@@ -100,6 +100,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from . import reporting
     from .covariance import second_moments
     from .datasets import benchmark_path, load_facts
+    from .editing import METHODS
     from .hparams import hparams_for
     from .loading import load_model
     from .runs import edit_batches, editable_batches
@@ -130,8 +131,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         changes["alpha"] = args.alpha
     elif args.layers and isinstance(hp.alpha, dict):
         missing = [l for l in args.layers if l not in hp.alpha]
-        if missing:
-            raise SystemExit(f"the default alpha has no value for layers {missing}; pass --alpha")
+        reads_alpha = [m for m in args.methods if m in METHODS and METHODS[m].attn_share == "alpha"]
+        if missing and reads_alpha:
+            raise SystemExit(
+                f"--methods {' '.join(reads_alpha)} need an alpha per edited layer, and the "
+                f"default alpha has no value for layers {missing}; pass --alpha"
+            )
+        if missing:  # no requested method reads alpha
+            changes["alpha"] = 0.0
     if args.lambda_ is not None:
         changes.update(lambda_mlp=args.lambda_, lambda_attn=args.lambda_)
     if args.mom2_tokens is not None:
@@ -154,11 +161,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        run.records.to_csv(out.with_suffix(".csv"), index=False)
-        run.per_fact.to_csv(out.with_name(out.stem + "_per_fact.csv"), index=False)
-        out.with_suffix(".md").write_text(reporting.markdown_table(table))
-        print(f"wrote {out.with_suffix('.csv').name}, {out.stem}_per_fact.csv and "
-              f"{out.with_suffix('.md').name}")
+        names = [out.name + ".csv", out.name + "_per_fact.csv", out.name + ".md"]
+        run.records.to_csv(out.with_name(names[0]), index=False)
+        run.per_fact.to_csv(out.with_name(names[1]), index=False)
+        out.with_name(names[2]).write_text(reporting.markdown_table(table))
+        print(f"wrote {', '.join(names)}")
     return 0
 
 
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     evaluate.add_argument("--lenient", action="store_true",
                           help="skip (and list) malformed records instead of stopping")
-    evaluate.add_argument("--out", help="write OUT.csv, OUT_per_fact.csv and OUT.md")
+    evaluate.add_argument("--out", help="write OUT.csv, OUT_per_fact.csv and OUT.md (OUT without a suffix)")
     evaluate.set_defaults(run=_evaluate)
 
     args = parser.parse_args(argv)

@@ -180,13 +180,24 @@ class EditResult:
     residuals: dict[tuple[str, int], Tensor] = field(default_factory=dict, repr=False)
     context_templates: list[str] = field(default_factory=list, repr=False)
     _originals: dict[tuple[str, int], Tensor] = field(default_factory=dict, repr=False)
+    _open: bool = field(default=False, repr=False)
     restored: bool = False
 
     # ------------------------------------------------------------------ undo
     def restore(self) -> None:
         """Copy the original weights back (bit for bit). Safe to call twice."""
         _restore(self.model, self._originals)
+        if self._open:  # this edit no longer counts as applied
+            self.model.open_edits -= 1
+            self._open = False
         self.restored = True
+
+    def _opened(self, originals: dict[tuple[str, int], Tensor]) -> None:
+        """Keep the originals and count the edit on the model until it is restored."""
+        self._originals = originals
+        if not self._open:
+            self.model.open_edits += 1
+            self._open = True
 
     def __enter__(self) -> "EditResult":
         return self
@@ -588,7 +599,7 @@ def edit(
         model=model, method=spec.name, layers=hp.layers, alphas=alphas, hparams=hp,
         timings=timings, z_diagnostics=targets.diagnostics, context_templates=templates,
     )
-    result._originals = _snapshot(model, needed)
+    result._opened(_snapshot(model, needed))
     t0 = time.perf_counter()
     try:
         _solve_loop(model, facts, hp, alphas, targets, moments, templates, result, progress)
@@ -723,7 +734,7 @@ def apply_deltas(
     result = EditResult(
         model=model, method=meta.get("method", "applied"), layers=layers, alphas=alphas, hparams=hp,
     )
-    result._originals = _snapshot(model, deltas)
+    result._opened(_snapshot(model, deltas))
     try:
         with torch.no_grad():
             for key, delta in deltas.items():

@@ -17,8 +17,8 @@ entries start from MEMIT's published settings for Llama-family models (EasyEdit'
 lr 0.5, weight decay 1e-3, KL 0.0625, lambda 15000). The entries of the embedded models
 take their per-layer alpha from causal tracing (notebooks 01 and 02,
 :func:`intattn_analysis.balance`) and their edit layers from the traced block
-(:func:`intattn_analysis.suggest_edit_layers`), SmolLM2's narrowed to layers 3-5 by a
-comparison on ZsRE train records; lambda was lowered, also on train records, so that
+(:func:`intattn_analysis.suggest_edit_layers`), SmolLM2's moved to layers 3-5 (the traced
+block is 0-4) by a comparison on ZsRE train records; lambda was lowered, also on train records, so that
 edits land on models this small. Every entry says where it comes from in
 its ``source`` field.
 
@@ -82,8 +82,8 @@ class EditHparams:
         n_context_templates, context_template_length: how many short prefixes (generated
             greedily by the model) the target must hold under, and their length in tokens;
             the bare prompt is always used as well.
-        stop_loss: the target optimisation stops once every fact's NLL is below this
-            (MEMIT: 0.05).
+        stop_loss: a fact's target optimisation stops once its NLL is below this
+            (MEMIT: 0.05); the others go on.
         lambda_mlp, lambda_attn: weight of the corpus second moment in each module's
             solve, ``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (MEMIT's ``mom2_update_weight``).
         mom2_n_tokens, mom2_max_len, mom2_dtype: corpus sample for the second moments:

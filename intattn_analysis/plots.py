@@ -263,14 +263,14 @@ def plot_alpha_sweep(sweep, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", 
     panels = list(dict.fromkeys(sweep["panel"])) if "panel" in sweep.columns else [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        part = sweep if panel is None else sweep[sweep["panel"] == panel]
+        part = (sweep if panel is None else sweep[sweep["panel"] == panel]).sort_values("alpha")
         for metric in metrics:
             if metric in part.columns and part[metric].notna().any():
                 ax.plot(part["alpha"], part[metric] * 100, marker="o", label=metric, lw=1.5)
         ax.set_xlabel("alpha (attention share of the update)")
         ax.set_ylabel("%")
         ax.set_ylim(0, 105)
-        title = ": ".join(str(t) for t in (label, panel) if t)
+        title = ": ".join(str(t) for t in (label, panel) if t is not None and t != "")
         ax.set_title(f"alpha sweep{': ' + title if title else ''}", fontsize=10)
         ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()

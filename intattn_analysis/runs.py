@@ -102,11 +102,12 @@ def edit_batches(
 
     The targets depend only on the unedited model, the facts and the last edited layer,
     so every method of a batch shares them (computed once per batch). They are the
-    expensive part (about 15-20 s per fact on a 2-core CPU), so each fact's target is
+    expensive part (about 10-15 s per fact on a 2-core CPU), so each fact's target is
     cached on disk (``targets_cache``: ``True`` for ``<cache root>/targets``, a folder,
     or ``False``/``None`` for no cache; see :func:`intattn_analysis.compute_z`). The
     weights are restored bit for bit after each method, so methods and batches do not
-    see each other's edits.
+    see each other's edits. If a batch fails, the exception carries the rows recorded
+    before the failure as ``error.partial_run`` (a :class:`BatchRun`).
     """
     if targets_cache is True:
         targets_cache = cache_root() / "targets"
@@ -119,6 +120,28 @@ def edit_batches(
     records, timings, per_fact, targets_of = [], [], [], []
     steps = tqdm(total=len(batches) * (len(methods) + 1), desc=f"{model.name} {dataset}".strip(),
                  disable=not progress)
+    try:
+        _run_batches(model, batches, methods, hparams, moments, dataset, metrics, fluency_tokens,
+                     targets_cache, steps, records, timings, per_fact, targets_of)
+    except BaseException as error:
+        # what finished is not lost: it travels with the exception
+        error.partial_run = BatchRun(  # type: ignore[attr-defined]
+            records=pd.DataFrame(records), timings=pd.DataFrame(timings), targets=targets_of,
+            per_fact=pd.concat(per_fact, ignore_index=True) if per_fact else None,
+        )
+        raise
+    finally:
+        steps.close()
+    return BatchRun(
+        records=pd.DataFrame(records),
+        timings=pd.DataFrame(timings),
+        targets=targets_of,
+        per_fact=pd.concat(per_fact, ignore_index=True),
+    )
+
+
+def _run_batches(model, batches, methods, hparams, moments, dataset, metrics, fluency_tokens,
+                 targets_cache, steps, records, timings, per_fact, targets_of) -> None:
     for b, batch in enumerate(batches):
         labels = {"model": model.name, "dataset": dataset, "batch": b}
         pre = evaluate(model, batch, pre=None, metrics=metrics, fluency_tokens=fluency_tokens,
@@ -138,10 +161,3 @@ def edit_batches(
             timings.append({**labels, "method": method, "targets_s": targets.seconds,
                             **result.timings})
             steps.update()
-    steps.close()
-    return BatchRun(
-        records=pd.DataFrame(records),
-        timings=pd.DataFrame(timings),
-        targets=targets_of,
-        per_fact=pd.concat(per_fact, ignore_index=True),
-    )

@@ -42,8 +42,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -422,12 +423,25 @@ def compute_z(
     rows plus a KL row); larger batches run faster per fact but hold every row's
     activations for the backward pass, about 25 MB per row on SmolLM2-135M. A fact's
     ``z*`` does not depend on which facts share its batch, so ``batch_size`` changes
-    memory and speed only, never the result.
+    memory and speed only, not the result (up to float rounding: batches are padded to
+    different widths).
 
     With ``cache_dir`` each fact's target is read from, or written to, one file there,
     under a key of everything it depends on (:func:`target_key`): a later run on the
     same fact, in any batch, reuses it. ``seconds`` then counts only the facts computed.
+    The key names the model by its id, so the cache is bypassed (with a warning) while
+    the model carries an unrestored edit (``model.open_edits``).
     """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if cache_dir is not None and getattr(model, "open_edits", 0):
+        warnings.warn(
+            f"{model.name} has {model.open_edits} edit(s) applied and not restored; the "
+            "target cache describes the unedited weights, so these targets are computed "
+            "without it",
+            stacklevel=2,
+        )
+        cache_dir = None
     if cache_dir is not None:
         return _cached_z(model, list(facts), hparams, layer, templates, batch_size, progress,
                          Path(cache_dir))
@@ -435,8 +449,6 @@ def compute_z(
     facts = list(facts)
     if not facts:
         raise ValueError("facts is empty; pass at least one Fact")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     layer = max(hparams.layers) if layer is None else int(layer)
     if templates is None:
         templates = context_templates(

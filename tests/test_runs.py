@@ -138,3 +138,25 @@ def test_alpha_sweep_and_main_table_figures(tmp_path):
     assert reporting.formatted(table).loc[("m", "d", "memit"), "Edit Succ."] == "80.0 ± 14.1"
     paths = plots.save_figure(plots.plot_main_table(table), "main", tmp_path)
     assert all(p.exists() for p in paths)
+
+
+def test_targets_cache_is_bypassed_while_an_edit_is_applied(smollm2, fast, tmp_path):
+    key = ("mlp", 5)
+    zero = {key: torch.zeros_like(smollm2.weight(*key))}
+    with ia.apply_deltas(smollm2, zero) as applied:
+        assert smollm2.open_edits == 1
+        with pytest.warns(UserWarning, match="not restored"):
+            ia.compute_z(smollm2, [EIFFEL], fast.replace(v_steps=2), progress=False, cache_dir=tmp_path)
+        applied.restore()  # twice (here and on exit) counts once
+    assert smollm2.open_edits == 0
+    assert not list(tmp_path.rglob("z-*.json"))
+
+
+def test_a_failed_batch_keeps_what_finished(smollm2, corpus_moments, fast):
+    with pytest.raises(ia.EditError, match="unknown method") as caught:
+        runs.edit_batches(smollm2, [[EIFFEL]], ["memit", "nope"], fast.replace(v_steps=2),
+                          moments=corpus_moments, metrics=("knowedit",), targets_cache=False,
+                          progress=False)
+    partial = caught.value.partial_run
+    assert list(partial.records["method"]) == ["pre-edit", "memit"]
+    assert smollm2.open_edits == 0

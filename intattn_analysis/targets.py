@@ -276,13 +276,8 @@ def _target_file(cache_dir: Path, key: dict) -> Path:
 
 
 def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cache_dir) -> "ZTargets":
+    """:func:`compute_z` through the per-fact cache (``layer`` and ``templates`` resolved)."""
     start_time = time.perf_counter()
-    if not facts:
-        raise ValueError("facts is empty; pass at least one Fact")
-    layer = max(hparams.layers) if layer is None else int(layer)
-    if templates is None:
-        templates = context_templates(model, hparams.n_context_templates, hparams.context_template_length)
-    templates = list(templates)
     keys = [target_key(model, fact, hparams, layer, templates) for fact in facts]
     found: dict[int, dict] = {}
     for i, key in enumerate(keys):
@@ -304,6 +299,7 @@ def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cac
                 "diagnostics": fresh.diagnostics[j],
             }
             _write_json_atomic(_target_file(cache_dir, keys[i]), found[i])
+
     def stack(name: str) -> Tensor:
         return torch.tensor([found[i][name] for i in range(len(facts))], dtype=torch.float32,
                             device=model.device)
@@ -442,9 +438,6 @@ def compute_z(
             stacklevel=2,
         )
         cache_dir = None
-    if cache_dir is not None:
-        return _cached_z(model, list(facts), hparams, layer, templates, batch_size, progress,
-                         Path(cache_dir))
     start_time = time.perf_counter()
     facts = list(facts)
     if not facts:
@@ -455,6 +448,9 @@ def compute_z(
             model, hparams.n_context_templates, hparams.context_template_length
         )
     templates = list(templates)
+    if cache_dir is not None:
+        return _cached_z(model, facts, hparams, layer, templates, batch_size, progress,
+                         Path(cache_dir))
     if len(facts) > batch_size:
         chunks = [facts[i : i + batch_size] for i in range(0, len(facts), batch_size)]
         parts = [

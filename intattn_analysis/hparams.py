@@ -75,15 +75,23 @@ class EditHparams:
             :func:`intattn_analysis.balance`'s result), or ``None`` for the model's default.
             Only methods that split the update read it.
         spread: ``"memit"`` (``1/(L-i)``) or ``"pmet"`` (``1/sqrt(L-i)``).
-        v_lr, v_steps: Adam learning rate and number of steps of the target optimisation.
-        v_weight_decay: weight of ``||delta||² / ||h||²`` in the target loss.
+        v_lr, v_steps: Adam learning rate, and how many times the target loss is evaluated
+            (MEMIT's ``v_num_grad_steps``: the last evaluation takes no step, so at most
+            ``v_steps - 1`` updates).
+        v_weight_decay: weight of ``||delta|| / ||h||²`` in the target loss (MEMIT's form).
         clamp_norm_factor: after each step ``||delta||`` is clipped to this times ``||h||``.
         kl_factor: weight of the KL term on ``"{subject} is a"``.
+        kl_position: where that KL term is taken: ``"subject_last"`` (the subject's last
+            token, as MEMIT's code does) or ``"last"`` (the prompt's last token, this
+            project's rule before it matched the reference).
         n_context_templates, context_template_length: how many short prefixes (generated
             greedily by the model) the target must hold under, and their length in tokens;
             the bare prompt is always used as well.
-        stop_loss: a fact's target optimisation stops once its NLL is below this
+        stop_loss: a fact's target optimisation stops once its loss is below this
             (MEMIT: 0.05); the others go on.
+        stop_on: which loss ``stop_loss`` applies to: ``"loss"`` (NLL + KL + weight
+            decay, as MEMIT's code does) or ``"nll"`` (the NLL alone, this project's rule
+            before it matched the reference).
         lambda_mlp, lambda_attn: weight of the corpus second moment in each module's
             solve, ``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (MEMIT's ``mom2_update_weight``).
         mom2_n_tokens, mom2_max_len, mom2_dtype: corpus sample for the second moments:
@@ -102,6 +110,8 @@ class EditHparams:
     n_context_templates: int = 5
     context_template_length: int = 10
     stop_loss: float = 0.05
+    stop_on: str = "loss"
+    kl_position: str = "subject_last"
     lambda_mlp: float = 15000.0
     lambda_attn: float = 15000.0
     mom2_n_tokens: int = 100_000
@@ -138,6 +148,12 @@ class EditHparams:
             object.__setattr__(self, "alpha", alpha)
         if self.spread not in SPREADS:
             raise ValueError(f"spread must be one of {sorted(SPREADS)}, got {self.spread!r}")
+        if self.stop_on not in ("loss", "nll"):
+            raise ValueError(f"stop_on must be 'loss' (MEMIT) or 'nll', got {self.stop_on!r}")
+        if self.kl_position not in ("subject_last", "last"):
+            raise ValueError(
+                f"kl_position must be 'subject_last' (MEMIT) or 'last', got {self.kl_position!r}"
+            )
         if self.mom2_dtype not in _DTYPES:
             raise ValueError(f"mom2_dtype must be one of {sorted(_DTYPES)}, got {self.mom2_dtype!r}")
         for name in ("v_steps", "n_context_templates", "context_template_length",

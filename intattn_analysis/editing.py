@@ -18,7 +18,9 @@ ascending order:
    ``L`` in the bare prompt (where ``z*`` was set), with the weights written so far;
 2. ``R = (z* − h_L) · spread(layers left)`` (MEMIT ``1/(L−i)``, PMET ``1/sqrt(L−i)``);
 3. if ``alpha_l > 0``: keys ``K_a`` = the ``o_proj`` input (concatenated heads) at the
-   subject's last token, averaged over the prefixes as MEMIT's ``compute_ks`` does;
+   subject's last token, averaged over the prefixes as MEMIT's ``compute_ks`` does
+   (first within each context type, then over types:
+   :func:`intattn_analysis.targets.context_weights`);
    write ``ΔW_a`` for the residual ``alpha_l · R`` with ``λ_attn C_attn``;
 4. if ``alpha_l < 1``: keys ``K_m`` = the ``down_proj`` input, read again (the attention
    write changed them); write ``ΔW_m`` for ``(1 − alpha_l) · R`` with ``λ_mlp C_mlp``.
@@ -69,6 +71,7 @@ from .targets import (
     ZTargets,
     compute_z,
     context_templates,
+    context_weights,
     prompt_rows,
     read_at_subject,
 )
@@ -185,18 +188,43 @@ class EditResult:
 
     # ------------------------------------------------------------------ undo
     def restore(self) -> None:
-        """Copy the original weights back (bit for bit). Safe to call twice."""
+        """Copy the original weights back (bit for bit). Safe to call twice: once
+        restored, a second call does nothing.
+
+        Edits on one model form a stack (``model.applied_edits``). The originals an edit
+        keeps are the weights as they were before it, so restoring it under a later edit
+        of the same matrices would wipe that later edit too. That raises an
+        :class:`EditError` naming the later edits; restore them first (newest first, as
+        nested ``with`` blocks do). An edit whose matrices no later edit touches restores
+        in any order.
+        """
+        if not self._open:
+            self.restored = True
+            return
+        stack = self.model.applied_edits
+        position = next(i for i, e in enumerate(stack) if e is self)
+        blocking = [e for e in stack[position + 1:] if set(e._originals) & set(self._originals)]
+        if blocking:
+            raise EditError(
+                f"cannot restore {self.describe()} while later edits of the same matrices are "
+                f"applied on top of it: {'; '.join(e.describe() for e in blocking)}. Restore "
+                "those first (the newest first); restoring this one now would undo them too"
+            )
         _restore(self.model, self._originals)
-        if self._open:  # this edit no longer counts as applied
-            self.model.open_edits -= 1
-            self._open = False
+        del stack[position]
+        self._open = False
         self.restored = True
 
+    def describe(self) -> str:
+        """One line naming the edit: method, matrices written, facts."""
+        modules = ", ".join(f"{m}@{l}" for m, l in sorted(self._originals, key=lambda k: (k[1], k[0])))
+        return f"edit {self.method!r} of {len(self.z_diagnostics)} fact(s) writing [{modules}]"
+
     def _opened(self, originals: dict[tuple[str, int], Tensor]) -> None:
-        """Keep the originals and count the edit on the model until it is restored."""
+        """Keep the originals and put the edit on the model's stack until it is restored."""
         self._originals = originals
         if not self._open:
-            self.model.open_edits += 1
+            self.model.applied_edits.append(self)
             self._open = True
 
     def __enter__(self) -> "EditResult":
@@ -449,15 +477,17 @@ def _post_norm(model: ModelHandle, module: str, layer: int) -> torch.nn.Module |
 
 @torch.no_grad()
 def _module_space(
-    model: ModelHandle, module: str, layer: int, residual: Tensor, outputs: Tensor, n_ctx: int
+    model: ModelHandle, module: str, layer: int, residual: Tensor, outputs: Tensor,
+    weights: Tensor,
 ) -> Tensor:
     """The module-output change ``Δx`` whose post-norm output comes closest to changing
     the residual by ``residual`` (see the module notes); ``outputs`` are the module
-    outputs per row (``n_ctx`` rows per fact), ``residual`` one row per fact.
+    outputs per row (``len(weights)`` rows per fact, averaged with the context weights
+    the keys take), ``residual`` one row per fact.
 
     The norm maps ``x`` to ``y = g ⊙ u`` with ``u = x / rms(x)``, so every output it can
     give lies on the shell ``{g ⊙ u : ||u||² = d}``. The wanted output is
-    ``t = ȳ + R`` (``ȳ``: the current normed output averaged over the prefixes). The
+    ``t = ȳ + R`` (``ȳ``: the current normed output averaged over the contexts). The
     closest point of the shell, ``argmin ||g ⊙ u − t||`` subject to ``||u||² = d``, is
     ``u* = g ⊙ t / (g² + μ)`` with the multiplier ``μ > −min g²`` that puts ``u*`` on the
     sphere (a one-dimensional monotone equation, solved by bisection in float64). Then
@@ -475,7 +505,7 @@ def _module_space(
     gain = (norm(ones).double() * math.sqrt(1.0 + eps)).to(residual.device)
     x = outputs.double().to(residual.device)
     rms = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [rows, 1]
-    normed = (gain * x / rms).view(-1, n_ctx, d).mean(1)
+    normed = _mean_over_contexts(gain * x / rms, weights)
     gt = gain * (normed + residual.double())
     g2 = gain.pow(2)
 
@@ -497,12 +527,15 @@ def _module_space(
             f"the post-norm of {module} at layer {layer} could not be inverted (non-finite "
             "module target); check the model's norm weights and the edit targets"
         )
-    size = rms.view(-1, n_ctx).mean(1)
-    return size[:, None] * shell - x.view(-1, n_ctx, d).mean(1)
+    size = _mean_over_contexts(rms, weights)
+    return size * shell - _mean_over_contexts(x, weights)
 
 
-def _mean_over_contexts(x: Tensor, n_ctx: int) -> Tensor:
-    return x.double().view(-1, n_ctx, x.shape[-1]).mean(1)
+def _mean_over_contexts(x: Tensor, weights: Tensor) -> Tensor:
+    """Per fact, the weighted mean of its rows (``len(weights)`` consecutive rows per
+    fact, one per context), in float64."""
+    w = weights.to(device=x.device, dtype=torch.float64)
+    return (x.double().view(-1, len(w), x.shape[-1]) * w[:, None]).sum(1)
 
 
 # =========================================================================== edit
@@ -643,6 +676,7 @@ def _solve_loop(
 ) -> None:
     rows = prompt_rows(model, facts, templates)
     n_ctx = len(templates)
+    weights = torch.tensor(context_weights(templates), dtype=torch.float64)
     bare = list(templates).index(SUBJECT_SLOT)
     last = max(hp.layers)
     z = targets.z.double()
@@ -660,15 +694,16 @@ def _solve_loop(
             read = read_at_subject(model, rows, names)
             if step == 0:
                 # z* = h + δ with h read in the bare prompt, so the state it is compared
-                # with is read there too (MEMIT's cur_zs); the keys are context averages
+                # with is read there too (MEMIT's cur_zs); the keys are weighted context
+                # averages (MEMIT's compute_ks)
                 h_last = read[hook("resid_post", last)].double().view(-1, n_ctx, z.shape[-1])[:, bare]
                 residual = (z - h_last) * spread(len(hp.layers) - i)
             part = residual * (share if module == "attn" else 1.0 - share)
             result.residuals[(module, layer)] = part.float().cpu()
             target = part
             if len(names) > 1 and _value_hook(module, layer) in read:
-                target = _module_space(model, module, layer, part, read[_value_hook(module, layer)], n_ctx)
-            keys = _mean_over_contexts(read[_key_hook(module, layer)], n_ctx)
+                target = _module_space(model, module, layer, part, read[_value_hook(module, layer)], weights)
+            keys = _mean_over_contexts(read[_key_hook(module, layer)], weights)
             update = solve_update(
                 keys, target, moments[(module, layer)], hp.lambda_for(module),
                 module=module, layer=layer,

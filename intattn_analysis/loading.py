@@ -212,10 +212,11 @@ class ModelHandle:
         spec: where the editable matrices live (see :mod:`intattn_analysis.architectures`).
         revision: the hub revision, or the GGUF hash for embedded models; part of every
             cache key.
-        open_edits: edits applied to the weights and not yet restored (counted by
-            :class:`intattn_analysis.EditResult`). Caches keyed by the model's id
-            describe the unedited weights, so the target cache is bypassed while this is
-            above 0.
+        applied_edits: the :class:`intattn_analysis.EditResult` s applied to the weights
+            and not yet restored, oldest first (a stack: see
+            :meth:`intattn_analysis.EditResult.restore`).
+        open_edits: how many there are. Caches keyed by the model's id describe the
+            unedited weights, so the target cache is bypassed while this is above 0.
     """
 
     name: str
@@ -226,7 +227,11 @@ class ModelHandle:
     revision: str | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
-    open_edits: int = field(default=0, compare=False, repr=False)
+    applied_edits: list = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def open_edits(self) -> int:
+        return len(self.applied_edits)
 
     @property
     def n_layers(self) -> int:

@@ -1,4 +1,15 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the test tiers.
+
+Every test belongs to one tier, chosen here from what it uses, so that ``pytest -m TIER``
+selects it:
+
+* ``unit``: pure functions and tiny randomly initialised models (minutes in all);
+* ``models``: tests that load an embedded model (SmolLM2-135M, Gemma-3-270M);
+* ``notebooks``: nbval over ``notebooks/`` (each cell of each notebook).
+
+A test that loads an embedded model without one of the fixtures below carries
+``@pytest.mark.models`` itself.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,50 @@ import os
 from pathlib import Path
 
 import pytest
+
+TIERS = ("unit", "models", "notebooks")
+#: Fixtures that load an embedded model: a test that uses one is in the ``models`` tier.
+MODEL_FIXTURES = {"smollm2", "gemma3", "embedded"}
+
+
+def _uses_a_model(item) -> bool:
+    """Whether a test asks for a model fixture, directly or as a parameter that it looks
+    up with ``request.getfixturevalue``."""
+    if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(v, str) and v in MODEL_FIXTURES for v in params.values())
+
+
+_TIER_SECONDS: dict[str, list[float]] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Sum each tier's time (setup, call and teardown of its tests) for the summary."""
+    tier = next((t for t in TIERS if t in report.keywords), None)
+    if tier is not None:
+        seconds = _TIER_SECONDS.setdefault(tier, [0.0, 0])
+        seconds[0] += report.duration
+        seconds[1] += report.when == "call"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _TIER_SECONDS:
+        parts = [f"{t} {s:.0f} s ({n} tests)" for t, (s, n) in
+                 ((t, _TIER_SECONDS[t]) for t in TIERS if t in _TIER_SECONDS)]
+        terminalreporter.write_line("time per tier: " + ", ".join(parts))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        if str(getattr(item, "path", "")).endswith(".ipynb"):
+            item.add_marker(pytest.mark.notebooks)
+        elif _uses_a_model(item):
+            item.add_marker(pytest.mark.models)
+        else:
+            item.add_marker(pytest.mark.unit)
 
 
 
@@ -65,6 +120,28 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny random Llama (3 layers, d_model 64, d_mlp 96) loaded through
+    ``ia.load_model(directory)``, for tests of the editing engine's arithmetic. Tests that
+    edit it restore it."""
+    import torch
+    import transformers
+
+    import intattn_analysis as ia
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(directory)
+    return ia.load_model(str(directory), device="cpu")
 
 
 @pytest.fixture(scope="module")

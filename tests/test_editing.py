@@ -83,6 +83,8 @@ def _parameters(model) -> dict[str, torch.Tensor]:
 
 
 def _assert_all_equal(model, reference: dict[str, torch.Tensor]) -> None:
+    """Bit for bit: a restore copies the saved originals back, and applying saved deltas
+    repeats the edit's own float32 additions."""
     current = dict(model.hf_model.named_parameters())
     assert set(current) == set(reference)
     changed = [n for n, p in current.items() if not torch.equal(p, reference[n])]
@@ -123,18 +125,31 @@ def test_intattn_with_alpha_zero_is_memit_bit_for_bit(smollm2, moments, fast):
               progress=False) as intattn:
         pass
     assert set(memit.deltas) == set(intattn.deltas) == {("mlp", l) for l in FAST_LAYERS}
+    # alpha 0 skips the attention step, so the MLP writes are MEMIT's own operations on the
+    # same inputs: equal to the last bit
     for key in memit.deltas:
         assert torch.equal(memit.deltas[key], intattn.deltas[key]), key
 
 
 def test_targets_of_a_fact_do_not_depend_on_its_batch(smollm2, fast):
+    """z* does not depend on its batch up to float rounding: batches of one are padded to
+    other widths, so float32 sums may run in another order.
+
+    Tolerance, per coordinate: 1e-4 * ||h||, no relative part. Adam moves each coordinate
+    by about v_lr per step whatever its size, so errors scale with ||h||, not with |z_i|.
+    Scaling every weight by 1 + r, |r| <= 6e-8 .. 1e-6, moves z* by at most ~15 |r| ||h||
+    per coordinate (v_steps 10 or 25 alike). A float32 sum taken in another order is off by
+    at most ~u sqrt(K) = 6e-8 * sqrt(1536) ~ 2e-6 relative, so |dz| <= ~3e-5 ||h||: the
+    tolerance (~0.01 here) keeps a factor 3 over that worst case.
+    """
     # each fact stops on its own and its rows leave the batch: z* alone == z* in a batch,
     # so splitting the facts into batches of one (batch_size=1) changes nothing
     together = ia.compute_z(smollm2, [EIFFEL, COLOSSEUM], fast, progress=False)
     alone = ia.compute_z(smollm2, [EIFFEL, COLOSSEUM], fast, batch_size=1, progress=False)
     for i in range(2):
-        torch.testing.assert_close(together.z[i], alone.z[i], rtol=1e-4,
+        torch.testing.assert_close(together.z[i], alone.z[i], rtol=0,
                                    atol=1e-4 * float(alone.h[i].norm()))
+        # rounding could flip the stop rule only for a loss within ~1e-6 of stop_loss
         assert together.diagnostics[i]["steps"] == alone.diagnostics[i]["steps"]
         assert together.diagnostics[i]["fact"] == alone.diagnostics[i]["fact"]
     assert together.layer == alone.layer == max(fast.layers)
@@ -152,6 +167,8 @@ def test_shared_targets_give_the_same_edit(smollm2, moments, fast):
     with edit(smollm2, facts, method="intattn", alpha=0.3, hparams=fast, moments=moments,
               targets=targets, progress=False) as shared:
         pass
+    # bit for bit: edit computes its z* by the same call (facts, hparams, batch) as targets,
+    # and the solve that follows is the same
     for key in own.deltas:
         assert torch.equal(own.deltas[key], shared.deltas[key]), key
     with pytest.raises(EditError, match="other facts"):
@@ -168,12 +185,14 @@ def test_edit_touches_only_its_modules_and_restores_bit_for_bit(smollm2, moments
                   progress=False)
     assert set(result.deltas) == {(m, l) for m in ("mlp", "attn") for l in FAST_LAYERS}
     touched = {id(smollm2.weight(*key)) for key in result.deltas}
+    # untouched parameters are never written, so they compare bit for bit
     for name, parameter in smollm2.hf_model.named_parameters():
         if id(parameter) in touched:
             assert not torch.equal(parameter, before[name]), name
         else:
             assert torch.equal(parameter, before[name]), f"{name} changed but was not edited"
-    for key, delta in result.deltas.items():  # the stored delta is exactly what was added
+    # the stored delta is exactly what was added: the same single float32 addition
+    for key, delta in result.deltas.items():
         name = next(n for n, p in smollm2.hf_model.named_parameters() if p is smollm2.weight(*key))
         assert torch.equal(smollm2.weight(*key), before[name] + delta)
     result.restore()
@@ -222,6 +241,7 @@ def test_edit_flips_the_greedy_answer(smollm2, moments, method):
     assert _answers(smollm2, EIFFEL, "Paris")
     with edit(smollm2, [EIFFEL], method=method, moments=moments, progress=False) as result:
         assert _answers(smollm2, EIFFEL, "Rome"), result.z_diagnostics
+        # above 1/2 the target's (geometric-mean) probability beats all else together
         assert result.z_diagnostics[0]["p_target_after"] > 0.5
     assert _answers(smollm2, EIFFEL, "Paris")
 
@@ -302,6 +322,9 @@ def test_solve_update_matches_the_closed_form():
     update = solve_update(keys, residuals, moment, 2.0)
     K, R = keys.T, residuals.T
     expected = R @ K.T @ torch.linalg.inv(2.0 * moment + K @ K.T)
+    # float64 on a 6x6 system of condition number ~10 (20 samples in 6 dimensions): Cholesky
+    # and the explicit inverse agree to ~cond·u ~ 1e-15 on entries up to ~0.6, so 1e-9
+    # relative (1e-12 absolute near 0) would hold up to cond ~1e6.
     torch.testing.assert_close(update, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -335,8 +358,8 @@ def test_gemma_post_norm_residual_is_reached(gemma3, tmp_path_factory, module, m
     converted = editing._module_space
     seen = {}
 
-    def spy(model, m, l, residual, outputs, n_ctx):
-        change = converted(model, m, l, residual, outputs, n_ctx)
+    def spy(model, m, l, residual, outputs, weights):
+        change = converted(model, m, l, residual, outputs, weights)
         seen.update(residual=residual.double()[0], outputs=outputs.double()[0], change=change[0])
         return change
 
@@ -368,6 +391,11 @@ def test_gemma_post_norm_residual_is_reached(gemma3, tmp_path_factory, module, m
     print(f"gemma3 {module} layer {layer}: relative error {error:.3f}, closest point of the "
           f"norm's shell {reachable:.3f}, random points nearby {nearby:.3f}, residual target "
           f"used as the module target {naive:.3f}")
+    # At lambda 1 the solve writes s/(1+s) of the module-space change for the one key, with
+    # s = k^T C^-1 k ~ d (1024 or 2048 here): the two errors differ by ~1/(1+s) ~ 1e-3 of the
+    # request, and float32 forwards add ~1e-6; 0.01 is ten times the larger.
     assert abs(error - reachable) < 0.01
+    # reachable is the closest point of the shell: random points 5% away fall short by at
+    # least ~0.05²/2 more; 1e-6 absorbs float32 rounding of the norm's outputs (~u·|y|/|R|).
     assert reachable <= nearby + 1e-6
     assert error < naive / 4

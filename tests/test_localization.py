@@ -36,6 +36,7 @@ def test_layer_ranges_peak_band_and_centre():
     assert table.loc["mlp", "peak_layer"] == 6
     assert table.loc["mlp", "band"] == "5-8"
     # negative AIE (layer 8) is clipped: centre of 0.4, 0.5, 0.3, 0.1 at layers 0-3
+    # (float64 sums and a ratio of a few numbers: ~1e-16, so approx's default rel 1e-6)
     assert table.loc["attn", "centre"] == pytest.approx((0.5 + 0.6 + 0.3) / 1.3)
     assert table.loc["attn", "total_aie"] == pytest.approx(1.3)
 
@@ -44,6 +45,7 @@ def test_attention_share_by_depth_and_finding():
     shares = ia.attention_share_by_depth(contributions(ATTN, MLP), n_layers=9)
     assert list(shares.index) == ["early", "middle", "late"]
     assert shares.loc["early", "layers"] == "0-2"
+    # float64 ratios of sums of a few numbers: ~1e-16, within approx's default rel 1e-6
     assert shares.loc["early", "attn_share"] == pytest.approx(1.2 / 1.3)
     assert shares.loc["late", "attn_share"] == pytest.approx(0.0)
     holds, text = ia.early_attention_finding(contributions(ATTN, MLP), n_layers=9)

@@ -4,6 +4,9 @@ Hand-built facts check each metric against what it must be (the true answer scor
 an unchanged model is perfectly local, efficacy agrees with the probabilities), a
 temporary weight perturbation stands in for an edit, and a few real KnowEdit ZsRE records
 check that the file's sub-types come through. Batching must not change any number.
+
+Accuracies, locality and the 0/1 CounterFact scores are ratios of small counts, exact in
+float64, so they compare with ``==``; each tolerance on a probability is explained in place.
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ def test_word_tokens_split_words_and_punctuation():
 
 def test_n_gram_entropy_on_hand_computed_texts():
     # "a b a b": bigrams ab x2, ba x1; trigrams aba, bab
+    # (float64 logs of small rationals, computed in another order: ~1e-16 apart, so
+    # pytest.approx's default rel 1e-6; one distinct n-gram gives -1 * log2(1) = 0 exactly)
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
     assert n_gram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
     # four distinct words: 3 equally likely bigrams, 2 trigrams
@@ -116,6 +121,9 @@ def test_scores_agree_with_a_single_unpadded_forward(smollm2):
     (score,) = score_answers(smollm2, [(context, answer)], progress=False)
     assert len(score.answer_ids) == 1
     expected = answer_probability(smollm2, context, answer)
+    # Forwards of different lengths (prompt and answer, prompt alone) differ in float32
+    # summation order only: |dp| <= max|dl|/2, within 1e-5 for logit gaps under 2e-5
+    # (about ten ulps at |l| ~ 30), as in the tracing tests.
     assert score.probability == pytest.approx(expected, abs=1e-5)
     # a multi-token answer: mean NLL over its tokens, by hand
     answer = "Zxqvortlemberg Quasi"
@@ -127,6 +135,8 @@ def test_scores_agree_with_a_single_unpadded_forward(smollm2):
         logits = smollm2.bridge(torch.tensor([prompt_ids + answer_ids]))[0]
     log_probs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
     nll = -float(log_probs[torch.arange(len(answer_ids)), answer_ids].mean())
+    # The same forward (same ids, same shape) gives the same log-probs; only the mean differs,
+    # float32 here and float64 in AnswerScore: <= k·u·mean|log p| ~ 9 × 6e-8 × 10 ~ 5e-6.
     assert score.nll == pytest.approx(nll, abs=1e-5)
 
 
@@ -154,6 +164,8 @@ def test_portability_is_averaged_per_sub_type(hand_pre):
     probes = answers[(answers.fact == 0) & (answers.role == "portability")]
     by_kind = probes.groupby("kind").accuracy.mean()
     row = hand_pre.per_fact.iloc[0]
+    # float64 means of token accuracies, pandas against numpy: ~1e-16 apart, so
+    # pytest.approx's default rel 1e-6
     for kind in ("Reasoning", "Subject_Aliasing"):
         assert row[f"Portability/{kind}"] == pytest.approx(by_kind[kind])
     assert row["Portability"] == pytest.approx(by_kind.mean())
@@ -165,13 +177,14 @@ def test_efficacy_agrees_with_the_probabilities(hand_pre):
     for case in ("eiffel", "weird"):
         row = rows.loc[case]
         assert row["Efficacy"] == float(row["p_new"] > row["p_true"])
-        assert row["Efficacy magnitude"] == pytest.approx(row["p_new"] - row["p_true"])
+        # exact: the same float64 subtraction of the same two probabilities
+        assert row["Efficacy magnitude"] == row["p_new"] - row["p_true"]
         assert row["Efficacy"] == 0.0  # the model prefers Paris
     assert rows.loc["eiffel", "Neighborhood"] == 1.0  # the Louvre stays in Paris
     summary = hand_pre.summary
     parts = summary[["Efficacy", "Paraphrase", "Neighborhood"]].to_numpy()
     hmean = len(parts) / (1 / parts).sum() if (parts > 0).all() else 0.0
-    assert summary["Score"] == pytest.approx(hmean)
+    assert summary["Score"] == pytest.approx(hmean)  # float64, 3 terms: ~1e-16, default rel 1e-6
 
 
 def test_missing_fields_give_nan_and_counts(hand_pre):
@@ -198,6 +211,7 @@ def test_unchanged_model_is_perfectly_local_and_keeps_its_residue(smollm2, hand_
     for column in ("Residue p(true) pre", "Residue p(true) post",
                    "Residue old top-1 pre", "Residue old top-1 post"):
         assert column in post.summary.index
+    # exact: the same requests in the same batches on unchanged weights
     assert row["Residue p(true) post"] == row["Residue p(true) pre"]
     assert row["Residue old top-1 pre"] == 1.0  # the model answers Paris
     assert math.isnan(hand_pre.per_fact.iloc[0]["Residue p(true) post"])
@@ -231,8 +245,10 @@ def test_a_perturbed_model_changes_locality_and_residue(smollm2):
                 w.copy_(s)
     row = post.per_fact.iloc[0]
     assert row["Locality"] < 1.0
+    # Noise of std 0.5, far above the weights' own size, wrecks these layers; float32
+    # rounding moves a probability by ~1e-6 at most, so a change above 1e-3 is the weights'.
     assert row["Residue p(true) post"] != pytest.approx(row["Residue p(true) pre"], abs=1e-3)
-    assert row["Residue p(true) pre"] == pre.per_fact.iloc[0]["p_true"]
+    assert row["Residue p(true) pre"] == pre.per_fact.iloc[0]["p_true"]  # copied: exact
 
 
 def test_batch_size_does_not_change_any_number(smollm2, zsre_facts):
@@ -242,6 +258,10 @@ def test_batch_size_does_not_change_any_number(smollm2, zsre_facts):
     assert list(one.per_fact.columns) == list(eight.per_fact.columns)
     numbers = one.per_fact.select_dtypes("number").columns
     assert "Fluency" in numbers and "Edit Succ." in numbers
+    # Same-length rows, no padding: 1 or 8 rows per forward change only the float32
+    # summation order. Probabilities move by <= max|dl|/2 and magnitudes (differences of two)
+    # by <= max|dl|, within 1e-5 for logit gaps under 1e-5 (~5 ulps at |l| ~ 30; seen:
+    # 1.5e-6); accuracies and fluency rest on argmax tokens and agree exactly.
     np.testing.assert_allclose(
         one.per_fact[numbers].to_numpy(float), eight.per_fact[numbers].to_numpy(float),
         atol=1e-5, equal_nan=True,
@@ -270,7 +290,8 @@ def test_fluency_scores_the_prompt_and_its_generation(smollm2):
     result = evaluate(smollm2, [EIFFEL], metrics="fluency", fluency_tokens=5, progress=False)
     row = result.per_fact.iloc[0]
     assert row["generation"] == greedy_continuation(smollm2, EIFFEL.text, 5)
-    assert row["Fluency"] == pytest.approx(n_gram_entropy(EIFFEL.text + row["generation"]))
+    # exact: the same function of the same text
+    assert row["Fluency"] == n_gram_entropy(EIFFEL.text + row["generation"])
     assert list(result.summary.index) == ["Fluency"]
 
 

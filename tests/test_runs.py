@@ -72,6 +72,7 @@ def test_edit_batches_edits_evaluates_and_restores(smollm2, corpus_moments, fast
     assert len(run.per_fact) == 3 * 2
     table = run.table(("Edit Succ.", "Locality"))
     assert table.loc[(smollm2.name, "hand", "memit"), ("Edit Succ.", "n")] == 1
+    # bit for bit: each method's restore copies the saved weights back
     for name, value in smollm2.hf_model.state_dict().items():
         assert torch.equal(value, weights[name]), name
 
@@ -102,7 +103,8 @@ def test_targets_cache_reuses_each_fact_and_keys_every_setting(smollm2, fast, tm
     first = ia.compute_z(smollm2, [EIFFEL, COLOSSEUM], fast, progress=False, cache_dir=tmp_path)
     files = sorted(tmp_path.rglob("z-*.json"))
     assert len(files) == 2
-    # the same facts in another batch and order come from the cache, bit for bit
+    # the same facts in another batch and order come from the cache, bit for bit (the JSON
+    # holds each float32 as a float64 repr, an exact round trip)
     again = ia.compute_z(smollm2, [COLOSSEUM, EIFFEL], fast, progress=False, cache_dir=tmp_path)
     assert torch.equal(again.z, first.z[[1, 0]]) and torch.equal(again.delta, first.delta[[1, 0]])
     assert again.diagnostics[0] == first.diagnostics[1]
@@ -112,7 +114,12 @@ def test_targets_cache_reuses_each_fact_and_keys_every_setting(smollm2, fast, tm
     assert len(list(tmp_path.rglob("z-*.json"))) == 3
     files[0].write_text("{not json")
     redone = ia.compute_z(smollm2, [EIFFEL, COLOSSEUM], fast, progress=False, cache_dir=tmp_path)
-    torch.testing.assert_close(redone.z, first.z, rtol=1e-4, atol=1e-3)
+    # One fact is a cache hit (exact), the other is recomputed alone, padded to another width:
+    # float32 sums in another order move z* by up to ~3e-5 ||h|| per coordinate, so 1e-4 ||h||
+    # as in test_editing's batch test (an absolute 1e-3 is only 1e-5 ||h|| here).
+    for i in range(2):
+        torch.testing.assert_close(redone.z[i], first.z[i], rtol=0,
+                                   atol=1e-4 * float(first.h[i].norm()))
     # a solve setting does not enter the key
     ia.compute_z(smollm2, [EIFFEL], fast.replace(lambda_mlp=123.0), progress=False, cache_dir=tmp_path)
     assert len(list(tmp_path.rglob("z-*.json"))) == 3

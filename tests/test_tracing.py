@@ -21,6 +21,10 @@ from intattn_analysis.tracing import Noise, TraceResult, balance, trace
 
 from tracing_reference import reference_trace
 
+# Engine and reference run the same float32 model on different batch shapes (the engine also
+# resumes at a late layer and token), so their logits differ by summation order alone. A
+# probability moves by at most 2p(1 - p) max|dl| <= max|dl|/2, so 1e-5 holds while the
+# logits (|l| up to ~30, ulp 2e-6) differ by less than 2e-5, about ten ulps (seen: 3e-7).
 TOLERANCE = 1e-5
 NUMBERS = ["p_clean", "p_corrupted", "p_restored", "ie"]
 
@@ -125,7 +129,8 @@ def test_schedule_covers_every_row_once_within_the_batch_size():
 
 def test_restoring_a_state_the_noise_cannot_reach_has_no_effect(smollm2):
     # Layer 0, after the subject: the embedding there is not noised, so IE is 0 (up to
-    # the rounding of a different batch).
+    # the rounding of a different batch). Both probabilities are p_corrupted ~ 0.007, so
+    # |IE| <= 2p max|dl| ~ 0.015 max|dl| stays below 1e-6 for logit gaps up to ~7e-5.
     result = trace(smollm2, KNOWN[:1], kinds=("resid",), layers=[0], tokens=["further"],
                    samples=2, progress=False)
     assert result.table["ie"].abs().max() < 1e-6
@@ -151,7 +156,7 @@ def test_hooks_do_not_leak_after_an_exception(smollm2, monkeypatch):
     for block in smollm2.bridge.blocks:
         assert "forward" not in vars(block)  # skipped blocks are restored
         assert getattr(block, "_start_at_layer_idx", None) is None
-    with torch.no_grad():
+    with torch.no_grad():  # bit for bit: the same forward on the same weights, hooks gone
         torch.testing.assert_close(smollm2.bridge(tokens), before_logits, rtol=0, atol=0)
 
 
@@ -222,11 +227,15 @@ def test_token_classes():
 
 
 def test_noise_scales_and_draws(gemma3):
-    assert Noise(0.1, relative=False).std(gemma3) == 0.1
-    assert Noise.of(3.0).std(gemma3) == pytest.approx(3 * tracing.embedding_std(gemma3))
-    # Gemma scales its embeddings by sqrt(d_model): the std is measured after that.
+    assert Noise(0.1, relative=False).std(gemma3) == 0.1  # an absolute std is returned as given
+    # exact: Noise.std is this very product, 3.0 times the cached embedding_std
+    assert Noise.of(3.0).std(gemma3) == 3 * tracing.embedding_std(gemma3)
+    # Gemma scales its embeddings by sqrt(d_model): the std is measured after that. The
+    # scale is float32(sqrt(640)) (rel. 4e-8 off), and both stds accumulate in float64 and
+    # round to float32 once (6e-8 each), so the two sides agree to ~2e-7: rel 1e-6.
     weight = gemma3.hf_model.get_input_embeddings().weight
-    assert tracing.embedding_std(gemma3) == pytest.approx(float(weight.std()) * 640**0.5, rel=1e-3)
+    assert tracing.embedding_std(gemma3) == pytest.approx(float(weight.std()) * 640**0.5, rel=1e-6)
+    # bit for bit: the same seeded CPU generator; another seed or fact key draws other noise
     a = tracing.noise_draws(KNOWN[0], 3, 2, 8, seed=0, std=1.0)
     assert torch.equal(a, tracing.noise_draws(KNOWN[0], 3, 2, 8, seed=0, std=1.0))
     assert not torch.equal(a, tracing.noise_draws(KNOWN[0], 3, 2, 8, seed=1, std=1.0))
@@ -249,6 +258,8 @@ def test_embedding_std_of_scaled_and_other_embedding_modules():
         )
         with torch.no_grad():
             expected = float(module(torch.arange(100)).double().std())
+        # Scaled: factor exactly 2 and a float32 variance (rel. 6e-8); Shifted: float64 sums
+        # of the same float32 values (~1e-15). rel 1e-6 is ten times the larger.
         assert tracing.embedding_std(handle, chunk=7) == pytest.approx(expected, rel=1e-6)
 
 
@@ -285,6 +296,8 @@ def test_average_indirect_effect_and_contributions():
     row = aie[(aie.kind == "mlp") & (aie.token_class == "subject_last")].iloc[0]
     values = torch.tensor([0.2, 0.4, 0.9], dtype=torch.float64)
     sem = float(values.std() / 3**0.5)
+    # float64 means and stds of a few numbers (pandas there, torch here) agree to ~1e-16:
+    # pytest.approx's default rel 1e-6 is ample
     assert row.aie == pytest.approx(0.5) and row.n_facts == 3
     assert row.ci_low == pytest.approx(0.5 - 1.96 * sem)
     assert row.ci_high == pytest.approx(0.5 + 1.96 * sem)
@@ -307,6 +320,8 @@ def contributions_frame(values: dict) -> pd.DataFrame:
 
 def test_balance_formula_and_modes():
     frame = contributions_frame({3: (0.1, 0.3), 4: (0.2, 0.2), 5: (0.6, 0.2)})
+    # ratios of float64 sums of a few numbers: ~1e-16, within approx's default rel 1e-6;
+    # a fixed alpha is returned as given, so those compare exactly
     alphas = balance(frame)
     assert alphas == pytest.approx({3: 0.25, 4: 0.5, 5: 0.75}) and alphas.notes == []
     assert balance(frame, layers=[3, 4]) == pytest.approx({3: 0.25, 4: 0.5})
@@ -321,6 +336,8 @@ def test_balance_clips_negative_and_falls_back_without_evidence():
     frame = contributions_frame({0: (-0.05, 0.2), 1: (0.3, 0.1), 2: (1e-5, -1e-3)})
     with pytest.warns(tracing.BalanceWarning, match="clipped"):
         alphas = balance(frame)
+    # clipping gives exactly 0 and the no-evidence fallback exactly 0.5; the ratios are
+    # float64 on a few numbers, within approx's default rel 1e-6
     assert alphas[0] == 0.0 and alphas[1] == pytest.approx(0.75)
     assert alphas[2] == pytest.approx((0.3 + 1e-5) / (0.6 + 1e-5))  # no evidence: the global alpha
     assert any("layer 2: both AIEs below" in n for n in alphas.notes)
@@ -350,7 +367,7 @@ def test_balance_accepts_a_trace_result():
     result = synthetic_result(
         {("a", "attn", "subject_last", 0): [0.1], ("a", "mlp", "subject_last", 0): [0.3]}
     )
-    assert balance(result) == pytest.approx({0: 0.25})
+    assert balance(result) == pytest.approx({0: 0.25})  # 0.1 / 0.4 in float64: default rel 1e-6
 
 
 # --------------------------------------------------------------------------- persistence
@@ -393,8 +410,10 @@ def test_cache_resumes_an_interrupted_run(smollm2, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tracing, "_restored_probabilities", real)
     resumed = trace(smollm2, KNOWN, cache_dir=tmp_path, progress=False, **SMALL)
+    # Bit for bit: fact 1 comes back from JSON (float64 repr round-trips exactly) and fact 2
+    # is recomputed with the same sites, batches and shapes as in the uninterrupted run.
     pd.testing.assert_frame_equal(
-        resumed.to_dataframe(), fresh.to_dataframe(), rtol=0, atol=TOLERANCE
+        resumed.to_dataframe(), fresh.to_dataframe(), rtol=0, atol=0
     )
     assert len(list(tmp_path.rglob("trace-*.json"))) == 4
 
@@ -404,6 +423,7 @@ def test_cache_resumes_an_interrupted_run(smollm2, tmp_path, monkeypatch):
     monkeypatch.setattr(tracing, "_restored_probabilities", no_compute)
     monkeypatch.setattr(tracing, "_clean_run", no_compute)
     again = trace(smollm2, KNOWN, cache_dir=tmp_path, progress=False, **SMALL)
+    # bit for bit: every number is a cache hit, read back from the same files
     pd.testing.assert_frame_equal(again.to_dataframe(), resumed.to_dataframe(), rtol=0, atol=0)
 
 

@@ -32,22 +32,23 @@ def _uses_a_model(item) -> bool:
     return any(isinstance(v, str) and v in MODEL_FIXTURES for v in params.values())
 
 
-_TIER_SECONDS: dict[str, list[float]] = {}
-
-
-def pytest_runtest_logreport(report):
-    """Sum each tier's time (setup, call and teardown of its tests) for the summary."""
-    tier = next((t for t in TIERS if t in report.keywords), None)
-    if tier is not None:
-        seconds = _TIER_SECONDS.setdefault(tier, [0.0, 0])
-        seconds[0] += report.duration
-        seconds[1] += report.when == "call"
-
-
 def pytest_terminal_summary(terminalreporter):
-    if _TIER_SECONDS:
-        parts = [f"{t} {s:.0f} s ({n} tests)" for t, (s, n) in
-                 ((t, _TIER_SECONDS[t]) for t in TIERS if t in _TIER_SECONDS)]
+    """One line with each tier's time: setup, call and teardown of its tests, summed from
+    the session's reports (a conftest's runtest hooks would only see tests below it)."""
+    seconds: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            keywords = getattr(report, "keywords", None)
+            if keywords is None or not hasattr(report, "duration"):
+                continue
+            tier = next((t for t in TIERS if t in keywords), None)
+            if tier is None:
+                continue
+            seconds[tier] = seconds.get(tier, 0.0) + report.duration
+            counts[tier] = counts.get(tier, 0) + (report.when == "call")
+    if seconds:
+        parts = [f"{t} {seconds[t]:.0f} s ({counts[t]} tests)" for t in TIERS if t in seconds]
         terminalreporter.write_line("time per tier: " + ", ".join(parts))
 
 
@@ -61,7 +62,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.models)
         else:
             item.add_marker(pytest.mark.unit)
-
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ __all__ = [
     "LayerSpec",
     "UnknownArchitectureError",
     "arch_for",
+    "layer_indices",
 ]
 
 Module = Literal["mlp", "attn"]
@@ -65,6 +66,35 @@ def hook(name: str, layer: int | None = None) -> str:
             raise ValueError(f"hook {name!r} needs a layer")
         return template.format(l=layer)
     return template
+
+
+def layer_indices(layers, n_layers: int | None = None, *, name: str = "layers") -> tuple[int, ...]:
+    """``layers`` (one index or an iterable of them) as a sorted tuple of distinct ints.
+
+    Only integers are layer indices: a float such as ``1.7`` (or ``3.0``), a bool or a
+    string raises rather than being truncated. With ``n_layers`` every index must lie in
+    ``[0, n_layers)``. Raises ``ValueError`` naming the argument.
+    """
+    import operator
+
+    items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise ValueError(f"{name} must be a layer index or a list of them, got {layers!r}")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or isinstance(item, float):
+            raise ValueError(f"{name} must hold integer layer indices, got {item!r} in {layers!r}")
+        try:
+            out.append(operator.index(item))
+        except TypeError:
+            raise ValueError(f"{name} must hold integer layer indices, got {item!r} in {layers!r}") from None
+    if not out:
+        raise ValueError(f"{name} is empty; name at least one layer")
+    bad = [l for l in out if l < 0 or (n_layers is not None and l >= n_layers)]
+    if bad:
+        where = f"[0, {n_layers - 1}]" if n_layers is not None else ">= 0"
+        raise ValueError(f"{name}: layer {bad[0]} is outside the model; layers must be in {where}")
+    return tuple(sorted(set(out)))
 
 
 class UnknownArchitectureError(ValueError):

@@ -4,8 +4,8 @@ A MEMIT-family edit of a linear map ``W`` (key ``k`` in, value ``v`` out) insert
 key/value pairs ``(K, V)`` while changing the map as little as possible on the keys it
 already serves. "The keys it already serves" are summarised by their uncentred second
 moment over a text corpus, ``C = E[k kᵀ]``, and the update is
-``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (DESIGN.md §2.4). IntAttn-Edit edits two maps per layer, so
-it needs two moments per layer:
+``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (:func:`intattn_analysis.editing.solve_update`).
+IntAttn-Edit edits two maps per layer, so it needs two moments per layer:
 
 * ``"mlp"``: the key of the MLP down-projection is its input, the activated hidden layer
   (hook ``blocks.{l}.mlp.out.hook_in``, ``[batch, pos, d_mlp]``); this is ROME/MEMIT's
@@ -51,6 +51,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -253,8 +254,11 @@ def _write_atomic(path: Path, moment: Tensor, key: dict, counted: int) -> None:
         raise
 
 
-def _read_cached(path: Path, key: dict, device: torch.device) -> tuple[Tensor, int] | None:
-    from safetensors import safe_open
+def _read_cached(path: Path, key: dict, device: torch.device, d_in: int) -> tuple[Tensor, int] | None:
+    """The cached moment and its token count, or ``None`` when the file is missing, names
+    another key, or is damaged (unreadable, truncated, of the wrong shape, not finite); a
+    damaged file is reported with a warning, and the caller recomputes and replaces it."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.exists():
         return None
@@ -263,9 +267,18 @@ def _read_cached(path: Path, key: dict, device: torch.device) -> tuple[Tensor, i
             metadata = fh.metadata() or {}
             if json.loads(metadata.get("key", "null")) != key:
                 return None
-            return fh.get_tensor("mom2").to(device), int(metadata["n_tokens_counted"])
-    except (OSError, ValueError, KeyError, RuntimeError):
-        return None  # unreadable or foreign: recompute and overwrite
+            moment = fh.get_tensor("mom2").clone()  # a copy, not a view of the file
+            counted = int(metadata["n_tokens_counted"])
+        if tuple(moment.shape) != (d_in, d_in) or not bool(torch.isfinite(moment).all()) or counted < 1:
+            raise ValueError(f"shape {tuple(moment.shape)}, {counted} tokens")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
+        warnings.warn(
+            f"the cached second moment {path} is damaged ({type(error).__name__}: {error}); "
+            "it is recomputed and replaced",
+            stacklevel=3,
+        )
+        return None
+    return moment.to(device), counted
 
 
 # =========================================================================== collection
@@ -445,7 +458,7 @@ def second_moments(
             files[pair] = cache_file(folder, model, *pair, corpus_id, n_tokens, max_len, dtype)
             hit = _read_cached(
                 files[pair], _cache_key(model, pair, corpus_id, n_tokens, max_len, dtype),
-                model.device,
+                model.device, model.key_dim(*pair),
             )
             if hit is not None:
                 moments[pair], counted = hit

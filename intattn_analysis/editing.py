@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .architectures import MODULES, hook
+from .architectures import MODULES, hook, layer_indices
 from .facts import SUBJECT_SLOT, Fact
 from .hparams import SPREADS, EditHparams, hparams_for
 from .loading import ModelHandle
@@ -387,17 +387,25 @@ def _facts(facts: Any) -> list[Fact]:
                 f"facts[{i}] ({fact.text!r}): target_new {fact.target_new!r} equals target_true; "
                 "an edit must change the answer"
             )
+    # one batch cannot write two answers for one key: the least-squares solve would settle
+    # on some compromise and one of the requests would be lost without a word
+    seen: dict[tuple[str, str], int] = {}
+    for i, fact in enumerate(facts):
+        first = seen.setdefault((fact.subject, fact.prompt), i)
+        if first != i and facts[first].target_new.strip() != fact.target_new.strip():
+            raise EditError(
+                f"facts[{first}] and facts[{i}] ask {fact.text!r} for two answers "
+                f"({facts[first].target_new!r} and {fact.target_new!r}); one batch can write "
+                "only one. Keep one of them, or edit them in separate batches"
+            )
     return facts
 
 
 def _layers(model: ModelHandle, layers: Sequence[int]) -> tuple[int, ...]:
-    bad = [l for l in layers if not isinstance(l, int) or not 0 <= l < model.n_layers]
-    if bad:
-        raise EditError(
-            f"layer {bad[0]!r} is outside the model {model.name!r}: layers must be in "
-            f"[0, {model.n_layers - 1}]"
-        )
-    return tuple(sorted(set(layers)))
+    try:
+        return layer_indices(layers, model.n_layers)
+    except ValueError as error:
+        raise EditError(f"{error} (model {model.name!r})") from None
 
 
 def _alphas(model, spec: Method, hp: EditHparams, alpha_given: bool) -> dict[int, float]:
@@ -416,7 +424,10 @@ def _alphas(model, spec: Method, hp: EditHparams, alpha_given: bool) -> dict[int
         hp = hp.replace(alpha=fallback)
     alphas = {}
     for l in hp.layers:
-        value = hp.alpha_at(l)
+        try:
+            value = hp.alpha_at(l)
+        except ValueError as error:  # a {layer: alpha} mapping that misses an edited layer
+            raise EditError(str(error)) from None
         if value is None or not 0.0 <= value <= 1.0:
             raise EditError(f"alpha at layer {l} must lie in [0, 1], got {value!r}")
         alphas[l] = float(value)
@@ -446,16 +457,11 @@ def _moments(model, needed, hp: EditHparams, moments, progress: bool):
             "to compute them, or include these keys"
         )
     for key in needed:
-        d_in = _d_in(model, key)
+        d_in = model.key_dim(*key)
         shape = tuple(moments[key].shape)
         if shape != (d_in, d_in):
             raise EditError(f"moments[{key}] has shape {shape}; expected ({d_in}, {d_in})")
     return moments
-
-
-def _d_in(model: ModelHandle, key: tuple[str, int]) -> int:
-    weight = model.weight(*key)
-    return int(weight.shape[1] if model.spec.weight_layout == "out_in" else weight.shape[0])
 
 
 def _key_hook(module: str, layer: int) -> str:
@@ -712,32 +718,53 @@ def _solve_loop(
 
 
 # =========================================================================== files
+def _fingerprint(deltas: Mapping[tuple[str, int], Tensor]) -> str:
+    """A hash of the deltas' keys and exact values (their float32 bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(deltas):
+        digest.update(repr(key).encode())
+        digest.update(deltas[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def apply_deltas(
-    model: ModelHandle, source: str | Path | Mapping[tuple[str, int], Tensor], *, strict: bool = True
+    model: ModelHandle, source: str | Path | Mapping[tuple[str, int], Tensor], *, strict: bool = True,
+    allow_repeat: bool = False,
 ) -> EditResult:
     """Add saved deltas (a file from :meth:`EditResult.save`, or a ``{(module, layer):
     ΔW}`` mapping) to the model's weights; the returned :class:`EditResult` restores them.
 
     The file's model id must equal ``model.cache_id`` (``strict=False`` accepts another id
-    with a warning, for the same architecture) and every delta must have its weight's
-    shape.
+    with a warning, for the same architecture), every delta must have its weight's shape
+    and finite values, and a file that is not a deltas file raises an :class:`EditError`.
+    Deltas equal to an edit that is still applied (the same file twice, or the file of an
+    edit not yet restored) are refused, since adding them again doubles the edit;
+    ``allow_repeat=True`` stacks them anyway.
     """
     started = time.perf_counter()
     meta: dict[str, str] = {}
     if isinstance(source, Mapping):
         deltas = {(str(m), int(l)): t for (m, l), t in source.items()}
     else:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"no deltas file at {path}")
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            deltas = {}
-            for name in fh.keys():
-                module, _, layer = name.rpartition(".")
-                deltas[(module, int(layer))] = fh.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+                deltas = {}
+                for name in fh.keys():
+                    module, _, layer = name.rpartition(".")
+                    deltas[(module, int(layer))] = fh.get_tensor(name).clone()
+        except (SafetensorError, OSError, ValueError) as error:
+            raise EditError(
+                f"{path} is not a readable deltas file ({type(error).__name__}: {error}); "
+                "write one with EditResult.save"
+            ) from None
         if meta.get("cache_id") != model.cache_id:
             message = (
                 f"the deltas in {path} were computed on {meta.get('cache_id')!r} but the model "
@@ -761,6 +788,15 @@ def apply_deltas(
                 f"delta for ({module!r}, {layer}) has shape {tuple(delta.shape)}; the model's "
                 f"weight is {shape}"
             )
+        if not bool(torch.isfinite(delta).all()):
+            raise EditError(f"delta for ({module!r}, {layer}) has NaN or infinite entries; nothing was applied")
+    fingerprint = _fingerprint(deltas)
+    repeated = [e for e in model.applied_edits if e.deltas and _fingerprint(e.deltas) == fingerprint]
+    if repeated and not allow_repeat:
+        raise EditError(
+            f"these deltas are already applied ({repeated[0].describe()}); applying them again "
+            "would double the edit. Restore it first, or pass allow_repeat=True to stack them"
+        )
     hp = None
     if meta.get("hparams") not in (None, "null"):
         hp = EditHparams.from_json(meta["hparams"])

@@ -38,6 +38,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .architectures import layer_indices
+
 __all__ = [
     "EditHparams",
     "GenericHparamsWarning",
@@ -121,17 +123,9 @@ class EditHparams:
 
     def __post_init__(self) -> None:
         layers = self.layers
-        if isinstance(layers, int):
-            layers = (layers,)
-        try:
-            layers = tuple(int(l) for l in layers)
-        except (TypeError, ValueError):
-            raise ValueError(f"layers must be a list of layer indices, got {self.layers!r}") from None
-        if not layers:
-            raise ValueError("layers is empty; name at least one layer to edit")
-        if len(set(layers)) != len(layers) or any(l < 0 for l in layers):
-            raise ValueError(f"layers must be distinct non-negative indices, got {list(layers)}")
-        object.__setattr__(self, "layers", tuple(sorted(layers)))
+        if not isinstance(layers, int) and hasattr(layers, "__len__") and len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct, got {list(layers)}")
+        object.__setattr__(self, "layers", layer_indices(layers))
         alpha = self.alpha
         if alpha is not None:
             if isinstance(alpha, Mapping):

@@ -263,6 +263,11 @@ class ModelHandle:
     def weight(self, which: Module, layer: int) -> torch.nn.Parameter:
         return self.module(which, layer).weight
 
+    def key_dim(self, which: Module, layer: int) -> int:
+        """The size of the key a matrix reads (its input), whatever the weight layout."""
+        shape = self.weight(which, layer).shape
+        return int(shape[1] if self.spec.weight_layout == "out_in" else shape[0])
+
     def tokenize(self, texts: str | Sequence[str]) -> list[list[int]]:
         """Token ids of each text, with the tokenizer's own special tokens."""
         if isinstance(texts, str):

@@ -75,7 +75,7 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .architectures import hook
+from .architectures import hook, layer_indices
 from .facts import SUBJECT_SLOT, Fact
 from .loading import ModelHandle, write_json_atomic
 from .predictions import first_answer_token
@@ -362,14 +362,7 @@ def _settings(
     window = _positive_int("window", window)
     if window > n_layers:
         raise ValueError(f"window={window} is larger than the model's {n_layers} layers")
-    if layers is None:
-        layers = range(n_layers)
-    layers = tuple(sorted(set(int(l) for l in layers)))
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad or not layers:
-        raise ValueError(
-            f"layers must be in [0, {n_layers}) and not empty, got {bad or list(layers)}"
-        )
+    layers = layer_indices(range(n_layers) if layers is None else layers, n_layers)
     noise = Noise.of(noise)
     return _Settings(
         kinds=kinds,

@@ -1,6 +1,13 @@
-"""Reliability: what must never happen silently, kept as tests. Edits on one model form a
-stack; restoring them out of order must either be correct or refuse with a message that
-names the edits in the way."""
+"""Reliability: what must never happen silently, kept as tests.
+
+* Edits on one model form a stack: restoring out of order is either exact or refused
+  with a message that names the edits in the way.
+* A damaged cache file is reported and recomputed, never a crash that lasts until
+  someone deletes it.
+* Layer lists are integers, never truncated floats; a missing per-layer alpha, bad
+  saved deltas (NaN, garbage, truncated, applied twice) and conflicting requests in one
+  batch are named errors.
+"""
 
 from __future__ import annotations
 
@@ -64,3 +71,102 @@ def test_edits_of_other_matrices_restore_in_any_order(tiny_llama):
     assert torch.equal(model.weight("mlp", 0), before[mlp_name])
     b.restore()
     assert _unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------- caches
+TEXTS = [" ".join(f"w{3 + (7 * i + j) % 120}" for j in range(12)) for i in range(40)]
+
+
+def _moments(model, cache_dir):
+    from intattn_analysis.covariance import second_moments
+
+    return second_moments(model, [1], modules=("mlp",), corpus=TEXTS, n_tokens=300, max_len=12,
+                          cache_dir=cache_dir, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "wrong shape", "not finite"])
+def test_a_damaged_second_moment_file_is_recomputed(tiny_llama, tmp_path, damage):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    first = _moments(tiny_llama, tmp_path)[("mlp", 1)]
+    (path,) = tmp_path.rglob("mom2-*.safetensors")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata()
+        bad = torch.zeros(3, 3) if damage == "wrong shape" else torch.full_like(first.cpu(), float("nan"))
+        save_file({"mom2": bad}, str(path), metadata=metadata)
+    with pytest.warns(UserWarning, match="is damaged"):
+        again = _moments(tiny_llama, tmp_path)[("mlp", 1)]
+    assert torch.equal(again, first)  # the same tokens in the same batches: the same sums
+    assert torch.equal(_moments(tiny_llama, tmp_path)[("mlp", 1)], first)  # replaced on disk
+
+
+# ----------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("layers", [[1.7], [3.0], [True], "1", [], [-1]])
+def test_layer_lists_are_integers_never_truncated(layers):
+    from intattn_analysis.architectures import layer_indices
+    from intattn_analysis.hparams import EditHparams
+
+    with pytest.raises(ValueError, match="layers"):
+        layer_indices(layers)
+    with pytest.raises(ValueError, match="layers"):
+        EditHparams(layers=layers)
+    assert layer_indices(5) == (5,) and layer_indices([4, 2, 4]) == (2, 4)
+    with pytest.raises(ValueError, match=r"layer 3 is outside the model; layers must be in \[0, 2\]"):
+        layer_indices([0, 3], n_layers=3)
+
+
+def test_edit_and_trace_name_bad_layers_and_alphas(tiny_llama):
+    hp = ia.EditHparams(layers=(1, 2), n_context_templates=0, v_steps=1)
+    fact = ia.Fact.from_text("w10 w11 w20", "w10", "w40", target_true="w50")
+    with pytest.raises(EditError, match="alpha has no value for edited layer 2"):
+        ia.edit(tiny_llama, [fact], method="intattn", hparams=hp, alpha={1: 0.5}, moments={},
+                progress=False)
+    with pytest.raises(EditError, match="integer layer indices, got 1.7"):
+        ia.edit(tiny_llama, [fact], hparams=hp, layers=[1.7], progress=False)
+    with pytest.raises(ValueError, match="integer layer indices, got 1.7"):
+        ia.trace(tiny_llama, [fact], layers=[1.7], window=1, progress=False)
+    assert tiny_llama.open_edits == 0
+
+
+# ----------------------------------------------------------------------------- saved deltas
+def test_apply_deltas_refuses_bad_and_repeated_deltas(tiny_llama, tmp_path):
+    model, before = tiny_llama, _state(tiny_llama)
+    delta = _random_delta(model, "mlp", 1, seed=7)
+    nan = {key: value.clone().fill_(float("nan")) for key, value in delta.items()}
+    with pytest.raises(EditError, match="NaN or infinite"):
+        ia.apply_deltas(model, nan)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(EditError, match="not a readable deltas file"):
+        ia.apply_deltas(model, garbage)
+    assert _unchanged(model, before) and model.open_edits == 0
+    first = ia.apply_deltas(model, delta)
+    path = first.save(tmp_path / "edit.safetensors")
+    with pytest.raises(EditError, match="already applied"):
+        ia.apply_deltas(model, path)  # the file of the edit that is still applied
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(EditError, match="not a readable deltas file"):
+        ia.apply_deltas(model, truncated)
+    second = ia.apply_deltas(model, path, allow_repeat=True)  # asked for explicitly
+    second.restore()
+    first.restore()
+    assert _unchanged(model, before)
+    again = ia.apply_deltas(model, path)  # once restored, the file applies again
+    again.restore()
+    assert _unchanged(model, before)
+
+
+def test_conflicting_edits_in_one_batch_are_refused(tiny_llama):
+    rome = ia.Fact.from_text("w10 w11 w20", "w10", "w40", target_true="w50")
+    london = ia.Fact.from_text("w10 w11 w20", "w10", "w41", target_true="w50")
+    with pytest.raises(EditError, match=r"facts\[0\] and facts\[1\] ask .* two answers"):
+        ia.edit(tiny_llama, [rome, london], hparams=ia.EditHparams(layers=(1,)), moments={},
+                progress=False)
+    assert tiny_llama.open_edits == 0

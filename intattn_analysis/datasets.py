@@ -48,6 +48,7 @@ Rules shared by all formats:
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -133,25 +134,70 @@ Converter = Callable[[Mapping[str, Any], int, _Notes], Fact]
 
 @dataclass(frozen=True)
 class Format:
-    """A file format: how to recognise its records and how to turn one into a Fact."""
+    """A file format: how to recognise its records and how to turn one into a Fact.
+
+    ``keys`` are the top-level keys its records may have (read or knowingly ignored); a
+    key that is not among them but is spelled almost like one of them is a misspelling,
+    reported by :func:`check_keys` rather than ignored.
+    """
 
     name: str
     detect: Callable[[Mapping[str, Any]], bool]
     convert: Converter
+    keys: frozenset[str] = frozenset()
 
 
 #: Known formats by name. Aliases map to the same :class:`Format`.
 FORMATS: dict[str, Format] = {}
 
 
-def _register(name: str, detect: Callable[[Mapping[str, Any]], bool], *aliases: str):
+def _register(name: str, detect: Callable[[Mapping[str, Any]], bool], *aliases: str,
+              keys: Sequence[str] = ()):
     def decorator(convert: Converter) -> Converter:
-        fmt = Format(name, detect, convert)
+        fmt = Format(name, detect, convert, frozenset(keys))
         for key in (name, *aliases):
             FORMATS[key] = fmt
         return convert
 
     return decorator
+
+
+def check_keys(record: Mapping[str, Any], fmt: Format) -> None:
+    """Raise :class:`FactError` for a key that looks like a misspelling of one of the
+    format's keys (``rephrase_promt`` for ``rephrase_prompt``): the converter would
+    ignore it and silently lose what it holds. Other unknown keys are left alone."""
+    import difflib
+
+    unknown = sorted(set(record) - fmt.keys) if fmt.keys else []
+    absent = sorted(fmt.keys - set(record))
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), absent, n=1, cutoff=0.8)
+        if close:
+            raise FactError(
+                str(key),
+                f"is not a {fmt.name} key; did you mean {close[0]!r}? (a misspelt key is "
+                "not read, and what it holds would be lost)",
+            )
+
+
+def _checked(fmt: Format, detected: bool) -> Converter:
+    """The format's converter, after the record's keys are checked; for a format told from
+    the first record, each record must also look like that format (a file that mixes
+    formats would otherwise lose the probes the guessed converter does not read)."""
+
+    def convert(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact:
+        if detected and not fmt.detect(record):
+            others = [f.name for f in dict.fromkeys(FORMATS.values()) if f.detect(record)]
+            raise FactError(
+                "record",
+                f"has the keys {sorted(record)}, which are not those of the {fmt.name!r} format "
+                f"told from the first record{' but of ' + repr(others[0]) if others else ''}; "
+                "a file must not mix formats (split it, or pass format= to read it as one)",
+            )
+        check_keys(record, fmt)
+        return fmt.convert(record, index, notes)
+
+    return convert
 
 
 def _format_names() -> str:
@@ -212,6 +258,19 @@ def _first_string(value: Any, where: str) -> str | None:
     raise FactError(where, f"must be a string or a list of strings, got {value!r}")
 
 
+def _slot(subject: str, text: str) -> str | None:
+    """``text`` with ``{}`` in place of the subject's first occurrence as a whole word (not
+    inside a longer word: "Java" in "JavaScript" does not count); ``None`` without one."""
+    # the edges only matter where the subject itself starts or ends with a word character
+    # (KnowEdit has subjects with a trailing space, such as 'Angora goat ')
+    before = r"(?<!\w)" if re.match(r"\w", subject[:1]) else ""
+    after = r"(?!\w)" if re.match(r"\w", subject[-1:]) else ""
+    match = re.search(before + re.escape(subject) + after, text)
+    if match is None:
+        return None
+    return text[: match.start()] + SUBJECT_SLOT + text[match.end():]
+
+
 def _subject_template(subject: str, text: str, where: str, notes: _Notes) -> tuple[str, str]:
     """The subject as the prompt spells it (see ERRATA) and the prompt with ``{}`` for it."""
     corrected = ERRATA.get((subject, text))
@@ -224,12 +283,23 @@ def _subject_template(subject: str, text: str, where: str, notes: _Notes) -> tup
             f"the subject {subject!r} does not occur in {text!r}; the prompt must spell "
             "the subject exactly as the 'subject' field does",
         )
-    return subject, text.replace(subject, SUBJECT_SLOT, 1)
+    template = _slot(subject, text)
+    if template is None:
+        raise FactError(
+            where,
+            f"the subject {subject!r} occurs in {text!r} only inside a longer word; the "
+            "prompt must name the subject as a word of its own",
+        )
+    return subject, template
 
 
 def _paraphrase(subject: str, text: str) -> str:
-    """``{}`` in place of the subject's first occurrence; text without it is kept as is."""
-    return text.replace(subject, SUBJECT_SLOT, 1)
+    """``{}`` in place of the subject's first whole-word occurrence, else of its first
+    occurrence at all (benchmark paraphrases write possessives without the apostrophe:
+    "the Derek Whiteheads team"); text without the subject is kept as is. Either way the
+    filled-in paraphrase is the original text."""
+    template = _slot(subject, text)
+    return text.replace(subject, SUBJECT_SLOT, 1) if template is None else template
 
 
 def _case_id(record: Mapping[str, Any], index: int) -> str:
@@ -243,7 +313,7 @@ def _is_fact_record(record: Mapping[str, Any]) -> bool:
     return {"subject", "prompt", "target_new"} <= keys <= set(Fact.fields())
 
 
-@_register("facts", _is_fact_record, BUILTIN)
+@_register("facts", _is_fact_record, BUILTIN, keys=Fact.fields())
 def _from_fact_dict(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact:
     """The package's own format: a ``Fact.to_dict()`` record, read by ``Fact.from_dict``.
 
@@ -290,7 +360,10 @@ def _is_knowedit(record: Mapping[str, Any]) -> bool:
     return {"prompt", "ground_truth"} <= set(record) and "locality_prompt" not in record
 
 
-@_register("knowedit", _is_knowedit)
+@_register("knowedit", _is_knowedit, keys=(
+    "subject", "prompt", "target_new", "ground_truth", "rephrase_prompt", "portability",
+    "locality", "case_id", "cond",
+))
 def _from_knowedit(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact:
     """KnowEdit's ZsRE and WikiData_counterfact files.
 
@@ -319,7 +392,10 @@ def _from_knowedit(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact
     )
 
 
-@_register("counterfact-flat", lambda record: {"prompt", "locality_prompt"} <= set(record))
+@_register("counterfact-flat", lambda record: {"prompt", "locality_prompt"} <= set(record), keys=(
+    "case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase_prompt",
+    "locality_prompt", "locality_ground_truth",
+))
 def _from_counterfact_flat(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact:
     """EasyEdit's flattened CounterFact: one case per record, ROME's ``case_id`` kept.
 
@@ -354,7 +430,10 @@ def _mend_portability(record: Mapping[str, Any]) -> list[Probe]:
     return [Probe(question, answer, "Reasoning")]
 
 
-@_register("mend-zsre", lambda record: {"src", "alt"} <= set(record))
+@_register("mend-zsre", lambda record: {"src", "alt"} <= set(record), keys=(
+    "subject", "src", "pred", "rephrase", "alt", "answers", "loc", "loc_ans", "cond",
+    "portability", "case_id",
+))
 def _from_mend_zsre(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact:
     """MEND's ZsRE question answering records.
 
@@ -399,7 +478,10 @@ def _is_rome(record: Mapping[str, Any]) -> bool:
     return isinstance(record.get("requested_rewrite"), Mapping)
 
 
-@_register("rome-counterfact", _is_rome)
+@_register("rome-counterfact", _is_rome, keys=(
+    "case_id", "pararel_idx", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts",
+    "attribute_prompts", "generation_prompts",
+))
 def _from_rome_counterfact(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact:
     """ROME's ``counterfact.json`` (MEMIT's ``multi_counterfact.json`` has the same records).
 
@@ -474,7 +556,10 @@ def _mquake_probes(record: Mapping[str, Any]) -> list[Probe]:
     return probes
 
 
-@_register("mquake", lambda record: isinstance(record.get("requested_rewrite"), list))
+@_register("mquake", lambda record: isinstance(record.get("requested_rewrite"), list), keys=(
+    "case_id", "requested_rewrite", "questions", "answer", "answer_alias", "new_answer",
+    "new_answer_alias", "single_hops", "new_single_hops", "orig",
+))
 def _from_mquake(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact:
     """MQuAKE (CF, CF-3k, T, hard): one fact per case, from its first requested rewrite.
 
@@ -532,6 +617,8 @@ def detect_format(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _lookup_format(name: str) -> Format:
+    if not isinstance(name, str):
+        raise DatasetError(f"format must be a format name (one of {_format_names()}), got {name!r}")
     key = name.lower().replace("_", "-")
     if key not in FORMATS:
         raise DatasetError(f"unknown format {name!r}; known formats: {_format_names()}")
@@ -710,7 +797,7 @@ def _warn(notes: _Notes, skipped: int, first_error: DatasetError | None) -> None
 
 
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise DatasetError(f"limit must be a non-negative integer or None, got {limit!r}")
 
 
@@ -755,10 +842,11 @@ def load_facts(
         records = _read_file(path)
     if not records:
         return []
+    detected = fmt is None
     fmt = fmt or _detect(records, Path(path))
     notes = _Notes(source=name)
     facts, skipped, first_error = _convert_all(
-        records, fmt.convert, notes, path, limit=limit, strict=strict, keep=keep
+        records, _checked(fmt, detected), notes, path, limit=limit, strict=strict, keep=keep
     )
     _warn(notes, skipped, first_error)
     return facts

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import intattn_analysis as ia
+from intattn_analysis.datasets import DatasetWarning
 from intattn_analysis.editing import EditError
 
 
@@ -170,3 +171,57 @@ def test_conflicting_edits_in_one_batch_are_refused(tiny_llama):
         ia.edit(tiny_llama, [rome, london], hparams=ia.EditHparams(layers=(1,)), moments={},
                 progress=False)
     assert tiny_llama.open_edits == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(format=123), "format must be a format name"),
+    (dict(limit=True), "limit must be a non-negative integer"),
+    (dict(limit=-1), "limit must be a non-negative integer"),
+])
+def test_load_facts_names_bad_arguments(kwargs, match):
+    with pytest.raises(ia.DatasetError, match=match):
+        ia.load_facts("builtin", **kwargs)
+
+
+# ----------------------------------------------------------------------------- datasets
+def _write(tmp_path, records):
+    import json
+
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+KNOWEDIT = {"subject": "Paris", "prompt": "Paris is the capital of", "target_new": "Italy",
+            "ground_truth": ["France"], "rephrase_prompt": "Paris is a capital city in",
+            "locality": {}, "portability": {}}
+FLAT = {"subject": "Rome", "prompt": "Rome is the capital of", "target_new": "Spain",
+        "ground_truth": "Italy", "rephrase_prompt": "Rome is a capital city in",
+        "locality_prompt": "Madrid is the capital of", "locality_ground_truth": "Spain"}
+
+
+def test_a_file_that_mixes_formats_is_refused(tmp_path):
+    path = _write(tmp_path, [KNOWEDIT, FLAT])
+    with pytest.raises(ia.DatasetError, match=r"record 1.*not those of the 'knowedit' format.*'counterfact-flat'"):
+        ia.load_facts(path)
+    with pytest.warns(DatasetWarning, match="skipped 1 bad record"):
+        facts = ia.load_facts(path, strict=False)
+    assert [f.subject for f in facts] == ["Paris"]
+
+
+def test_a_misspelt_key_is_refused(tmp_path):
+    record = dict(KNOWEDIT)
+    record["rephrase_promt"] = record.pop("rephrase_prompt")
+    with pytest.raises(ia.DatasetError, match=r"rephrase_promt.*did you mean 'rephrase_prompt'"):
+        ia.load_facts(_write(tmp_path, [record]))
+    with pytest.warns(DatasetWarning, match="skipped 1 bad record"):
+        assert ia.load_facts(_write(tmp_path, [record]), strict=False) == []
+
+
+def test_a_subject_inside_a_longer_word_is_refused(tmp_path):
+    record = dict(KNOWEDIT, subject="Java", prompt="JavaScript was designed by the makers of Java and")
+    (fact,) = ia.load_facts(_write(tmp_path, [record]))
+    assert fact.prompt == "JavaScript was designed by the makers of {} and"  # the whole word
+    record = dict(KNOWEDIT, subject="Java", prompt="JavaScript was designed by")
+    with pytest.raises(ia.DatasetError, match="only inside a longer word"):
+        ia.load_facts(_write(tmp_path, [record]))

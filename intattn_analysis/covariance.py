@@ -49,7 +49,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -61,7 +60,7 @@ from tqdm import tqdm
 
 from .architectures import MODULES
 from .corpus import CorpusError, ModelSamples, TextCorpus, resolve_corpus
-from .loading import ModelHandle, cache_root
+from .loading import ModelHandle, cache_root, write_atomic
 
 __all__ = [
     "CACHE_FORMAT",
@@ -241,17 +240,9 @@ def _write_atomic(path: Path, moment: Tensor, key: dict, counted: int) -> None:
     """Save one moment so that a reader sees the whole file or none of it."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        metadata = {"key": json.dumps(key, sort_keys=True), "n_tokens_counted": str(counted)}
-        save_file({"mom2": moment.detach().cpu().contiguous()}, staging, metadata=metadata)
-        os.chmod(staging, 0o644)  # mkstemp makes it private; a cache is shared
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    metadata = {"key": json.dumps(key, sort_keys=True), "n_tokens_counted": str(counted)}
+    tensors = {"mom2": moment.detach().cpu().contiguous()}
+    write_atomic(path, lambda staging: save_file(tensors, staging, metadata=metadata))
 
 
 def _read_cached(path: Path, key: dict, device: torch.device, d_in: int) -> tuple[Tensor, int] | None:

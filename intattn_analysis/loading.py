@@ -59,24 +59,49 @@ def cache_root() -> Path:
     return Path(os.environ.get("INTATTN_CACHE", Path.home() / ".cache" / "intattn"))
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    """Write ``payload`` as JSON so that a reader sees the whole file or none of it
-    (staged next to ``path``, synced, then renamed); the file is readable by all, since
-    the cache may be shared."""
-    import json
+#: A staging file older than this was left by a writer that was killed (a live writer
+#: renames its file within seconds); the next write of the same path removes it.
+STALE_STAGING_SECONDS = 3600
 
+
+def write_atomic(path: Path, write) -> None:
+    """Write a file so that a reader sees all of it or none of it: ``write(staging)``
+    fills a staging file next to ``path``, which is then renamed over it. The file is
+    readable by all, since the cache may be shared. Staging files of the same path that a
+    killed writer left behind (older than :data:`STALE_STAGING_SECONDS`) are removed."""
+    import time
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - stale.stat().st_mtime > STALE_STAGING_SECONDS:
+                stale.unlink()
+        except OSError:
+            pass  # another process removed or renamed it
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as fh:
-            json.dump(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(staging)
         os.chmod(staging, 0o644)  # mkstemp makes it private
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """Write ``payload`` as JSON with :func:`write_atomic` (synced before the rename)."""
+    import json
+
+    def write(staging: str) -> None:
+        with open(staging, "w") as fh:
+            json.dump(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    write_atomic(path, write)
 
 
 # --------------------------------------------------------------------------- embedded

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -108,7 +109,13 @@ def context_templates(model: ModelHandle, n: int = 5, length: int = 10) -> list[
             templates = json.loads(path.read_text())
         except (OSError, ValueError):
             templates = None
-    if not (isinstance(templates, list) and len(templates) == n + 1):
+        if not _valid_templates(templates, n):
+            warnings.warn(
+                f"the cached context prefixes {path} are damaged; they are written again",
+                stacklevel=2,
+            )
+            templates = None
+    if templates is None:
         from .known import greedy_continuation
 
         templates = [SUBJECT_SLOT]
@@ -119,6 +126,16 @@ def context_templates(model: ModelHandle, n: int = 5, length: int = 10) -> list[
         _write_json_atomic(path, templates)
     _TEMPLATES[key] = list(templates)
     return list(templates)
+
+
+def _valid_templates(templates: Any, n: int) -> bool:
+    """``["{}", "<text>. {}", ...]``: the bare prompt and ``n`` prefixes, strings all."""
+    return (
+        isinstance(templates, list) and len(templates) == n + 1
+        and all(isinstance(t, str) for t in templates)
+        and templates[0] == SUBJECT_SLOT
+        and all(t.endswith(". " + SUBJECT_SLOT) and t.count(SUBJECT_SLOT) == 1 for t in templates[1:])
+    )
 
 
 def context_weights(templates: Sequence[str]) -> list[float]:
@@ -310,18 +327,44 @@ def _target_file(cache_dir: Path, key: dict) -> Path:
     return folder / f"z-layer{key['layer']}-{key['fact']}-{digest}.json"
 
 
+def _read_target(path: Path, key: dict, d_model: int) -> dict | None:
+    """One fact's cached target, or ``None``: no file, or a file for another key (a
+    different format version). A file that cannot be read or holds something else than a
+    target (``[]``, ``null``, vectors of the wrong length or with non-finite entries) is
+    reported with a warning, and the caller recomputes and replaces it."""
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        if not isinstance(stored, dict):
+            raise ValueError(f"a {type(stored).__name__}, not a target record")
+        if stored.get("key") != key:
+            return None
+        for name in ("z", "h", "delta"):
+            vector = stored[name]
+            if not (isinstance(vector, list) and len(vector) == d_model
+                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in vector)):
+                raise ValueError(f"{name!r} is not {d_model} finite numbers")
+        if not isinstance(stored["diagnostics"], dict):
+            raise ValueError("'diagnostics' is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        warnings.warn(
+            f"the cached target {path} is damaged ({type(error).__name__}: {error}); it is "
+            "recomputed and replaced",
+            stacklevel=4,
+        )
+        return None
+    return stored
+
+
 def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cache_dir) -> "ZTargets":
     """:func:`compute_z` through the per-fact cache (``layer`` and ``templates`` resolved)."""
     start_time = time.perf_counter()
     keys = [target_key(model, fact, hparams, layer, templates) for fact in facts]
     found: dict[int, dict] = {}
     for i, key in enumerate(keys):
-        path = _target_file(cache_dir, key)
-        try:
-            stored = json.loads(path.read_text()) if path.exists() else None
-        except (OSError, ValueError):
-            stored = None  # a damaged file is recomputed and replaced
-        if stored is not None and stored.get("key") == key:
+        stored = _read_target(_target_file(cache_dir, key), key, model.d_model)
+        if stored is not None:
             found[i] = stored
     missing = [i for i in range(len(facts)) if i not in found]
     if missing:

@@ -788,12 +788,34 @@ def _cache_file(
 _write_atomic = write_json_atomic
 
 
-def _read_cached(path: Path) -> list[dict] | None:
+def _read_cached(path: Path, fact: Fact, kind: str) -> list[dict] | None:
+    """The cached rows of one fact and kind, or ``None`` when there are none; a file that
+    cannot be read or holds something else than this fact's rows of this kind (truncated
+    JSON, ``[]``, ``null``, rows without their columns or with non-finite numbers) is
+    reported with a warning, and the caller recomputes and replaces it."""
+    if not path.exists():
+        return None
     try:
         with open(path) as fh:
-            return json.load(fh)["rows"]
-    except (OSError, ValueError, KeyError):
+            rows = json.load(fh)["rows"]
+        if not isinstance(rows, list) or not rows:
+            raise ValueError(f"rows is {type(rows).__name__} of length {len(rows) if isinstance(rows, list) else '-'}")
+        for row in rows:
+            if not isinstance(row, dict) or not set(COLUMNS) <= set(row):
+                raise ValueError("a row lacks the trace columns")
+            if row["fact"] != fact.key or row["kind"] != kind:
+                raise ValueError(f"a row of fact {row['fact']!r}, kind {row['kind']!r}")
+            if not all(isinstance(row[c], (int, float)) and math.isfinite(row[c])
+                       for c in ("p_clean", "p_corrupted", "p_restored", "ie", "layer", "token")):
+                raise ValueError("a row holds a non-number")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        warnings.warn(
+            f"the cached trace {path} is damaged ({type(error).__name__}: {error}); it is "
+            "recomputed and replaced",
+            stacklevel=4,
+        )
         return None
+    return rows
 
 
 # =========================================================================== trace
@@ -889,7 +911,7 @@ def _trace_fact(
     files = {}
     if cache_dir is not None:
         files = {k: _cache_file(Path(cache_dir), model, fact, k, settings) for k in settings.kinds}
-    cached = {k: _read_cached(path) for k, path in files.items()}
+    cached = {k: _read_cached(path, fact, k) for k, path in files.items()}
     missing = [k for k in settings.kinds if cached.get(k) is None]
     if not missing:
         return [row for k in settings.kinds for row in cached[k]], None

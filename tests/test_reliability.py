@@ -225,3 +225,80 @@ def test_a_subject_inside_a_longer_word_is_refused(tmp_path):
     record = dict(KNOWEDIT, subject="Java", prompt="JavaScript was designed by")
     with pytest.raises(ia.DatasetError, match="only inside a longer word"):
         ia.load_facts(_write(tmp_path, [record]))
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", "null", "[1, 2, 3]", "WRONG_LENGTH", "NAN"])
+def test_a_damaged_target_file_is_recomputed(tiny_llama, tmp_path, content):
+    import json
+
+    hp = ia.EditHparams(layers=(1,), n_context_templates=0, v_steps=3)
+    fact = ia.Fact.from_text("w10 w11 w20", "w10", "w40", target_true="w50")
+    first = ia.compute_z(tiny_llama, [fact], hp, cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.rglob("z-*.json")
+    stored = json.loads(path.read_text())
+    if content == "WRONG_LENGTH":
+        content = json.dumps(dict(stored, z=stored["z"][:5]))
+    elif content == "NAN":
+        content = json.dumps(dict(stored, z=[float("nan")] * len(stored["z"])))
+    path.write_text(content)
+    with pytest.warns(UserWarning, match="cached target .* is damaged"):
+        again = ia.compute_z(tiny_llama, [fact], hp, cache_dir=tmp_path, progress=False)
+    torch.testing.assert_close(again.z, first.z, rtol=0, atol=0)  # the same computation again
+    assert json.loads(path.read_text())["z"] == stored["z"]  # replaced on disk
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3, 4]", '["{}", 5]', "null", "{"])
+def test_damaged_context_prefixes_are_written_again(tiny_llama, tmp_path, monkeypatch, content):
+    from intattn_analysis import targets
+
+    monkeypatch.setenv("INTATTN_CACHE", str(tmp_path))
+    monkeypatch.setattr(targets, "_TEMPLATES", {})
+    first = targets.context_templates(tiny_llama, 1, 3)
+    (path,) = (tmp_path / "context_templates").glob("*.json")
+    path.write_text(content)
+    monkeypatch.setattr(targets, "_TEMPLATES", {})
+    with pytest.warns(UserWarning, match="context prefixes .* are damaged"):
+        assert targets.context_templates(tiny_llama, 1, 3) == first
+
+
+@pytest.mark.parametrize("content", ["", '{"rows": []}', '{"rows": null}', '{"rows": [1, 2]}',
+                                     "OTHER_FACT", "NAN"])
+def test_a_damaged_trace_file_is_reported(tmp_path, content):
+    import json
+
+    from intattn_analysis import tracing
+
+    fact = ia.Fact.from_text("w10 w11 w20", "w10", "w40", target_true="w50")
+    row = {"fact": fact.key, "subject": "w10", "kind": "mlp", "token": 0, "token_text": "w10",
+           "token_class": "subject_first", "layer": 1, "p_clean": 0.5, "p_corrupted": 0.1,
+           "p_restored": 0.3, "ie": 0.2, "severed": "none"}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"rows": [row]}))
+    assert tracing._read_cached(path, fact, "mlp") == [row]
+    if content == "OTHER_FACT":
+        content = json.dumps({"rows": [dict(row, fact="another")]})
+    elif content == "NAN":
+        content = json.dumps({"rows": [dict(row, ie=float("nan"))]})
+    path.write_text(content)
+    with pytest.warns(UserWarning, match="cached trace .* is damaged"):
+        assert tracing._read_cached(path, fact, "mlp") is None
+    assert tracing._read_cached(tmp_path / "absent.json", fact, "mlp") is None
+
+
+def test_staging_files_of_a_killed_writer_are_removed(tmp_path):
+    import os
+    import time
+
+    from intattn_analysis.loading import STALE_STAGING_SECONDS, write_json_atomic
+
+    path = tmp_path / "entry.json"
+    stale = tmp_path / ".entry.json.abc123.tmp"  # a writer killed before its rename
+    fresh = tmp_path / ".entry.json.def456.tmp"  # a writer at work right now
+    for staging in (stale, fresh):
+        staging.write_text("{")
+    old = time.time() - STALE_STAGING_SECONDS - 60
+    os.utime(stale, (old, old))
+    write_json_atomic(path, {"ok": 1})
+    assert path.read_text() == '{"ok": 1}'
+    assert not stale.exists() and fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".entry.json.def456.tmp", "entry.json"]

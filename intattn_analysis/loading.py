@@ -200,7 +200,12 @@ def _converted_dir(embedded: EmbeddedModel) -> Path:
     gguf = embedded.locate()
     target = cache_root() / "models" / f"{embedded.name}-{_sha256(gguf)[:16]}"
     if (target / "config.json").exists():
-        return target
+        problem = _checkpoint_problem(target)
+        if problem is None:
+            return target
+        warnings.warn(f"the converted model in {target} is damaged ({problem}); converting it again",
+                      stacklevel=3)
+        shutil.rmtree(target, ignore_errors=True)
     log.info("converting %s to float32 (once; cached in %s)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -316,6 +321,92 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _checkpoint_problem(directory: Path) -> str | None:
+    """What is wrong with a saved checkpoint, or ``None``: a readable config, a tokenizer,
+    and safetensors files whose size is what their header promises (a file cut short by a
+    full disk or a killed copy is caught here, not in the middle of loading)."""
+    import json
+
+    try:
+        json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"config.json: {type(error).__name__}"
+    if not any((directory / name).exists() for name in _TOKENIZER_FILES):
+        return "no tokenizer files"
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        return "no weights (*.safetensors)"
+    for path in weights:
+        try:
+            with open(path, "rb") as fh:
+                header_size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(header_size))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                      default=0)
+            if path.stat().st_size != 8 + header_size + end:
+                return f"{path.name} holds {path.stat().st_size} bytes, its header promises {8 + header_size + end}"
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            return f"{path.name}: {type(error).__name__}"
+    return None
+
+
+#: Files of which a saved tokenizer has at least one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+
+
+def _dtype(dtype) -> torch.dtype:
+    """``dtype`` as a ``torch.dtype`` (a name such as ``"bfloat16"`` is accepted)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPE_NAMES.values():
+        return dtype
+    raise ModelLoadError(
+        f"dtype must be one of {sorted(_DTYPE_NAMES)} (a name or the torch.dtype), got {dtype!r}"
+    )
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers at all (one TCP connection, ``timeout`` s):
+    without it, loading a hub id only retries for a minute before failing."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _local_source(name: str) -> Path | None:
+    """The directory ``name`` names, or ``None`` when it reads as a hub id. A name that
+    can only be a path (absolute, ``./``, ``~``, or an existing file) must be a model
+    directory; anything wrong with it is a :class:`ModelLoadError` that says what."""
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists()
+    if not looks_local:
+        return None
+    if not path.is_dir():
+        raise ModelLoadError(f"there is no model directory at {str(path)!r}")
+    if not (path / "config.json").exists():
+        raise ModelLoadError(
+            f"{str(path)!r} has no config.json: save the model there with "
+            "model.save_pretrained(directory)"
+        )
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): save it "
+            "there with tokenizer.save_pretrained(directory)"
+        )
+    return path
+
+
 def _offline_message(name: str, error: Exception) -> str:
     embedded = ", ".join(f"{m.name!r} ({m.description})" for m in EMBEDDED_MODELS.values())
     return (
@@ -364,18 +455,41 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(
+            f"name must be an embedded model ({', '.join(map(repr, EMBEDDED_MODELS))}), a "
+            f"Hugging Face hub id or a model directory, got {name!r}"
+        )
     if device_map is not None and n_devices is not None:
         raise ValueError("pass device_map or n_devices, not both")
-    dtype = dtype or torch.float32
+    if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int)
+                                  or n_devices < 1):
+        raise ModelLoadError(f"n_devices must be a positive integer, got {n_devices!r}")
+    dtype = _dtype(dtype)
     sharded = device_map is not None or n_devices is not None
     device = None if sharded else torch.device(device) if device else default_device()
 
+    offline_only = False
     if name in EMBEDDED_MODELS:
         source = str(_converted_dir(EMBEDDED_MODELS[name]))
         model_revision = Path(source).name.rsplit("-", 1)[-1]
+    elif _local_source(name) is not None:
+        source, model_revision = str(_local_source(name)), revision
     else:
         source, model_revision = name, revision
+        if not _hub_reachable():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json", revision=revision)
+            if not isinstance(cached, str):
+                raise ModelLoadError(_offline_message(
+                    name, OSError("the hub cannot be reached and the model is not in the hub cache")))
+            offline_only = True  # load from the hub cache without a minute of retries
     load_kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if offline_only:
+        load_kwargs["local_files_only"] = True
     if revision is not None and name not in EMBEDDED_MODELS:
         load_kwargs["revision"] = revision
     if n_devices is not None:
@@ -384,7 +498,8 @@ def load_model(
         load_kwargs["device_map"] = device_map
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, **{k: v for k, v in load_kwargs.items() if k in ("revision", "trust_remote_code")}
+            source, **{k: v for k, v in load_kwargs.items()
+                       if k in ("revision", "trust_remote_code", "local_files_only")}
         )
         hf_model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
     except OSError as error:

@@ -302,3 +302,63 @@ def test_staging_files_of_a_killed_writer_are_removed(tmp_path):
     assert path.read_text() == '{"ok": 1}'
     assert not stale.exists() and fresh.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".entry.json.def456.tmp", "entry.json"]
+
+
+# ----------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name=None), "name must be an embedded model"),
+    (dict(name=""), "name must be an embedded model"),
+    (dict(name="smollm2-135m", dtype="bogus"), "dtype must be one of"),
+    (dict(name="smollm2-135m", n_devices=0), "n_devices must be a positive integer"),
+    (dict(name="smollm2-135m", n_devices=-1), "n_devices must be a positive integer"),
+    (dict(name="/no/such/model/dir"), "there is no model directory at '/no/such/model/dir'"),
+])
+def test_load_model_names_bad_arguments_at_once(kwargs, match):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(ia.ModelLoadError, match=match):
+        ia.load_model(**kwargs)
+    assert time.perf_counter() - started < 5  # before any loading or hub retries
+
+
+def test_a_directory_without_a_tokenizer_or_config_is_named(tmp_path, tiny_llama):
+    tiny_llama.hf_model.config.save_pretrained(tmp_path)
+    with pytest.raises(ia.ModelLoadError, match="has no tokenizer.*tokenizer.save_pretrained"):
+        ia.load_model(str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ia.ModelLoadError, match="has no config.json"):
+        ia.load_model(str(tmp_path))
+
+
+def test_an_unknown_hub_id_offline_fails_at_once(monkeypatch):
+    import time
+
+    from intattn_analysis import loading
+
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=2.0: False)
+    started = time.perf_counter()
+    with pytest.raises(ia.ModelLoadError, match=r"org-that-does-not-exist/model-xyz.*smollm2-135m"):
+        ia.load_model("org-that-does-not-exist/model-xyz")
+    assert time.perf_counter() - started < 5
+
+
+def test_dtype_names_become_torch_dtypes():
+    from intattn_analysis.loading import _dtype
+
+    assert _dtype("float16") is torch.float16 and _dtype("torch.bfloat16") is torch.bfloat16
+    assert _dtype(None) is torch.float32 and _dtype(torch.float64) is torch.float64
+
+
+def test_a_truncated_checkpoint_is_detected(tmp_path, tiny_llama, tiny_tokenizer_dir):
+    import transformers
+
+    from intattn_analysis.loading import _checkpoint_problem
+
+    # a fresh model: the loaded one is wrapped by the bridge and cannot be saved as it is
+    transformers.AutoModelForCausalLM.from_config(tiny_llama.hf_model.config).save_pretrained(tmp_path)
+    transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(tmp_path)
+    assert _checkpoint_problem(tmp_path) is None
+    (weights,) = tmp_path.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    assert "header promises" in _checkpoint_problem(tmp_path)

@@ -4,8 +4,11 @@
 ``intattn known``      recomputes which built-in facts each embedded model knows.
 ``intattn models``     lists the embedded models and the supported architectures.
 ``intattn evaluate``   edits batches of benchmark facts with several methods and prints
-                       (and saves) the main-table metrics, e.g.
+                       (and saves, batch by batch) the main-table metrics, e.g.
                        ``intattn evaluate --data knowedit/ZsRE-test-all.json --batch-size 100``.
+
+Every argument is checked before any work starts; an error in the input is printed as one
+line that names it and the fix (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -92,9 +95,57 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(ValueError):
+    """A command-line argument is wrong; the message names it and what would work."""
+
+
+def _output_files(out: str) -> list[Path]:
+    """The three files ``--out OUT`` writes, after checking that their folder can be
+    written (before any work: a run must not end in an unwritable place)."""
+    import tempfile
+
+    base = Path(out)
+    folder = base.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".intattn-write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot write in {folder} ({error.strerror or error}); "
+                         "choose a writable folder") from None
+    return [base.with_name(base.name + suffix) for suffix in (".csv", "_per_fact.csv", ".md")]
+
+
+def _check_evaluate_args(args: argparse.Namespace) -> list[Path] | None:
+    """Every argument of ``intattn evaluate`` that can be checked without the model."""
+    from .editing import METHODS
+    from .metrics import METRICS
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"--methods: unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    unknown = [m for m in args.metrics if m not in METRICS]
+    if unknown:
+        raise UsageError(f"--metrics: unknown metric set(s) {unknown}; known: {list(METRICS)}")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--batches", args.batches, 0),
+                             ("--offset", args.offset, 0), ("--threads", args.threads, 0),
+                             ("--fluency-tokens", args.fluency_tokens, 1),
+                             ("--mom2-tokens", args.mom2_tokens, 1), ("--v-steps", args.v_steps, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.layers is not None and any(l < 0 for l in args.layers):
+        raise UsageError(f"--layers must be layer indices >= 0, got {args.layers}")
+    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must lie in [0, 1] (0: MLP only, 1: attention only), got {args.alpha}")
+    if args.lambda_ is not None and not args.lambda_ >= 0:
+        raise UsageError(f"--lambda must be >= 0, got {args.lambda_}")
+    return _output_files(args.out) if args.out else None
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import warnings
 
+    import pandas as pd
     import torch
 
     from . import reporting
@@ -105,6 +156,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .loading import load_model
     from .runs import edit_batches, editable_batches
 
+    outputs = _check_evaluate_args(args)  # before any work
+    if args.batches == 0:
+        args.batches = None
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data == "builtin":
@@ -151,21 +205,26 @@ def _evaluate(args: argparse.Namespace) -> int:
           flush=True)
     moments = second_moments(model, hp.layers, n_tokens=hp.mom2_n_tokens, max_len=hp.mom2_max_len,
                              dtype=hp.torch_mom2_dtype, progress=True)
-    run = edit_batches(model, batches, args.methods, hp, moments=moments, dataset=path.stem,
-                       metrics=args.metrics, fluency_tokens=args.fluency_tokens)
-    table = reporting.formatted(run.table([m for m in reporting.MAIN_METRICS
-                                           if m in run.records.columns]))
+    records, per_fact, timings = [], [], []
+    for b, batch in enumerate(batches):
+        # one batch at a time, so that what is done is written before the next one starts
+        run = edit_batches(model, [batch], args.methods, hp, moments=moments, dataset=path.stem,
+                           metrics=args.metrics, fluency_tokens=args.fluency_tokens)
+        records.append(run.records.assign(batch=b))
+        per_fact.append(run.per_fact.assign(batch=b))
+        timings.append(run.timings.assign(batch=b))
+        table = reporting.formatted(reporting.main_table(
+            pd.concat(records, ignore_index=True),
+            metrics=[m for m in reporting.MAIN_METRICS if m in run.records.columns]))
+        if outputs:
+            pd.concat(records, ignore_index=True).to_csv(outputs[0], index=False)
+            pd.concat(per_fact, ignore_index=True).to_csv(outputs[1], index=False)
+            outputs[2].write_text(reporting.markdown_table(table))
+            print(f"batch {b + 1}/{len(batches)} written to {', '.join(p.name for p in outputs)}",
+                  flush=True)
     print(table.to_string())
-    timing = run.timings.groupby("method")[["targets_s", "solve", "total"]].mean()
+    timing = pd.concat(timings, ignore_index=True).groupby("method")[["targets_s", "solve", "total"]].mean()
     print(timing.round(1).to_string())
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        names = [out.name + ".csv", out.name + "_per_fact.csv", out.name + ".md"]
-        run.records.to_csv(out.with_name(names[0]), index=False)
-        run.per_fact.to_csv(out.with_name(names[1]), index=False)
-        out.with_name(names[2]).write_text(reporting.markdown_table(table))
-        print(f"wrote {', '.join(names)}")
     return 0
 
 
@@ -174,23 +233,27 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="intattn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show an error's full traceback instead of one line")
 
-    reproduce = sub.add_parser("reproduce", help="execute the notebooks in order")
+    reproduce = sub.add_parser("reproduce", help="execute the notebooks in order", parents=[common])
     reproduce.add_argument("--notebooks-dir", default=str(_repo_root() / "notebooks"))
     reproduce.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 01")
     reproduce.add_argument("--timeout", type=int, default=7200, help="seconds per cell")
     reproduce.set_defaults(run=_reproduce)
 
-    known = sub.add_parser("known", help="recompute the built-in facts' known flags")
+    known = sub.add_parser("known", help="recompute the built-in facts' known flags", parents=[common])
     known.add_argument("--models", nargs="+", default=list(EMBEDDED_MODELS))
     known.add_argument("--write", action="store_true", help="store the flags in the package")
     known.set_defaults(run=_known)
 
-    models = sub.add_parser("models", help="list embedded models and architectures")
+    models = sub.add_parser("models", help="list embedded models and architectures", parents=[common])
     models.set_defaults(run=_models)
 
     evaluate = sub.add_parser(
-        "evaluate", help="edit batches of benchmark facts and print the main-table metrics"
+        "evaluate", help="edit batches of benchmark facts and print the main-table metrics",
+        parents=[common],
     )
     evaluate.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path")
     evaluate.add_argument("--data", default="knowedit/ZsRE-test-all.json",
@@ -213,9 +276,24 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.set_defaults(run=_evaluate)
 
     args = parser.parse_args(argv)
-    if args.command == "evaluate" and args.batches == 0:
-        args.batches = None
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as error:
+        if args.debug or not _is_input_error(error):
+            raise
+        print(f"intattn {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _is_input_error(error: Exception) -> bool:
+    """Errors whose message names the input and the fix: shown as one line."""
+    from .corpus import CorpusError
+    from .datasets import DatasetError
+    from .editing import EditError
+    from .loading import ModelLoadError
+
+    return isinstance(error, (UsageError, DatasetError, ModelLoadError, EditError, CorpusError,
+                              FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -362,3 +364,27 @@ def test_a_truncated_checkpoint_is_detected(tmp_path, tiny_llama, tiny_tokenizer
     (weights,) = tmp_path.glob("*.safetensors")
     weights.write_bytes(weights.read_bytes()[:-1000])
     assert "header promises" in _checkpoint_problem(tmp_path)
+
+
+# ----------------------------------------------------------------------------- command line
+@pytest.mark.parametrize("arguments, match", [
+    (["--methods", "bogus"], r"--methods: unknown method\(s\) \['bogus'\]"),
+    (["--metrics", "accuracy"], r"--metrics: unknown metric set"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--alpha", "1.5"], r"--alpha must lie in \[0, 1\]"),
+    (["--out", "/proc/no-such-place/run"], "--out /proc/no-such-place/run: cannot write"),
+    (["--data", "no/such/file.json"], "no/such/file.json"),
+])
+def test_evaluate_checks_its_arguments_before_any_work(arguments, match, capsys, monkeypatch):
+    from intattn_analysis import cli, loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    assert cli.main(["evaluate", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("intattn evaluate: error:")
+    assert re.search(match, err), err
+    with pytest.raises(Exception, match=match):
+        cli.main(["evaluate", *arguments, "--debug"])

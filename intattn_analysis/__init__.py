@@ -10,7 +10,8 @@ LLMs* (IntAttn-Edit, arXiv 2510.27400). Typical use::
 
 from .architectures import ARCHITECTURES, HOOKS, ArchSpec, LayerSpec, UnknownArchitectureError
 from .editing import METHODS, EditError, EditResult, apply_deltas, edit
-from .datasets import DatasetError, benchmark_path, facts_table, load_facts
+from .datasets import DatasetError, DatasetWarning, benchmark_path, facts_table, load_facts
+from .benchmarks import BENCHMARKS, benchmark_status, resolve_benchmark
 from .facts import Fact, FactError, Probe, sample_by_relation
 from .hparams import EditHparams, hparams_for
 from .known import known_facts, mark_known
@@ -31,6 +32,10 @@ from .tracing import Noise, TraceResult, balance, trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "BENCHMARKS",
+    "DatasetWarning",
+    "benchmark_status",
+    "resolve_benchmark",
     "ARCHITECTURES",
     "BatchRun",
     "EMBEDDED_MODELS",

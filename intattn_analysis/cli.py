@@ -3,6 +3,7 @@
 ``intattn reproduce``  executes the notebooks in order (figures land in ``figures/``).
 ``intattn known``      recomputes which built-in facts each embedded model knows.
 ``intattn models``     lists the embedded models and the supported architectures.
+``intattn data``       lists the benchmark files, where each was found or that it is missing.
 ``intattn evaluate``   edits batches of benchmark facts with several methods and prints
                        (and saves, batch by batch) the main-table metrics, e.g.
                        ``intattn evaluate --data knowedit/ZsRE-test-all.json --batch-size 100``.
@@ -142,6 +143,22 @@ def _check_evaluate_args(args: argparse.Namespace) -> list[Path] | None:
     return _output_files(args.out) if args.out else None
 
 
+def _data(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .benchmarks import benchmark_status
+
+    table = pd.DataFrame(benchmark_status())
+    with pd.option_context("display.max_colwidth", 80, "display.width", 200):
+        print(table[["name", "found in", "sha256 ok", "path"]].to_string(index=False))
+    missing = table[table["found in"] == "missing"]
+    if len(missing):
+        print(f"{len(missing)} missing: set INTATTN_DATA_DIR to a folder of copies, or load them "
+              "by name where the network allows (ia.load_facts('knowedit/ZsRE-test-all')); "
+              "sources are in intattn_analysis.benchmarks.BENCHMARKS")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import warnings
 
@@ -250,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
 
     models = sub.add_parser("models", help="list embedded models and architectures", parents=[common])
     models.set_defaults(run=_models)
+
+    data = sub.add_parser("data", help="list the benchmark files: where each is, or missing",
+                          parents=[common])
+    data.set_defaults(run=_data)
 
     evaluate = sub.add_parser(
         "evaluate", help="edit batches of benchmark facts and print the main-table metrics",

@@ -837,6 +837,10 @@ def load_facts(
         records = _read_builtin()
         fmt = fmt or FORMATS[BUILTIN]
     else:
+        from .benchmarks import lookup, resolve_benchmark
+
+        if not Path(source).exists() and lookup(source) is not None:
+            source = resolve_benchmark(source)  # a catalogue name, e.g. "knowedit/ZsRE-test-all"
         path = _resolve_path(Path(source), split)
         name = path.name
         records = _read_file(path)
@@ -936,25 +940,36 @@ def write_rome_counterfact(facts: Iterable[Fact], path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- helpers
+#: The checkout's data folder: ``shared/data`` beside the repository.
+CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
 def benchmark_root() -> Path:
     """The folder of the public benchmark collection (it may not exist).
 
-    ``$INTATTN_DATA_DIR`` when that is set, else ``shared/data`` beside the repository
-    (the layout of the project's own checkout).
+    ``$INTATTN_DATA_DIR`` when that is set, else :data:`CHECKOUT_DATA` (the layout of the
+    project's own checkout).
     """
     import os
 
     root = os.environ.get("INTATTN_DATA_DIR")
-    return Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(root) if root else CHECKOUT_DATA
 
 
 def benchmark_path(relative: str | Path = "") -> Path:
     """A file of the public benchmark collection, e.g. ``"knowedit/ZsRE-test-all.json"``.
 
-    The collection lives in :func:`benchmark_root`. A user with copies elsewhere passes
-    their paths to :func:`load_facts` directly.
+    The collection lives in :func:`benchmark_root`. A file of the catalogue
+    (:data:`intattn_analysis.benchmarks.BENCHMARKS`) missing there is looked for in the
+    other places :func:`intattn_analysis.benchmarks.resolve_benchmark` knows, and
+    downloaded where the network allows. A user with copies elsewhere passes their paths
+    to :func:`load_facts` directly.
     """
+    from .benchmarks import lookup, resolve_benchmark
+
     path = benchmark_root() / relative
+    if not path.exists() and lookup(str(relative)) is not None:
+        return resolve_benchmark(str(relative))
     if not path.exists():
         raise DatasetError(
             "benchmark file not found; set INTATTN_DATA_DIR to the folder that holds the "

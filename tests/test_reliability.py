@@ -388,3 +388,66 @@ def test_evaluate_checks_its_arguments_before_any_work(arguments, match, capsys,
     assert re.search(match, err), err
     with pytest.raises(Exception, match=match):
         cli.main(["evaluate", *arguments, "--debug"])
+
+
+# ----------------------------------------------------------------------------- benchmark files
+@pytest.fixture
+def no_local_data(tmp_path, monkeypatch):
+    from intattn_analysis import benchmarks
+
+    monkeypatch.delenv("INTATTN_DATA_DIR", raising=False)
+    monkeypatch.setenv("INTATTN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(benchmarks, "CHECKOUT_DATA", tmp_path / "no-checkout-data")
+    return benchmarks
+
+
+def test_a_benchmark_name_is_found_in_the_users_folder_first(no_local_data, tmp_path, monkeypatch):
+    import json
+
+    folder = tmp_path / "mine"
+    (folder / "knowedit").mkdir(parents=True)
+    (folder / "knowedit" / "ZsRE-test-all.json").write_text(json.dumps([KNOWEDIT]))
+    monkeypatch.setenv("INTATTN_DATA_DIR", str(folder))
+    (fact,) = ia.load_facts("knowedit/ZsRE-test-all")
+    assert fact.subject == "Paris"
+    assert no_local_data.resolve_benchmark("knowedit/ZsRE-test-all.json").parent == folder / "knowedit"
+
+
+def test_offline_a_missing_benchmark_names_every_option_at_once(no_local_data, monkeypatch):
+    import time
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    started = time.perf_counter()
+    with pytest.raises(ia.DatasetError, match=r"checkout data folder.*download cache.*download from "
+                                              r"https://raw.githubusercontent.com/.*failed.*INTATTN_DATA_DIR"):
+        ia.load_facts("knowedit/ZsRE-test-all")
+    assert time.perf_counter() - started < 5
+    with pytest.raises(ia.DatasetError, match="no download source gives exactly this file"):
+        no_local_data.resolve_benchmark("knowedit/wiki_counterfact_test_cf")
+
+
+def test_a_download_is_kept_only_with_its_recorded_checksum(no_local_data, monkeypatch):
+    import hashlib
+    import io
+    import json
+    import urllib.request
+
+    payload = json.dumps([KNOWEDIT]).encode()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    with pytest.raises(ia.DatasetError, match="has sha256 .* not the recorded"):
+        no_local_data.resolve_benchmark("knowedit/ZsRE-test-all")
+    name = "knowedit/ZsRE-test-all"
+    pinned = no_local_data.BENCHMARKS[name]
+    from dataclasses import replace
+
+    monkeypatch.setitem(no_local_data.BENCHMARKS, name,
+                        replace(pinned, sha256=hashlib.sha256(payload).hexdigest()))
+    path = no_local_data.resolve_benchmark(name)
+    assert path.read_bytes() == payload and "cache" in str(path)
+    status = {row["name"]: row for row in no_local_data.benchmark_status()}
+    assert status[name]["found in"] == "download cache" and status[name]["sha256 ok"]
+    assert status["mquake/MQuAKE-hard"]["found in"] == "missing"

@@ -50,7 +50,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -60,7 +59,7 @@ from tqdm import tqdm
 
 from .architectures import MODULES
 from .corpus import CorpusError, ModelSamples, TextCorpus, resolve_corpus
-from .loading import ModelHandle, cache_root, write_atomic
+from .loading import ModelHandle, cache_root, warn_damaged, write_atomic
 
 __all__ = [
     "CACHE_FORMAT",
@@ -263,11 +262,7 @@ def _read_cached(path: Path, key: dict, device: torch.device, d_in: int) -> tupl
         if tuple(moment.shape) != (d_in, d_in) or not bool(torch.isfinite(moment).all()) or counted < 1:
             raise ValueError(f"shape {tuple(moment.shape)}, {counted} tokens")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
-        warnings.warn(
-            f"the cached second moment {path} is damaged ({type(error).__name__}: {error}); "
-            "it is recomputed and replaced",
-            stacklevel=3,
-        )
+        warn_damaged(path, "second moment", error)
         return None
     return moment.to(device), counted
 

@@ -59,6 +59,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("INTATTN_CACHE", Path.home() / ".cache" / "intattn"))
 
 
+class CacheWarning(UserWarning):
+    """A cache file was damaged (unreadable, cut short, wrong shape); it is recomputed."""
+
+
+def warn_damaged(path: Path, what: str, error: BaseException | str, stacklevel: int = 3) -> None:
+    """The one warning for a damaged cache file, which the caller then recomputes."""
+    detail = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+    warnings.warn(f"the cached {what} {path} is damaged ({detail}); it is recomputed and replaced",
+                  CacheWarning, stacklevel=stacklevel + 1)
+
+
 #: A staging file older than this was left by a writer that was killed (a live writer
 #: renames its file within seconds); the next write of the same path removes it.
 STALE_STAGING_SECONDS = 3600

@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from .architectures import hook
 from .facts import SUBJECT_SLOT, Fact
-from .loading import ModelHandle, cache_root, write_json_atomic
+from .loading import ModelHandle, cache_root, warn_damaged, write_json_atomic
 
 __all__ = [
     "CONTEXT_STARTS",
@@ -110,10 +110,7 @@ def context_templates(model: ModelHandle, n: int = 5, length: int = 10) -> list[
         except (OSError, ValueError):
             templates = None
         if not _valid_templates(templates, n):
-            warnings.warn(
-                f"the cached context prefixes {path} are damaged; they are written again",
-                stacklevel=2,
-            )
+            warn_damaged(path, "context prefixes", "not the bare prompt and prefixes", stacklevel=2)
             templates = None
     if templates is None:
         from .known import greedy_continuation
@@ -348,11 +345,7 @@ def _read_target(path: Path, key: dict, d_model: int) -> dict | None:
         if not isinstance(stored["diagnostics"], dict):
             raise ValueError("'diagnostics' is not an object")
     except (OSError, ValueError, KeyError, TypeError) as error:
-        warnings.warn(
-            f"the cached target {path} is damaged ({type(error).__name__}: {error}); it is "
-            "recomputed and replaced",
-            stacklevel=4,
-        )
+        warn_damaged(path, "target", error, stacklevel=4)
         return None
     return stored
 

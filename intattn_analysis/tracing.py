@@ -77,7 +77,7 @@ from torch import Tensor
 
 from .architectures import hook, layer_indices
 from .facts import SUBJECT_SLOT, Fact
-from .loading import ModelHandle, write_json_atomic
+from .loading import ModelHandle, warn_damaged, write_json_atomic
 from .predictions import first_answer_token
 
 __all__ = [
@@ -809,11 +809,7 @@ def _read_cached(path: Path, fact: Fact, kind: str) -> list[dict] | None:
                        for c in ("p_clean", "p_corrupted", "p_restored", "ie", "layer", "token")):
                 raise ValueError("a row holds a non-number")
     except (OSError, ValueError, KeyError, TypeError) as error:
-        warnings.warn(
-            f"the cached trace {path} is damaged ({type(error).__name__}: {error}); it is "
-            "recomputed and replaced",
-            stacklevel=4,
-        )
+        warn_damaged(path, "trace", error, stacklevel=4)
         return None
     return rows
 

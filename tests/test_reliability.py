@@ -259,7 +259,7 @@ def test_damaged_context_prefixes_are_written_again(tiny_llama, tmp_path, monkey
     (path,) = (tmp_path / "context_templates").glob("*.json")
     path.write_text(content)
     monkeypatch.setattr(targets, "_TEMPLATES", {})
-    with pytest.warns(UserWarning, match="context prefixes .* are damaged"):
+    with pytest.warns(UserWarning, match="context prefixes .* is damaged"):
         assert targets.context_templates(tiny_llama, 1, 3) == first
 
 

@@ -77,9 +77,10 @@ def layer_indices(layers, n_layers: int | None = None, *, name: str = "layers") 
     """
     import operator
 
-    items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
-        raise ValueError(f"{name} must be a layer index or a list of them, got {layers!r}")
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        items = [layers]  # one index (an int or a numpy integer); checked below
+    else:
+        items = list(layers)
     out = []
     for item in items:
         if isinstance(item, bool) or isinstance(item, float):

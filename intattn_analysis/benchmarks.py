@@ -16,12 +16,13 @@ all three. ``intattn data`` lists every file and where it was found.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .datasets import CHECKOUT_DATA, DatasetError
-from .loading import cache_root, write_atomic
+from .loading import _sha256, cache_root, write_atomic
 
 __all__ = ["BENCHMARKS", "Benchmark", "benchmark_status", "resolve_benchmark"]
 
@@ -98,14 +99,6 @@ def _folders() -> list[tuple[str, Path]]:
     return folders
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(benchmark: Benchmark, target: Path, timeout: float) -> None:
     import urllib.request
 
@@ -143,8 +136,9 @@ def resolve_benchmark(name: str, *, download: bool = True, timeout: float = 5.0)
         try:
             _download(benchmark, target, timeout)
             return target
-        except OSError as error:
-            reason = f"the download from {benchmark.url} failed ({type(error).__name__}: {error})"
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            # no network, a connection cut short, or a download cache that cannot be written
+            reason = f"the download from {benchmark.url} into {target} failed ({type(error).__name__}: {error})"
     elif reason is None:
         reason = "download=False"
     raise DatasetError(

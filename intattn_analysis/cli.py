@@ -134,8 +134,8 @@ def _check_evaluate_args(args: argparse.Namespace) -> list[Path] | None:
                              ("--mom2-tokens", args.mom2_tokens, 1), ("--v-steps", args.v_steps, 0)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
-    if args.layers is not None and any(l < 0 for l in args.layers):
-        raise UsageError(f"--layers must be layer indices >= 0, got {args.layers}")
+    if args.layers is not None and (any(l < 0 for l in args.layers) or len(set(args.layers)) != len(args.layers)):
+        raise UsageError(f"--layers must be distinct layer indices >= 0, got {args.layers}")
     if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must lie in [0, 1] (0: MLP only, 1: attention only), got {args.alpha}")
     if args.lambda_ is not None and not args.lambda_ >= 0:
@@ -170,7 +170,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .datasets import benchmark_path, load_facts
     from .editing import METHODS
     from .hparams import hparams_for
-    from .loading import load_model
+    from .loading import load_model, write_atomic
     from .runs import edit_batches, editable_batches
 
     outputs = _check_evaluate_args(args)  # before any work
@@ -189,11 +189,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         facts = load_facts("builtin" if args.data == "builtin" else path, strict=not args.lenient)
     for warning in caught:
         print(f"note: {warning.message}", file=sys.stderr)
-    batches, unchanged = editable_batches(facts, args.batch_size, args.batches, offset=args.offset)
+    try:
+        batches, unchanged = editable_batches(facts, args.batch_size, args.batches, offset=args.offset)
+    except ValueError as error:  # more batches or a larger offset than the file holds
+        raise UsageError(f"--batch-size / --batches / --offset: {error}") from None
     if unchanged:
         print(f"note: {len(unchanged)} record(s) left out: target_new equals target_true",
               file=sys.stderr)
     model = load_model(args.model)
+    if args.layers is not None and max(args.layers) >= model.n_layers:
+        raise UsageError(f"--layers {max(args.layers)} is outside {model.name} (layers 0-{model.n_layers - 1})")
     hp = hparams_for(model)
     changes = {}
     if args.layers:
@@ -233,10 +238,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         table = reporting.formatted(reporting.main_table(
             pd.concat(records, ignore_index=True),
             metrics=[m for m in reporting.MAIN_METRICS if m in run.records.columns]))
-        if outputs:
-            pd.concat(records, ignore_index=True).to_csv(outputs[0], index=False)
-            pd.concat(per_fact, ignore_index=True).to_csv(outputs[1], index=False)
-            outputs[2].write_text(reporting.markdown_table(table))
+        if outputs:  # each file whole or not at all, so a killed run keeps the finished batches
+            frames = (pd.concat(records, ignore_index=True), pd.concat(per_fact, ignore_index=True))
+            for frame, target in zip(frames, outputs):
+                write_atomic(target, lambda staging, frame=frame: frame.to_csv(staging, index=False))
+            markdown = reporting.markdown_table(table)
+            write_atomic(outputs[2], lambda staging: Path(staging).write_text(markdown))
             print(f"batch {b + 1}/{len(batches)} written to {', '.join(p.name for p in outputs)}",
                   flush=True)
     print(table.to_string())
@@ -288,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--alpha", type=float, help="one alpha for every layer")
     evaluate.add_argument("--lambda", dest="lambda_", type=float, help="lambda for both modules")
     evaluate.add_argument("--mom2-tokens", type=int, help="corpus tokens for the second moments")
-    evaluate.add_argument("--v-steps", type=int, help="steps of the target optimisation")
+    evaluate.add_argument("--v-steps", type=int,
+                          help="loss evaluations of the target optimisation (MEMIT's v_num_grad_steps; "
+                               "one update fewer)")
     evaluate.add_argument("--fluency-tokens", type=int, default=50)
     evaluate.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     evaluate.add_argument("--lenient", action="store_true",

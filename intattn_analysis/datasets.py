@@ -186,6 +186,7 @@ def _checked(fmt: Format, detected: bool) -> Converter:
     formats would otherwise lose the probes the guessed converter does not read)."""
 
     def convert(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact:
+        check_keys(record, fmt)  # first: a misspelt key can also make a record look foreign
         if detected and not fmt.detect(record):
             others = [f.name for f in dict.fromkeys(FORMATS.values()) if f.detect(record)]
             raise FactError(
@@ -194,7 +195,6 @@ def _checked(fmt: Format, detected: bool) -> Converter:
                 f"told from the first record{' but of ' + repr(others[0]) if others else ''}; "
                 "a file must not mix formats (split it, or pass format= to read it as one)",
             )
-        check_keys(record, fmt)
         return fmt.convert(record, index, notes)
 
     return convert

@@ -184,6 +184,7 @@ class EditResult:
     context_templates: list[str] = field(default_factory=list, repr=False)
     _originals: dict[tuple[str, int], Tensor] = field(default_factory=dict, repr=False)
     _open: bool = field(default=False, repr=False)
+    _digest: str | None = field(default=None, repr=False)
     restored: bool = False
 
     # ------------------------------------------------------------------ undo
@@ -202,7 +203,10 @@ class EditResult:
             self.restored = True
             return
         stack = self.model.applied_edits
-        position = next(i for i, e in enumerate(stack) if e is self)
+        position = next((i for i, e in enumerate(stack) if e is self), None)
+        if position is None:
+            raise EditError(f"{self.describe()} is not on {self.model.name}'s stack of applied edits; "
+                            "it cannot be restored from here")
         blocking = [e for e in stack[position + 1:] if set(e._originals) & set(self._originals)]
         if blocking:
             raise EditError(
@@ -218,7 +222,14 @@ class EditResult:
     def describe(self) -> str:
         """One line naming the edit: method, matrices written, facts."""
         modules = ", ".join(f"{m}@{l}" for m, l in sorted(self._originals, key=lambda k: (k[1], k[0])))
-        return f"edit {self.method!r} of {len(self.z_diagnostics)} fact(s) writing [{modules}]"
+        facts = f"of {len(self.z_diagnostics)} fact(s) " if self.z_diagnostics else "(applied deltas) "
+        return f"edit {self.method!r} {facts}writing [{modules}]"
+
+    def fingerprint(self) -> str:
+        """A hash of the deltas as written (computed once, when first asked for)."""
+        if self._digest is None:
+            self._digest = _fingerprint(self.deltas)
+        return self._digest
 
     def _opened(self, originals: dict[tuple[str, int], Tensor]) -> None:
         """Keep the originals and put the edit on the model's stack until it is restored."""
@@ -790,18 +801,28 @@ def apply_deltas(
             )
         if not bool(torch.isfinite(delta).all()):
             raise EditError(f"delta for ({module!r}, {layer}) has NaN or infinite entries; nothing was applied")
+    # compared as they would be added: in the weights' dtype
+    deltas = {key: d.to(device=model.weight(*key).device, dtype=model.weight(*key).dtype)
+              for key, d in deltas.items()}
     fingerprint = _fingerprint(deltas)
-    repeated = [e for e in model.applied_edits if e.deltas and _fingerprint(e.deltas) == fingerprint]
+    repeated = [e for e in model.applied_edits if e.fingerprint() == fingerprint]
     if repeated and not allow_repeat:
         raise EditError(
             f"these deltas are already applied ({repeated[0].describe()}); applying them again "
             "would double the edit. Restore it first, or pass allow_repeat=True to stack them"
         )
-    hp = None
-    if meta.get("hparams") not in (None, "null"):
-        hp = EditHparams.from_json(meta["hparams"])
-    alphas = {int(l): float(a) for l, a in json.loads(meta.get("alpha", "{}")).items()}
-    layers = tuple(json.loads(meta["layers"])) if "layers" in meta else tuple(sorted({l for _, l in deltas}))
+    try:
+        hp = None
+        if meta.get("hparams") not in (None, "null"):
+            hp = EditHparams.from_json(meta["hparams"])
+        alphas = {int(l): float(a) for l, a in json.loads(meta.get("alpha", "{}")).items()}
+        layers = (tuple(int(l) for l in json.loads(meta["layers"])) if "layers" in meta
+                  else tuple(sorted({l for _, l in deltas})))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise EditError(
+            f"the metadata of {source} is damaged ({type(error).__name__}: {error}); write the "
+            "file again with EditResult.save"
+        ) from None
     result = EditResult(
         model=model, method=meta.get("method", "applied"), layers=layers, alphas=alphas, hparams=hp,
     )
@@ -809,10 +830,8 @@ def apply_deltas(
     try:
         with torch.no_grad():
             for key, delta in deltas.items():
-                weight = model.weight(*key)
-                applied = delta.to(device=weight.device, dtype=weight.dtype)
-                weight.add_(applied)
-                result.deltas[key] = applied
+                model.weight(*key).add_(delta)
+                result.deltas[key] = delta
     except BaseException:
         result.restore()
         raise

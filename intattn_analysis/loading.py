@@ -214,9 +214,14 @@ def _converted_dir(embedded: EmbeddedModel) -> Path:
         problem = _checkpoint_problem(target)
         if problem is None:
             return target
-        warnings.warn(f"the converted model in {target} is damaged ({problem}); converting it again",
-                      stacklevel=3)
-        shutil.rmtree(target, ignore_errors=True)
+        warn_damaged(target, "converted model", problem)
+        # moved aside first, so that the fresh conversion's rename cannot meet its leftovers
+        aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.damaged."))
+        try:
+            os.replace(target, aside / "old")
+        except OSError:
+            pass  # another process moved or replaced it already
+        shutil.rmtree(aside, ignore_errors=True)
     log.info("converting %s to float32 (once; cached in %s)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -381,18 +386,25 @@ def _dtype(dtype) -> torch.dtype:
     )
 
 
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hugging Face hub answers at all (one TCP connection, ``timeout`` s):
-    without it, loading a hub id only retries for a minute before failing."""
-    import socket
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (its configured endpoint, through any configured proxy)
+    answers at all within ``timeout`` seconds: without it, loading a hub id only retries
+    for a minute before it fails. Offline mode (``HF_HUB_OFFLINE``) counts as unreachable."""
+    import urllib.error
+    import urllib.request
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
         return False
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                               timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered, if only with an error status
+    except (OSError, ValueError):
         return False
+    return True
 
 
 def _local_source(name: str) -> Path | None:
@@ -463,9 +475,7 @@ def load_model(
         revision: hub revision (branch, tag or commit).
         trust_remote_code: passed to ``from_pretrained``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens.model_bridge import TransformerBridge
-
+    # every argument is checked before anything is imported, hashed, converted or loaded
     if isinstance(name, os.PathLike):
         name = os.fspath(name)
     if not isinstance(name, str) or not name.strip():
@@ -479,15 +489,26 @@ def load_model(
                                   or n_devices < 1):
         raise ModelLoadError(f"n_devices must be a positive integer, got {n_devices!r}")
     dtype = _dtype(dtype)
+    max_memory = _max_memory(n_devices) if n_devices is not None else None
     sharded = device_map is not None or n_devices is not None
     device = None if sharded else torch.device(device) if device else default_device()
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
     offline_only = False
+    local = None if name in EMBEDDED_MODELS else _local_source(name)
     if name in EMBEDDED_MODELS:
-        source = str(_converted_dir(EMBEDDED_MODELS[name]))
+        try:
+            source = str(_converted_dir(EMBEDDED_MODELS[name]))
+        except OSError as error:
+            raise ModelLoadError(
+                f"could not convert the embedded model {name!r} into {cache_root() / 'models'} "
+                f"({type(error).__name__}: {error}); free disk space there or set INTATTN_CACHE"
+            ) from error
         model_revision = Path(source).name.rsplit("-", 1)[-1]
-    elif _local_source(name) is not None:
-        source, model_revision = str(_local_source(name)), revision
+    elif local is not None:
+        source, model_revision = str(local), revision
     else:
         source, model_revision = name, revision
         if not _hub_reachable():
@@ -504,7 +525,7 @@ def load_model(
     if revision is not None and name not in EMBEDDED_MODELS:
         load_kwargs["revision"] = revision
     if n_devices is not None:
-        load_kwargs.update(device_map="auto", max_memory=_max_memory(n_devices))
+        load_kwargs.update(device_map="auto", max_memory=max_memory)
     elif device_map is not None:
         load_kwargs["device_map"] = device_map
     try:

@@ -1,15 +1,5 @@
-"""Shared pytest fixtures, and the test tiers.
-
-Every test belongs to one tier, chosen here from what it uses, so that ``pytest -m TIER``
-selects it:
-
-* ``unit``: pure functions and tiny randomly initialised models (minutes in all);
-* ``models``: tests that load an embedded model (SmolLM2-135M, Gemma-3-270M);
-* ``notebooks``: nbval over ``notebooks/`` (each cell of each notebook).
-
-A test that loads an embedded model without one of the fixtures below carries
-``@pytest.mark.models`` itself.
-"""
+"""Shared pytest fixtures. The test tiers are assigned in the repository's root
+``conftest.py``."""
 
 from __future__ import annotations
 
@@ -17,52 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
-TIERS = ("unit", "models", "notebooks")
-#: Fixtures that load an embedded model: a test that uses one is in the ``models`` tier.
-MODEL_FIXTURES = {"smollm2", "gemma3", "embedded"}
-
-
-def _uses_a_model(item) -> bool:
-    """Whether a test asks for a model fixture, directly or as a parameter that it looks
-    up with ``request.getfixturevalue``."""
-    if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
-        return True
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    return any(isinstance(v, str) and v in MODEL_FIXTURES for v in params.values())
-
-
-def pytest_terminal_summary(terminalreporter):
-    """One line with each tier's time: setup, call and teardown of its tests, summed from
-    the session's reports (a conftest's runtest hooks would only see tests below it)."""
-    seconds: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for reports in terminalreporter.stats.values():
-        for report in reports:
-            keywords = getattr(report, "keywords", None)
-            if keywords is None or not hasattr(report, "duration"):
-                continue
-            tier = next((t for t in TIERS if t in keywords), None)
-            if tier is None:
-                continue
-            seconds[tier] = seconds.get(tier, 0.0) + report.duration
-            counts[tier] = counts.get(tier, 0) + (report.when == "call")
-    if seconds:
-        parts = [f"{t} {seconds[t]:.0f} s ({counts[t]} tests)" for t in TIERS if t in seconds]
-        terminalreporter.write_line("time per tier: " + ", ".join(parts))
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if any(item.get_closest_marker(tier) for tier in TIERS):
-            continue
-        if str(getattr(item, "path", "")).endswith(".ipynb"):
-            item.add_marker(pytest.mark.notebooks)
-        elif _uses_a_model(item):
-            item.add_marker(pytest.mark.models)
-        else:
-            item.add_marker(pytest.mark.unit)
-
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

@@ -493,9 +493,6 @@ def load_model(
     sharded = device_map is not None or n_devices is not None
     device = None if sharded else torch.device(device) if device else default_device()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens.model_bridge import TransformerBridge
-
     offline_only = False
     local = None if name in EMBEDDED_MODELS else _local_source(name)
     if name in EMBEDDED_MODELS:
@@ -519,6 +516,9 @@ def load_model(
                 raise ModelLoadError(_offline_message(
                     name, OSError("the hub cannot be reached and the model is not in the hub cache")))
             offline_only = True  # load from the hub cache without a minute of retries
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
     load_kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if offline_only:
         load_kwargs["local_files_only"] = True

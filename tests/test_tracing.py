@@ -172,7 +172,7 @@ def test_hooks_do_not_leak_after_an_exception(smollm2, monkeypatch):
         (dict(window=0), "window must be a positive integer"),
         (dict(severed="ffn"), "severed must be one of"),
         (dict(severed="mlp", kinds=("resid", "mlp")), "restores the residual stream only"),
-        (dict(layers=[0, 30]), r"layers must be in \[0, 30\)"),
+        (dict(layers=[0, 30]), r"layer 30 is outside the model; layers must be in \[0, 29\]"),
         (dict(samples=0), "samples must be a positive integer"),
         (dict(noise=-1.0), "noise scale must be a positive number"),
         (dict(noise="big"), "noise must be a positive number"),

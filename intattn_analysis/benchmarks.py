@@ -99,6 +99,14 @@ def _folders() -> list[tuple[str, Path]]:
     return folders
 
 
+def _find(benchmark: Benchmark) -> tuple[str, Path] | None:
+    """The first folder (label, path) that holds the file, or ``None``."""
+    for label, folder in _folders():
+        if (folder / benchmark.path).is_file():
+            return label, folder / benchmark.path
+    return None
+
+
 def _download(benchmark: Benchmark, target: Path, timeout: float) -> None:
     import urllib.request
 
@@ -124,12 +132,10 @@ def resolve_benchmark(name: str, *, download: bool = True, timeout: float = 5.0)
     benchmark = lookup(name)
     if benchmark is None:
         raise DatasetError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
-    tried = []
-    for label, folder in _folders():
-        path = folder / benchmark.path
-        if path.is_file():
-            return path
-        tried.append(f"{label} ({path})")
+    found = _find(benchmark)
+    if found is not None:
+        return found[1]
+    tried = [f"{label} ({folder / benchmark.path})" for label, folder in _folders()]
     reason = "no download source gives exactly this file" if benchmark.url is None else None
     if reason is None and download:
         target = cache_root() / "data" / benchmark.path
@@ -154,11 +160,7 @@ def benchmark_status() -> list[dict]:
     its checksum is the recorded one."""
     rows = []
     for benchmark in BENCHMARKS.values():
-        where, path = "missing", None
-        for label, folder in _folders():
-            if (folder / benchmark.path).is_file():
-                where, path = label, folder / benchmark.path
-                break
+        where, path = _find(benchmark) or ("missing", None)
         rows.append({
             "name": benchmark.name,
             "found in": where,

@@ -1,36 +1,55 @@
-"""What does editing cost? Covariance passes and IntAttn-Edit vs MEMIT, in one run.
+"""What does editing cost? Every phase against its limit, and against older code, in one run.
 
-The script prints
+On one batch of edits (KnowEdit ZsRE test records by default) the script times
 
-1. the second moments of every edited layer's two keys (``down_proj`` and ``o_proj``
+1. **second moments**: every edited layer's two keys (``down_proj`` and ``o_proj``
    inputs) collected in one streaming pass vs one pass per (module, layer), on the same
-   tokens (time of the collection passes, the corpus being read once before), with the
-   largest difference between the two results;
-2. IntAttn-Edit vs MEMIT wall time for the same batch of edits (KnowEdit ZsRE test
-   records), targets included, as a ratio (the extra attention solve should cost little),
-   and each method's Edit Succ. on the batch;
-3. the peak resident memory of each phase (sampled every 20 ms).
+   tokens, with the largest difference between the two results (``--skip-moments`` to
+   leave this out);
+2. **targets** (``compute_z``): the suffix path (each step runs only the positions from
+   the subject's last token on) against the code of ``--baseline`` (a git commit, default
+   ``421f15e``, loaded from the repository as it was) and, with ``--whole-rows``, against
+   this code running whole rows (the path before the suffix engine, same stop rule). The
+   *limit* is a dense forward+backward from block ``L + 1`` over exactly the suffix
+   positions the optimisation had to run (no padding, no prefix, no Python per row),
+   timed on a ``[64, 8]`` block and scaled to those positions;
+3. **solve**: MEMIT's update given the targets; its limit is what the update cannot skip:
+   one forward of the key rows to each edited layer plus the dense solves of its size;
+4. **evaluation** (KnowEdit metrics and Fluency, 50 greedy tokens): this code against
+   the baseline commit's ``evaluate`` on the unedited model, with the metrics compared;
+   the limit is a plain forward over the same rows (every scored sequence once, and every
+   prompt with its generated tokens once);
+5. **IntAttn-Edit vs MEMIT** solve time on the same batch and targets (``--alpha``),
+   and both edits' KnowEdit metrics.
 
-Run it alone on the machine; other processes on the same cores distort the timings.
+Each line gives wall time, seconds per edit, the ratio to the limit and the ratio to the
+new code. Run it alone on the machine: other processes on the same cores distort timings.
 
-    python benchmarks/bench_editing.py                        # SmolLM2, 100 edits
-    python benchmarks/bench_editing.py --edits 20 --mom2-tokens 5000
+    python benchmarks/bench_editing.py                          # SmolLM2, 100 edits
+    python benchmarks/bench_editing.py --edits 16 --whole-rows --skip-moments
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import types
 from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
 import psutil
 import torch
 
 import intattn_analysis as ia
+from intattn_analysis import metrics as metrics_now
+from intattn_analysis import targets as targets_now
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
@@ -55,81 +74,222 @@ def peak_rss(out: dict, key: str, period: float = 0.02):
         out[key] = max(peak[0], process.memory_info().rss) / 2**20
 
 
+def module_at(commit: str, name: str) -> types.ModuleType:
+    """``intattn_analysis/<name>.py`` as it was at ``commit``, imported beside today's
+    package (its relative imports resolve to today's modules)."""
+    source = subprocess.run(
+        ["git", "show", f"{commit}:intattn_analysis/{name}.py"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout
+    module = types.ModuleType(f"intattn_analysis._{name}_at_{commit}")
+    module.__package__ = "intattn_analysis"
+    module.__file__ = f"{commit}:intattn_analysis/{name}.py"
+    sys.modules[module.__name__] = module
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    out = function(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- limits
+def dense_step_seconds_per_position(model, layer: int, rows: int = 64, width: int = 8,
+                                    scored: int = 3, repeats: int = 3) -> float:
+    """Seconds per position of a forward+backward from block ``layer + 1`` on a dense
+    ``[rows, width]`` residual block, unembedding ``scored`` positions per row."""
+    from intattn_analysis.targets import _FINAL_NORM_HOOK, _resume
+
+    scale = float(model.hf_model.get_input_embeddings().weight.std()) * 10
+    x = (torch.randn(rows, width, model.d_model) * scale).requires_grad_(True)
+    hooks = [(_FINAL_NORM_HOOK, lambda y, hook=None: y[:, -scored:].contiguous())]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        logits = _resume(model, x, layer + 1, hooks)
+        torch.log_softmax(logits.float(), dim=-1)[..., 0].sum().backward()
+        best = min(best, time.perf_counter() - start)
+        x.grad = None
+    return best / (rows * width)
+
+
+@torch.no_grad()
+def solve_limit_seconds(model, facts, hp, templates, n_modules: int) -> float:
+    """One forward of every key row to each edited layer, plus the dense solves."""
+    from intattn_analysis.targets import _resid_after, pad_rows, prompt_rows
+
+    ids = pad_rows(model, prompt_rows(model, facts, templates))
+    seconds = 0.0
+    for layer in hp.layers:
+        seconds += timed(_resid_after, model, ids, layer)[1]
+    for dim in (model.hf_model.config.intermediate_size, model.d_model)[:n_modules]:
+        a = torch.randn(dim, dim)
+        a = a @ a.T + dim * torch.eye(dim)
+        b = torch.randn(dim, len(facts))
+        seconds += timed(torch.linalg.solve, a, b)[1] * len(hp.layers)
+    return seconds
+
+
+@torch.no_grad()
+def evaluation_limit_seconds(model, facts, generations, batch_size: int = 64) -> float:
+    """A plain bridge forward over every scored sequence once and every prompt with its
+    generated tokens once, right-padded in batches of ``batch_size``."""
+    from intattn_analysis.metrics import answer_token_ids
+
+    pairs = []
+    for f in facts:
+        pairs += [(f.text, f.target_new)] + [(t, f.target_new) for t in f.paraphrase_texts]
+        pairs += [(p.prompt, p.answer) for p in (*f.portability, *f.locality)]
+    pairs = list(dict.fromkeys(pairs))
+    sequences = [model.tokenize(c)[0] + answer_token_ids(model, c, a) for c, a in pairs]
+    sequences += [model.tokenize(f.text + g)[0] for f, g in zip(facts, generations)]
+    sequences.sort(key=len)
+    pad = model.tokenizer.pad_token_id or 0
+    start = time.perf_counter()
+    for k in range(0, len(sequences), batch_size):
+        chunk = sequences[k : k + batch_size]
+        ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
+        for row, s in enumerate(chunk):
+            ids[row, : len(s)] = torch.tensor(s)
+        model.bridge(ids)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--edits", type=int, default=100, help="0: second moments only")
+    parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--dataset", default="knowedit/ZsRE-test-all.json")
+    parser.add_argument("--baseline", default="421f15e",
+                        help="git commit whose targets and evaluation code are timed beside "
+                             "today's ('' for none)")
+    parser.add_argument("--whole-rows", action="store_true",
+                        help="also time today's targets running whole rows (suffix=False)")
     parser.add_argument("--mom2-tokens", type=int, default=20_000)
     parser.add_argument("--alpha", type=float, default=0.5,
-                        help="IntAttn-Edit's attention share for the timing (0 would skip its extra solve)")
+                        help="IntAttn-Edit's attention share for its timing")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-per-layer", action="store_true")
+    parser.add_argument("--skip-moments", action="store_true",
+                        help="no second-moment timing (moments come from the disk cache)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    pd.set_option("display.width", 200)
 
     model = ia.load_model(args.model)
     hp = ia.hparams_for(model).replace(mom2_n_tokens=args.mom2_tokens, alpha=args.alpha)
+    layer = max(hp.layers)
+    print(f"{model.name}: layers {list(hp.layers)}, last layer {layer}, {args.edits} edits, "
+          f"threads={args.threads}, baseline {args.baseline or 'none'}")
     memory: dict[str, float] = {}
-    lines = []
-    print(f"{model.name}: layers {list(hp.layers)}, alpha {hp.alpha}, {args.edits} edits, "
-          f"second moments from {args.mom2_tokens} tokens, threads={args.threads}")
+    lines: list[dict] = []
 
-    # the corpus is sampled (and cached) first, so both collections read the same tokens
-    ia.second_moments(model, hp.layers[:1], modules=("mlp",), n_tokens=hp.mom2_n_tokens,
-                      max_len=hp.mom2_max_len, cache_dir=False, progress=False)
-    with tempfile.TemporaryDirectory() as scratch:
-        with peak_rss(memory, "moments, one pass"):
+    def line(phase, seconds, limit=None, per_edit=True, **extra):
+        lines.append({"phase": phase, "wall_s": seconds,
+                      "s_per_edit": seconds / args.edits if per_edit else None,
+                      "limit_s": limit, "x_limit": seconds / limit if limit else None, **extra})
+
+    # 1. second moments ------------------------------------------------------------
+    if not args.skip_moments:
+        from intattn_analysis.covariance import second_moments_per_layer
+
+        ia.second_moments(model, hp.layers[:1], modules=("mlp",), n_tokens=hp.mom2_n_tokens,
+                          max_len=hp.mom2_max_len, cache_dir=False, progress=False)
+        with tempfile.TemporaryDirectory() as scratch, peak_rss(memory, "moments"):
             start = time.perf_counter()
             one = ia.second_moments(model, hp.layers, n_tokens=hp.mom2_n_tokens,
                                     max_len=hp.mom2_max_len, cache_dir=scratch, progress=False)
-            one_s = one.seconds or time.perf_counter() - start  # collection passes only
-    lines.append(("second moments, one pass", len(one), one_s))
-    if not args.skip_per_layer:
-        from intattn_analysis.covariance import second_moments_per_layer
-
-        with peak_rss(memory, "moments, per layer"):
-            start = time.perf_counter()
-            per = second_moments_per_layer(model, hp.layers, n_tokens=hp.mom2_n_tokens,
-                                           max_len=hp.mom2_max_len, progress=False)
-            per_s = per.seconds or time.perf_counter() - start
-        lines.append(("second moments, one pass per (module, layer)", len(per), per_s))
+            one_s = one.seconds or time.perf_counter() - start
+        per, per_s = timed(second_moments_per_layer, model, hp.layers,
+                           n_tokens=hp.mom2_n_tokens, max_len=hp.mom2_max_len, progress=False)
+        per_s = per.seconds or per_s
+        line("second moments, one pass", one_s, per_edit=False)
+        line("second moments, one pass per (module, layer)", per_s, per_edit=False,
+             vs_new=per_s / one_s)
         diff = max(float((one[k] - per[k]).abs().max()) for k in one)
-        print(f"one pass vs per-layer passes: max |difference| {diff:.2e}")
+        print(f"second moments: one pass vs per-layer passes, max |difference| {diff:.2e}")
+    moments = ia.second_moments(model, hp.layers, n_tokens=hp.mom2_n_tokens,
+                                max_len=hp.mom2_max_len, progress=False)
 
-    if args.edits == 0:  # second moments only
-        out = pd.DataFrame(lines, columns=["phase", "items", "wall_s"])
-        print(out.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-        if not args.skip_per_layer:
-            print(f"per-layer passes / one pass: {per_s / one_s:.2f}x")
-        return 0
-    # records whose target_new equals target_true ask for no change and cannot be edited
     facts = [f for f in ia.load_facts(ia.benchmark_path(args.dataset)) if f.changes_answer]
     facts = facts[: args.edits]
-    pre = ia.evaluate(model, facts, metrics=("knowedit",), progress=False)
+    templates = targets_now.context_templates(model, hp.n_context_templates,
+                                              hp.context_template_length)
+
+    # 2. targets -------------------------------------------------------------------
+    with peak_rss(memory, "targets"):
+        new, new_s = timed(targets_now.compute_z, model, facts, hp, templates=templates,
+                           progress=True)
+    per_position = dense_step_seconds_per_position(model, layer)
+    limit = new.work["needed_positions"] * per_position
+    steps = [d["steps"] for d in new.diagnostics]
+    line("targets, suffix path (new)", new_s, limit, vs_new=1.0,
+         steps_per_fact=sum(steps) / len(steps))
+    print(f"targets: {new.work['forwards']} forwards, {new.work['positions']} row-positions run "
+          f"for {new.work['needed_positions']} needed ({new.work['positions'] / new.work['needed_positions']:.2f}x); "
+          f"dense forward+backward {per_position * 1e3:.2f} ms per position")
+    unconverged = sum(s >= hp.v_steps - 1 for s in steps)
+    print(f"targets: {unconverged} of {len(steps)} facts did not meet the stop rule "
+          f"({hp.stop_on} < {hp.stop_loss}) within {hp.v_steps} evaluations")
+    if args.whole_rows:
+        whole, whole_s = timed(targets_now.compute_z, model, facts, hp, templates=templates,
+                               suffix=False, progress=True)
+        cosine = torch.nn.functional.cosine_similarity(new.z, whole.z)
+        steps_w = [d["steps"] for d in whole.diagnostics]
+        line("targets, whole rows (today's path before the suffix engine)", whole_s, limit,
+             vs_new=whole_s / new_s, steps_per_fact=sum(steps_w) / len(steps_w))
+        print(f"targets: suffix vs whole rows, z* cosine min {float(cosine.min()):.7f}, "
+              f"steps equal for {sum(a == b for a, b in zip(steps, steps_w))} of {len(steps)}")
+    if args.baseline:
+        old_targets = module_at(args.baseline, "targets")
+        old, old_s = timed(old_targets.compute_z, model, facts, hp, templates=templates,
+                           progress=True)
+        steps_o = [d["steps"] for d in old.diagnostics]
+        line(f"targets, {args.baseline}", old_s, limit, vs_new=old_s / new_s,
+             steps_per_fact=sum(steps_o) / len(steps_o))
+
+    # 3. solve ---------------------------------------------------------------------
+    pre_knowedit = ia.evaluate(model, facts, metrics=("knowedit",), progress=False)
     scores = {}
     for method in ("memit", "intattn"):
         with peak_rss(memory, f"edit, {method}"):
             start = time.perf_counter()
-            with ia.edit(model, facts, method=method, hparams=hp, moments=one, progress=False) as result:
+            with ia.edit(model, facts, method=method, hparams=hp, moments=moments,
+                         targets=new, progress=False) as result:
                 seconds = time.perf_counter() - start
-                post = ia.evaluate(model, facts, pre=pre, metrics=("knowedit",), progress=False)
+                post = ia.evaluate(model, facts, pre=pre_knowedit, metrics=("knowedit",),
+                                   progress=False)
         scores[method] = post.summary
-        lines.append((f"edit, {method} (targets {result.timings['targets']:.0f} s, "
-                      f"solve {result.timings['solve']:.1f} s)", len(facts), seconds))
+        solve_limit = solve_limit_seconds(model, facts, hp, templates,
+                                          n_modules=1 if method == "memit" else 2)
+        line(f"solve, {method}", result.timings["solve"], solve_limit)
+    intattn_vs_memit = lines[-1]["wall_s"] / lines[-2]["wall_s"]
 
-    out = pd.DataFrame(lines, columns=["phase", "items", "wall_s"])
-    out["peak_rss_mib"] = [memory.get(k) for k in
-                           ["moments, one pass", *([] if args.skip_per_layer else ["moments, per layer"]),
-                            "edit, memit", "edit, intattn"]]
-    pd.set_option("display.width", 200)
-    print(out.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    if not args.skip_per_layer:
-        print(f"per-layer passes / one pass: {per_s / one_s:.2f}x")
-    memit_s, intattn_s = out["wall_s"].iloc[-2], out["wall_s"].iloc[-1]
-    print(f"IntAttn-Edit / MEMIT wall time: {intattn_s / memit_s:.2f}")
+    # 4. evaluation ----------------------------------------------------------------
+    wanted = ("knowedit", "fluency")
+    with peak_rss(memory, "evaluation"):
+        now, now_s = timed(metrics_now.evaluate, model, facts, metrics=wanted, progress=False)
+    eval_limit = evaluation_limit_seconds(model, facts, list(now.per_fact["generation"]))
+    line("evaluation, padded scoring + cached generation (new)", now_s, eval_limit, vs_new=1.0)
+    if args.baseline:
+        old_metrics = module_at(args.baseline, "metrics")
+        then, then_s = timed(old_metrics.evaluate, model, facts, metrics=wanted, progress=False)
+        line(f"evaluation, {args.baseline}", then_s, eval_limit, vs_new=then_s / now_s)
+        exact = ["Edit Succ.", "Rephrase", "Portability", "Fluency"]
+        same = now.per_fact[exact].equals(then.per_fact[exact])
+        gens = sum(a == b for a, b in zip(now.per_fact["generation"], then.per_fact["generation"]))
+        print(f"evaluation vs {args.baseline}: per-fact {', '.join(exact)} identical: {same}; "
+              f"generations identical: {gens} of {len(facts)}")
+
+    out = pd.DataFrame(lines)
+    print(out.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"IntAttn-Edit / MEMIT solve time (same targets): {intattn_vs_memit:.2f}")
     table = pd.DataFrame(scores).T[["Edit Succ.", "Rephrase", "Portability", "Locality"]]
+    print(f"\nmetrics after the edit ({len(facts)} edits, targets of the suffix path):")
     print((table * 100).round(1).to_string())
+    print("peak RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
     return 0
 
 

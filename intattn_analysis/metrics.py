@@ -74,13 +74,14 @@ Answers are tokenized as they follow the prompt: ``" " + answer`` (the answer st
 the prompt already ends with whitespace. Prompt and answer are tokenized apart and their
 ids joined, so the answer's tokens are the same after every prompt.
 
-Batching never changes a number: the (prompt, answer) pairs of all facts and probes are
-deduplicated, grouped by their total token length, and run through the bridge in batches
-of ``batch_size`` rows of the *same* length, so there is no padding at all (padding a
-sequence, even with an attention mask, changes its logits by about 1e-4 on CPU). Greedy
-generation batches prompts of the same length in the same way; all rows of a batch grow by
-one token per step, so they stay the same length. The bridge has no key-value cache, so
-each generation step is a full forward of the prompt and the tokens so far.
+Batching changes no number beyond float rounding: the (prompt, answer) pairs of all facts
+and probes are deduplicated, sorted by token length and run through the bridge in
+right-padded batches of ``batch_size`` rows, without an attention mask (causal attention
+keeps every real token from seeing the pads after it), and only the answer positions are
+unembedded; log-probabilities agree with unpadded forwards to 1e-5 (a test checks it).
+Greedy generation batches prompts of the same token length only (left padding with a
+mask moves logits by about 1e-4 on CPU and could flip a near-tie) and decodes with a
+key-value cache: the prompt runs once, then one token per step.
 """
 
 from __future__ import annotations
@@ -230,19 +231,37 @@ def _same_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[i
     ]
 
 
+#: Where the final norm's output can be cut to the scored positions before unembedding.
+_FINAL_NORM_HOOK = "ln_final.hook_out"
+
+
+def _padded_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted by length and cut into batches of at most ``batch_size``, so that
+    each batch pads its rows to a length close to theirs."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def score_answers(
     model: ModelHandle,
     pairs: Sequence[tuple[str, str]],
     *,
-    batch_size: int = 16,
+    batch_size: int = 32,
     progress: bool = True,
+    padded: bool = True,
 ) -> list[AnswerScore]:
     """Teacher-forced scores of ``(context, answer)`` pairs, one :class:`AnswerScore` each.
 
     Each pair is fed as the context's tokens (with the tokenizer's special tokens) followed
-    by :func:`answer_token_ids`. Identical pairs are scored once. Sequences are batched
-    only with others of the same length, so a score does not depend on ``batch_size``.
+    by :func:`answer_token_ids`. Identical pairs are scored once.
+
+    With ``padded`` (default) sequences are sorted by length and run ``batch_size`` at a
+    time, right-padded without a mask: attention is causal, so no real token sees the
+    pads that follow it, and only the answer positions are unembedded. Scores then differ
+    from unpadded forwards only by float rounding (the tests hold log-probabilities to
+    1e-5). ``padded=False`` batches only sequences of the same length (no padding at all,
+    and many more forwards).
     """
     _check_batch_size(batch_size)
     unique = list(dict.fromkeys(pairs))
@@ -251,20 +270,42 @@ def score_answers(
     contexts = model.tokenize([context for context, _ in unique])
     answers = [answer_token_ids(model, context, answer) for context, answer in unique]
     sequences = [c + a for c, a in zip(contexts, answers)]
+    lengths = [len(s) for s in sequences]
+    batches = (_padded_batches if padded else _same_length_batches)(lengths, batch_size)
+    cut = _FINAL_NORM_HOOK in model.bridge.hook_dict
+    pad = model.tokenizer.pad_token_id
+    pad = int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
     scores: dict[tuple[str, str], AnswerScore] = {}
-    batches = _same_length_batches([len(s) for s in sequences], batch_size)
     for batch in tqdm(batches, desc="scoring answers", disable=not progress, leave=False):
-        ids = torch.tensor([sequences[i] for i in batch], device=model.device)
-        logits = model.bridge(ids)
+        width = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
         for row, index in enumerate(batch):
-            start, end = len(contexts[index]) - 1, len(sequences[index]) - 1
-            log_probs = torch.log_softmax(logits[row, start:end].float(), dim=-1)
-            target = torch.tensor(answers[index], device=log_probs.device)
+            ids[row, : lengths[index]] = torch.tensor(sequences[index])
+        # the positions whose logits predict each answer token, row after row
+        entry_row = torch.tensor([row for row, i in enumerate(batch) for _ in answers[i]])
+        entry_pos = torch.tensor([len(contexts[i]) - 1 + k for i in batch for k in range(len(answers[i]))])
+
+        def keep_answers(y: torch.Tensor, hook=None) -> torch.Tensor:
+            return y[entry_row.to(y.device), entry_pos.to(y.device)][None]
+
+        if cut:
+            with model.bridge.hooks(fwd_hooks=[(_FINAL_NORM_HOOK, keep_answers)]):
+                logits = model.bridge(ids.to(model.device))[0]
+        else:
+            logits = model.bridge(ids.to(model.device))[entry_row, entry_pos]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor([a for i in batch for a in answers[i]], device=log_probs.device)
+        chosen = log_probs.gather(1, target[:, None])[:, 0].tolist()
+        predicted = log_probs.argmax(dim=-1).tolist()
+        at = 0
+        for index in batch:
+            n = len(answers[index])
             scores[unique[index]] = AnswerScore(
                 answer_ids=tuple(answers[index]),
-                predicted=tuple(int(t) for t in log_probs.argmax(dim=-1).tolist()),
-                log_probs=tuple(log_probs.gather(1, target[:, None])[:, 0].tolist()),
+                predicted=tuple(int(t) for t in predicted[at : at + n]),
+                log_probs=tuple(chosen[at : at + n]),
             )
+            at += n
     return [scores[pair] for pair in pairs]
 
 
@@ -276,13 +317,23 @@ def greedy_generations(
     *,
     batch_size: int = 16,
     progress: bool = True,
+    kv_cache: bool = True,
 ) -> list[str]:
     """The greedy continuation of each text, the same as
     :func:`~intattn_analysis.known.greedy_continuation` gives one at a time.
 
-    Prompts of the same token length are decoded together, ``batch_size`` at a time, by
-    full bridge forwards (no key-value cache); a row stops at the end-of-sequence token,
-    which is then dropped from the decoded text with the other special tokens.
+    Prompts of the same token length are decoded together, ``batch_size`` at a time (no
+    padding, which would move logits by float rounding and could flip a near-tie). With
+    ``kv_cache`` (default) the prompt runs once and every later step runs only the new
+    token, reading the earlier keys and values from a Hugging Face ``DynamicCache`` that
+    the bridge's attention extends; ``kv_cache=False`` runs the whole sequence at every
+    step. The two give the same tokens (a test checks it). The package decodes with its
+    own loop rather than ``generate``, whose result on a bridge-wrapped model is not
+    the model's greedy decoding.
+
+    A row stops at the end-of-sequence token, which is then dropped from the decoded text
+    with the other special tokens; with the cache, finished rows stay in the batch until
+    every row is done (their extra tokens are discarded).
     """
     _check_batch_size(batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -293,24 +344,84 @@ def greedy_generations(
     encoded = model.tokenize(texts)
     eos = model.tokenizer.eos_token_id
     generated: list[list[int]] = [[] for _ in texts]
-    batches = _same_length_batches([len(e) for e in encoded], batch_size)
+    lengths = [len(e) for e in encoded]
+    if kv_cache:
+        batches = _padded_batches(lengths, batch_size)
+    else:
+        batches = _same_length_batches(lengths, batch_size)
     for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
-        ids = torch.tensor([encoded[i] for i in batch], device=model.device)
-        alive = list(batch)
-        for _ in range(max_new_tokens):
-            next_tokens = model.bridge(ids)[:, -1].argmax(dim=-1)
-            keep = []
-            for row, (index, token) in enumerate(zip(alive, next_tokens.tolist())):
-                generated[index].append(int(token))
-                if eos is None or token != eos:
-                    keep.append(row)
-            if not keep:
-                break
-            ids = torch.cat([ids, next_tokens[:, None]], dim=1)
-            if len(keep) < len(alive):
-                ids = ids[keep]
-                alive = [alive[row] for row in keep]
+        if kv_cache:
+            tokens = _decode_cached(model, [encoded[i] for i in batch], max_new_tokens, eos)
+        else:
+            ids = torch.tensor([encoded[i] for i in batch], device=model.device)
+            tokens = _decode_uncached(model, ids, max_new_tokens, eos)
+        for index, row in zip(batch, tokens):
+            generated[index] = row
     return [model.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in generated]
+
+
+def _decode_uncached(model: ModelHandle, ids: torch.Tensor, steps: int, eos) -> list[list[int]]:
+    """Greedy tokens of each row, each step a forward over the whole sequence so far."""
+    out: list[list[int]] = [[] for _ in range(len(ids))]
+    alive = list(range(len(ids)))
+    for _ in range(steps):
+        next_tokens = model.bridge(ids)[:, -1].argmax(dim=-1)
+        keep = []
+        for row, (index, token) in enumerate(zip(alive, next_tokens.tolist())):
+            out[index].append(int(token))
+            if eos is None or token != eos:
+                keep.append(row)
+        if not keep:
+            break
+        ids = torch.cat([ids, next_tokens[:, None]], dim=1)
+        if len(keep) < len(alive):
+            ids = ids[keep]
+            alive = [alive[row] for row in keep]
+    return out
+
+
+def _decode_cached(model: ModelHandle, prompts: Sequence[Sequence[int]], steps: int, eos) -> list[list[int]]:
+    """Greedy tokens of each prompt: the prompts left-padded and masked in one forward,
+    then one token per row per step, the earlier keys and values read from the cache."""
+    from transformers import DynamicCache
+
+    pad = model.tokenizer.pad_token_id
+    pad = int(pad if pad is not None else (eos if eos is not None else 0))
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    cache = DynamicCache(config=model.hf_model.config)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    step_ids = ids
+    for _ in range(steps):
+        kwargs = {"attention_mask": mask} if not bool(mask.all()) else {}
+        logits = model.bridge(step_ids, **_cache_kwargs(model, cache), **kwargs)
+        next_tokens = logits[:, -1].argmax(dim=-1)
+        for row, token in enumerate(next_tokens.tolist()):
+            if not done[row]:
+                out[row].append(int(token))
+                done[row] = eos is not None and token == eos
+        if all(done):
+            break
+        step_ids = next_tokens[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return out
+
+
+def _cache_kwargs(model: ModelHandle, cache) -> dict:
+    """The keyword arguments that hand ``cache`` to the Hugging Face model (``cache`` in
+    recent versions, ``past_key_values`` before) and, as ``layer_past``, to the bridge's
+    attention components, which read and extend it."""
+    import inspect
+
+    parameters = inspect.signature(model.hf_model.forward).parameters
+    name = "cache" if "cache" in parameters else "past_key_values"
+    return {name: cache, "layer_past": cache, "use_cache": True}
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -455,7 +566,7 @@ def evaluate(
     pre: Evaluation | None = None,
     metrics: Sequence[str] | str = METRICS,
     fluency_tokens: int = 50,
-    batch_size: int = 16,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> Evaluation:
     """Score ``model`` on ``facts`` with the metric sets in ``metrics`` (see the module docstring).
@@ -465,7 +576,9 @@ def evaluate(
     model is recomputed), and a ``pre`` computed on other facts, or without a metric set
     that needs it, raises ``ValueError``. ``fluency_tokens`` is the length of the greedy
     generations scored for fluency. All teacher-forced scoring is one deduplicated pass in
-    batches of ``batch_size`` same-length sequences; results do not depend on it.
+    padded batches of ``batch_size`` sequences (:func:`score_answers`), and generation runs
+    ``batch_size`` same-length prompts at a time; results depend on it only through float
+    rounding.
     """
     facts = _check_facts(facts)
     metrics = _metric_names(metrics)

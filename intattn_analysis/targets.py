@@ -40,6 +40,15 @@ Departures from the reference code (kmeng01/memit ``compute_z.py``), on purpose:
   batch shrinks as facts converge.
 * Layers ``0..L`` do not depend on ``δ``: they run once, and every step starts at block
   ``L + 1`` from the stored residual stream.
+* Positions before the subject's last token do not depend on ``δ`` either (attention is
+  causal), in any layer. Their keys and values in blocks ``L + 1..`` are stored by the
+  same first forward, and every step runs only each row's *suffix*: from the subject's
+  last token to its last scored position (the KL row of "{subject} is a" is one token
+  long). A forward takes rows of similar suffix lengths (:func:`length_groups`); each
+  row reads the stored keys and values of its own earlier positions, left-padded to the
+  longest prefix and masked, and its positions count on from where its prefix ends.
+  ``suffix=False`` runs whole rows instead, the earlier path, kept to check this one
+  against (and used where the bridge cannot resume with a key-value prefix).
 * Context prefixes are greedy, one per start word (MEMIT samples with top-k 5), so they
   are deterministic and cached per model.
 * Only the positions that are scored are unembedded (the final norm's output is cut to
@@ -72,6 +81,7 @@ __all__ = [
     "compute_z",
     "context_templates",
     "context_weights",
+    "length_groups",
     "target_key",
 ]
 
@@ -351,7 +361,8 @@ def _read_target(path: Path, key: dict, d_model: int) -> dict | None:
     return stored
 
 
-def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cache_dir) -> "ZTargets":
+def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cache_dir,
+              suffix=True) -> "ZTargets":
     """:func:`compute_z` through the per-fact cache (``layer`` and ``templates`` resolved)."""
     start_time = time.perf_counter()
     keys = [target_key(model, fact, hparams, layer, templates) for fact in facts]
@@ -361,10 +372,17 @@ def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cac
         if stored is not None:
             found[i] = stored
     missing = [i for i in range(len(facts)) if i not in found]
-    if missing:
-        fresh = compute_z(model, [facts[i] for i in missing], hparams, layer=layer,
-                          templates=templates, batch_size=batch_size, progress=progress)
-        for j, i in enumerate(missing):
+    # one batch at a time, each written as soon as it is done: an interrupted run keeps
+    # every finished batch
+    chunks = [missing[k : k + batch_size] for k in range(0, len(missing), batch_size)]
+    work: dict = {}
+    for chunk in tqdm(chunks, desc="z* batches", disable=not progress or len(chunks) < 2):
+        fresh = compute_z(model, [facts[i] for i in chunk], hparams, layer=layer,
+                          templates=templates, batch_size=batch_size, progress=progress,
+                          suffix=suffix)
+        for name, value in fresh.work.items():
+            work[name] = work.get(name, 0) + value
+        for j, i in enumerate(chunk):
             found[i] = {
                 "key": keys[i],
                 "z": fresh.z[j].tolist(), "h": fresh.h[j].tolist(), "delta": fresh.delta[j].tolist(),
@@ -381,6 +399,7 @@ def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cac
         context_templates=templates,
         diagnostics=[found[i]["diagnostics"] for i in range(len(facts))],
         seconds=time.perf_counter() - start_time,
+        work=work,
     )
 
 
@@ -399,6 +418,10 @@ class ZTargets:
             probability of target_new's tokens before and after (over the contexts),
             ``||δ||``, ``||h||``, steps run.
         seconds: wall time.
+        work: what the optimisation ran: ``forwards`` (one per group of rows per
+            evaluation), ``positions`` (row-positions run, padding included) and
+            ``needed_positions`` (the suffix positions that had to run); empty for
+            targets read from the cache.
     """
 
     z: Tensor
@@ -408,6 +431,51 @@ class ZTargets:
     context_templates: list[str]
     diagnostics: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    work: dict = field(default_factory=dict)
+
+
+#: A forward's fixed cost, in row-positions, when :func:`length_groups` weighs a cut
+#: (the per-forward overhead of the bridge's Python hooks on a small model on CPU).
+GROUP_OVERHEAD_POSITIONS = 64
+
+
+def length_groups(lengths: Sequence[int], overhead: int | None = None) -> list[list[int]]:
+    """Rows cut into forwards, each forward a list of row indices.
+
+    Row ``i`` runs ``lengths[i]`` positions; a forward pads every member to its longest,
+    so it costs ``members × longest`` row-positions plus ``overhead``. Rows are sorted by
+    length and cut where the total cost is least (a dynamic programme, quadratic in the
+    number of rows, which is a few hundred at most). One forward per row pads nothing
+    but pays the overhead each time; one forward for all pads the one-token KL rows to
+    the longest prompt row. ``overhead`` defaults to :data:`GROUP_OVERHEAD_POSITIONS`.
+    """
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"every row needs at least one position, got lengths {list(lengths)}")
+    overhead = GROUP_OVERHEAD_POSITIONS if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = lengths[order[end - 1]]
+        for first in range(end):
+            cost = best[first] + (end - first) * longest + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, first
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def _suffix_engine(model: ModelHandle, ids: Tensor):
+    """The tracing engine of ``model`` if it can resume a forward with a key-value
+    prefix (checked once per model against a full forward), else ``None``."""
+    from .tracing import _engine_for
+
+    engine = _engine_for(model, ids[:1])
+    return engine if engine.prefix_cache else None
 
 
 @torch.no_grad()
@@ -428,9 +496,74 @@ def _resid_after(model: ModelHandle, ids: Tensor, layer: int) -> Tensor:
     return out["resid"]
 
 
-def _resume(model: ModelHandle, resid: Tensor, start: int, hooks: list) -> Tensor:
+@torch.no_grad()
+def _resid_and_kv(
+    model: ModelHandle, ids: Tensor, layer: int
+) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """The residual stream at the output of ``layer`` and, for every layer, the attention
+    keys and values ``[rows, pos, kv_heads, d_head]`` (one forward).
+
+    Only the keys and values of blocks ``layer + 1 ..`` are read by a resumed forward;
+    the entries of the blocks below (skipped there) repeat those of ``layer + 1`` so
+    that the cache has one entry per layer of the length the model expects.
+    """
+    from .tracing import _VALUE_HOOK, _key_hook
+
+    above = range(layer + 1, model.n_layers)
+    names = {hook("resid_post", layer)}
+    names |= {_key_hook(model, l) for l in above} | {_VALUE_HOOK.format(l=l) for l in above}
+    out: dict[str, Tensor] = {}
+
+    def reader(name: str):
+        def read(x: Tensor, hook=None) -> Tensor:
+            out[name] = x.detach().clone()
+            if len(out) == len(names):  # the rest of the forward is not needed
+                raise _Stop
+            return x
+
+        return read
+
+    try:
+        with model.bridge.hooks(fwd_hooks=[(name, reader(name)) for name in names]):
+            model.bridge(ids)
+    except _Stop:
+        pass
+    if len(out) < len(names):
+        raise RuntimeError(f"hooks {sorted(names - set(out))} did not fire during the forward")
+    kv = [(out[_key_hook(model, l)], out[_VALUE_HOOK.format(l=l)]) for l in above]
+    if kv:  # none when ``layer`` is the last block: only the final norm follows
+        kv = [kv[0]] * (layer + 1) + kv
+    return out[hook("resid_post", layer)], kv
+
+
+def _padded_prefix(
+    model: ModelHandle, engine, kv, index: Tensor, first: Tensor, lengths: Tensor, t0: int, w: int
+) -> dict:
+    """Keyword arguments for a resumed forward whose row ``i`` continues after its own
+    ``first[i]`` stored positions: each row's keys and values sit at the right end of
+    ``t0`` slots, the slots before them masked out, and positions count on from
+    ``first[i]``."""
+    from transformers import DynamicCache
+
+    slot = torch.arange(t0, device=index.device)[None, :] - (t0 - first[:, None])  # [rows, t0]
+    real = slot >= 0
+    source = slot.clamp(min=0)
+    data = [
+        (k[index[:, None], source].transpose(1, 2), v[index[:, None], source].transpose(1, 2))
+        for k, v in kv
+    ]
+    cache = DynamicCache(ddp_cache_data=data, config=model.hf_model.config)
+    suffix_real = torch.arange(w, device=index.device)[None, :] < lengths[:, None]
+    mask = torch.cat([real, suffix_real], dim=1).long()
+    positions = first[:, None] + torch.arange(w, device=index.device)[None, :]
+    return {engine.cache_kwarg: cache, "layer_past": cache, "attention_mask": mask,
+            "position_ids": positions}
+
+
+def _resume(model: ModelHandle, resid: Tensor, start: int, hooks: list, prefix: dict | None = None) -> Tensor:
     """Run blocks ``start..`` (and the unembedding) on ``resid``; blocks below ``start``
-    are skipped rather than run and discarded."""
+    are skipped rather than run and discarded. ``prefix`` holds the keyword arguments
+    that let the positions of ``resid`` attend to stored earlier positions."""
     from .tracing import _blocks_skipped
 
     with model.bridge.hooks(fwd_hooks=hooks):
@@ -438,11 +571,11 @@ def _resume(model: ModelHandle, resid: Tensor, start: int, hooks: list) -> Tenso
             # nothing left to run but the final norm and the unembedding
             return model.bridge.unembed(model.bridge.ln_final(resid))
         with _blocks_skipped(model.bridge, start):
-            return model.bridge(resid, start_at_layer=start)
+            return model.bridge(resid, start_at_layer=start, **(prefix or {}))
 
 
 def _losses(
-    logits: Tensor,  # [rows, K, vocab] at the scored positions
+    logits: Tensor,  # [entries, vocab]: each row's scored positions, row after row
     rows: Sequence[Row],
     row_fact: Tensor,
     n_facts: int,
@@ -451,21 +584,20 @@ def _losses(
     """Per-fact mean NLL, per-fact KL, and the KL rows' log-probabilities."""
     device = logits.device
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    prompt_rows_ = [j for j, r in enumerate(rows) if r.kind == "prompt"]
-    kl_rows = [j for j, r in enumerate(rows) if r.kind == "kl"]
-    width = logits.shape[1]
-    answers = torch.zeros(len(prompt_rows_), width, dtype=torch.long, device=device)
-    mask = torch.zeros(len(prompt_rows_), width, device=device)
-    for a, j in enumerate(prompt_rows_):
-        n = len(rows[j].answers)
-        answers[a, :n] = torch.tensor(rows[j].answers, device=device)
-        mask[a, :n] = 1.0
-    token_lp = log_probs[prompt_rows_].gather(-1, answers[..., None])[..., 0]
-    row_nll = -(token_lp * mask).sum(1) / mask.sum(1)
-    facts_of = row_fact[prompt_rows_]
-    nll = torch.zeros(n_facts, device=device).index_add(0, facts_of, row_nll)
+    counts = torch.tensor([len(r.scored) for r in rows], device=device)
+    owner = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+    answers = torch.tensor(
+        [a for r in rows for a in (r.answers if r.kind == "prompt" else (0,) * len(r.scored))],
+        device=device,
+    )
+    is_prompt = torch.tensor([r.kind == "prompt" for r in rows], device=device)
+    token_lp = log_probs.gather(-1, answers[:, None])[:, 0] * is_prompt[owner]
+    row_nll = -torch.zeros(len(rows), device=device).index_add(0, owner, token_lp) / counts
+    facts_of = row_fact[is_prompt]
+    nll = torch.zeros(n_facts, device=device).index_add(0, facts_of, row_nll[is_prompt])
     nll = nll / torch.bincount(facts_of, minlength=n_facts).clamp(min=1)
-    kl_lp = log_probs[kl_rows, 0]  # [facts, vocab], kl rows are in fact order
+    kl_entries = torch.cumsum(counts, 0)[~is_prompt] - 1  # one scored position per KL row
+    kl_lp = log_probs[kl_entries]  # [facts, vocab], KL rows are in fact order
     if kl_init is None:
         kl = torch.zeros(n_facts, device=device)
     else:
@@ -488,22 +620,31 @@ def compute_z(
     batch_size: int = DEFAULT_Z_BATCH,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    suffix: bool = True,
 ) -> ZTargets:
     """Target residual states ``z*`` for ``facts`` at the output of ``layer`` (default:
     the last of ``hparams.layers``); see the module notes for the loss and the batching.
 
     ``batch_size`` facts are optimised together (each with ``1 + n_context_templates``
-    rows plus a KL row); larger batches run faster per fact but hold every row's
-    activations for the backward pass, about 25 MB per row on SmolLM2-135M. A fact's
+    rows plus a KL row); larger batches hold more activations for the backward pass
+    (about 25 MB per whole row on SmolLM2-135M, a third of that for a suffix) and, on 2
+    CPU cores, run no faster per fact beyond 16 (measured: 16 and 32 alike). A fact's
     ``z*`` does not depend on which facts share its batch, so ``batch_size`` changes
     memory and speed only, not the result (up to float rounding: batches are padded to
     different widths).
 
     With ``cache_dir`` each fact's target is read from, or written to, one file there,
     under a key of everything it depends on (:func:`target_key`): a later run on the
-    same fact, in any batch, reuses it. ``seconds`` then counts only the facts computed.
-    The key names the model by its id, so the cache is bypassed (with a warning) while
+    same fact, in any batch, reuses it. Files are written after each batch of
+    ``batch_size`` facts, so an interrupted call loses at most the batch it was in.
+    ``seconds`` then counts only the facts computed. The key names the model by its id, so the cache is bypassed (with a warning) while
     the model carries an unrestored edit (``model.open_edits``).
+
+    ``suffix`` (default) runs each step only on the positions from the subject's last
+    token on, reading the earlier positions' stored keys and values; ``False`` runs whole
+    rows. Both give the same ``z*`` up to float rounding (the tests hold them to a cosine
+    of 0.9999); where the bridge cannot resume a forward with a key-value prefix, whole
+    rows are run anyway.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -527,12 +668,12 @@ def compute_z(
     templates = list(templates)
     if cache_dir is not None:
         return _cached_z(model, facts, hparams, layer, templates, batch_size, progress,
-                         Path(cache_dir))
+                         Path(cache_dir), suffix)
     if len(facts) > batch_size:
         chunks = [facts[i : i + batch_size] for i in range(0, len(facts), batch_size)]
         parts = [
             compute_z(model, chunk, hparams, layer=layer, templates=templates,
-                      batch_size=batch_size, progress=progress)
+                      batch_size=batch_size, progress=progress, suffix=suffix)
             for chunk in tqdm(chunks, desc="z* batches", disable=not progress or len(chunks) < 2)
         ]
         return ZTargets(
@@ -543,48 +684,83 @@ def compute_z(
             context_templates=templates,
             diagnostics=[d for p in parts for d in p.diagnostics],
             seconds=time.perf_counter() - start_time,
+            work={k: sum(p.work.get(k, 0) for p in parts) for k in parts[0].work},
         )
     rows = _training_rows(model, facts, templates, hparams.kl_position)
     ids = pad_rows(model, rows)
     device = ids.device
     n_facts, d_model = len(facts), model.d_model
-    row_index = torch.arange(len(rows), device=device)
     subject_pos = torch.tensor([r.subject_last for r in rows], device=device)
     row_fact = torch.tensor([r.fact_index for r in rows], device=device)
-    width = max(len(r.scored) for r in rows)
-    scored = torch.tensor(
-        [list(r.scored) + [r.scored[-1]] * (width - len(r.scored)) for r in rows], device=device
-    )
     if SUBJECT_SLOT not in templates:
         raise ValueError(f"templates must include the bare prompt '{{}}', got {templates}")
     bare = templates.index(SUBJECT_SLOT)  # h is read in the bare prompt, as MEMIT does
     bare_rows = torch.tensor([i * len(templates) + bare for i in range(n_facts)], device=device)
 
     # Layers 0..L do not depend on delta: run them once, keep the residual stream at the
-    # output of L for every row, and start every optimisation step at block L+1.
-    resid = _resid_after(model, ids, layer)
+    # output of L for every row (and, for the suffix path, the keys and values of the
+    # blocks above), and start every optimisation step at block L+1.
+    engine = _suffix_engine(model, ids) if suffix else None
+    if engine is not None:
+        resid, kv = _resid_and_kv(model, ids, layer)
+    else:
+        resid, kv = _resid_after(model, ids, layer), None
     h = resid[bare_rows, subject_pos[bare_rows]].float().clone()
     delta = torch.zeros(n_facts, d_model, device=device, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     cut = _FINAL_NORM_HOOK in model.bridge.hook_dict
+    # each row runs from the subject's last token (the whole row without the suffix path)
+    # to its last scored position
+    starts = [r.subject_last if engine is not None else 0 for r in rows]
+    ends = [max(r.scored) + 1 for r in rows]
+    work = {"forwards": 0, "positions": 0, "needed_positions": 0}
 
-    def forward(active_rows: Tensor) -> Tensor:
-        """Logits at the scored positions of ``active_rows``, with each row's fact delta
-        added at its subject position."""
-        x = resid[active_rows]
+    def group_logits(members: list[int]) -> Tensor:
+        """Logits ``[entries, vocab]`` at the scored positions of rows ``members`` (one
+        forward), with each row's fact delta added at its subject position.
+
+        Each row runs its own positions ``starts .. ends``: the suffixes are right-padded
+        to the longest, and the stored keys and values of each row's earlier positions
+        are left-padded to the longest prefix, the pads masked out of attention."""
+        index = torch.tensor(members, device=device)
+        first = torch.tensor([starts[j] for j in members], device=device)
+        lengths = torch.tensor([ends[j] - starts[j] for j in members], device=device)
+        t0, w = int(first.max()), int(lengths.max())
+        take = (first[:, None] + torch.arange(w, device=device)).clamp(max=resid.shape[1] - 1)
+        x = resid[index[:, None], take]
         add = torch.zeros_like(x)
-        local = torch.arange(len(active_rows), device=device)
-        add[local, subject_pos[active_rows]] = delta[row_fact[active_rows]].to(x.dtype)
-        picked = scored[active_rows]
+        local = torch.arange(len(members), device=device)
+        add[local, subject_pos[index] - first] = delta[row_fact[index]].to(x.dtype)
+        entry_row = torch.tensor([k for k, j in enumerate(members) for _ in rows[j].scored],
+                                 device=device)
+        entry_pos = torch.tensor([p - starts[j] for j in members for p in rows[j].scored],
+                                 device=device)
 
         def keep_scored(y: Tensor, hook=None) -> Tensor:
-            return y.gather(1, picked[..., None].expand(-1, -1, y.shape[-1])).contiguous()
+            return y[entry_row, entry_pos][None]
 
-        hooks = [(_FINAL_NORM_HOOK, keep_scored)] if cut else []
-        logits = _resume(model, x + add, layer + 1, hooks)
-        if not cut:
-            logits = logits.gather(1, picked[..., None].expand(-1, -1, logits.shape[-1]))
+        prefix = None
+        if t0 > 0 and layer + 1 < model.n_layers:
+            prefix = _padded_prefix(model, engine, kv, index, first, lengths, t0, w)
+        if cut:
+            logits = _resume(model, x + add, layer + 1, [(_FINAL_NORM_HOOK, keep_scored)], prefix)[0]
+        else:
+            logits = _resume(model, x + add, layer + 1, [], prefix)[entry_row, entry_pos]
+        work["forwards"] += 1
+        work["positions"] += len(members) * w
+        work["needed_positions"] += int(lengths.sum())
         return logits
+
+    def forward(members: list[int]) -> Tensor:
+        """Logits at the scored positions of rows ``members``, row after row in that
+        order; rows of similar lengths share a forward (:func:`length_groups`)."""
+        groups = length_groups([ends[j] - starts[j] for j in members])
+        parts = {}
+        for group in groups:
+            logits = group_logits([members[k] for k in group])
+            sizes = [len(rows[members[k]].scored) for k in group]
+            parts.update(zip(group, torch.split(logits, sizes)))
+        return torch.cat([parts[k] for k in range(len(members))])
 
     def losses(active: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """NLL and KL of the facts ``active`` (in that order), and their KL log-probs."""
@@ -593,7 +769,7 @@ def compute_z(
         local_fact = {f: i for i, f in enumerate(active)}
         sub_rows = [rows[j] for j in chosen]
         sub_fact = torch.tensor([local_fact[r.fact_index] for r in sub_rows], device=device)
-        logits = forward(torch.tensor(chosen, device=device))
+        logits = forward(chosen)
         init = None if kl_init is None else kl_init[active]
         return _losses(logits, sub_rows, sub_fact, len(active), init)
 
@@ -601,8 +777,12 @@ def compute_z(
     # rule): its delta is frozen and its rows leave the batch, so the result for a fact
     # does not depend on which other facts share the batch. As in MEMIT the loss is
     # evaluated v_steps times and the last evaluation takes no step.
+    # A fact's final loss is that of its last evaluation: its delta does not move after
+    # it (it met the stop rule, or it was the evaluation without a step).
     kl_init = None
     nll_first = loss_first = None
+    nll_final = torch.zeros(n_facts, device=device)
+    loss_final = torch.zeros(n_facts, device=device)
     active = list(range(n_facts))
     steps = [0] * n_facts
     bar = tqdm(range(hparams.v_steps), desc=f"z* at layer {layer}", disable=not progress)
@@ -615,6 +795,7 @@ def compute_z(
             loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * _decay(delta[active], h[active])
             if nll_first is None:
                 nll_first, loss_first = nll.detach().clone(), loss.detach().clone()
+            nll_final[active], loss_final[active] = nll.detach(), loss.detach()
             stopping = loss if hparams.stop_on == "loss" else nll
             keep = [i for i, d in enumerate((stopping < hparams.stop_loss).tolist()) if not d]
             if not keep or step == hparams.v_steps - 1:
@@ -640,14 +821,10 @@ def compute_z(
             steps[i] += 1
         bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}", active=len(active))
 
-    with torch.no_grad():
-        everyone = list(range(n_facts))
-        if kl_init is None:  # v_steps == 0
-            _, _, kl_lp = losses(everyone)
-            kl_init = kl_lp
-        nll_final, kl_final, _ = losses(everyone)
-        loss_final = nll_final + hparams.kl_factor * kl_final + hparams.v_weight_decay * _decay(delta, h)
-    if nll_first is None:  # v_steps == 0
+    if nll_first is None:  # v_steps == 0: no evaluation yet, and the KL is 0
+        with torch.no_grad():
+            nll_final, _, _ = losses(list(range(n_facts)))
+            loss_final = nll_final + hparams.v_weight_decay * _decay(delta, h)
         nll_first, loss_first = nll_final, loss_final
     first = (loss_first, nll_first)
     delta = delta.detach()
@@ -675,4 +852,5 @@ def compute_z(
         context_templates=templates,
         diagnostics=diagnostics,
         seconds=time.perf_counter() - start_time,
+        work=work,
     )

@@ -15,6 +15,7 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -151,6 +152,70 @@ def test_batched_greedy_generation_equals_greedy_continuation(smollm2):
     assert batched == [greedy_continuation(smollm2, t, 6) for t in texts]
 
 
+def test_padded_scores_equal_unpadded_scores(smollm2, zsre_facts):
+    """Right-padded batches (no mask, causal attention) give the unpadded scores.
+
+    Tolerances: log-probabilities agree to 1e-5 relative and probabilities to 1e-5
+    absolute. Padding changes only the shapes of the float32 matmuls, so logits move by a
+    few ulps of |l| ~ 30 (~2e-6 each); a log-probability of ~-10 sums those errors over the
+    softmax: measured at most 1.9e-5 absolute on 150 ZsRE probes, 2e-6 relative.
+    Argmax tokens agree exactly (no near-tie among these probes).
+    """
+    pairs = []
+    for fact in zsre_facts:
+        pairs += [(fact.text, fact.target_new)]
+        pairs += [(text, fact.target_new) for text in fact.paraphrase_texts]
+        pairs += [(p.prompt, p.answer) for p in (*fact.portability, *fact.locality)]
+    assert len({len(smollm2.tokenize(c)[0]) for c, _ in pairs}) > 2  # really padded
+    padded = score_answers(smollm2, pairs, batch_size=64, progress=False)
+    alone = score_answers(smollm2, pairs, padded=False, progress=False)
+    for a, b in zip(padded, alone):
+        assert a.answer_ids == b.answer_ids and a.predicted == b.predicted
+        np.testing.assert_allclose(a.log_probs, b.log_probs, rtol=1e-5, atol=1e-6)
+        assert a.probability == pytest.approx(b.probability, abs=1e-5)
+
+
+def test_cached_generation_equals_uncached_generation(smollm2):
+    """The key-value-cached loop (prompts of different lengths left-padded and masked in
+    one batch) writes the tokens that full forwards write, step after step."""
+    texts = [
+        "The Eiffel Tower is located in the city of",
+        "The capital of Germany is",
+        "Water is made of",
+        "In 1969 the first people to walk on the Moon were",
+    ]
+    assert len({len(smollm2.tokenize(t)[0]) for t in texts}) == len(texts)
+    cached = greedy_generations(smollm2, texts, 12, batch_size=4, progress=False)
+    uncached = greedy_generations(smollm2, texts, 12, kv_cache=False, progress=False)
+    assert cached == uncached
+    assert cached == [greedy_continuation(smollm2, t, 12) for t in texts]
+
+
+def test_fast_evaluation_equals_the_unbatched_path(smollm2, zsre_facts, monkeypatch):
+    """evaluate() with padded scoring and cached generation gives the metrics of
+    same-length scoring and uncached generation: accuracies, locality and fluency rest on
+    argmax tokens and are identical; probabilities agree to 1e-5 (see above)."""
+    from functools import partial
+
+    from intattn_analysis import metrics
+
+    facts = HAND + zsre_facts[:3]
+    fast = evaluate(smollm2, facts, fluency_tokens=8, progress=False)
+    monkeypatch.setattr(metrics, "score_answers", partial(metrics.score_answers, padded=False))
+    monkeypatch.setattr(metrics, "greedy_generations",
+                        partial(metrics.greedy_generations, kv_cache=False))
+    slow = evaluate(smollm2, facts, fluency_tokens=8, progress=False)
+    exact = [c for c in fast.per_fact.columns
+             if c.split("/")[0] in ("Edit Succ.", "Rephrase", "Portability", "Fluency",
+                                    "Efficacy", "Paraphrase", "Neighborhood", "old_top1")
+             or c.startswith("Residue old")]
+    pd.testing.assert_frame_equal(fast.per_fact[exact], slow.per_fact[exact])
+    assert list(fast.per_fact["generation"]) == list(slow.per_fact["generation"])
+    close = [c for c in fast.per_fact.select_dtypes("number").columns if c not in exact]
+    np.testing.assert_allclose(fast.per_fact[close].to_numpy(float),
+                               slow.per_fact[close].to_numpy(float), atol=1e-5, equal_nan=True)
+
+
 # --------------------------------------------------------------------------- metrics
 def test_edit_success_is_one_for_the_known_answer_and_low_for_a_weird_one(hand_pre):
     rows = hand_pre.per_fact.set_index("case_id")
@@ -258,8 +323,8 @@ def test_batch_size_does_not_change_any_number(smollm2, zsre_facts):
     assert list(one.per_fact.columns) == list(eight.per_fact.columns)
     numbers = one.per_fact.select_dtypes("number").columns
     assert "Fluency" in numbers and "Edit Succ." in numbers
-    # Same-length rows, no padding: 1 or 8 rows per forward change only the float32
-    # summation order. Probabilities move by <= max|dl|/2 and magnitudes (differences of two)
+    # 1 or 8 rows per forward (right-padded to the longest) change only the float32
+    # summation order (see test_padded_scores_equal_unpadded_scores). Probabilities move by <= max|dl|/2 and magnitudes (differences of two)
     # by <= max|dl|, within 1e-5 for logit gaps under 1e-5 (~5 ulps at |l| ~ 30; seen:
     # 1.5e-6); accuracies and fluency rest on argmax tokens and agree exactly.
     np.testing.assert_allclose(

@@ -174,7 +174,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-moments", action="store_true",
                         help="no second-moment timing (moments come from the disk cache)")
+    parser.add_argument("--only", choices=("targets", "evaluation"),
+                        help="time only this phase (targets: no solve or evaluation)")
     args = parser.parse_args(argv)
+    if args.only:
+        args.skip_moments = True
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 200)
 
@@ -218,6 +222,9 @@ def main(argv=None) -> int:
     templates = targets_now.context_templates(model, hp.n_context_templates,
                                               hp.context_template_length)
 
+    if args.only == "evaluation":
+        return _evaluation(args, model, facts, lines, line, memory)
+
     # 2. targets -------------------------------------------------------------------
     with peak_rss(memory, "targets"):
         new, new_s = timed(targets_now.compute_z, model, facts, hp, templates=templates,
@@ -250,6 +257,8 @@ def main(argv=None) -> int:
         line(f"targets, {args.baseline}", old_s, limit, vs_new=old_s / new_s,
              steps_per_fact=sum(steps_o) / len(steps_o))
 
+    if args.only == "targets":
+        return _report(lines, memory)
     # 3. solve ---------------------------------------------------------------------
     pre_knowedit = ia.evaluate(model, facts, metrics=("knowedit",), progress=False)
     scores = {}
@@ -267,7 +276,17 @@ def main(argv=None) -> int:
         line(f"solve, {method}", result.timings["solve"], solve_limit)
     intattn_vs_memit = lines[-1]["wall_s"] / lines[-2]["wall_s"]
 
-    # 4. evaluation ----------------------------------------------------------------
+    _evaluation(args, model, facts, lines, line, memory, report=False)
+    _report(lines, memory)
+    print(f"IntAttn-Edit / MEMIT solve time (same targets): {intattn_vs_memit:.2f}")
+    table = pd.DataFrame(scores).T[["Edit Succ.", "Rephrase", "Portability", "Locality"]]
+    print(f"\nmetrics after the edit ({len(facts)} edits, targets of the suffix path):")
+    print((table * 100).round(1).to_string())
+    return 0
+
+
+def _evaluation(args, model, facts, lines, line, memory, report=True) -> int:
+    """4. Time today's evaluation against the baseline's on the unedited model."""
     wanted = ("knowedit", "fluency")
     with peak_rss(memory, "evaluation"):
         now, now_s = timed(metrics_now.evaluate, model, facts, metrics=wanted, progress=False)
@@ -283,12 +302,13 @@ def main(argv=None) -> int:
         print(f"evaluation vs {args.baseline}: per-fact {', '.join(exact)} identical: {same}; "
               f"generations identical: {gens} of {len(facts)}")
 
-    out = pd.DataFrame(lines)
-    print(out.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"IntAttn-Edit / MEMIT solve time (same targets): {intattn_vs_memit:.2f}")
-    table = pd.DataFrame(scores).T[["Edit Succ.", "Rephrase", "Portability", "Locality"]]
-    print(f"\nmetrics after the edit ({len(facts)} edits, targets of the suffix path):")
-    print((table * 100).round(1).to_string())
+    if report:
+        _report(lines, memory)
+    return 0
+
+
+def _report(lines, memory) -> int:
+    print(pd.DataFrame(lines).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("peak RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
     return 0
 

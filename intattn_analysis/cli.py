@@ -221,9 +221,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         changes["mom2_n_tokens"] = args.mom2_tokens
     if args.v_steps is not None:
         changes["v_steps"] = args.v_steps
+    if args.stop_on is not None:
+        changes["stop_on"] = args.stop_on
     hp = hp.replace(**changes)
     print(f"{model.name}: {len(batches)} batch(es) of {args.batch_size} from {path.name}; "
-          f"layers {list(hp.layers)}, lambda {hp.lambda_mlp:g}, {hp.mom2_n_tokens} corpus tokens",
+          f"layers {list(hp.layers)}, lambda {hp.lambda_mlp:g}, {hp.mom2_n_tokens} corpus tokens, "
+          f"targets: {hp.v_steps} evaluations, stop on {hp.stop_on} < {hp.stop_loss:g}",
           flush=True)
     moments = second_moments(model, hp.layers, n_tokens=hp.mom2_n_tokens, max_len=hp.mom2_max_len,
                              dtype=hp.torch_mom2_dtype, progress=True)
@@ -298,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--v-steps", type=int,
                           help="loss evaluations of the target optimisation (MEMIT's v_num_grad_steps; "
                                "one update fewer)")
+    evaluate.add_argument("--stop-on", choices=("loss", "nll"),
+                          help="what must fall below stop_loss to end a fact's target optimisation "
+                               "(loss: MEMIT's rule, the default; nll: the NLL alone)")
     evaluate.add_argument("--fluency-tokens", type=int, default=50)
     evaluate.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     evaluate.add_argument("--lenient", action="store_true",

@@ -102,7 +102,7 @@ def edit_batches(
 
     The targets depend only on the unedited model, the facts and the last edited layer,
     so every method of a batch shares them (computed once per batch). They are the
-    expensive part (about 10-15 s per fact on a 2-core CPU), so each fact's target is
+    expensive part (about 4 s per fact on a 2-core CPU with SmolLM2), so each fact's target is
     cached on disk (``targets_cache``: ``True`` for ``<cache root>/targets``, a folder,
     or ``False``/``None`` for no cache; see :func:`intattn_analysis.compute_z`). The
     weights are restored bit for bit after each method, so methods and batches do not

@@ -249,6 +249,34 @@ def test_a_damaged_target_file_is_recomputed(tiny_llama, tmp_path, content):
     assert json.loads(path.read_text())["z"] == stored["z"]  # replaced on disk
 
 
+def test_an_interrupted_target_run_keeps_its_finished_batches(tiny_llama, tmp_path, monkeypatch):
+    """Targets are written to the cache batch by batch: a failure in the second batch
+    leaves the first batch's files, and the rerun computes only the rest."""
+    from intattn_analysis import targets
+
+    hp = ia.EditHparams(layers=(1,), n_context_templates=0, v_steps=3)
+    facts = [ia.Fact.from_text("w10 w11 w20", "w10", "w40", target_true="w50"),
+             ia.Fact.from_text("w12 w13 w21", "w12", "w41", target_true="w51")]
+    real = targets.compute_z
+    calls = []
+
+    def failing_second(model, chunk, *args, **kwargs):
+        calls.append([f.key for f in chunk])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(targets, "compute_z", failing_second)
+    with pytest.raises(KeyboardInterrupt):
+        real(tiny_llama, facts, hp, cache_dir=tmp_path, batch_size=1, progress=False)
+    assert len(list(tmp_path.rglob("z-*.json"))) == 1
+    calls.clear()
+    monkeypatch.setattr(targets, "compute_z", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    again = real(tiny_llama, facts, hp, cache_dir=tmp_path, batch_size=1, progress=False)
+    assert len(calls) == 1 and again.z.shape[0] == 2  # only the missing fact was computed
+    assert len(list(tmp_path.rglob("z-*.json"))) == 2
+
+
 @pytest.mark.parametrize("content", ["[1, 2, 3, 4]", '["{}", 5]', "null", "{"])
 def test_damaged_context_prefixes_are_written_again(tiny_llama, tmp_path, monkeypatch, content):
     from intattn_analysis import targets

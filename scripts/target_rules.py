@@ -4,8 +4,9 @@ For one batch of editable records (ZsRE train by default: settings are chosen on
 records and reported on test records) and each target setting, the script computes the
 targets (cached per fact under ``<cache root>/targets``, so a rerun resumes), counts the
 facts that never meet the stop rule, and then edits with MEMIT at each lambda and prints
-the KnowEdit metrics with 95% confidence intervals over the facts. The table is also
-written to ``figures/target_rules.csv``.
+the KnowEdit metrics with 95% confidence intervals over the facts, and each setting's
+difference from the first (the reference rule) at the same lambda, paired over the same
+facts. The table is also written to ``figures/target_rules.csv``.
 
     python scripts/target_rules.py                       # SmolLM2, 100 train records
     python scripts/target_rules.py --facts 50 --lambdas 250 1000
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
                                 max_len=base.mom2_max_len, progress=True)
     pre = ia.evaluate(model, facts, metrics=("knowedit",), progress=False)
     rows = []
+    first: dict[float, pd.DataFrame] = {}  # the first setting's per-fact metrics, per lambda
     for index, (name, changes) in enumerate(SETTINGS.items()):
         if index not in args.settings:
             continue
@@ -90,10 +92,15 @@ def main(argv=None) -> int:
                    "not meeting the stop rule": unconverged,
                    "mean p(new) after": sum(d["p_target_after"] for d in targets.diagnostics) / len(facts),
                    "targets s (0 if cached)": round(seconds, 1)}
-            for metric in ("Edit Succ.", "Rephrase", "Locality"):
-                mean, half = mean_ci(post.per_fact[metric].astype(float))
+            per_fact = post.per_fact[["Edit Succ.", "Rephrase", "Locality"]].astype(float)
+            first.setdefault(lam, per_fact)
+            for metric in per_fact:
+                mean, half = mean_ci(per_fact[metric])
                 row[metric] = round(mean, 1)
                 row[f"{metric} ±95%"] = round(half, 1)
+                diff, half = mean_ci(per_fact[metric] - first[lam][metric])
+                row[f"{metric} vs first"] = round(diff, 1)
+                row[f"{metric} vs first ±95%"] = round(half, 1)
             rows.append(row)
             print(pd.DataFrame([row]).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)

@@ -362,17 +362,24 @@ def greedy_generations(
     return [model.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in generated]
 
 
+def _record(next_tokens: torch.Tensor, alive: list[int], out: list[list[int]], eos) -> list[int]:
+    """Append each row's token to its prompt's output (``alive[row]`` is the prompt of
+    batch row ``row``) and return the rows that have not written the end of sequence."""
+    keep = []
+    for row, (index, token) in enumerate(zip(alive, next_tokens.tolist())):
+        out[index].append(int(token))
+        if eos is None or token != eos:
+            keep.append(row)
+    return keep
+
+
 def _decode_uncached(model: ModelHandle, ids: torch.Tensor, steps: int, eos) -> list[list[int]]:
     """Greedy tokens of each row, each step a forward over the whole sequence so far."""
     out: list[list[int]] = [[] for _ in range(len(ids))]
     alive = list(range(len(ids)))
     for _ in range(steps):
         next_tokens = model.bridge(ids)[:, -1].argmax(dim=-1)
-        keep = []
-        for row, (index, token) in enumerate(zip(alive, next_tokens.tolist())):
-            out[index].append(int(token))
-            if eos is None or token != eos:
-                keep.append(row)
+        keep = _record(next_tokens, alive, out, eos)
         if not keep:
             break
         ids = torch.cat([ids, next_tokens[:, None]], dim=1)
@@ -404,11 +411,7 @@ def _decode_cached(model: ModelHandle, prompts: Sequence[Sequence[int]], steps: 
         kwargs = {"attention_mask": mask} if not bool(mask.all()) else {}
         logits = model.bridge(step_ids, **_cache_kwargs(model, cache), **kwargs)
         next_tokens = logits[:, -1].argmax(dim=-1)
-        keep = []
-        for row, (index, token) in enumerate(zip(alive, next_tokens.tolist())):
-            out[index].append(int(token))
-            if eos is None or token != eos:
-                keep.append(row)
+        keep = _record(next_tokens, alive, out, eos)
         if not keep:
             break
         step_ids = next_tokens[:, None]
@@ -425,11 +428,9 @@ def _cache_kwargs(model: ModelHandle, cache) -> dict:
     """The keyword arguments that hand ``cache`` to the Hugging Face model (``cache`` in
     recent versions, ``past_key_values`` before) and, as ``layer_past``, to the bridge's
     attention components, which read and extend it."""
-    import inspect
+    from .tracing import cache_keyword
 
-    parameters = inspect.signature(model.hf_model.forward).parameters
-    name = "cache" if "cache" in parameters else "past_key_values"
-    return {name: cache, "layer_past": cache, "use_cache": True}
+    return {cache_keyword(model): cache, "layer_past": cache, "use_cache": True}
 
 
 def _check_batch_size(batch_size: int) -> None:

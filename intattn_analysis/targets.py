@@ -267,25 +267,16 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def read_at_subject(
-    model: ModelHandle, rows: Sequence[Row], names: Sequence[str]
-) -> dict[str, Tensor]:
-    """The activations ``names`` at each row's subject-last position, ``[rows, d]``.
-
-    One forward, stopped as soon as every hook has fired. Head-split activations
-    (``attn.o.hook_in``: ``[batch, pos, head, d_head]``) are flattened to the
-    concatenated-heads vector that ``o_proj`` reads.
-    """
-    ids = pad_rows(model, rows)
-    index = torch.arange(len(rows), device=ids.device)
-    positions = torch.tensor([r.subject_last for r in rows], device=ids.device)
+def _read_hooks(model: ModelHandle, ids: Tensor, names: Sequence[str], select=None) -> dict[str, Tensor]:
+    """``{name: select(activation)}`` for the hooks ``names`` in one forward of ``ids``,
+    stopped as soon as every hook has fired (``select`` defaults to the whole tensor)."""
     out: dict[str, Tensor] = {}
     wanted = set(names)
 
     def reader(name: str):
         def read(x: Tensor, hook=None) -> Tensor:
-            out[name] = x[index, positions].flatten(1).detach().clone()
-            if set(out) >= wanted:
+            out[name] = (x if select is None else select(x)).detach().clone()
+            if len(out) == len(wanted):  # the rest of the forward is not needed
                 raise _Stop
             return x
 
@@ -300,6 +291,21 @@ def read_at_subject(
     if missing:
         raise RuntimeError(f"hooks {sorted(missing)} did not fire during the forward")
     return out
+
+
+def read_at_subject(
+    model: ModelHandle, rows: Sequence[Row], names: Sequence[str]
+) -> dict[str, Tensor]:
+    """The activations ``names`` at each row's subject-last position, ``[rows, d]``.
+
+    One forward, stopped as soon as every hook has fired. Head-split activations
+    (``attn.o.hook_in``: ``[batch, pos, head, d_head]``) are flattened to the
+    concatenated-heads vector that ``o_proj`` reads.
+    """
+    ids = pad_rows(model, rows)
+    index = torch.arange(len(rows), device=ids.device)
+    positions = torch.tensor([r.subject_last for r in rows], device=ids.device)
+    return _read_hooks(model, ids, names, lambda x: x[index, positions].flatten(1))
 
 
 # =========================================================================== cache
@@ -478,69 +484,35 @@ def _suffix_engine(model: ModelHandle, ids: Tensor):
     return engine if engine.prefix_cache else None
 
 
-@torch.no_grad()
 def _resid_after(model: ModelHandle, ids: Tensor, layer: int) -> Tensor:
     """The residual stream at the output of ``layer`` for every row (one forward that
     stops there)."""
-    out: dict[str, Tensor] = {}
-
-    def read(x: Tensor, hook=None) -> Tensor:
-        out["resid"] = x.detach().clone()
-        raise _Stop
-
-    try:
-        with model.bridge.hooks(fwd_hooks=[(hook("resid_post", layer), read)]):
-            model.bridge(ids)
-    except _Stop:
-        pass
-    return out["resid"]
+    name = hook("resid_post", layer)
+    return _read_hooks(model, ids, [name])[name]
 
 
-@torch.no_grad()
 def _resid_and_kv(
     model: ModelHandle, ids: Tensor, layer: int
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """The residual stream at the output of ``layer`` and, for every layer, the attention
-    keys and values ``[rows, pos, kv_heads, d_head]`` (one forward).
-
-    Only the keys and values of blocks ``layer + 1 ..`` are read by a resumed forward;
-    the entries of the blocks below (skipped there) repeat those of ``layer + 1`` so
-    that the cache has one entry per layer of the length the model expects.
-    """
+    """The residual stream at the output of ``layer`` and the attention keys and values
+    ``[rows, pos, kv_heads, d_head]`` of blocks ``layer + 1 ..``, the ones a resumed
+    forward reads (one forward, stopped after the last of them)."""
     from .tracing import _VALUE_HOOK, _key_hook
 
     above = range(layer + 1, model.n_layers)
-    names = {hook("resid_post", layer)}
-    names |= {_key_hook(model, l) for l in above} | {_VALUE_HOOK.format(l=l) for l in above}
-    out: dict[str, Tensor] = {}
-
-    def reader(name: str):
-        def read(x: Tensor, hook=None) -> Tensor:
-            out[name] = x.detach().clone()
-            if len(out) == len(names):  # the rest of the forward is not needed
-                raise _Stop
-            return x
-
-        return read
-
-    try:
-        with model.bridge.hooks(fwd_hooks=[(name, reader(name)) for name in names]):
-            model.bridge(ids)
-    except _Stop:
-        pass
-    if len(out) < len(names):
-        raise RuntimeError(f"hooks {sorted(names - set(out))} did not fire during the forward")
+    resid = hook("resid_post", layer)
+    names = [resid, *(_key_hook(model, l) for l in above), *(_VALUE_HOOK.format(l=l) for l in above)]
+    out = _read_hooks(model, ids, names)
     kv = [(out[_key_hook(model, l)], out[_VALUE_HOOK.format(l=l)]) for l in above]
-    if kv:  # none when ``layer`` is the last block: only the final norm follows
-        kv = [kv[0]] * (layer + 1) + kv
-    return out[hook("resid_post", layer)], kv
+    return out[resid], kv
 
 
 def _padded_prefix(
     model: ModelHandle, engine, kv, index: Tensor, first: Tensor, lengths: Tensor, t0: int, w: int
 ) -> dict:
     """Keyword arguments for a resumed forward whose row ``i`` continues after its own
-    ``first[i]`` stored positions: each row's keys and values sit at the right end of
+    ``first[i]`` stored positions (``kv``: the blocks above the edited layer, from
+    :func:`_resid_and_kv`): each row's keys and values sit at the right end of
     ``t0`` slots, the slots before them masked out, and positions count on from
     ``first[i]``."""
     from transformers import DynamicCache
@@ -552,6 +524,10 @@ def _padded_prefix(
         (k[index[:, None], source].transpose(1, 2), v[index[:, None], source].transpose(1, 2))
         for k, v in kv
     ]
+    # ``kv`` holds the blocks above the edited layer only; the skipped blocks below get
+    # a placeholder of the same length, never read, so that the cache has one entry per
+    # layer
+    data = [data[0]] * (model.n_layers - len(data)) + data
     cache = DynamicCache(ddp_cache_data=data, config=model.hf_model.config)
     suffix_real = torch.arange(w, device=index.device)[None, :] < lengths[:, None]
     mask = torch.cat([real, suffix_real], dim=1).long()

@@ -575,14 +575,20 @@ def _resumed_logits(
             return model.bridge(resid, start_at_layer=start, **kwargs)
 
 
+def cache_keyword(model: ModelHandle) -> str:
+    """The keyword under which the Hugging Face model takes a key-value cache: ``cache``
+    in recent versions of transformers, ``past_key_values`` before."""
+    parameters = inspect.signature(model.hf_model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 @torch.no_grad()
 def _engine_for(model: ModelHandle, ids: Tensor) -> _Engine:
     """Check on ``ids`` which shortcuts give the same logits as a full forward."""
     known = _ENGINES.get(model.bridge)
     if known is not None:
         return known
-    parameters = inspect.signature(model.hf_model.forward).parameters
-    cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+    cache_kwarg = cache_keyword(model)
     n_layers = model.n_layers
     names = {hook("resid_pre", l) for l in range(n_layers)}
     try:

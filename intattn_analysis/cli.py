@@ -7,6 +7,10 @@
 ``intattn evaluate``   edits batches of benchmark facts with several methods and prints
                        (and saves, batch by batch) the main-table metrics, e.g.
                        ``intattn evaluate --data knowedit/ZsRE-test-all.json --batch-size 100``.
+``intattn run``        runs (or resumes) an experiment of :mod:`intattn_analysis.experiments`
+                       into a store of result files and writes its tables, e.g.
+                       ``intattn run alpha-sweep --model smollm2-135m --dataset zsre --scale paper``.
+``intattn merge``      copies the stores of several shards into one.
 
 Every argument is checked before any work starts; an error in the input is printed as one
 line that names it and the fix (``--debug`` shows the traceback).
@@ -255,6 +259,105 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Where ``intattn run`` stores results unless ``--out`` says otherwise.
+def _default_out(scale: str) -> Path:
+    from .loading import cache_root
+
+    if scale == "paper":
+        from .plots import figures_dir
+
+        return figures_dir() / "paper" / "store"
+    return cache_root() / "experiments" / scale
+
+
+def _table_name(experiment: str) -> str:
+    return experiment.replace("-", "_")
+
+
+def write_tables(experiment: str, tables: dict, folder: Path) -> list[Path]:
+    """Each table of an experiment's summary as ``<experiment>_<table>.csv`` in
+    ``folder``; the main one (``intervals``, or ``aie`` for localization) also as
+    ``<experiment>.csv``. Floats are written with 6 significant digits."""
+    from .loading import write_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    main_table = "intervals" if "intervals" in tables else next(iter(tables))
+    for key, frame in tables.items():
+        if frame is None or frame.empty:
+            continue
+        names = [f"{_table_name(experiment)}_{key}.csv"]
+        if key == main_table:
+            names.insert(0, f"{_table_name(experiment)}.csv")
+        for name in names:
+            path = folder / name
+            write_atomic(path, lambda staging, frame=frame: frame.to_csv(staging, index=False,
+                                                                          float_format="%.6g"))
+            written.append(path)
+    return written
+
+
+def _run(args: argparse.Namespace) -> int:
+    import pandas as pd
+    import torch
+
+    from .experiments import experiment
+    from .experiments.common import parse_shard
+
+    try:
+        module = experiment(args.experiment)
+        shard = parse_shard(args.shard)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.scale not in module.SCALES:
+        raise UsageError(f"--scale must be one of {sorted(module.SCALES)}, got {args.scale!r}")
+    out = Path(args.out) if args.out else _default_out(args.scale)
+    _output_files(str(out / "probe"))  # a writable folder, before any work
+    if args.experiment == "localization" and args.dataset != "builtin":
+        raise UsageError("--dataset: localization traces the built-in facts a model knows; "
+                         "pass --dataset builtin")
+    if args.experiment != "localization" and not args.tables_only:
+        from .experiments.common import dataset_facts
+
+        dataset_facts(args.dataset)  # the file must be there and readable before any work
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.tables_only:
+        from .loading import load_model
+
+        model = load_model(args.model)
+        started = time.perf_counter()
+        module.run(model, args.dataset, args.scale, out, shard=shard, progress=True)
+        print(f"{args.experiment}: {model.name} / {args.dataset} / {args.scale}"
+              f"{f' / shard {args.shard}' if shard else ''} done in "
+              f"{time.perf_counter() - started:.0f} s; store: {out}", flush=True)
+    if shard and not args.tables:
+        print(f"shard {args.shard} done; tables are written once the shards are merged "
+              f"(`intattn run {args.experiment} --tables-only --out MERGED`)")
+        return 0
+    try:
+        tables = module.tables(out)
+    except ValueError as error:  # an empty store, a store of two configurations
+        raise UsageError(f"--out {out}: {error}") from None
+    folder = Path(args.tables) if args.tables else (out.parent if args.scale == "paper" else out)
+    for path in write_tables(args.experiment, tables, folder):
+        print(f"wrote {path}")
+    with pd.option_context("display.width", 200, "display.max_rows", 200,
+                           "display.float_format", "{:.3f}".format):
+        for key, frame in tables.items():
+            if frame is not None and not frame.empty and key != "intervals":
+                print(f"\n{args.experiment}: {key}\n{frame.to_string(index=False)}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .experiments.store import merge_stores
+
+    copied = merge_stores(args.sources, args.out)
+    print(f"copied {copied} unit file(s) into {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .loading import EMBEDDED_MODELS
 
@@ -310,6 +413,26 @@ def main(argv: list[str] | None = None) -> int:
                           help="skip (and list) malformed records instead of stopping")
     evaluate.add_argument("--out", help="write OUT.csv, OUT_per_fact.csv and OUT.md (OUT without a suffix)")
     evaluate.set_defaults(run=_evaluate)
+
+    run = sub.add_parser("run", help="run or resume an experiment into a result store",
+                         parents=[common])
+    run.add_argument("experiment", help="localization, alpha-sweep or alpha-estimators")
+    run.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path")
+    run.add_argument("--dataset", default="zsre",
+                     help="zsre, counterfact, builtin (localization), or a benchmark file")
+    run.add_argument("--scale", default="ci", help="ci (small) or paper")
+    run.add_argument("--shard", help="I/N: run every N-th batch from the I-th (1-based)")
+    run.add_argument("--out", help="store folder (paper: figures/paper/store; ci: the cache)")
+    run.add_argument("--tables", help="where the CSV tables go (paper: the store's parent)")
+    run.add_argument("--tables-only", action="store_true",
+                     help="only summarise what the store holds")
+    run.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    run.set_defaults(run=_run)
+
+    merge = sub.add_parser("merge", help="copy several shards' stores into one", parents=[common])
+    merge.add_argument("sources", nargs="+", help="store folders written by the shards")
+    merge.add_argument("--out", required=True, help="the merged store folder")
+    merge.set_defaults(run=_merge)
 
     args = parser.parse_args(argv)
     try:

@@ -23,6 +23,7 @@ __all__ = [
     "plot_known_by_relation",
     "plot_main_table",
     "plot_severed",
+    "plot_sweep_intervals",
     "plot_trace_heatmaps",
     "save_figure",
 ]
@@ -272,6 +273,42 @@ def plot_alpha_sweep(sweep, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", 
         ax.set_ylim(0, 105)
         title = ": ".join(str(t) for t in (label, panel) if t is not None and t != "")
         ax.set_title(f"alpha sweep{': ' + title if title else ''}", fontsize=10)
+        ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep_intervals(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", "Portability", "Locality"),
+                         label: str = "") -> plt.Figure:
+    """Figure 4 with intervals: each metric's mean over facts against a fixed alpha, with
+    its 95% confidence band, one panel per (model, dataset).
+
+    ``intervals`` is the tidy table of :func:`intattn_analysis.experiments.alpha_sweep.summarise`
+    (columns model, dataset, setting, metric, mean, ci_low, ci_high, n_edits; percent).
+    Settings that are not a number (``traced``, ``pre-edit``) are left out of the curves.
+    """
+    fixed = intervals[pd.to_numeric(intervals["setting"], errors="coerce").notna()].copy()
+    fixed["x"] = fixed["setting"].astype(float)
+    panels = list(dict.fromkeys(zip(fixed["model"], fixed["dataset"])))
+    if not panels:
+        raise ValueError("intervals holds no fixed-alpha settings to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.4), squeeze=False)
+    for ax, (model, dataset) in zip(axes[0], panels):
+        part = fixed[(fixed["model"] == model) & (fixed["dataset"] == dataset)]
+        n = 0
+        for metric in metrics:
+            curve = part[part["metric"] == metric].sort_values("x")
+            if curve.empty:
+                continue
+            line, = ax.plot(curve["x"], curve["mean"], marker="o", ms=3.5, lw=1.5, label=metric)
+            ax.fill_between(curve["x"], curve["ci_low"], curve["ci_high"], color=line.get_color(),
+                            alpha=0.15, lw=0)
+            n = max(n, int(curve["n_edits"].min()))
+        ax.set_xlabel("alpha (attention share of the update)")
+        ax.set_ylabel("% (mean, 95% interval over facts)")
+        ax.set_ylim(0, 105)
+        prefix = f"{label}: " if label else ""
+        ax.set_title(f"{prefix}{model}, {dataset} (n={n} edits)", fontsize=10)
         ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig

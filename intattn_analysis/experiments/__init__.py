@@ -1,0 +1,38 @@
+"""Experiments at a scale that decides: resumable, shardable, stored as plain files.
+
+Each experiment is a module with ``run(model, dataset, scale, root, shard=...)``, which
+computes (or resumes) its units of work into a
+:class:`~intattn_analysis.experiments.store.ResultStore` under ``root``, and
+``summarise(store)``, which turns whatever is stored into tidy tables with intervals.
+``intattn run EXPERIMENT --model M --dataset D --scale ci|paper [--shard I/N] [--out DIR]``
+calls them from the command line.
+
+* ``localization``: causal traces of every known fact (:mod:`.localization`), the
+  per-layer AIE of attention and MLP with intervals and the alphas they imply;
+* ``alpha-sweep``: IntAttn-Edit at fixed alphas and the traced alpha (:mod:`.alpha_sweep`);
+* ``alpha-estimators``: the balance factor derived five ways and each version evaluated
+  (:mod:`.estimators`).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import alpha_sweep, estimators, localization
+from .stats import mean_interval, paired_difference, tidy_intervals
+from .store import ResultStore, StoreError, merge_stores
+
+__all__ = ["EXPERIMENTS", "ResultStore", "StoreError", "mean_interval", "merge_stores",
+           "paired_difference", "tidy_intervals", "experiment"]
+
+#: The experiments ``intattn run`` knows, by name.
+EXPERIMENTS: dict[str, ModuleType] = {
+    module.NAME: module for module in (localization, alpha_sweep, estimators)
+}
+
+
+def experiment(name: str) -> ModuleType:
+    """The experiment module registered under ``name``."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    return EXPERIMENTS[name]

@@ -1,0 +1,266 @@
+"""A resumable, mergeable store of experiment results: one JSON-lines file per unit.
+
+An experiment is cut into *units* of work (one batch edited with one alpha, one chunk of
+facts traced, ...). Each unit is described by a key: a JSON object naming everything its
+result depends on (model and revision, dataset file and its hash, the facts of the batch,
+method, alpha, every hyperparameter, the metric settings, the store format). The unit's
+result is a list of rows, one per fact; it is written as one file
+``<root>/<experiment>/<unit id>.jsonl`` whose every line is a complete row (the unit's
+labels, the fact, the values; the first line also carries the key, as ``unit_key``), so
+``pandas.read_json(path, lines=True, dtype=False)`` reads any file (``dtype=False`` keeps
+labels such as the setting ``"0"`` as text) and a folder of them is a table.
+
+* **Resuming.** A unit's file appears whole or not at all (written to a staging file and
+  renamed), so a killed run leaves only finished units. Before computing a unit the
+  runner asks :meth:`ResultStore.has`; a restarted run computes only what is missing.
+* **Sharding and merging.** The unit id is a hash of the key, so the same unit has the
+  same file name in every process and on every machine. Shards writing into one folder
+  merge by themselves; folders written elsewhere merge by copying their files together
+  (:func:`merge_stores`). Reading several folders (:class:`ResultStore` with several
+  roots) is the same as reading their merge.
+* **Honest keys.** A file whose stored key differs from the key asked for (a hash
+  collision, or a file edited by hand) is an error, not a hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from ..loading import write_atomic
+
+__all__ = ["KEY_FIELD", "STORE_FORMAT", "ResultStore", "StoreError", "StoreWarning", "check_unique",
+           "merge_stores", "unit_id"]
+
+#: Format version of unit files; part of every key, so a new format never reads old files.
+STORE_FORMAT = 2
+#: Columns every row carries besides the key's labels and the unit's own values.
+UNIT_COLUMNS = ("unit", "experiment")
+#: The field of a unit's first line that holds its key (a name no row may use).
+KEY_FIELD = "unit_key"
+
+
+class StoreError(ValueError):
+    """A unit file is malformed or does not belong to the key that names it."""
+
+
+class StoreWarning(UserWarning):
+    """Two copies of one unit differ (see :func:`merge_stores`)."""
+
+
+def _canonical(key: Mapping[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"cannot store a {type(value).__name__} in a unit key: {value!r}")
+
+
+def unit_id(key: Mapping[str, Any], label: str = "") -> str:
+    """The file name stem of a unit: a readable label and 16 hex digits of the key's hash.
+
+    The hash covers the canonical JSON of the whole key (sorted fields), so two processes
+    that build the same key name the same file.
+    """
+    digest = hashlib.sha256(_canonical(key).encode()).hexdigest()[:16]
+    label = "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-")
+    return f"{label}-{digest}" if label else digest
+
+
+def _clean(value: Any) -> Any:
+    """A JSON-safe value: NaN and infinities become null (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        return _clean(value.item())
+    return value
+
+
+class ResultStore:
+    """The units of one experiment, stored under one or more folders.
+
+    Args:
+        roots: the folder (or folders, to read several shards' outputs together) that
+            hold ``<experiment>/<unit id>.jsonl`` files. Units are written to the first.
+        experiment: the experiment's name (the subfolder).
+
+    Rows read back carry the columns ``unit`` (the unit id) and ``experiment`` beside the
+    labels and values the runner stored.
+    """
+
+    def __init__(self, roots: str | os.PathLike | Sequence[str | os.PathLike], experiment: str) -> None:
+        if isinstance(roots, (str, os.PathLike)):
+            roots = [roots]
+        if not roots:
+            raise ValueError("roots is empty; give the folder the store lives in")
+        if not experiment or "/" in experiment:
+            raise ValueError(f"experiment must be a plain name, got {experiment!r}")
+        self.roots = [Path(r) for r in roots]
+        self.experiment = experiment
+
+    @property
+    def folder(self) -> Path:
+        """Where new units are written."""
+        return self.roots[0] / self.experiment
+
+    def _paths(self, uid: str) -> list[Path]:
+        return [root / self.experiment / f"{uid}.jsonl" for root in self.roots]
+
+    def has(self, key: Mapping[str, Any], label: str = "") -> bool:
+        """Whether the unit is stored in any root (its file is checked against the key)."""
+        return self.read_unit(key, label) is not None
+
+    def read_unit(self, key: Mapping[str, Any], label: str = "") -> list[dict] | None:
+        """The rows of one unit, or ``None`` if it is not stored."""
+        uid = unit_id(key, label)
+        for path in self._paths(uid):
+            if path.exists():
+                rows = _read_lines(path)
+                stored = rows[0].get(KEY_FIELD) if rows else None
+                if stored != json.loads(_canonical(key)):
+                    raise StoreError(
+                        f"{path} does not hold the unit it is named for (its key differs); "
+                        "remove the file so that the unit is computed again"
+                    )
+                return rows
+        return None
+
+    def write_unit(
+        self, key: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], label: str = "",
+        labels: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Store a unit's rows, each with ``labels`` (the columns a table groups by), the
+        unit id and the key. The file appears whole or not at all."""
+        if not rows:
+            raise ValueError(f"unit {label or key!r} has no rows; a unit stores at least one")
+        uid = unit_id(key, label)
+        key_json = json.loads(_canonical(key))
+        reserved = {KEY_FIELD, *UNIT_COLUMNS} & {k for row in rows for k in row}
+        if reserved:
+            raise ValueError(f"rows may not use the store's own column names {sorted(reserved)}; "
+                             "rename them")
+        lines = []
+        for i, row in enumerate(rows):
+            record = {"unit": uid, "experiment": self.experiment, **(labels or {}),
+                      **{k: _clean(v) for k, v in row.items()}}
+            if i == 0:  # the key once per file: it identifies the unit, not a row
+                record[KEY_FIELD] = key_json
+            lines.append(json.dumps(record, default=_json_default, allow_nan=False))
+        path = self._paths(uid)[0]
+        text = "\n".join(lines) + "\n"
+        write_atomic(path, lambda staging: Path(staging).write_text(text))
+        return path
+
+    def files(self) -> list[Path]:
+        """Every unit file, deduplicated by unit id (the first root wins)."""
+        seen: dict[str, Path] = {}
+        for root in self.roots:
+            for path in sorted((root / self.experiment).glob("*.jsonl")):
+                seen.setdefault(path.stem, path)
+        return [seen[uid] for uid in sorted(seen)]
+
+    def rows(self, **where: Any) -> pd.DataFrame:
+        """All stored rows as one table (the key dropped), in unit-id order, then row
+        order; ``where`` keeps rows whose columns equal the given values.
+
+        Every unit file is read, whatever configuration made it: a store that holds the
+        same facts under one setting twice (say, after the defaults changed) gives
+        duplicated rows, which :func:`check_unique` finds."""
+        frames = []
+        for path in self.files():
+            records = _read_lines(path)
+            frames.append(pd.DataFrame([{k: v for k, v in r.items() if k != KEY_FIELD} for r in records]))
+        if not frames:
+            return pd.DataFrame(columns=list(UNIT_COLUMNS))
+        frame = pd.concat(frames, ignore_index=True)
+        for column, value in where.items():
+            if column not in frame.columns:
+                raise KeyError(f"no column {column!r} in the store; it has {list(frame.columns)}")
+            frame = frame[frame[column] == value]
+        return frame.reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self.files())
+
+    def __repr__(self) -> str:
+        return f"ResultStore({[str(r) for r in self.roots]}, {self.experiment!r}: {len(self)} units)"
+
+
+def _read_lines(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise StoreError(f"{path}, line {number}: not JSON ({error.msg}); remove the "
+                                 "file so that its unit is computed again") from None
+    return rows
+
+
+def merge_stores(sources: Iterable[str | os.PathLike], target: str | os.PathLike) -> int:
+    """Copy every unit file of ``sources`` (store roots, e.g. one per shard) into
+    ``target``; returns how many files were copied. A unit already in ``target`` is kept;
+    if the copy differs in a result (not a timing), a warning names both files: the same
+    key gave different numbers, for example on two machines whose float arithmetic
+    differs in the last bits."""
+    target = Path(target)
+    copied = 0
+    for source in sources:
+        source = Path(source)
+        files = sorted(source.glob("*/*.jsonl"))
+        if not files:
+            raise StoreError(f"{source} holds no unit files; give a store root, the folder "
+                             "that holds <experiment>/<unit>.jsonl (the --out of `intattn run`)")
+        for path in files:
+            destination = target / path.parent.name / path.name
+            if destination.exists():
+                if _without_timing(_read_lines(destination)) != _without_timing(_read_lines(path)):
+                    warnings.warn(f"{path} and {destination} hold different results for the same "
+                                  f"unit; kept {destination}", StoreWarning, stacklevel=2)
+                continue
+            write_atomic(destination, lambda staging, path=path: shutil.copyfile(path, staging))
+            copied += 1
+    return copied
+
+
+#: Row fields that measure the run rather than the result (ignored when units are compared).
+TIMING_FIELDS = ("seconds",)
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def check_unique(rows: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """``rows`` unchanged if no two rows share ``columns``; otherwise a :class:`StoreError`
+    naming the duplicated labels and the unit files that hold them (results of two
+    configurations under one name, which would be counted twice)."""
+    present = [c for c in columns if c in rows.columns]
+    duplicated = rows[rows.duplicated(present, keep=False)]
+    if len(duplicated):
+        first = {k: (v.item() if hasattr(v, "item") else v) for k, v in duplicated.iloc[0][present].items()}
+        units = sorted(set(duplicated["unit"]))
+        units = units[:6] + (["..."] if len(units) > 6 else [])
+        raise StoreError(
+            f"{len(duplicated)} rows share their labels with another row, e.g. {first}: "
+            f"units {units} hold the same facts under the same setting, made with different "
+            "configurations. Remove the files of the configuration you do not want (or use "
+            "another store folder)")
+    return rows

@@ -1,0 +1,265 @@
+"""The experiment runner: its store, intervals, shards, resuming and merging.
+
+The runner's promise is that a killed run restarted, and shards merged, give the same
+store as one uninterrupted run. The tests below check it on a tiny random Llama with
+hand-made facts, running IntAttn-Edit at two alphas over two batches. Stores are compared
+row by row with every value equal (no tolerance): the same process recomputes the same
+targets and edits with the same float operations in the same order, so a difference
+would be a bug in the runner (a unit computed against the wrong batch, a lost or
+duplicated unit), not float noise. The ``seconds`` column is dropped: it times the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import intattn_analysis as ia
+from intattn_analysis import cli
+from intattn_analysis.experiments import alpha_sweep, stats
+from intattn_analysis.experiments.batches import alpha_label, run_alpha_settings, shard_batches
+from intattn_analysis.experiments.store import (ResultStore, StoreError, StoreWarning, check_unique,
+                                                merge_stores, unit_id)
+from intattn_analysis.hparams import EditHparams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FACTS = [
+    ia.Fact.from_text("w10 w11 w20 w21 w22", "w10 w11", "w40", target_true="w50"),
+    ia.Fact.from_text("w30 w12 w13 w23 w24", "w12 w13", "w41", target_true="w51"),
+    ia.Fact.from_text("w14 w25 w26 w27", "w14", "w42 w43", target_true="w52"),
+    ia.Fact.from_text("w15 w16 w28 w29", "w15 w16", "w44", target_true="w53"),
+]
+SETTINGS = {"0": 0.0, "0.5": 0.5}
+
+
+# ------------------------------------------------------------------------------ store
+def test_store_round_trip_and_key_check(tmp_path):
+    store = ResultStore(tmp_path, "demo")
+    key = {"model": "m", "batch": 0, "alpha": "0.3"}
+    assert not store.has(key, "b0")
+    store.write_unit(key, [{"x": 1.0, "y": float("nan")}, {"x": 2.0, "y": 3.0}], "b0", {"batch": 0})
+    assert store.has(key, "b0")
+    rows = store.rows()
+    assert list(rows["x"]) == [1.0, 2.0] and math.isnan(rows["y"][0])
+    assert set(rows["batch"]) == {0} and "unit_key" not in rows
+    # the file is plain JSON lines, readable without the package
+    path = store.files()[0]
+    assert len(pd.read_json(path, lines=True)) == 2
+    # a file whose key differs from the one it is named for is refused
+    lines = path.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["unit_key"]["alpha"] = "0.4"
+    path.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with pytest.raises(StoreError, match="does not hold the unit"):
+        store.has(key, "b0")
+    path.write_text("not json\n")
+    with pytest.raises(StoreError, match="line 1: not JSON"):
+        store.rows()
+
+
+def test_rows_may_not_use_the_stores_names_and_duplicates_are_named(tmp_path):
+    store = ResultStore(tmp_path, "demo")
+    with pytest.raises(ValueError, match="unit_key"):
+        store.write_unit({"u": 1}, [{"unit_key": 1}], "x")
+    store.write_unit({"u": 1}, [{"case_id": "0", "v": 1.0}], "old", {"setting": "traced"})
+    store.write_unit({"u": 2}, [{"case_id": "0", "v": 2.0}], "new", {"setting": "traced"})
+    with pytest.raises(StoreError, match="same facts under the same setting"):
+        check_unique(store.rows(), ["setting", "case_id"])
+
+
+def test_unit_ids_follow_the_whole_key():
+    key = {"a": 1, "b": [1, 2]}
+    assert unit_id(key, "x") == unit_id({"b": [1, 2], "a": 1}, "x")
+    assert unit_id(key, "x") != unit_id({**key, "a": 2}, "x")
+    assert unit_id(key, "b/0 alpha") .startswith("b-0-alpha-")
+
+
+def test_shards_partition_the_batches():
+    for n in (1, 2, 3, 7):
+        parts = [shard_batches(10, (i, n)) for i in range(1, n + 1)]
+        assert sorted(sum(parts, [])) == list(range(10))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="1 <= i <= n"):
+        shard_batches(10, (0, 2))
+
+
+def test_merge_copies_and_warns_on_a_differing_copy(tmp_path):
+    a, b, merged = ResultStore(tmp_path / "a", "e"), ResultStore(tmp_path / "b", "e"), tmp_path / "m"
+    a.write_unit({"u": 1}, [{"v": 1.0}], "one")
+    b.write_unit({"u": 2}, [{"v": 2.0}], "two")
+    b.write_unit({"u": 1}, [{"v": 1.0, "seconds": 9.0}], "one")  # same result, other timing
+    assert merge_stores([tmp_path / "a", tmp_path / "b"], merged) == 2
+    assert sorted(ResultStore(merged, "e").rows()["v"]) == [1.0, 2.0]
+    # reading both roots is reading their merge
+    both = ResultStore([tmp_path / "a", tmp_path / "b"], "e").rows()
+    assert sorted(both["v"]) == [1.0, 2.0]
+    ResultStore(tmp_path / "c", "e").write_unit({"u": 2}, [{"v": 2.5}], "two")
+    with pytest.warns(StoreWarning, match="different results"):
+        merge_stores([tmp_path / "c"], merged)
+    with pytest.raises(StoreError, match="holds no unit files"):
+        merge_stores([tmp_path / "a" / "e"], merged)  # an experiment folder, not a root
+
+
+# ------------------------------------------------------------------------------ stats
+def test_mean_interval_covers_the_mean_and_is_seeded():
+    values = np.arange(100) % 2  # half ones
+    mean, low, high, n = stats.mean_interval(values)
+    assert (mean, n) == (0.5, 100)
+    # the binomial standard error is 0.05: a 95% interval is about mean -/+ 0.098
+    assert 0.38 < low < 0.42 and 0.58 < high < 0.62
+    assert stats.mean_interval(values) == (mean, low, high, n)
+    assert stats.mean_interval([1.0, float("nan")])[1:] == (pytest.approx(float("nan"), nan_ok=True),) * 2 + (1,)
+    # a constant sample has a zero-width interval (to the rounding of a float64 mean)
+    assert stats.mean_interval([0.7, 0.7, 0.7])[1:3] == pytest.approx((0.7, 0.7), rel=1e-12)
+
+
+def test_paired_difference_pairs_by_index():
+    base = pd.Series([0.0, 1.0, 0.0, 1.0] * 10, index=range(40))
+    better = (base + 0.25).iloc[::-1]  # same facts, other order
+    result = stats.paired_difference(better, base)
+    assert result["diff"] == pytest.approx(0.25) and result["n_edits"] == 40
+    assert result["ci_low"] == pytest.approx(0.25) and result["p_value"] == pytest.approx(1e-4)
+    noise = stats.paired_difference(base.sample(frac=1, random_state=0).set_axis(base.index), base)
+    assert noise["ci_low"] < 0 < noise["ci_high"] and noise["p_value"] > 0.05
+
+
+def test_tidy_intervals_report_shares_in_percent():
+    frame = pd.DataFrame({"setting": ["a"] * 4, "Edit Succ.": [1, 0, 1, 1.0],
+                          "Fluency": [5.0, 5.0, 5.0, 5.0], "Locality": [np.nan] * 4})
+    table = stats.tidy_intervals(frame, ["setting"], ["Edit Succ.", "Fluency", "Locality"])
+    assert list(table["metric"]) == ["Edit Succ.", "Fluency"]  # no Locality values: no row
+    assert table.set_index("metric").loc["Edit Succ.", "mean"] == 75.0
+    assert table.set_index("metric").loc["Fluency", "ci_low"] == 5.0
+
+
+def test_alpha_labels():
+    assert alpha_label(0.3) == "0.3" and alpha_label({5: 0.0, 3: 0.125}) == "3:0.125,5:0"
+
+
+# ---------------------------------------------------------------- resuming and shards
+@pytest.fixture(scope="module")
+def setting(tiny_llama):
+    hp = EditHparams(layers=(1, 2), alpha=0.0, lambda_mlp=4.0, lambda_attn=4.0,
+                     n_context_templates=2, context_template_length=3, v_steps=3)
+    generator = torch.Generator().manual_seed(0)
+    moments = {}
+    for module in ("mlp", "attn"):
+        for layer in hp.layers:
+            d_in = tiny_llama.weight(module, layer).shape[1]
+            basis = torch.randn(4 * d_in, d_in, generator=generator)
+            moments[(module, layer)] = basis.T @ basis / basis.shape[0]
+    return hp, moments
+
+
+def _run(model, setting, root, **kwargs):
+    hp, moments = setting
+    return run_alpha_settings(model, [FACTS[:2], FACTS[2:]], SETTINGS, hp, ResultStore(root, "sweep"),
+                              dataset="hand", moments=moments, metrics=("knowedit",),
+                              progress=False, **kwargs)
+
+
+def _table(root) -> pd.DataFrame:
+    rows = ResultStore(root, "sweep").rows().drop(columns=["seconds"])
+    return rows.sort_values(["unit", "position"]).reset_index(drop=True)
+
+
+def test_killed_run_resumes_to_the_same_store_and_shards_merge(tiny_llama, setting, tmp_path, monkeypatch):
+    before = {k: v.clone() for k, v in tiny_llama.hf_model.state_dict().items()}
+    assert _run(tiny_llama, setting, tmp_path / "whole") == 2 * (1 + len(SETTINGS))
+    whole = _table(tmp_path / "whole")
+    assert len(whole) == 2 * 2 * (1 + len(SETTINGS))
+    assert set(whole["setting"]) == {"pre-edit", *SETTINGS}
+    assert list(whole[whole["setting"] == "0"]["fact_key"]) == [f.key for f in FACTS]
+    assert _run(tiny_llama, setting, tmp_path / "whole") == 0  # everything stored: nothing to do
+
+    # a run killed after its third unit, then restarted
+    real_write = ResultStore.write_unit
+    written = []
+
+    def dying_write(self, *args, **kwargs):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(args[-1] if args else None)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResultStore, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_llama, setting, tmp_path / "killed")
+    monkeypatch.setattr(ResultStore, "write_unit", real_write)
+    assert len(ResultStore(tmp_path / "killed", "sweep")) == 3
+    assert _run(tiny_llama, setting, tmp_path / "killed") == 3
+    pd.testing.assert_frame_equal(_table(tmp_path / "killed"), whole)
+
+    # two shards, each in its own folder, merged
+    for i in (1, 2):
+        _run(tiny_llama, setting, tmp_path / f"shard{i}", shard=(i, 2))
+    assert set(_table(tmp_path / "shard1")["batch"]) == {0}
+    merge_stores([tmp_path / "shard1", tmp_path / "shard2"], tmp_path / "merged")
+    pd.testing.assert_frame_equal(_table(tmp_path / "merged"), whole)
+
+    # the weights are the model's own after all of it
+    for name, value in tiny_llama.hf_model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_sweep_summary_pairs_each_alpha_with_alpha_zero(tiny_llama, setting, tmp_path):
+    _run(tiny_llama, setting, tmp_path)
+    tables = alpha_sweep.summarise(ResultStore(tmp_path, "sweep"))
+    intervals = tables["intervals"]
+    assert {"mean", "ci_low", "ci_high", "n_edits"} <= set(intervals.columns)
+    assert set(intervals["n_edits"]) <= {4}
+    paired = tables["paired"]
+    assert set(paired["setting"]) == {"0.5"} and (paired["n_edits"] == 4).all()
+    rows = ResultStore(tmp_path, "sweep").rows()
+    edit = rows[rows["setting"] == "0.5"]["Edit Succ."].mean() - rows[rows["setting"] == "0"]["Edit Succ."].mean()
+    assert paired.set_index("metric").loc["Edit Succ.", "diff"] == pytest.approx(100 * edit)
+    assert set(tables["range"]["best_alpha"]) <= {0.0, 0.5}
+
+
+def test_run_command_checks_its_arguments_first(capsys):
+    assert cli.main(["run", "no-such-experiment"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+    assert cli.main(["run", "alpha-sweep", "--shard", "3/2"]) == 2
+    assert "1 <= I <= N" in capsys.readouterr().err
+    assert cli.main(["run", "alpha-sweep", "--scale", "huge"]) == 2
+    assert "--scale must be one of" in capsys.readouterr().err
+
+
+def test_best_range_keeps_the_alphas_not_worse_than_the_best(tmp_path):
+    store = ResultStore(tmp_path, "sweep")
+    rng = np.random.default_rng(0)
+    level = {"0": 0.8, "0.5": 0.8, "1": 0.2}
+    for setting, mean in level.items():
+        values = np.clip(mean + rng.normal(0, 0.05, 60), 0, 1)
+        rows = [{"position": i, "Edit Succ.": v, "Rephrase": v, "Locality": v} for i, v in enumerate(values)]
+        store.write_unit({"s": setting}, rows, setting,
+                         {"model": "m", "dataset": "d", "batch": 0, "setting": setting, "alpha": setting})
+    ranges = alpha_sweep.best_range(store).iloc[0]
+    assert ranges["best_alpha"] in (0.0, 0.5)
+    assert (ranges["range_low"], ranges["range_high"]) == (0.0, 0.5)
+    assert ranges["alphas_in_range"] == "0, 0.5"
+
+
+def test_run_command_writes_the_tables_of_a_store(tmp_path, capsys):
+    store = ResultStore(tmp_path / "store", "alpha-sweep")
+    for setting, value in (("pre-edit", 0.2), ("0", 0.9), ("0.5", 0.7)):
+        rows = [{"position": i, "Edit Succ.": value, "Locality": None if setting == "pre-edit" else 0.5}
+                for i in range(3)]
+        store.write_unit({"s": setting}, rows, setting,
+                         {"model": "m", "dataset": "d", "batch": 0, "setting": setting,
+                          "alpha": None if setting == "pre-edit" else setting})
+    assert cli.main(["run", "alpha-sweep", "--tables-only", "--out", str(tmp_path / "store"),
+                     "--tables", str(tmp_path / "tables")]) == 0
+    table = pd.read_csv(tmp_path / "tables" / "alpha_sweep.csv", dtype={"setting": str})
+    assert list(table.columns) == ["model", "dataset", "setting", "alpha", "metric", "mean", "ci_low",
+                                   "ci_high", "n_edits"]
+    assert table.set_index(["setting", "metric"]).loc[("0", "Edit Succ."), "mean"] == pytest.approx(90.0)
+    paired = pd.read_csv(tmp_path / "tables" / "alpha_sweep_paired.csv", dtype={"setting": str})
+    assert paired.set_index("metric").loc["Edit Succ.", "diff"] == pytest.approx(-20.0)
+    assert "alpha-sweep: range" in capsys.readouterr().out

@@ -449,10 +449,11 @@ def _is_input_error(error: Exception) -> bool:
     from .corpus import CorpusError
     from .datasets import DatasetError
     from .editing import EditError
+    from .experiments.store import MissingResultsError, StoreError
     from .loading import ModelLoadError
 
     return isinstance(error, (UsageError, DatasetError, ModelLoadError, EditError, CorpusError,
-                              FileNotFoundError))
+                              FileNotFoundError, MissingResultsError, StoreError))
 
 
 if __name__ == "__main__":

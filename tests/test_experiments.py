@@ -263,3 +263,38 @@ def test_run_command_writes_the_tables_of_a_store(tmp_path, capsys):
     paired = pd.read_csv(tmp_path / "tables" / "alpha_sweep_paired.csv", dtype={"setting": str})
     assert paired.set_index("metric").loc["Edit Succ.", "diff"] == pytest.approx(-20.0)
     assert "alpha-sweep: range" in capsys.readouterr().out
+
+
+def test_severed_drops_give_estimator_c(tmp_path):
+    """Estimator (c) from stored severed traces: the drop of the residual AIE per layer when
+    a path is severed, shared out as a balance factor (hand-computed values)."""
+    from intattn_analysis.experiments import localization
+    from intattn_analysis.tracing import COLUMNS
+
+    store = ResultStore(tmp_path, localization.NAME)
+    # residual IE per (variant, layer), the same for both facts
+    ie = {"severed-none": [0.6, 0.5, 0.4], "severed-mlp": [0.3, 0.4, 0.4], "severed-attn": [0.5, 0.5, 0.5]}
+    for variant, values in ie.items():
+        rows = [dict(zip(COLUMNS, (fact, "s", "resid", 1, "x", "subject_last", layer, 0.9, 0.1,
+                                   0.1 + v, v, variant.split("-")[1])))
+                for fact in ("f1", "f2") for layer, v in enumerate(values)]
+        store.write_unit({"v": variant}, rows, variant,
+                         {"model": "m", "variant": variant, "chunk": 0, "window": 1, "samples": 1})
+    drops = localization.severed_drops(localization.traces(store, "m")).set_index("layer")
+    assert list(drops["drop_mlp"].round(12)) == [0.3, 0.1, 0.0]
+    assert list(drops["drop_attn"].round(12)) == [0.1, 0.0, -0.1]
+    frame = pd.DataFrame([{"layer": l, "module": m, "aie": drops.loc[l, f"drop_{m}"]}
+                          for l in (0, 1) for m in ("attn", "mlp")])
+    alphas = ia.balance(frame, [0, 1])
+    assert alphas[0] == pytest.approx(0.25) and alphas[1] == pytest.approx(0.0)
+
+
+def test_estimators_name_the_missing_localization_run(tmp_path):
+    from intattn_analysis.experiments import estimators
+    from intattn_analysis.experiments.store import MissingResultsError
+
+    class Named:
+        name = "m"
+
+    with pytest.raises(MissingResultsError, match="intattn run localization --model m"):
+        estimators.traced_alphas(tmp_path, Named(), [1, 2])

@@ -46,7 +46,7 @@ from . import alpha_sweep, localization
 from .batches import alpha_label, run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
 from .stats import mean_interval, paired_difference, scale_of
-from .store import ResultStore, check_unique
+from .store import MissingResultsError, ResultStore, check_unique
 
 __all__ = ["ESTIMATORS", "NAME", "SCALES", "EstimatorScale", "estimate_alphas", "run", "summarise"]
 
@@ -97,12 +97,12 @@ def traced_alphas(store_root, model: ModelHandle, layers: Sequence[int]) -> dict
     """Estimators (a)-(c) from the localization experiment's store under ``store_root``."""
     store = ResultStore(store_root, localization.NAME)
     if not len(store):
-        raise ValueError(f"no localization results under {store.folder}; run `intattn run "
+        raise MissingResultsError(f"no localization results under {store.folder}; run `intattn run "
                          f"localization --model {model.name} --dataset builtin` with the same --out first")
     results = localization.traces(store, model.name)
     missing = [v for v in localization.VARIANTS if v not in results]
     if missing:
-        raise ValueError(f"the localization store lacks the variants {missing} for {model.name}; "
+        raise MissingResultsError(f"the localization store lacks the variants {missing} for {model.name}; "
                          "run the localization experiment to the end")
     modules = results["modules"]
     drops = localization.severed_drops(results).set_index("layer")

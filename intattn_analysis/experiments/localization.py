@@ -30,7 +30,7 @@ from ..loading import ModelHandle, cache_root
 from ..localization import early_attention_finding
 from ..tracing import COLUMNS, TraceResult, trace
 from .batches import facts_digest, shard_batches
-from .store import STORE_FORMAT, ResultStore
+from .store import STORE_FORMAT, MissingResultsError, ResultStore
 
 __all__ = ["NAME", "SCALES", "VARIANTS", "LocalizationScale", "run", "summarise", "traces"]
 
@@ -106,7 +106,7 @@ def traces(store: ResultStore, model: str) -> dict[str, TraceResult]:
     """The stored traces of ``model``, one :class:`~intattn_analysis.TraceResult` per variant."""
     rows = store.rows(model=model)
     if rows.empty:
-        raise ValueError(f"{store!r} holds no traces of {model!r}; run the localization experiment")
+        raise MissingResultsError(f"{store!r} holds no traces of {model!r}; run the localization experiment")
     out = {}
     for variant, group in rows.groupby("variant", sort=False):
         kinds, tokens, severed = VARIANTS[variant]

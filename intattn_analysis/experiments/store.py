@@ -37,7 +37,7 @@ import pandas as pd
 
 from ..loading import write_atomic
 
-__all__ = ["KEY_FIELD", "STORE_FORMAT", "ResultStore", "StoreError", "StoreWarning", "check_unique",
+__all__ = ["KEY_FIELD", "STORE_FORMAT", "MissingResultsError", "ResultStore", "StoreError", "StoreWarning", "check_unique",
            "merge_stores", "unit_id"]
 
 #: Format version of unit files; part of every key, so a new format never reads old files.
@@ -50,6 +50,11 @@ KEY_FIELD = "unit_key"
 
 class StoreError(ValueError):
     """A unit file is malformed or does not belong to the key that names it."""
+
+
+class MissingResultsError(ValueError):
+    """An experiment needs another experiment's stored results; the message names the
+    command that makes them."""
 
 
 class StoreWarning(UserWarning):

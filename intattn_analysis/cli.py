@@ -313,7 +313,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--scale must be one of {sorted(module.SCALES)}, got {args.scale!r}")
     out = Path(args.out) if args.out else _default_out(args.scale)
     _output_files(str(out / "probe"))  # a writable folder, before any work
-    if args.experiment == "localization" and args.dataset != "builtin":
+    if args.experiment == "localization" and args.dataset != "builtin" and not args.tables_only:
         raise UsageError("--dataset: localization traces the built-in facts a model knows; "
                          "pass --dataset builtin")
     if args.experiment != "localization" and not args.tables_only:

@@ -137,7 +137,8 @@ def _resid_aie(result: TraceResult, token: str) -> pd.Series:
 def summarise(store: ResultStore) -> dict[str, pd.DataFrame]:
     """``aie``: per (model, token, module, layer) the AIE with its 95% interval over facts;
     ``claim``: per (model, token) the early-attention verdict and its numbers;
-    ``severed``: per (model, layer) the residual AIE and the drops when a path is severed;
+    ``severed``: per (model, layer) the residual AIE and the drops when a path is severed
+    (once the three severed variants cover the same facts);
     ``coverage``: facts traced per (model, variant)."""
     rows = store.rows()
     if rows.empty:
@@ -156,7 +157,10 @@ def summarise(store: ResultStore) -> dict[str, pd.DataFrame]:
                 aie.append(contributions.assign(model=model, token=token))
                 holds, numbers = early_attention_finding(contributions, n_layers)
                 claims.append({"model": model, "token": token, "holds": holds, "numbers": numbers})
-        if all(f"severed-{m}" in results for m in ("none", "mlp", "attn")):
+        severed_variants = [f"severed-{m}" for m in ("none", "mlp", "attn")]
+        if all(v in results for v in severed_variants) and len(
+                {frozenset(results[v].table["fact"]) for v in severed_variants}) == 1:
+            # only over the same facts: a drop between two fact sets would measure the sets
             severed.append(severed_drops(results).assign(model=model))
     aie_table = (pd.concat(aie, ignore_index=True)[["model", "token", "module", "layer", "aie",
                                                     "ci_low", "ci_high", "n_facts"]]

@@ -116,7 +116,7 @@ def summarise(
     coverage = (edited.groupby(["model", "dataset", "setting"], sort=False)
                 .size().rename("n_edits").reset_index())
     return {"intervals": intervals, "paired": paired_table(edited, baseline, criterion, metrics),
-            "range": best_range(store, criterion), "coverage": coverage}
+            "range": _best_range(rows, criterion), "coverage": coverage}
 
 
 def tables(root) -> dict[str, pd.DataFrame]:
@@ -164,7 +164,11 @@ def best_range(store: ResultStore, criterion: Sequence[str] = BEST_CRITERION) ->
 
     This is the "optimal range" an estimator's alpha should fall in (the paper's claim 2).
     """
-    rows = check_unique(store.rows(), ["model", "dataset", "setting", "batch", "position"])
+    return _best_range(check_unique(store.rows(), ["model", "dataset", "setting", "batch", "position"]),
+                       criterion)
+
+
+def _best_range(rows: pd.DataFrame, criterion: Sequence[str]) -> pd.DataFrame:
     fixed = pd.to_numeric(rows["setting"], errors="coerce").notna()
     edited = rows[fixed].copy()
     edited["criterion"] = criterion_per_fact(edited, criterion)

@@ -136,34 +136,33 @@ def run_alpha_settings(
     eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens}
     row_labels = {"model": model.name, "dataset": dataset, **(labels or {})}
 
-    def keys_for(b: int) -> tuple[dict, dict[str, dict]]:
+    def units_of(b: int) -> dict[str, tuple[dict, str]]:
+        """``{setting: (key, file label)}`` of batch ``b``, the pre-edit unit first."""
         bkey = batch_key(model, dataset, b, batches[b])
-        pre = {**bkey, "unit": "pre-edit", **eval_key}
-        per_setting = {
-            name: {**bkey, "unit": "edit", "method": "intattn", "hparams": base,
-                   "alpha": alpha_value(alpha), **eval_key}
-            for name, alpha in settings.items()
-        }
-        return pre, per_setting
+        units = {"pre-edit": ({**bkey, "unit": "pre-edit", **eval_key}, f"b{b:03d}-pre")}
+        for name, alpha in settings.items():
+            units[name] = ({**bkey, "unit": "edit", "method": "intattn", "hparams": base,
+                            "alpha": alpha_value(alpha), **eval_key}, f"b{b:03d}-{name}")
+        return units
 
     todo = []
     for b in mine:
-        pre_key, per_setting = keys_for(b)
-        missing = [n for n, k in per_setting.items() if not store.has(k, f"b{b:03d}-{n}")]
-        if missing or not store.has(pre_key, f"b{b:03d}-pre"):
-            todo.append((b, pre_key, per_setting, missing))
+        units = units_of(b)
+        stored = {name for name, (key, label) in units.items() if store.has(key, label)}
+        if len(stored) < len(units):
+            todo.append((b, units, stored, [n for n in settings if n not in stored]))
     computed = 0
     steps = tqdm(total=sum(1 + len(m) for *_, m in todo), desc=f"{model.name} {dataset}",
                  disable=not progress)
     try:
-        for b, pre_key, per_setting, missing in todo:
+        for b, units, stored, missing in todo:
             batch = list(batches[b])
             start = time.perf_counter()
             pre = evaluate(model, batch, metrics=metrics, fluency_tokens=fluency_tokens, progress=False)
-            if not store.has(pre_key, f"b{b:03d}-pre"):
-                store.write_unit(pre_key, _with_seconds(_fact_rows(pre), time.perf_counter() - start),
-                                 f"b{b:03d}-pre",
-                                 {**row_labels, "batch": b, "setting": "pre-edit", "alpha": None})
+            if "pre-edit" not in stored:
+                key, label = units["pre-edit"]
+                store.write_unit(key, _with_seconds(_fact_rows(pre), time.perf_counter() - start),
+                                 label, {**row_labels, "batch": b, "setting": "pre-edit", "alpha": None})
                 computed += 1
             steps.update()
             if not missing:
@@ -176,9 +175,9 @@ def run_alpha_settings(
                           moments=moments, targets=targets, progress=False):
                     post = evaluate(model, batch, pre=pre, metrics=metrics,
                                     fluency_tokens=fluency_tokens, progress=False)
-                store.write_unit(per_setting[name],
-                                 _with_seconds(_fact_rows(post), time.perf_counter() - start),
-                                 f"b{b:03d}-{name}",
+                key, label = units[name]
+                store.write_unit(key, _with_seconds(_fact_rows(post), time.perf_counter() - start),
+                                 label,
                                  {**row_labels, "batch": b, "setting": name,
                                   "alpha": alpha_label(alpha)})
                 computed += 1

@@ -29,7 +29,7 @@ alpha lies inside the sweep's best range (:func:`intattn_analysis.experiments.al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
@@ -45,7 +45,7 @@ from ..tracing import balance
 from . import alpha_sweep, localization
 from .batches import alpha_label, run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
-from .stats import mean_interval, paired_difference, scale_of
+from .stats import tidy_intervals
 from .store import MissingResultsError, ResultStore, check_unique
 
 __all__ = ["ESTIMATORS", "NAME", "SCALES", "EstimatorScale", "estimate_alphas", "run", "summarise"]
@@ -201,8 +201,6 @@ def summarise(store: ResultStore, sweep: ResultStore | None = None) -> dict[str,
                        "mean_alpha": sum(values.values()) / len(values) if values else 0.0})
     alphas = pd.DataFrame(alphas)
     by = ["model", "dataset", "setting"]
-    from .stats import tidy_intervals
-
     intervals = tidy_intervals(test, by, metrics)
     paired = alpha_sweep.paired_table(settings, "memit", alpha_sweep.BEST_CRITERION, metrics)
     out = {"alphas": alphas, "intervals": intervals, "paired": paired.drop(columns="best")}

@@ -30,6 +30,7 @@ from ..loading import ModelHandle, cache_root
 from ..localization import early_attention_finding
 from ..tracing import COLUMNS, TraceResult, trace
 from .batches import facts_digest, shard_batches
+from .common import check_scale
 from .store import STORE_FORMAT, MissingResultsError, ResultStore
 
 __all__ = ["NAME", "SCALES", "VARIANTS", "LocalizationScale", "run", "summarise", "traces"]
@@ -74,7 +75,7 @@ def run(model: ModelHandle, dataset: str, scale, root, *, shard=None, progress: 
     """Trace (or resume tracing) this shard's chunks of facts in each variant."""
     from tqdm import tqdm
 
-    scale = SCALES[scale] if isinstance(scale, str) else scale
+    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     facts = _facts(model, dataset, scale.n_facts)
     window = WINDOWS.get(model.name, DEFAULT_WINDOW)

@@ -9,11 +9,11 @@ LLMs* (IntAttn-Edit, arXiv 2510.27400). Typical use::
 """
 
 from .architectures import ARCHITECTURES, HOOKS, ArchSpec, LayerSpec, UnknownArchitectureError
-from .editing import METHODS, EditError, EditResult, apply_deltas, edit
+from .editors import EDITORS, METHODS, EditError, EditResult, EditSequence, Editor, apply_deltas, edit, edit_sequence
 from .datasets import DatasetError, DatasetWarning, benchmark_path, facts_table, load_facts
 from .benchmarks import BENCHMARKS, benchmark_status, resolve_benchmark
 from .facts import Fact, FactError, Probe, sample_by_relation
-from .hparams import EditHparams, hparams_for
+from .hparams import EditHparams, FTHparams, RomeHparams, hparams_for
 from .known import known_facts, mark_known
 from .covariance import SecondMoments, second_moments
 from .loading import EMBEDDED_MODELS, ModelHandle, ModelLoadError, cache_root, load_model
@@ -39,9 +39,14 @@ __all__ = [
     "ARCHITECTURES",
     "BatchRun",
     "EMBEDDED_MODELS",
+    "EDITORS",
     "EditError",
     "EditHparams",
     "EditResult",
+    "EditSequence",
+    "Editor",
+    "FTHparams",
+    "RomeHparams",
     "HOOKS",
     "ArchSpec",
     "DatasetError",
@@ -69,6 +74,7 @@ __all__ = [
     "early_attention_finding",
     "edit",
     "edit_batches",
+    "edit_sequence",
     "editable_batches",
     "evaluate",
     "facts_table",

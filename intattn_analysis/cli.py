@@ -211,7 +211,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         changes["alpha"] = args.alpha
     elif args.layers and isinstance(hp.alpha, dict):
         missing = [l for l in args.layers if l not in hp.alpha]
-        reads_alpha = [m for m in args.methods if m in METHODS and METHODS[m].attn_share == "alpha"]
+        reads_alpha = [m for m in args.methods if m in METHODS and METHODS[m].reads_alpha]
         if missing and reads_alpha:
             raise SystemExit(
                 f"--methods {' '.join(reads_alpha)} need an alpha per edited layer, and the "

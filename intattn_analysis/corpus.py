@@ -313,7 +313,7 @@ class ModelSamples:
     def _cache_key(self, model: ModelHandle, max_len: int) -> dict:
         return {
             "format": _SAMPLES_FORMAT,
-            "model": model.cache_id,
+            "model": model.state_id,
             "dtype": str(model.dtype),
             "corpus": self.corpus_id,
             "max_len": max_len,

@@ -27,12 +27,15 @@ the sum divided by the number of tokens counted.
 
 Every ``(module, layer)`` moment is cached in its own safetensors file under
 ``cache_dir`` (default ``cache_root() / "moments"``), named by everything its numbers
-depend on: the model's ``cache_id`` (name and revision or GGUF hash), the model's dtype,
+depend on: the model's ``state_id`` (name and revision or GGUF hash, plus the edits
+applied to it, if any), the model's dtype,
 module, layer, corpus id, ``n_tokens``, ``max_len`` and ``dtype``. ``batch_size`` is
 deliberately not part of the key: it changes only how the same tokens are grouped (the
 sums agree to float rounding). Files are written atomically. A later call loads what is
 cached and computes only the missing pairs, again in one pass. The statistics describe
-the model's weights at the time they are collected: compute them *before* editing.
+the model's weights at the time they are collected: an edited model has moments of its
+own, and the editors preserve the moments of the model before the edit, which
+:func:`intattn_analysis.edit_sequence` computes once and passes on.
 
 Scale. ROME and MEMIT estimate ``C`` from 100,000 Wikipedia articles, each cut to the
 model's context length (1,024 tokens for GPT-2 XL, 2,048 for GPT-J), float32 products:
@@ -199,7 +202,7 @@ def _cache_key(
     module, layer = pair
     return {
         "format": CACHE_FORMAT,
-        "model": model.cache_id,
+        "model": model.state_id,
         "model_dtype": str(model.dtype),
         "module": module,
         "layer": layer,
@@ -483,7 +486,7 @@ def second_moments(
         corpus_id=corpus_id,
         max_len=max_len,
         dtype=dtype,
-        model_id=model.cache_id,
+        model_id=model.state_id,
         seconds=seconds,
     )
 

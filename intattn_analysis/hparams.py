@@ -1,39 +1,43 @@
-"""Editing hyperparameters: one frozen dataclass, per-model defaults, a JSON round trip.
+"""Editing hyperparameters: a frozen dataclass per method family, defaults as data files.
 
-MEMIT-family editors have two groups of settings:
+The closed-form editors (MEMIT, IntAttn-Edit, attention-only, AlphaEdit) read
+:class:`EditHparams`, which has two groups of settings:
 
 * the **target** (MEMIT's ``compute_z``): how hard to push the residual stream of the
   last edited layer towards the new answer: Adam learning rate and steps, a weight decay
   and a norm clamp on the residual delta, a KL term that keeps what the model says about
   the subject in general, and the short context prefixes the target must work under;
 * the **solve**: which layers are written, how the residual is spread over them, how
-  much each module takes (IntAttn-Edit's balance factor alpha), and how strongly the
-  keys of a text corpus are preserved (lambda, one per module, times the corpus second
-  moment ``E[k kᵀ]``), with the size of that corpus sample.
+  much each module takes (IntAttn-Edit's balance factor alpha), how strongly the keys of
+  a text corpus are preserved (lambda, one per module, times the corpus second moment
+  ``E[k kᵀ]``) or whether the update is projected onto their null space instead
+  (AlphaEdit), with the size of that corpus sample.
 
-:func:`hparams_for` gives per-model defaults from :data:`MODEL_DEFAULTS`. The two 7B
-entries start from MEMIT's published settings for Llama-family models (EasyEdit's
-``hparams/MEMIT/qwen2.5-7b.yaml`` and ``mistral-7b.yaml``: layers 4-8, clamp 4, 25 steps,
-lr 0.5, weight decay 1e-3, KL 0.0625, lambda 15000). The entries of the embedded models
-take their per-layer alpha from causal tracing (notebooks 01 and 02,
-:func:`intattn_analysis.balance`) and their edit layers from the traced block
-(:func:`intattn_analysis.suggest_edit_layers`), SmolLM2's moved to layers 3-5 (the traced
-block is 0-4) by a comparison on ZsRE train records; lambda was lowered, also on train records, so that
-edits land on models this small. Every entry says where it comes from in
-its ``source`` field.
+ROME reads :class:`RomeHparams` (the target fields, one layer, ``mom2_adjustment``) and the
+fine-tuning baselines :class:`FTHparams`.
 
-Any other model gets :func:`generic_hparams`: five consecutive layers starting at an
-eighth of the depth (MEMIT's layers 4-8 of 32), the Llama-family settings otherwise, and
-a :class:`GenericHparamsWarning` that names the rule.
+Defaults are data files, one per (method, model), under :func:`defaults_dir`
+(``<method>/<model>.json``), each with a ``source`` field that says where its values come
+from; :func:`hparams_for` reads them. The two 7B entries start from MEMIT's published
+settings for Llama-family models (EasyEdit's ``hparams/MEMIT/qwen2.5-7b.yaml`` and
+``mistral-7b.yaml``). The entries of the embedded models take their per-layer alpha from
+causal tracing (notebooks 01 and 02, :func:`intattn_analysis.balance`) and their edit
+layers and lambda from comparisons on ZsRE train records.
+
+Any other model gets :func:`generic_hparams` for the method (for the closed-form family:
+five consecutive layers starting at an eighth of the depth, MEMIT's layers 4-8 of 32, the
+Llama-family settings otherwise) and a :class:`GenericHparamsWarning` that names the rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -42,6 +46,11 @@ from .architectures import layer_indices
 
 __all__ = [
     "EditHparams",
+    "FTHparams",
+    "HPARAMS_TYPES",
+    "RomeHparams",
+    "default_models",
+    "defaults_dir",
     "GenericHparamsWarning",
     "MODEL_DEFAULTS",
     "SPREADS",
@@ -57,6 +66,9 @@ SPREADS: dict[str, Any] = {
     "memit": lambda left: 1.0 / left,
     "pmet": lambda left: 1.0 / math.sqrt(left),
 }
+
+#: The closed-form family's solves: least squares with ``λ C``, or AlphaEdit's projection.
+PROJECTIONS = ("none", "null_space")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -98,6 +110,13 @@ class EditHparams:
             solve, ``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` (MEMIT's ``mom2_update_weight``).
         mom2_n_tokens, mom2_max_len, mom2_dtype: corpus sample for the second moments:
             tokens in all, tokens per sequence, accumulation dtype.
+        projection: ``"none"`` (the least-squares update with ``λ C``) or
+            ``"null_space"`` (AlphaEdit's update: projected onto the eigenvectors of ``C``
+            whose eigenvalues are below ``nullspace_threshold``, with ``nullspace_l2``
+            in place of ``λ C``; see :mod:`intattn_analysis.editors.methods.closed_form`).
+        nullspace_threshold: AlphaEdit's absolute eigenvalue threshold (reference: 2e-2
+            for Llama3-8B); it depends on the scale of the keys, so it is set per model.
+        nullspace_l2: AlphaEdit's ridge term ``L2`` (reference code: 10).
         source: where these values come from (free text, shown in reports).
     """
 
@@ -119,6 +138,9 @@ class EditHparams:
     mom2_n_tokens: int = 100_000
     mom2_max_len: int = 256
     mom2_dtype: str = "float32"
+    projection: str = "none"
+    nullspace_threshold: float = 2e-2
+    nullspace_l2: float = 10.0
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -148,6 +170,8 @@ class EditHparams:
             raise ValueError(
                 f"kl_position must be 'subject_last' (MEMIT) or 'last', got {self.kl_position!r}"
             )
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.mom2_dtype not in _DTYPES:
             raise ValueError(f"mom2_dtype must be one of {sorted(_DTYPES)}, got {self.mom2_dtype!r}")
         for name in ("v_steps", "n_context_templates", "context_template_length",
@@ -157,7 +181,7 @@ class EditHparams:
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         for name in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss",
-                     "lambda_mlp", "lambda_attn"):
+                     "lambda_mlp", "lambda_attn", "nullspace_threshold", "nullspace_l2"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -172,6 +196,18 @@ class EditHparams:
                 f"unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(self.__dataclass_fields__)}"
             )
         return dataclasses.replace(self, **changes)
+
+    def effective_dict(self) -> dict[str, Any]:
+        """The settings that change what an edit computes, for keys of stored results:
+        :meth:`to_dict` without ``source``, and without the null-space settings while
+        ``projection`` is ``"none"`` (they are not read then, and leaving them out keeps
+        the keys of results stored before they existed)."""
+        record = self.to_dict()
+        record.pop("source", None)
+        if record.get("projection") == "none":
+            for name in ("projection", "nullspace_threshold", "nullspace_l2"):
+                record.pop(name, None)
+        return record
 
     @property
     def torch_mom2_dtype(self) -> torch.dtype:
@@ -219,63 +255,162 @@ class EditHparams:
         return cls.from_dict(json.loads(text))
 
 
-# --------------------------------------------------------------------------- defaults
-_MEMIT_LLAMA = "MEMIT's published Llama-family settings (EasyEdit hparams/MEMIT/{}.yaml)"
+# --------------------------------------------------------------------------- other methods
+@dataclass(frozen=True)
+class RomeHparams(EditHparams):
+    """ROME's settings (Meng et al. 2022; kmeng01/rome ``hparams/ROME``): the target
+    fields of :class:`EditHparams` (``v*`` is optimised as ``z*`` is, at the MLP output
+    of the one edited layer, with the clamp and weight decay relative to that output),
+    the context prefixes, the second-moment sample, and
 
-#: Per-model defaults. The 7B entries keep a PROVISIONAL alpha until they are traced on a
-#: GPU (the embedded entries come from their localization).
-MODEL_DEFAULTS: dict[str, EditHparams] = {
-    # Layers and alpha from localization (notebooks 01-02: windowed traces at the last
-    # subject token, 16 known built-in facts, 5 noise draws): the MLP's causal effect there
-    # peaks at layer 2, with its AIE-weighted centre at 4.9, and attention's AIE is below
-    # 1e-3 of the MLP's, so the balanced alpha is 0 and IntAttn-Edit equals MEMIT on this
-    # model. The block and lambda are the best Edit Succ. on 100 ZsRE *train* records
-    # (targets at layer 5, MEMIT Edit Succ. / Locality %): layers 3-5 at lambda 250 / 500
-    # / 2000 gave 88.7 / 82.1, 88.3 / 82.1, 82.3 / 85.3; layers 1-5 gave 86.9 / 81.3,
-    # 87.4 / 80.9, 85.5 / 84.3. A 135M model's keys are short (d_mlp 1536), hence a lambda
-    # far below MEMIT's 15000.
-    "smollm2-135m": EditHparams(
-        layers=(3, 4, 5),
-        alpha={3: 0.0, 4: 0.0, 5: 0.0},
-        lambda_mlp=250.0,
-        lambda_attn=250.0,
-        mom2_n_tokens=100_000,
-        mom2_max_len=256,
-        source="localization (figures/02_balance.json); layers and lambda tuned on ZsRE train",
-    ),
-    # Layers 2-6 are the traced causal peak (notebook 02's suggestion); alpha per layer is
-    # the balanced attention share there. Gemma's residual stream is ~20x larger than
-    # SmolLM2's (||h|| ~3000 at the subject) and Adam's steps are per element, so the
-    # target needs a larger learning rate to move in 25 steps. lambda 2000 was chosen on
-    # 30 ZsRE *train* records (MEMIT Edit Succ. 96.4 / 84.4 / 22.6 / 16.4% and Locality
-    # 84.9 / 87.3 / 91.3 / 95.2% at lambda 2000 / 8000 / 30000 / 100000).
-    "gemma-3-270m": EditHparams(
-        layers=(2, 3, 4, 5, 6),
-        alpha={2: 0.0553, 3: 0.0463, 4: 0.0338, 5: 0.0327, 6: 0.0},
-        v_lr=5.0,
-        lambda_mlp=2000.0,
-        lambda_attn=2000.0,
-        mom2_n_tokens=100_000,
-        mom2_max_len=256,
-        source="localization (figures/02_balance.json)",
-    ),
-    # MEMIT's values; alpha 0.3 is PROVISIONAL until traced on the 7B model. MEMIT's
-    # mom2_n_samples is 100,000 Wikipedia records; here the sample is counted in tokens.
-    "Qwen/Qwen2.5-7B": EditHparams(
-        layers=(4, 5, 6, 7, 8),
-        alpha=0.3,
-        mom2_n_tokens=10_000_000,
-        mom2_max_len=1024,
-        source=_MEMIT_LLAMA.format("qwen2.5-7b") + "; alpha PROVISIONAL",
-    ),
-    "mistralai/Mistral-7B-v0.1": EditHparams(
-        layers=(4, 5, 6, 7, 8),
-        alpha=0.3,
-        mom2_n_tokens=10_000_000,
-        mom2_max_len=1024,
-        source=_MEMIT_LLAMA.format("mistral-7b") + "; alpha PROVISIONAL",
-    ),
+    Attributes:
+        layers: exactly one layer.
+        mom2_adjustment: build the rank-one update with ``C⁻¹ k̄`` (ROME's
+            ``mom2_adjustment``; off, the update direction is ``k̄`` itself).
+
+    ``alpha``, ``spread``, ``lambda_*`` and the projection settings are not read.
+    """
+
+    mom2_adjustment: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.layers) != 1:
+            raise ValueError(f"ROME edits exactly one layer, got layers {list(self.layers)}")
+        if not isinstance(self.mom2_adjustment, bool):
+            raise ValueError(f"mom2_adjustment must be true or false, got {self.mom2_adjustment!r}")
+
+
+#: The fine-tuning objectives: ROME's FT loss at the prompt's last position
+#: (``"prompt_last"``, FT-L) and EasyEdit's teacher-forced loss masked to the target
+#: tokens (``"target_new"``, FT-M).
+FT_OBJECTIVES = ("prompt_last", "target_new")
+
+
+@dataclass(frozen=True)
+class FTHparams:
+    """Fine-tuning baselines: gradient steps on one or more weight matrices.
+
+    Attributes:
+        layers: the layers whose matrix is trained.
+        module: which matrix: ``"mlp"`` (the down-projection, ROME's and EasyEdit's
+            choice) or ``"attn"`` (the attention output projection).
+        objective: see :data:`FT_OBJECTIVES`.
+        lr, steps: Adam learning rate and number of epochs over the batch.
+        batch_size: facts per optimiser step.
+        norm_constraint: the L∞ box ``|W − W₀| ≤ norm_constraint`` applied after every
+            step (ROME's FT-L); ``None`` for none (EasyEdit's FT-M).
+        weight_decay: Adam's weight decay.
+        stop_loss: a step is taken only while the chunk's loss is at least this, and the
+            epochs stop once the epoch's mean loss is below it (ROME's ``1e-2``).
+        source: where these values come from.
+    """
+
+    layers: tuple[int, ...]
+    module: str = "mlp"
+    objective: str = "prompt_last"
+    lr: float = 5e-4
+    steps: int = 25
+    batch_size: int = 1
+    norm_constraint: float | None = 5e-4
+    weight_decay: float = 0.0
+    stop_loss: float = 1e-2
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        layers = self.layers
+        if not isinstance(layers, int) and hasattr(layers, "__len__") and len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct, got {list(layers)}")
+        object.__setattr__(self, "layers", layer_indices(layers))
+        if self.module not in ("mlp", "attn"):
+            raise ValueError(f"module must be 'mlp' or 'attn', got {self.module!r}")
+        if self.objective not in FT_OBJECTIVES:
+            raise ValueError(f"objective must be one of {FT_OBJECTIVES}, got {self.objective!r}")
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        names = ("lr", "weight_decay", "stop_loss") + (("norm_constraint",) if self.norm_constraint is not None else ())
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    replace = EditHparams.replace
+    to_json = EditHparams.to_json
+    from_json = classmethod(EditHparams.from_json.__func__)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["layers"] = list(self.layers)
+        return record
+
+    def effective_dict(self) -> dict[str, Any]:
+        record = self.to_dict()
+        record.pop("source", None)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "FTHparams":
+        unknown = set(record) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown hyperparameter(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**record)
+
+
+#: Which dataclass each method's files hold.
+HPARAMS_TYPES: dict[str, type] = {
+    "memit": EditHparams, "intattn": EditHparams, "attn": EditHparams, "alphaedit": EditHparams,
+    "pmet": EditHparams, "rome": RomeHparams, "ft-l": FTHparams, "ft-m": FTHparams,
 }
+
+
+# --------------------------------------------------------------------------- defaults
+def defaults_dir() -> Path:
+    """The folder of per-(method, model) defaults: ``<method>/<model>.json``, the model's
+    name with ``/`` spelt ``--``. Each file holds one hparams record with a ``source``
+    field saying where its values come from."""
+    return Path(__file__).parent / "data" / "hparams"
+
+
+def _file_name(name: str) -> str:
+    return name.replace("/", "--") + ".json"
+
+
+@functools.lru_cache(maxsize=None)
+def _read_defaults(method: str, name: str):
+    path = defaults_dir() / method / _file_name(name)
+    if not path.exists():
+        return None
+    cls = HPARAMS_TYPES.get(method, EditHparams)
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError(f"a {type(record).__name__}, not an hparams record")
+        if not record.get("source"):
+            raise ValueError("no 'source' field saying where the values come from")
+        return cls.from_dict(record)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"the defaults file {method}/{path.name} is damaged: {error}") from None
+
+
+def default_models(method: str = "intattn") -> list[str]:
+    """The models that have a defaults file for ``method``."""
+    folder = defaults_dir() / method
+    names = sorted(p.stem.replace("--", "/") for p in folder.glob("*.json")) if folder.is_dir() else []
+    return names
+
+
+def _model_defaults() -> dict[str, EditHparams]:
+    return {name: _read_defaults("intattn", name) for name in default_models("intattn")}
+
+
+#: IntAttn-Edit's per-model defaults, read from the data files (``intattn/<model>.json``);
+#: see each entry's ``source``.
+MODEL_DEFAULTS: dict[str, EditHparams] = _model_defaults()
 
 #: The attention share used where neither the call nor the model's entry sets one.
 GENERIC_ALPHA = 0.3
@@ -291,43 +426,66 @@ def generic_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(start, start + count))
 
 
-def generic_hparams(n_layers: int, *, warn: bool = True, name: str = "model") -> EditHparams:
-    """The fallback for a model without an entry in :data:`MODEL_DEFAULTS`."""
+def generic_hparams(n_layers: int, *, warn: bool = True, name: str = "model", method: str = "intattn"):
+    """The fallback for a model without a defaults file for ``method``.
+
+    The closed-form family: five consecutive layers from an eighth of the depth (MEMIT's
+    4-8 of 32), MEMIT's Llama-family settings, alpha :data:`GENERIC_ALPHA`; AlphaEdit
+    adds its reference projection settings. ROME: the second of those layers (EasyEdit's
+    layer 5 of 32 for Llama), with C⁻¹. FT-L / FT-M: the layer at 21/32 of the depth
+    (EasyEdit's Llama layer 21), lr 5e-4, 25 epochs, batch size 1; FT-L with ROME's L∞
+    box of 5e-4, FT-M without one.
+    """
     layers = generic_layers(n_layers)
-    rule = (
-        f"no edit defaults for {name!r}; using the generic rule: 5 consecutive layers from "
-        f"round(n_layers/8) -> layers {list(layers)} of {n_layers}, alpha {GENERIC_ALPHA}, "
-        "MEMIT's Llama-family settings otherwise. Pass layers=/alpha=/hparams= to override."
-    )
+    if method == "rome":
+        chosen = (layers[min(1, len(layers) - 1)],)
+        rule = f"layer {chosen[0]} (the second of MEMIT's generic block {list(layers)})"
+        hp = RomeHparams(layers=chosen, source="generic rule: " + rule)
+    elif method in ("ft-l", "ft-m"):
+        chosen = (min(round(n_layers * 21 / 32), n_layers - 1),)
+        rule = f"layer {chosen[0]} of {n_layers} (EasyEdit's Llama layer 21 of 32, same relative depth)"
+        hp = FTHparams(layers=chosen, objective="prompt_last" if method == "ft-l" else "target_new",
+                       norm_constraint=5e-4 if method == "ft-l" else None, source="generic rule: " + rule)
+    else:
+        rule = (
+            f"5 consecutive layers from round(n_layers/8) -> layers {list(layers)} of {n_layers}, "
+            f"alpha {GENERIC_ALPHA}, MEMIT's Llama-family settings otherwise"
+        )
+        extra = {"projection": "null_space"} if method == "alphaedit" else {}
+        hp = EditHparams(layers=layers, alpha=GENERIC_ALPHA, source="generic rule: " + rule, **extra)
+    message = (f"no {method} defaults for {name!r}; using the generic rule: {rule}. "
+               "Pass hparams= or overrides to change it.")
     if warn:
-        warnings.warn(rule, GenericHparamsWarning, stacklevel=3)
-    return EditHparams(layers=layers, alpha=GENERIC_ALPHA, source="generic rule: " + rule)
+        warnings.warn(message, GenericHparamsWarning, stacklevel=3)
+    return hp
 
 
-def hparams_for(model: Any, method: str = "intattn", *, n_layers: int | None = None) -> EditHparams:
-    """Default :class:`EditHparams` for a model (a :class:`ModelHandle` or its name).
+def hparams_for(model: Any, method: str = "intattn", *, n_layers: int | None = None):
+    """Default hyperparameters of ``method`` for a model (a :class:`ModelHandle` or its
+    name), from the data file ``<method>/<model>.json`` (:func:`defaults_dir`).
 
-    ``method`` is accepted so that per-method entries can be added; today the methods
-    share the model's entry (each method reads only the fields it uses; MEMIT ignores
-    alpha). A model without an entry gets :func:`generic_hparams`, which needs its depth:
-    pass a handle, or ``n_layers=`` with a name.
+    Each method reads its own dataclass (:data:`HPARAMS_TYPES`). A model without a file
+    gets :func:`generic_hparams`, which needs its depth: pass a handle, or ``n_layers=``
+    with a name.
     """
     name = getattr(model, "name", model)
     if not isinstance(name, str):
         raise TypeError(f"model must be a ModelHandle or a model name, got {type(model).__name__}")
+    if method not in HPARAMS_TYPES:
+        raise ValueError(f"unknown method {method!r}; methods with defaults: {sorted(HPARAMS_TYPES)}")
     if n_layers is None and hasattr(model, "n_layers"):
         n_layers = int(model.n_layers)
-    if name in MODEL_DEFAULTS:
-        hp = MODEL_DEFAULTS[name]
+    hp = _read_defaults(method, name)
+    if hp is not None:
         if n_layers is not None and max(hp.layers) >= n_layers:
             raise ValueError(
-                f"the defaults for {name!r} edit layers {list(hp.layers)} but the model has "
+                f"the {method} defaults for {name!r} edit layers {list(hp.layers)} but the model has "
                 f"{n_layers} layers"
             )
         return hp
     if n_layers is None:
         raise ValueError(
-            f"no edit defaults for {name!r} (known: {sorted(MODEL_DEFAULTS)}); pass the loaded "
+            f"no {method} defaults for {name!r} (known: {default_models(method)}); pass the loaded "
             "ModelHandle or n_layers= so that the generic rule can choose layers"
         )
-    return generic_hparams(n_layers, name=name)
+    return generic_hparams(n_layers, name=name, method=method)

@@ -261,8 +261,13 @@ class ModelHandle:
         applied_edits: the :class:`intattn_analysis.EditResult` s applied to the weights
             and not yet restored, oldest first (a stack: see
             :meth:`intattn_analysis.EditResult.restore`).
-        open_edits: how many there are. Caches keyed by the model's id describe the
-            unedited weights, so the target cache is bypassed while this is above 0.
+        open_edits: how many there are.
+        state_id: names the weights as they are now: ``cache_id`` while no edit is
+            applied, else ``cache_id`` plus a hash of the applied edits' deltas, in order.
+            Every cache (traces, targets, second moments, context prefixes, corpus
+            samples) keys on it, so an edited model is never served the unedited model's
+            results. Weights changed outside :func:`intattn_analysis.edit` /
+            :func:`intattn_analysis.apply_deltas` are not seen by it.
     """
 
     name: str
@@ -286,6 +291,17 @@ class ModelHandle:
     @property
     def d_model(self) -> int:
         return int(self.bridge.cfg.d_model)
+
+    @property
+    def state_id(self) -> str:
+        if not self.applied_edits:
+            return self.cache_id
+        import hashlib
+
+        digest = hashlib.sha256()
+        for result in self.applied_edits:
+            digest.update(result.fingerprint().encode())
+        return f"{self.cache_id}+edits-{digest.hexdigest()[:16]}"
 
     @property
     def cache_id(self) -> str:

@@ -1,8 +1,8 @@
 """Edit-and-evaluate runs: batches of facts, several methods, one results table.
 
 The paper's tables come from one procedure, repeated per batch of edits: evaluate the
-unedited model, compute the targets ``z*`` once, then for each method write the batch,
-evaluate, and restore the weights. :func:`edit_batches` does exactly that and returns
+unedited model, compute the shared targets ``z*`` once, then for each method write the
+batch, evaluate, and restore the weights. :func:`edit_batches` does exactly that and returns
 one metrics row per (batch, method), ready for :func:`intattn_analysis.reporting.main_table`.
 :func:`editable_batches` cuts a benchmark into batches, leaving out (and listing) the
 records that ask for no change. Notebook 03 and ``intattn evaluate`` both use them.
@@ -18,12 +18,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import reporting
-from .editing import edit
+from .editors import edit, editor
 from .facts import Fact
-from .hparams import EditHparams
+from .hparams import EditHparams, hparams_for
 from .loading import ModelHandle, cache_root
 from .metrics import evaluate
-from .targets import ZTargets, compute_z
+from .targets import TARGET_FIELDS, ZTargets, compute_z
 
 __all__ = ["BatchRun", "edit_batches", "editable_batches"]
 
@@ -89,7 +89,7 @@ def edit_batches(
     model: ModelHandle,
     batches: Sequence[Sequence[Fact]],
     methods: Sequence[str],
-    hparams: EditHparams,
+    hparams: EditHparams | Mapping[str, object] | None = None,
     *,
     moments: Mapping | None = None,
     dataset: str = "",
@@ -100,8 +100,14 @@ def edit_batches(
 ) -> BatchRun:
     """Evaluate, edit with each method, evaluate again and restore, batch by batch.
 
-    The targets depend only on the unedited model, the facts and the last edited layer,
-    so every method of a batch shares them (computed once per batch). They are the
+    ``hparams`` is one :class:`EditHparams` for ``memit``, ``intattn`` and ``attn`` (the
+    methods that split one residual), a ``{method: hparams}`` mapping, or ``None``; a
+    method it does not cover runs with its own defaults
+    (:func:`intattn_analysis.hparams_for`).
+
+    The closed-form family's targets depend only on the unedited model, the facts, the
+    last edited layer and the target settings, so the methods of a batch that agree on
+    these share them (computed once per batch); ROME and fine-tuning work out their own. They are the
     expensive part (about 4 s per fact on a 2-core CPU with SmolLM2), so each fact's target is
     cached on disk (``targets_cache``: ``True`` for ``<cache root>/targets``, a folder,
     or ``False``/``None`` for no cache; see :func:`intattn_analysis.compute_z`). The
@@ -148,16 +154,38 @@ def _run_batches(model, batches, methods, hparams, moments, dataset, metrics, fl
                        progress=False)
         records.append(reporting.record(pre, **labels, method="pre-edit"))
         per_fact.append(pre.per_fact.assign(**labels, method="pre-edit"))
-        targets = compute_z(model, batch, hparams, progress=False, cache_dir=targets_cache)
-        targets_of.append(targets)
+        shared: dict = {}
         steps.update()
         for method in methods:
-            with edit(model, batch, method=method, hparams=hparams, moments=moments,
+            spec = editor(method)  # an unknown name is an EditError naming the known ones
+            hp = _method_hparams(model, method, hparams)
+            targets = None
+            if spec.targets == "residual":
+                key = (max(hp.layers), hp.n_context_templates, hp.context_template_length,
+                       tuple(getattr(hp, name) for name in TARGET_FIELDS))
+                if key not in shared:
+                    shared[key] = compute_z(model, batch, hp, progress=False, cache_dir=targets_cache)
+                    targets_of.append(shared[key])
+                targets = shared[key]
+            with edit(model, batch, method=method, hparams=hp, moments=moments,
                       targets=targets, progress=False) as result:
                 post = evaluate(model, batch, pre=pre, metrics=metrics,
                                 fluency_tokens=fluency_tokens, progress=False)
             records.append(reporting.record(post, **labels, method=method))
             per_fact.append(post.per_fact.assign(**labels, method=method))
-            timings.append({**labels, "method": method, "targets_s": targets.seconds,
+            timings.append({**labels, "method": method,
+                            "targets_s": targets.seconds if targets is not None else result.timings["targets"],
                             **result.timings})
             steps.update()
+
+
+#: The methods a single :class:`EditHparams` given to :func:`edit_batches` applies to.
+SHARED_HPARAMS_METHODS = ("memit", "intattn", "attn")
+
+
+def _method_hparams(model: ModelHandle, method: str, hparams):
+    if isinstance(hparams, Mapping):
+        return hparams[method] if method in hparams else hparams_for(model, method)
+    if hparams is not None and method in SHARED_HPARAMS_METHODS:
+        return hparams
+    return hparams_for(model, method)

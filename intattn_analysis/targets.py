@@ -103,17 +103,19 @@ def context_templates(model: ModelHandle, n: int = 5, length: int = 10) -> list[
 
     Generated greedily from :data:`CONTEXT_STARTS` by the model as it is now, then cached
     in memory and on disk (``<cache root>/context_templates``) under the model's
-    ``cache_id``, so later calls (edited model or not) reuse the unedited model's text.
+    ``state_id``: an edited model writes its own prefixes. A sequence of edits that
+    should keep the unedited model's prefixes passes them explicitly (as
+    :func:`intattn_analysis.edit_sequence` does).
     """
     if not 0 <= n <= len(CONTEXT_STARTS):
         raise ValueError(
             f"n_context_templates must be in [0, {len(CONTEXT_STARTS)}] (one per start word "
             f"of CONTEXT_STARTS), got {n}"
         )
-    key = (model.cache_id, n, length)
+    key = (model.state_id, n, length)
     if key in _TEMPLATES:
         return list(_TEMPLATES[key])
-    path = cache_root() / "context_templates" / f"{model.cache_id}-n{n}-len{length}.json"
+    path = cache_root() / "context_templates" / f"{model.state_id}-n{n}-len{length}.json"
     templates = None
     if path.exists():
         try:
@@ -311,18 +313,24 @@ def read_at_subject(
 # =========================================================================== cache
 #: Version of the cached target files; bump it when the optimisation changes.
 TARGETS_CACHE_FORMAT = 2
+#: What a target can be set for (see :func:`compute_z`).
+TARGET_SITES = ("residual", "mlp_output")
 #: The hyperparameters a target depends on (the solve's settings do not enter).
 TARGET_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss",
                  "stop_on", "kl_position")
 
 
-def target_key(model: ModelHandle, fact: Fact, hparams, layer: int, templates: Sequence[str]) -> dict:
-    """Everything one fact's ``z*`` depends on: the model (``cache_id`` and dtype), the
-    fact's content, the layer, the context prefixes, the KL prompt and the target
-    hyperparameters."""
+def target_key(model: ModelHandle, fact: Fact, hparams, layer: int, templates: Sequence[str],
+               site: str = "residual") -> dict:
+    """Everything one fact's ``z*`` depends on: the model's weights (its ``state_id``,
+    which names the edits applied to it, and dtype), the fact's content, the layer and
+    site, the context prefixes, the KL prompt and the target hyperparameters. (The site
+    enters the key only when it is not the residual, so that keys written before sites
+    existed still match.)"""
+    extra = {} if site == "residual" else {"site": site}
     return {
         "format": TARGETS_CACHE_FORMAT,
-        "model": model.cache_id,
+        "model": model.state_id,
         "model_dtype": str(model.dtype),
         "fact": fact.key,
         "subject": fact.subject,
@@ -332,12 +340,13 @@ def target_key(model: ModelHandle, fact: Fact, hparams, layer: int, templates: S
         "templates": list(templates),
         "kl_prompt": KL_PROMPT,
         **{name: getattr(hparams, name) for name in TARGET_FIELDS},
+        **extra,
     }
 
 
 def _target_file(cache_dir: Path, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    folder = cache_dir / key["model"].replace("/", "--")
+    folder = cache_dir / key["model"].split("+edits-")[0].replace("/", "--")
     return folder / f"z-layer{key['layer']}-{key['fact']}-{digest}.json"
 
 
@@ -368,10 +377,10 @@ def _read_target(path: Path, key: dict, d_model: int) -> dict | None:
 
 
 def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cache_dir,
-              suffix=True) -> "ZTargets":
+              suffix=True, site="residual") -> "ZTargets":
     """:func:`compute_z` through the per-fact cache (``layer`` and ``templates`` resolved)."""
     start_time = time.perf_counter()
-    keys = [target_key(model, fact, hparams, layer, templates) for fact in facts]
+    keys = [target_key(model, fact, hparams, layer, templates, site) for fact in facts]
     found: dict[int, dict] = {}
     for i, key in enumerate(keys):
         stored = _read_target(_target_file(cache_dir, key), key, model.d_model)
@@ -385,7 +394,7 @@ def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cac
     for chunk in tqdm(chunks, desc="z* batches", disable=not progress or len(chunks) < 2):
         fresh = compute_z(model, [facts[i] for i in chunk], hparams, layer=layer,
                           templates=templates, batch_size=batch_size, progress=progress,
-                          suffix=suffix)
+                          suffix=suffix, site=site)
         for name, value in fresh.work.items():
             work[name] = work.get(name, 0) + value
         for j, i in enumerate(chunk):
@@ -597,6 +606,7 @@ def compute_z(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     suffix: bool = True,
+    site: str = "residual",
 ) -> ZTargets:
     """Target residual states ``z*`` for ``facts`` at the output of ``layer`` (default:
     the last of ``hparams.layers``); see the module notes for the loss and the batching.
@@ -613,8 +623,18 @@ def compute_z(
     under a key of everything it depends on (:func:`target_key`): a later run on the
     same fact, in any batch, reuses it. Files are written after each batch of
     ``batch_size`` facts, so an interrupted call loses at most the batch it was in.
-    ``seconds`` then counts only the facts computed. The key names the model by its id, so the cache is bypassed (with a warning) while
-    the model carries an unrestored edit (``model.open_edits``).
+    ``seconds`` then counts only the facts computed. The key names the
+    model's weights by their ``state_id``, so an edited model has targets of its own.
+
+    ``site`` names the vector the target is set for. ``"residual"`` (MEMIT's ``z*``):
+    the residual stream at the output of ``layer``; ``h`` is that state. ``"mlp_output"``
+    (ROME's ``v*``): the MLP output of ``layer``; ``h`` is that output, so the clamp and
+    the weight decay are relative to its norm, as ROME's ``compute_v`` has them, and
+    ``z = h + δ`` is the output the MLP must give. The optimisation is the same: the MLP
+    output joins the residual stream by addition, so ``δ`` is added to the residual
+    after ``layer`` in both cases (on post-norm models the MLP's own output is before its
+    norm, and the editor converts the residual change; see
+    :func:`intattn_analysis.editors.keys.module_space`).
 
     ``suffix`` (default) runs each step only on the positions from the subject's last
     token on, reading the earlier positions' stored keys and values; ``False`` runs whole
@@ -624,14 +644,8 @@ def compute_z(
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if cache_dir is not None and getattr(model, "open_edits", 0):
-        warnings.warn(
-            f"{model.name} has {model.open_edits} edit(s) applied and not restored; the "
-            "target cache describes the unedited weights, so these targets are computed "
-            "without it",
-            stacklevel=2,
-        )
-        cache_dir = None
+    if site not in TARGET_SITES:
+        raise ValueError(f"site must be one of {TARGET_SITES}, got {site!r}")
     start_time = time.perf_counter()
     facts = list(facts)
     if not facts:
@@ -644,12 +658,12 @@ def compute_z(
     templates = list(templates)
     if cache_dir is not None:
         return _cached_z(model, facts, hparams, layer, templates, batch_size, progress,
-                         Path(cache_dir), suffix)
+                         Path(cache_dir), suffix, site)
     if len(facts) > batch_size:
         chunks = [facts[i : i + batch_size] for i in range(0, len(facts), batch_size)]
         parts = [
             compute_z(model, chunk, hparams, layer=layer, templates=templates,
-                      batch_size=batch_size, progress=progress, suffix=suffix)
+                      batch_size=batch_size, progress=progress, suffix=suffix, site=site)
             for chunk in tqdm(chunks, desc="z* batches", disable=not progress or len(chunks) < 2)
         ]
         return ZTargets(
@@ -682,6 +696,9 @@ def compute_z(
     else:
         resid, kv = _resid_after(model, ids, layer), None
     h = resid[bare_rows, subject_pos[bare_rows]].float().clone()
+    if site == "mlp_output":  # the MLP's output there (ROME's target_init)
+        bare = [rows[int(j)] for j in bare_rows]
+        h = read_at_subject(model, bare, [hook("mlp_out", layer)])[hook("mlp_out", layer)].float().clone()
     delta = torch.zeros(n_facts, d_model, device=device, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     cut = _FINAL_NORM_HOOK in model.bridge.hook_dict

@@ -780,7 +780,7 @@ def _cache_file(
     described.pop("kinds")
     key = {
         "format": CACHE_FORMAT,
-        "model": model.cache_id,
+        "model": model.state_id,
         "dtype": str(model.dtype),
         "fact": fact.key,
         "kind": kind,
@@ -900,7 +900,7 @@ def trace(
             f"none of the {len(facts)} facts is answered correctly by {model.name} "
             f"(first answer token top-1 in the clean run), nothing to trace: {detail}"
         )
-    described = {"model": model.cache_id, "dtype": str(model.dtype), **settings.describe()}
+    described = {"model": model.state_id, "dtype": str(model.dtype), **settings.describe()}
     return TraceResult.from_rows(rows, described, traced, skipped, reasons)
 
 

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 import intattn_analysis as ia
-from intattn_analysis import editing
+from intattn_analysis.editors import keys as edit_keys
+from intattn_analysis.editors.methods import closed_form
 from intattn_analysis.architectures import hook
 from intattn_analysis.covariance import second_moments
-from intattn_analysis.editing import METHODS, EditError, apply_deltas, edit, solve_update
+from intattn_analysis.editors import METHODS, EditError, apply_deltas, edit, solve_update
 from intattn_analysis.hparams import (
     EditHparams,
     GenericHparamsWarning,
@@ -287,7 +288,7 @@ def before_weight(model, reference):
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_failure_in_the_middle_of_an_edit_restores(smollm2, moments, fast, monkeypatch, error):
     before = _parameters(smollm2)
-    real = editing.solve_update
+    real = closed_form.solve_update
     calls = []
 
     def failing(keys, residuals, moment, lam, *, module="", layer=-1):
@@ -296,7 +297,7 @@ def test_failure_in_the_middle_of_an_edit_restores(smollm2, moments, fast, monke
             raise error("injected")
         return real(keys, residuals, moment, lam, module=module, layer=layer)
 
-    monkeypatch.setattr(editing, "solve_update", failing)
+    monkeypatch.setattr(closed_form, "solve_update", failing)
     with pytest.raises(error, match="injected"):
         edit(smollm2, [EIFFEL], method="intattn", alpha=0.5, hparams=fast, moments=moments,
              progress=False)
@@ -305,14 +306,18 @@ def test_failure_in_the_middle_of_an_edit_restores(smollm2, moments, fast, monke
 
 
 # ----------------------------------------------------------------------------- efficacy
-@pytest.mark.parametrize("method", ["memit", "intattn"])
+@pytest.mark.parametrize("method", ["memit", "intattn", "alphaedit", "rome", "ft-l", "ft-m"])
 def test_edit_flips_the_greedy_answer(smollm2, moments, method):
+    """Every method, with its defaults for the model, writes a hand-built fact and
+    restores the model bit for bit."""
+    before = _parameters(smollm2)
     assert _answers(smollm2, EIFFEL, "Paris")
     with edit(smollm2, [EIFFEL], method=method, moments=moments, progress=False) as result:
         assert _answers(smollm2, EIFFEL, "Rome"), result.z_diagnostics
         # above 1/2 the target's (geometric-mean) probability beats all else together
         assert result.z_diagnostics[0]["p_target_after"] > 0.5
     assert _answers(smollm2, EIFFEL, "Paris")
+    _assert_all_equal(smollm2, before)
 
 
 def test_edit_of_a_builtin_fact(smollm2, moments):
@@ -423,8 +428,8 @@ def test_gemma_post_norm_residual_is_reached(gemma3, tmp_path_factory, module, m
     )
     moments = _moments(gemma3, [layer], tmp_path_factory, 10000)
     method = "memit" if module == "mlp" else "attn"
-    norm = editing._post_norm(gemma3, module, layer)
-    converted = editing._module_space
+    norm = edit_keys.post_norm(gemma3, module, layer)
+    converted = closed_form.module_space
     seen = {}
 
     def spy(model, m, l, residual, outputs, weights):
@@ -439,7 +444,7 @@ def test_gemma_post_norm_residual_is_reached(gemma3, tmp_path_factory, module, m
         requested = r.residuals[(module, layer)][0].double()
         return float((after - before - requested).norm() / requested.norm())
 
-    monkeypatch.setattr(editing, "_module_space", spy)
+    monkeypatch.setattr(closed_form, "module_space", spy)
     error = relative_error()
     x, change, wanted = seen["outputs"], seen["change"], seen["residual"]
 
@@ -455,7 +460,7 @@ def test_gemma_post_norm_residual_is_reached(gemma3, tmp_path_factory, module, m
                   / math.sqrt(x.numel()))
         for _ in range(20)
     )
-    monkeypatch.setattr(editing, "_module_space", lambda model, m, l, residual, *a: residual)
+    monkeypatch.setattr(closed_form, "module_space", lambda model, m, l, residual, *a: residual)
     naive = relative_error()
     print(f"gemma3 {module} layer {layer}: relative error {error:.3f}, closest point of the "
           f"norm's shell {reachable:.3f}, random points nearby {nearby:.3f}, residual target "

@@ -18,7 +18,7 @@ import torch
 
 import intattn_analysis as ia
 from intattn_analysis import targets as targets_module
-from intattn_analysis.editing import edit
+from intattn_analysis.editors import edit
 from intattn_analysis.hparams import EditHparams
 
 from memit_reference import compute_ks, execute_memit
@@ -98,7 +98,7 @@ def test_equal_key_weights_would_fail_the_reference(tiny, setting, monkeypatch):
     hp, moments, targets = setting
     reference = _reference(tiny, setting)
     monkeypatch.setattr(
-        "intattn_analysis.editing.context_weights",
+        "intattn_analysis.editors.methods.closed_form.context_weights",
         lambda templates: [1.0 / len(templates)] * len(templates),
     )
     with edit(tiny, FACTS, method="memit", hparams=hp, moments=moments, targets=targets,

@@ -147,16 +147,22 @@ def test_alpha_sweep_and_main_table_figures(tmp_path):
     assert all(p.exists() for p in paths)
 
 
-def test_targets_cache_is_bypassed_while_an_edit_is_applied(smollm2, fast, tmp_path):
+def test_targets_cache_keys_on_the_model_state(smollm2, fast, tmp_path):
+    """An edited model's targets are cached under its own state: the unedited model's
+    file is not served to it, and its file is not served to the unedited model."""
     key = ("mlp", 5)
-    zero = {key: torch.zeros_like(smollm2.weight(*key))}
-    with ia.apply_deltas(smollm2, zero) as applied:
+    hp = fast.replace(v_steps=2)
+    plain = ia.compute_z(smollm2, [EIFFEL], hp, progress=False, cache_dir=tmp_path)
+    nudge = {key: torch.full_like(smollm2.weight(*key), 1e-3)}
+    with ia.apply_deltas(smollm2, nudge) as applied:
         assert smollm2.open_edits == 1
-        with pytest.warns(UserWarning, match="not restored"):
-            ia.compute_z(smollm2, [EIFFEL], fast.replace(v_steps=2), progress=False, cache_dir=tmp_path)
+        edited = ia.compute_z(smollm2, [EIFFEL], hp, progress=False, cache_dir=tmp_path)
+        assert not torch.equal(edited.z, plain.z)
         applied.restore()  # twice (here and on exit) counts once
     assert smollm2.open_edits == 0
-    assert not list(tmp_path.rglob("z-*.json"))
+    assert len(list(tmp_path.rglob("z-*.json"))) == 2
+    again = ia.compute_z(smollm2, [EIFFEL], hp, progress=False, cache_dir=tmp_path)
+    assert torch.equal(again.z, plain.z)
 
 
 def test_a_failed_batch_keeps_what_finished(smollm2, corpus_moments, fast):

@@ -75,7 +75,7 @@ def facts_digest(facts: Sequence[Fact]) -> str:
 def batch_key(model: ModelHandle, dataset: str, batch: int, facts: Sequence[Fact]) -> dict[str, Any]:
     """What identifies a batch: the model's weights, the dataset, the batch number and the
     whole content of its facts (:func:`facts_digest`)."""
-    return {"format": STORE_FORMAT, "model": model.cache_id, "model_dtype": str(model.dtype),
+    return {"format": STORE_FORMAT, "model": model.state_id, "model_dtype": str(model.dtype),
             "dataset": dataset, "batch": batch, "n_facts": len(facts), "facts": facts_digest(facts)}
 
 
@@ -132,7 +132,7 @@ def run_alpha_settings(
         raise ValueError("settings is empty; name at least one alpha setting")
     metrics = tuple(metrics)
     mine = shard_batches(len(batches), shard)
-    base = {k: v for k, v in hparams.to_dict().items() if k not in _SOLVE_ONLY and k != "source"}
+    base = {k: v for k, v in hparams.effective_dict().items() if k not in _SOLVE_ONLY}
     eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens}
     row_labels = {"model": model.name, "dataset": dataset, **(labels or {})}
 

@@ -85,7 +85,7 @@ def run(model: ModelHandle, dataset: str, scale, root, *, shard=None, progress: 
     for c, variant in tqdm(units, desc=f"tracing {model.name}", disable=not progress):
         kinds, tokens, severed = VARIANTS[variant]
         chunk = chunks[c]
-        key = {"format": STORE_FORMAT, "model": model.cache_id, "model_dtype": str(model.dtype),
+        key = {"format": STORE_FORMAT, "model": model.state_id, "model_dtype": str(model.dtype),
                "dataset": dataset, "chunk": c, "facts": facts_digest(chunk), "variant": variant,
                "kinds": list(kinds), "tokens": list(tokens), "severed": severed,
                "window": window, "samples": scale.samples, "noise": scale.noise, "seed": scale.seed}

@@ -1,0 +1,351 @@
+"""``ia.edit`` and ``ia.edit_sequence``: one entry point for every method of the family.
+
+:func:`edit` does for every registered method (:data:`intattn_analysis.editors.EDITORS`)
+what does not depend on the method: it checks the facts, resolves the hyperparameters
+(the method's defaults file, then ``hparams=``, then keyword overrides), computes or
+checks the second moments, context prefixes and targets the method needs, snapshots every
+matrix the method declares, runs the method, and restores the snapshot if anything fails.
+
+:func:`edit_sequence` applies batch after batch to the same model, as a model is edited
+over time: each batch's targets are computed on the model as the earlier batches left it,
+and what a method carries (AlphaEdit's keys edited so far) goes from one batch to the
+next.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from torch import Tensor
+from tqdm import tqdm
+
+from ..architectures import MODULES
+from ..facts import Fact
+from ..hparams import hparams_for
+from ..loading import ModelHandle
+from ..targets import DEFAULT_Z_BATCH, ZTargets, compute_z, context_templates
+from .protocol import EditJob, Editor, editor
+from .result import EditError, EditResult, check_layers, snapshot
+
+__all__ = ["EditSequence", "edit", "edit_sequence", "resolve_hparams"]
+
+
+# =========================================================================== inputs
+def check_facts(facts: Any) -> list[Fact]:
+    """The batch as a list of :class:`Fact` s that an edit can write (clear errors
+    otherwise: an empty batch, a fact whose new answer is its old one, two answers asked
+    of one prompt)."""
+    if isinstance(facts, Fact):
+        facts = [facts]
+    elif isinstance(facts, (str, bytes)) or not isinstance(facts, Iterable):
+        raise EditError(f"facts must be a Fact or a list of Facts, got {type(facts).__name__}")
+    facts = [Fact.from_dict(f) if isinstance(f, Mapping) else f for f in facts]
+    if not facts:
+        raise EditError("facts is empty; pass at least one Fact to edit")
+    for i, fact in enumerate(facts):
+        if not isinstance(fact, Fact):
+            raise EditError(f"facts[{i}] is a {type(fact).__name__}, not a Fact")
+        if not fact.changes_answer:
+            raise EditError(
+                f"facts[{i}] ({fact.text!r}): target_new {fact.target_new!r} equals target_true; "
+                "an edit must change the answer"
+            )
+    # one batch cannot write two answers for one key: the least-squares solve would settle
+    # on some compromise and one of the requests would be lost without a word
+    seen: dict[tuple[str, str], int] = {}
+    for i, fact in enumerate(facts):
+        first = seen.setdefault((fact.subject, fact.prompt), i)
+        if first != i and facts[first].target_new.strip() != fact.target_new.strip():
+            raise EditError(
+                f"facts[{first}] and facts[{i}] ask {fact.text!r} for two answers "
+                f"({facts[first].target_new!r} and {fact.target_new!r}); one batch can write "
+                "only one. Keep one of them, or edit them in separate batches"
+            )
+    return facts
+
+
+def resolve_hparams(
+    model: ModelHandle, spec: Editor, hparams: Any = None, *, layers=None, alpha=None,
+    **overrides: Any,
+) -> tuple[Any, dict[int, float]]:
+    """The hyperparameters an edit runs with, and its attention share per layer.
+
+    ``hparams`` (default: the method's defaults for the model,
+    :func:`intattn_analysis.hparams_for`) must be the method's dataclass; ``layers``,
+    ``alpha`` and any other field given as a keyword replace the field (unknown names
+    are an :class:`EditError` that lists the known ones).
+    """
+    hp = hparams if hparams is not None else hparams_for(model, spec.name)
+    if not isinstance(hp, spec.hparams_type):
+        raise EditError(
+            f"method {spec.name!r} reads {spec.hparams_type.__name__}, got hparams of type "
+            f"{type(hp).__name__}; use ia.hparams_for(model, {spec.name!r}) as a start"
+        )
+    changes = dict(overrides)
+    if layers is not None:
+        if isinstance(layers, int):
+            layers = [layers]
+        changes["layers"] = tuple(check_layers(model, list(layers)))
+    if alpha is not None:
+        if not spec.reads_alpha and "alpha" not in spec.hparams_type.__dataclass_fields__:
+            raise EditError(f"method {spec.name!r} has no alpha; it applies to method='intattn'")
+        if not isinstance(alpha, Mapping):
+            try:
+                value = float(alpha)
+            except (TypeError, ValueError):
+                raise EditError(f"alpha must be a number in [0, 1] or {{layer: alpha}}, got {alpha!r}") from None
+            if not 0.0 <= value <= 1.0:
+                raise EditError(
+                    f"alpha must lie in [0, 1] (0: MLP only as MEMIT, 1: attention only), got {alpha!r}"
+                )
+        changes["alpha"] = alpha
+    if changes:
+        try:
+            hp = hp.replace(**changes)
+        except TypeError as error:  # an unknown field
+            raise EditError(f"method {spec.name!r}: {error}") from None
+        except ValueError as error:
+            raise EditError(str(error)) from None
+    check_layers(model, list(hp.layers))
+    if spec.prepare is not None:
+        return spec.prepare(model, hp, alpha is not None)
+    return hp, {}
+
+
+def _moments(model, needed, hp, moments, progress: bool):
+    if not needed:
+        return {}
+    if moments is None:
+        from ..covariance import second_moments
+
+        layers = sorted({l for _, l in needed})
+        modules = tuple(m for m in MODULES if any(k[0] == m for k in needed))
+        moments = second_moments(
+            model, layers, modules=modules, n_tokens=hp.mom2_n_tokens,
+            max_len=hp.mom2_max_len, dtype=hp.torch_mom2_dtype, progress=progress,
+        )
+    missing = [k for k in needed if k not in moments]
+    if missing:
+        raise EditError(
+            f"missing second moments for {missing}; moments must cover every matrix the method "
+            f"reads: {sorted(needed, key=lambda k: (k[1], k[0]))}. Leave moments=None to compute "
+            "them, or include these keys"
+        )
+    for key in needed:
+        d_in = model.key_dim(*key)
+        shape = tuple(moments[key].shape)
+        if shape != (d_in, d_in):
+            raise EditError(f"moments[{key}] has shape {shape}; expected ({d_in}, {d_in})")
+    return moments
+
+
+def check_targets(targets: ZTargets, facts: list[Fact], layer: int, templates) -> None:
+    """Precomputed targets must belong to these facts, this layer and these contexts."""
+    if not isinstance(targets, ZTargets):
+        raise EditError(f"targets must come from compute_z (a ZTargets), got {type(targets).__name__}")
+    keys = [d["fact"] for d in targets.diagnostics]
+    if keys != [f.key for f in facts]:
+        raise EditError(
+            f"targets were computed for {len(keys)} other facts (or another order); "
+            "compute them with compute_z on exactly these facts"
+        )
+    if targets.layer != layer:
+        raise EditError(
+            f"targets are set at layer {targets.layer} but the last edited layer is "
+            f"{layer}; compute them with the same layers"
+        )
+    if list(targets.context_templates) != list(templates):
+        raise EditError("targets were computed under other context templates; use the same hparams")
+
+
+# =========================================================================== edit
+def edit(
+    model: ModelHandle,
+    facts: Fact | Sequence[Fact],
+    *,
+    method: str | Editor = "intattn",
+    hparams: Any = None,
+    layers: Sequence[int] | None = None,
+    alpha: float | Mapping[int, float] | None = None,
+    moments: Mapping[tuple[str, int], Tensor] | None = None,
+    targets: ZTargets | None = None,
+    state: Any = None,
+    templates: Sequence[str] | None = None,
+    z_batch_size: int = DEFAULT_Z_BATCH,
+    progress: bool = True,
+    **overrides: Any,
+) -> EditResult:
+    """Write ``facts`` (their ``target_new``) into the model's weights, in place.
+
+    Args:
+        model: a loaded model.
+        facts: the facts to write (one batch).
+        method: a registered method (``"memit"``, ``"intattn"``, ``"attn"``,
+            ``"alphaedit"``, ``"rome"``, ``"ft-l"``, ``"ft-m"``; see
+            :data:`intattn_analysis.editors.EDITORS`) or an :class:`Editor`.
+        hparams: all settings, as the method's dataclass; default the method's defaults
+            for the model (:func:`intattn_analysis.hparams_for`).
+        layers: edited layers (overrides ``hparams.layers``).
+        alpha: IntAttn-Edit's attention share: a number in [0, 1] or ``{layer: alpha}``
+            (for example ``ia.balance(trace_result, layers)``).
+        moments: ``{(module, layer): E[k kᵀ]}`` for every matrix whose second moment the
+            method reads; default computed by
+            :func:`intattn_analysis.covariance.second_moments` (cached on disk).
+        targets: for methods that start from shared targets (the closed-form family's
+            ``z*``, :func:`intattn_analysis.targets.compute_z` with the same hparams).
+            They depend only on the model, the facts and the target settings, so methods
+            compared on one batch can share them; default computed here.
+        state: what the previous edit of a sequence carried (``EditResult.state``), for
+            methods that carry state (AlphaEdit's keys edited so far).
+        templates: the context prefixes; default generated by the model
+            (:func:`intattn_analysis.targets.context_templates`).
+        z_batch_size: facts whose targets are optimised together (memory only).
+        progress: show progress bars.
+        **overrides: any field of the method's hparams (``projection="null_space"``,
+            ``lambda_mlp=500``, ``v_steps=10``, ``lr=1e-3``...).
+
+    Returns:
+        an :class:`EditResult`; the weights stay edited until it is restored (use it as a
+        context manager to edit temporarily).
+    """
+    started = time.perf_counter()
+    spec = editor(method)
+    facts = check_facts(facts)
+    hp, alphas = resolve_hparams(model, spec, hparams, layers=layers, alpha=alpha, **overrides)
+    writes = list(spec.writes(model, hp))
+    if targets is not None and spec.targets != "residual":
+        raise EditError(
+            f"method {spec.name!r} computes its own targets "
+            f"({spec.targets or 'it has none'}); pass targets= only to the closed-form family"
+        )
+    if state is not None and not spec.carries_state:
+        raise EditError(f"method {spec.name!r} carries no state between edits; pass state=None")
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    needed = list(spec.moments(model, hp)) if spec.moments is not None else []
+    moments = _moments(model, needed, hp, moments, progress)
+    timings["moments"] = time.perf_counter() - t0
+
+    if templates is None and spec.uses_templates:
+        templates = context_templates(model, hp.n_context_templates, hp.context_template_length)
+    templates = list(templates or [])
+    t0 = time.perf_counter()
+    timings["targets"] = 0.0
+    if spec.targets == "residual":
+        if targets is None:
+            targets = compute_z(model, facts, hp, templates=templates, batch_size=z_batch_size,
+                                progress=progress)
+        else:
+            check_targets(targets, facts, max(hp.layers), templates)
+        timings["targets"] = time.perf_counter() - t0
+
+    result = EditResult(
+        model=model, method=spec.name, layers=tuple(hp.layers), alphas=dict(alphas), hparams=hp,
+        timings=timings, z_diagnostics=list(targets.diagnostics) if targets is not None else [],
+        context_templates=templates,
+    )
+    job = EditJob(model=model, facts=facts, hparams=hp, alphas=dict(alphas), templates=templates,
+                  targets=targets, moments=moments, state=state, progress=progress, result=result,
+                  z_batch_size=z_batch_size)
+    result._opened(snapshot(model, writes))
+    t0 = time.perf_counter()
+    try:
+        spec.apply(job)
+        result._settle()
+    except BaseException:
+        result.restore()
+        raise
+    # methods that optimise their targets as they go (ROME) count them under "targets"
+    timings["solve"] = time.perf_counter() - t0 - (timings["targets"] if targets is None else 0.0)
+    timings["total"] = time.perf_counter() - started
+    return result
+
+
+# =========================================================================== sequences
+@dataclass
+class EditSequence:
+    """The edits of :func:`edit_sequence`, oldest first; restoring undoes them all.
+
+    Attributes:
+        edits: one :class:`EditResult` per batch, as applied.
+        method: the method's name.
+    """
+
+    edits: list[EditResult] = field(default_factory=list)
+    method: str = ""
+
+    @property
+    def state(self) -> Any:
+        """What the last edit carried (AlphaEdit's keys edited so far)."""
+        return self.edits[-1].state if self.edits else None
+
+    def restore(self) -> None:
+        """Undo every edit of the sequence, newest first (bit for bit)."""
+        for result in reversed(self.edits):
+            result.restore()
+
+    def __enter__(self) -> "EditSequence":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.restore()
+        return False
+
+    def __len__(self) -> int:
+        return len(self.edits)
+
+    def __iter__(self):
+        return iter(self.edits)
+
+
+def edit_sequence(
+    model: ModelHandle,
+    batches: Sequence[Sequence[Fact]],
+    *,
+    method: str | Editor = "intattn",
+    hparams: Any = None,
+    moments: Mapping[tuple[str, int], Tensor] | None = None,
+    templates: Sequence[str] | None = None,
+    after_each=None,
+    progress: bool = True,
+    **overrides: Any,
+) -> EditSequence:
+    """Apply ``batches`` one after another to the same model, as edits pile up over time.
+
+    Each batch is an :func:`edit` of the model as the earlier batches left it: its
+    targets are optimised on the edited model, and a method that carries state
+    (AlphaEdit) hands it on. The second moments and the context prefixes are those of
+    the model before the first batch, computed once (the reference implementations of
+    MEMIT and AlphaEdit do the same: their ``C`` describes the knowledge to preserve,
+    which is the unedited model's); pass ``moments=`` or ``templates=`` to choose others.
+
+    ``after_each(i, sequence)`` is called after batch ``i`` (0-based) is applied, for
+    example to evaluate every edit so far. If a batch fails, every batch of the sequence
+    is restored before the exception propagates. Returns an :class:`EditSequence`, whose
+    :meth:`~EditSequence.restore` undoes them all.
+    """
+    spec = editor(method)
+    batches = [check_facts(batch) for batch in batches]
+    if not batches:
+        raise EditError("batches is empty; pass at least one batch of facts")
+    hp, _ = resolve_hparams(model, spec, hparams, **overrides)
+    needed = list(spec.moments(model, hp)) if spec.moments is not None else []
+    moments = _moments(model, needed, hp, moments, progress)
+    if templates is None and spec.uses_templates:
+        templates = context_templates(model, hp.n_context_templates, hp.context_template_length)
+    sequence = EditSequence(method=spec.name)
+    try:
+        for i, batch in enumerate(tqdm(batches, desc=f"{spec.name} sequence", disable=not progress)):
+            result = edit(model, batch, method=spec, hparams=hp, moments=moments,
+                          templates=templates, state=sequence.state if spec.carries_state else None,
+                          progress=False)
+            sequence.edits.append(result)
+            if after_each is not None:
+                after_each(i, sequence)
+    except BaseException:
+        sequence.restore()
+        raise
+    return sequence

@@ -1,0 +1,147 @@
+"""The editor protocol: what one editing method declares, and the job it is handed.
+
+A method is one module under :mod:`intattn_analysis.editors.methods` that registers an
+:class:`Editor` in :data:`EDITORS`. The editor says
+
+* which hyperparameter dataclass it reads (``hparams_type``; its defaults per model are
+  data files read by :func:`intattn_analysis.hparams_for`);
+* which matrices it may write for given hparams (``writes``), so that
+  :func:`intattn_analysis.edit` can snapshot them before anything is written and restore
+  them if anything fails;
+* what it needs: second moments (``moments``: the matrices whose corpus second moment it
+  reads), targets (``targets``: the kind of optimised target it starts from, so that
+  methods of one kind can share them on a batch) and carried state (``carries_state``:
+  what one edit of a sequence hands to the next, such as AlphaEdit's keys edited so far);
+* and ``apply``: a function of an :class:`EditJob` that computes the deltas and writes
+  them through :meth:`EditJob.write` (methods whose later steps read the model as the
+  earlier steps left it, such as MEMIT's layer loop, ROME's facts one after another and
+  fine-tuning, must write as they go).
+
+:func:`intattn_analysis.edit` does the rest for every method alike: checks the facts,
+resolves the hparams, computes or checks the moments, templates and targets, snapshots,
+calls ``apply``, settles the deltas and returns an
+:class:`~intattn_analysis.editors.result.EditResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import Tensor
+
+from ..facts import Fact
+from ..loading import ModelHandle
+from .result import EditError, EditResult
+
+__all__ = ["EDITORS", "Editor", "EditJob", "editor", "register"]
+
+Key = tuple[str, int]
+
+#: Target kinds: ``"residual"`` (MEMIT's ``z*`` at the output of the last edited layer,
+#: shared by the closed-form family), ``"mlp_output"`` (ROME's ``v*``, set fact after fact
+#: on the model as the earlier facts left it) and ``"pmet"`` (PMET's attention and FFN
+#: outputs, optimised together).
+TARGET_KINDS = ("residual", "mlp_output", "pmet")
+
+
+@dataclass
+class EditJob:
+    """Everything one edit works with; an editor's ``apply`` reads it and writes through
+    :meth:`write`.
+
+    Attributes:
+        model: the model being edited.
+        facts: the checked facts of the batch.
+        hparams: the resolved hyperparameters (the editor's dataclass).
+        alphas: the attention share per edited layer (closed-form family), else empty.
+        templates: the context prefixes (``"{}"`` first) the targets and keys use.
+        targets: the batch's targets when the editor starts from shared ones, else None.
+        moments: ``{(module, layer): E[k kᵀ]}`` for every matrix in ``editor.moments``.
+        state: what the previous edit of a sequence carried (None for the first).
+        progress: show progress bars.
+        result: the :class:`EditResult` being filled in.
+    """
+
+    model: ModelHandle
+    facts: list[Fact]
+    hparams: Any
+    alphas: dict[int, float]
+    templates: list[str]
+    targets: Any
+    moments: Mapping[Key, Tensor]
+    state: Any
+    progress: bool
+    result: EditResult
+    z_batch_size: int = 16
+    scratch: dict = field(default_factory=dict)
+
+    def write(self, key: Key, delta: Tensor) -> Tensor:
+        """Add ``delta`` (``[d_out, d_in]``) to a declared matrix; returns what was added."""
+        return self.result._write(key, delta)
+
+    def changed_in_place(self, key: Key) -> None:
+        """Tell the result that the method changed a declared matrix itself."""
+        self.result._changed_in_place(key)
+
+
+@dataclass(frozen=True)
+class Editor:
+    """One editing method (see the module notes).
+
+    Attributes:
+        name: the registry key (``ia.edit(method=name)``).
+        hparams_type: its hyperparameter dataclass (with ``replace``, ``to_json``,
+            ``from_dict``).
+        apply: computes and writes the deltas for an :class:`EditJob`.
+        writes: ``(model, hparams) -> [(module, layer)]``: every matrix it may write.
+        moments: ``(model, hparams) -> [(module, layer)]``: the second moments it reads
+            (``None``: none).
+        targets: the target kind it starts from (:data:`TARGET_KINDS`) when it can take
+            targets computed outside (shared on a batch), else ``None``.
+        uses_templates: whether it reads context prefixes.
+        reads_alpha: whether IntAttn-Edit's balance factor applies to it.
+        carries_state: whether one edit of a sequence hands state to the next.
+        prepare: ``(model, hparams, alpha_given) -> (hparams, alphas)``: method-specific
+            checks and resolution before any work (default: no alphas).
+        description: one line for tables.
+        reference: the published algorithm and reference code it follows.
+    """
+
+    name: str
+    hparams_type: type
+    apply: Callable[[EditJob], None]
+    writes: Callable[[ModelHandle, Any], Sequence[Key]]
+    moments: Callable[[ModelHandle, Any], Sequence[Key]] | None = None
+    targets: str | None = None
+    uses_templates: bool = True
+    reads_alpha: bool = False
+    carries_state: bool = False
+    prepare: Callable[[ModelHandle, Any, bool], tuple[Any, dict[int, float]]] | None = None
+    description: str = ""
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        if self.targets is not None and self.targets not in TARGET_KINDS:
+            raise ValueError(f"targets must be one of {TARGET_KINDS} or None, got {self.targets!r}")
+
+
+#: Every registered method, by name.
+EDITORS: dict[str, Editor] = {}
+
+
+def register(editor_: Editor) -> Editor:
+    """Add an editor to :data:`EDITORS` (a second editor of one name is an error)."""
+    if editor_.name in EDITORS and EDITORS[editor_.name] is not editor_:
+        raise ValueError(f"an editor named {editor_.name!r} is already registered")
+    EDITORS[editor_.name] = editor_
+    return editor_
+
+
+def editor(method: str | Editor) -> Editor:
+    """The registered editor of a name (or the editor itself)."""
+    if isinstance(method, Editor):
+        return method
+    if method not in EDITORS:
+        raise EditError(f"unknown method {method!r}; known methods: {sorted(EDITORS)}")
+    return EDITORS[method]

@@ -1,0 +1,367 @@
+"""The editor family on a tiny random Llama: each method's defining property against a
+small port of its published math (``tests/editor_reference.py``), exact restores for
+every method (also after a failure in the middle), sequences, and model-state keys for
+every cache.
+
+Tolerances. Updates are computed in float64 and written as float32, so an update read
+back carries a relative rounding error of at most 2⁻²⁴ ≈ 6e-8 per entry; keys and
+outputs come from float32 forwards that both sides share (the same bridge, the same
+inputs, in the same order), so they agree exactly. ROME and AlphaEdit's properties
+therefore hold to 1e-6 relative (ten times the float32 rounding of a sum over the 96
+key dimensions), and the comparisons with the reference ports, which solve in float64
+with explicit inverses or an SVD where the package uses a Cholesky solve or ``eigh``,
+hold to 1e-6 relative for moments whose condition number is below 1e3 (float64 error
+≈ condition × 1e-16, far below float32 rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import intattn_analysis as ia
+from intattn_analysis.architectures import hook
+from intattn_analysis.editors import EditError, edit, edit_sequence
+from intattn_analysis.editors.keys import key_hook
+from intattn_analysis.editors.methods import closed_form, ft, rome
+from intattn_analysis.editors.solvers import null_space_projector, solve_projected
+from intattn_analysis.hparams import EditHparams, FTHparams, RomeHparams
+from intattn_analysis.targets import compute_z, context_templates, prompt_rows, read_at_subject
+
+from editor_reference import alphaedit_projector, alphaedit_update, rome_update
+
+RELATIVE = 1e-6  # see the module notes
+LAYERS = (1, 2)
+FACTS = [
+    ia.Fact.from_text("w10 w11 w20 w21 w22", "w10 w11", "w40", target_true="w50"),
+    ia.Fact.from_text("w30 w12 w13 w23 w24", "w12 w13", "w41", target_true="w51"),
+    ia.Fact.from_text("w14 w25 w26 w27", "w14", "w42 w43", target_true="w52"),
+]
+MORE = [
+    ia.Fact.from_text("w60 w61 w62 w63", "w60 w61", "w44", target_true="w53"),
+    ia.Fact.from_text("w64 w65 w66", "w64", "w45", target_true="w54"),
+]
+TARGETS = dict(n_context_templates=3, context_template_length=4, v_steps=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama, one_thread):
+    return tiny_llama
+
+
+@pytest.fixture(scope="module")
+def moments(tiny):
+    """Random positive-definite second moments for both modules of every layer (4 × d_in
+    samples: condition number about (1 + 1/2)² / (1 − 1/2)² ≈ 9, well below 1e3)."""
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for layer in range(tiny.n_layers):
+        for module in ("mlp", "attn"):
+            d_in = tiny.key_dim(module, layer)
+            basis = torch.randn(4 * d_in, d_in, generator=generator)
+            out[(module, layer)] = basis.T @ basis / basis.shape[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def hp():
+    return EditHparams(layers=LAYERS, alpha=0.0, lambda_mlp=4.0, lambda_attn=4.0, **TARGETS)
+
+
+def _parameters(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.hf_model.named_parameters()}
+
+
+def _changed(model, before) -> list[str]:
+    return [n for n, p in model.hf_model.named_parameters() if not torch.equal(p, before[n])]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _median_threshold(moment: torch.Tensor) -> float:
+    return float(torch.linalg.eigvalsh(moment.double()).median())
+
+
+# ----------------------------------------------------------------------------- protocol
+def test_every_method_is_registered_with_its_defaults(tiny):
+    assert set(ia.EDITORS) >= {"memit", "intattn", "attn", "alphaedit", "rome", "ft-l", "ft-m"}
+    for name, spec in ia.EDITORS.items():
+        for model in ("smollm2-135m", "gemma-3-270m"):
+            hp = ia.hparams_for(model, name)
+            assert isinstance(hp, spec.hparams_type), (name, model)
+            assert hp.source, f"{name}/{model} has no source"
+    assert ia.hparams_for("smollm2-135m", "alphaedit").projection == "null_space"
+    with pytest.raises(EditError, match="reads RomeHparams"):
+        edit(tiny, FACTS[:1], method="rome", hparams=EditHparams(layers=(1,)), progress=False)
+    with pytest.raises(EditError, match="unknown hyperparameter"):
+        edit(tiny, FACTS[:1], method="memit", hparams=EditHparams(layers=(1,)), lambda_typo=3,
+             progress=False)
+    with pytest.raises(EditError, match="computes its own targets"):
+        edit(tiny, FACTS[:1], method="rome", hparams=RomeHparams(layers=(1,)), targets=object(),
+             progress=False)
+    with pytest.raises(ValueError, match="exactly one layer"):
+        RomeHparams(layers=(1, 2))
+
+
+# ----------------------------------------------------------------------------- ROME
+def test_rome_writes_v_star_at_its_key_and_nothing_orthogonal(tiny, moments):
+    hp = RomeHparams(layers=(1,), **TARGETS)
+    fact, layer = FACTS[0], 1
+    templates = context_templates(tiny, hp.n_context_templates, hp.context_template_length)
+    target = compute_z(tiny, [fact], hp, layer=layer, templates=templates, site="mlp_output",
+                       batch_size=1, progress=False)
+    keys = read_at_subject(tiny, prompt_rows(tiny, [fact], templates), [key_hook("mlp", layer)])
+    keys = keys[key_hook("mlp", layer)].double()
+    k, k_bar = keys[templates.index("{}")], keys.mean(0)
+    W = tiny.weight("mlp", layer).detach().double().clone()
+    C = moments[("mlp", layer)]
+    v_star = W @ k + target.delta[0].double()
+
+    with edit(tiny, [fact], method="rome", hparams=hp, moments=moments, progress=False) as result:
+        delta = result.deltas[("mlp", layer)].double()
+        after = tiny.weight("mlp", layer).detach().double()
+        # W' k = v*
+        assert _relative(after @ k, v_star) < RELATIVE
+        # W' x = W x for x with xᵀ C⁻¹ k̄ = 0
+        direction = torch.linalg.solve(C.double(), k_bar)
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(k.shape[0], 8, generator=generator, dtype=torch.float64)
+        x = x - direction[:, None] * (direction @ x) / (direction @ direction)
+        assert float((delta @ x).norm()) < RELATIVE * float(delta.norm() * x.norm())
+    # the reference port of ROME's update, given the same key, v* and moment
+    assert _relative(delta, rome_update(W, C, k_bar, k, v_star)) < RELATIVE
+
+
+def test_rome_applies_a_batch_fact_after_fact(tiny, moments):
+    """A batch is one fact after another on the model as the earlier facts left it: the
+    same weights, bit for bit, as two single-fact edits in a row (under the same context
+    prefixes: an edited model would write its own)."""
+    hp = RomeHparams(layers=(1,), **TARGETS)
+    templates = context_templates(tiny, hp.n_context_templates, hp.context_template_length)
+    before = _parameters(tiny)
+    with edit(tiny, FACTS[:2], method="rome", hparams=hp, moments=moments, progress=False) as both:
+        together = tiny.weight("mlp", 1).detach().clone()
+        assert len(both.z_diagnostics) == 2
+    with edit(tiny, FACTS[:1], method="rome", hparams=hp, moments=moments, progress=False):
+        with edit(tiny, FACTS[1:2], method="rome", hparams=hp, moments=moments, templates=templates,
+                  progress=False):
+            assert torch.equal(tiny.weight("mlp", 1), together)
+    assert not _changed(tiny, before)
+
+
+# ----------------------------------------------------------------------------- AlphaEdit
+def test_alphaedit_without_projection_is_memit_bit_for_bit(tiny, moments, hp):
+    targets = compute_z(tiny, FACTS, hp, progress=False)
+    with edit(tiny, FACTS, method="memit", hparams=hp, moments=moments, targets=targets,
+              progress=False) as memit:
+        reference = {k: v.clone() for k, v in memit.deltas.items()}
+    with edit(tiny, FACTS, method="alphaedit", hparams=hp, moments=moments, targets=targets,
+              projection="none", progress=False) as alphaedit:
+        assert set(alphaedit.deltas) == set(reference)
+        for key in reference:
+            assert torch.equal(alphaedit.deltas[key], reference[key]), key
+
+
+def test_alphaedit_leaves_the_preserved_keys_alone(tiny, moments, hp):
+    layer = LAYERS[0]
+    threshold = _median_threshold(moments[("mlp", layer)])
+    aehp = hp.replace(projection="null_space", nullspace_threshold=threshold, nullspace_l2=1.0)
+    with edit(tiny, FACTS, method="alphaedit", hparams=aehp, moments=moments, progress=False) as result:
+        for l in LAYERS:
+            C = moments[("mlp", l)].double()
+            values, vectors = torch.linalg.eigh(C)
+            preserved = vectors[:, values >= threshold]  # orthonormal columns
+            assert preserved.shape[1] > 0
+            delta = result.deltas[("mlp", l)].double()
+            assert float((delta @ preserved).norm()) < RELATIVE * float(delta.norm()), l
+            assert float(delta.norm()) > 0
+        assert set(result.state) == {("mlp", l) for l in LAYERS}
+
+
+def test_alphaedit_solve_matches_the_reference_port(moments):
+    C = moments[("mlp", 1)]
+    threshold = _median_threshold(C)
+    generator = torch.Generator().manual_seed(2)
+    K = torch.randn(3, C.shape[0], generator=generator, dtype=torch.float64)
+    R = torch.randn(3, 64, generator=generator, dtype=torch.float64)
+    E = torch.randn(5, C.shape[0], generator=generator, dtype=torch.float64)
+    E = E.T @ E
+    P = null_space_projector(C, threshold)
+    P_reference = alphaedit_projector(C, threshold)
+    assert float((P - P_reference).norm()) < 1e-10 * float(P_reference.norm())
+    ours = solve_projected(K, R, P, 10.0, E)
+    theirs = alphaedit_update(K.T, R.T, P_reference, 10.0, E)
+    assert _relative(ours, theirs) < 1e-10
+
+
+def test_alphaedit_sequence_carries_the_edited_keys(tiny, moments, hp):
+    """After each batch the keys of that batch, read on the edited model, join the
+    preserved set: the state after two batches is the sum of their Grams."""
+    threshold = _median_threshold(moments[("mlp", 1)])
+    aehp = hp.replace(projection="null_space", nullspace_threshold=threshold, nullspace_l2=1.0)
+    templates = context_templates(tiny, aehp.n_context_templates, aehp.context_template_length)
+    weights = torch.tensor(ia.targets.context_weights(templates), dtype=torch.float64)
+    grams = []
+
+    def read_keys(i, sequence):
+        batch = [FACTS, MORE][i]
+        read = read_at_subject(tiny, prompt_rows(tiny, batch, templates), [key_hook("mlp", l) for l in LAYERS])
+        K = {l: (read[key_hook("mlp", l)].double().view(len(batch), len(templates), -1) * weights[:, None]).sum(1)
+             for l in LAYERS}
+        grams.append({l: K[l].T @ K[l] for l in LAYERS})
+
+    before = _parameters(tiny)
+    with edit_sequence(tiny, [FACTS, MORE], method="alphaedit", hparams=aehp, moments=moments,
+                       after_each=read_keys, progress=False) as sequence:
+        assert len(sequence) == 2 and tiny.open_edits == 2
+        for l in LAYERS:
+            expected = grams[0][l] + grams[1][l]
+            assert _relative(sequence.state[("mlp", l)], expected) < RELATIVE
+    assert not _changed(tiny, before) and tiny.open_edits == 0
+
+
+# ----------------------------------------------------------------------------- FT
+def test_ft_l_stays_in_its_box_and_writes_only_its_matrix(tiny):
+    hp = FTHparams(layers=(1,), objective="prompt_last", lr=1e-2, steps=5, norm_constraint=1e-3)
+    before = _parameters(tiny)
+    flags = [p.requires_grad for p in tiny.hf_model.parameters()]
+    original = tiny.weight("mlp", 1).detach().clone()
+    with edit(tiny, FACTS, method="ft-l", hparams=hp, progress=False) as result:
+        name = next(n for n, p in tiny.hf_model.named_parameters() if p is tiny.weight("mlp", 1))
+        assert _changed(tiny, before) == [name]
+        change = (tiny.weight("mlp", 1).detach() - original).abs().max()
+        # w0 ± eps is rounded to float32: one unit in the last place of the largest weight
+        ulp = torch.finfo(torch.float32).eps * float(original.abs().max() + hp.norm_constraint)
+        assert float(change) <= hp.norm_constraint + ulp
+        assert float(change) > 0.5 * hp.norm_constraint  # lr 1e-2 reaches the box
+        assert torch.equal(result.deltas[("mlp", 1)],
+                           (tiny.weight("mlp", 1).detach().double() - original.double()).float())
+    assert not _changed(tiny, before)
+    assert [p.requires_grad for p in tiny.hf_model.parameters()] == flags
+
+
+def test_ft_m_lowers_the_loss_of_the_target_tokens(tiny):
+    hp = FTHparams(layers=(2,), objective="target_new", lr=1e-2, steps=10, norm_constraint=None)
+    with edit(tiny, FACTS, method="ft-m", hparams=hp, progress=False) as result:
+        table = result.z_table()
+        assert (table["loss_final"] < table["loss_initial"]).all()
+    with pytest.raises(EditError, match="objective 'prompt_last'"):
+        edit(tiny, FACTS, method="ft-l", hparams=hp, progress=False)
+
+
+# ----------------------------------------------------------------------------- restores
+def _failing(target, name, after):
+    real = getattr(target, name)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("method, where, name, after", [
+    ("memit", closed_form, "solve_update", 1),
+    ("intattn", closed_form, "solve_update", 2),
+    ("alphaedit", closed_form, "solve_projected", 1),
+    ("rome", rome, "rank_one_update", 1),
+    ("ft-l", ft, "_loss", 4),
+    ("ft-m", ft, "_loss", 4),
+])
+def test_a_failure_in_the_middle_restores_every_method(tiny, moments, hp, monkeypatch, method, where, name, after):
+    settings = {
+        "memit": hp, "intattn": hp.replace(alpha=0.5), "alphaedit": hp.replace(projection="null_space"),
+        "rome": RomeHparams(layers=(1,), **TARGETS),
+        "ft-l": FTHparams(layers=(1,), objective="prompt_last", lr=1e-2, steps=3),
+        "ft-m": FTHparams(layers=(1,), objective="target_new", lr=1e-2, steps=3, norm_constraint=None),
+    }
+    before = _parameters(tiny)
+    monkeypatch.setattr(where, name, _failing(where, name, after))
+    with pytest.raises(RuntimeError, match="injected"):
+        edit(tiny, FACTS, method=method, hparams=settings[method], moments=moments, progress=False)
+    assert not _changed(tiny, before)
+    assert tiny.open_edits == 0
+    assert all(p.grad is None for p in tiny.hf_model.parameters())
+
+
+# ----------------------------------------------------------------------------- state
+def test_state_id_names_the_applied_edits(tiny):
+    plain = tiny.state_id
+    assert plain == tiny.cache_id
+    delta = {("mlp", 1): 1e-3 * torch.ones_like(tiny.weight("mlp", 1))}
+    with ia.apply_deltas(tiny, delta):
+        edited = tiny.state_id
+        assert edited != plain and edited.startswith(plain + "+edits-")
+    assert tiny.state_id == plain
+    with ia.apply_deltas(tiny, {("mlp", 1): 2e-3 * torch.ones_like(tiny.weight("mlp", 1))}):
+        assert tiny.state_id not in (plain, edited)
+
+
+def _small_edit(tiny):
+    generator = torch.Generator().manual_seed(5)
+    weight = tiny.weight("mlp", 0)
+    return ia.apply_deltas(tiny, {("mlp", 0): 0.5 * torch.randn(weight.shape, generator=generator)})
+
+
+def test_target_cache_serves_an_edited_model_its_own_targets(tiny, hp, tmp_path):
+    plain = compute_z(tiny, FACTS[:1], hp, progress=False, cache_dir=tmp_path)
+    with _small_edit(tiny):
+        edited = compute_z(tiny, FACTS[:1], hp, progress=False, cache_dir=tmp_path)
+        fresh = compute_z(tiny, FACTS[:1], hp, progress=False)
+        assert torch.equal(edited.z, fresh.z) and not torch.equal(edited.z, plain.z)
+    again = compute_z(tiny, FACTS[:1], hp, progress=False, cache_dir=tmp_path)
+    assert torch.equal(again.z, plain.z)
+    assert len(list(tmp_path.rglob("*.json"))) == 2
+
+
+def test_moment_cache_serves_an_edited_model_its_own_moments(tiny, tmp_path):
+    corpus = [f"w{i} w{i + 1} w{i + 2} w{i + 3} w{i + 4}" for i in range(3, 100)]
+
+    def moment():
+        return ia.second_moments(tiny, [1], modules=("mlp",), corpus=corpus, n_tokens=200, max_len=8,
+                                 cache_dir=tmp_path, progress=False, allow_fewer_tokens=True)[("mlp", 1)]
+
+    plain = moment()
+    with _small_edit(tiny):
+        edited = moment()
+        assert not torch.equal(edited, plain)
+    assert torch.equal(moment(), plain)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+
+
+def test_context_prefix_cache_serves_an_edited_model_its_own_prefixes(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("INTATTN_CACHE", str(tmp_path))
+    plain = context_templates(tiny, 2, 4)
+    with _small_edit(tiny):
+        edited = context_templates(tiny, 2, 4)
+    assert context_templates(tiny, 2, 4) == plain
+    assert len(list((tmp_path / "context_templates").glob("*.json"))) == 2
+    assert edited[0] == "{}"
+
+
+def test_trace_cache_serves_an_edited_model_its_own_traces(tiny, tmp_path):
+    from intattn_analysis.known import greedy_continuation
+
+    prompt = "w10 w11 w20 w21"
+    answer = greedy_continuation(tiny, prompt, 1).split()[0]
+    fact = ia.Fact.from_text(prompt, "w10 w11", "w99", target_true=answer)
+    settings = dict(kinds=["resid"], window=1, samples=2, cache_dir=tmp_path, progress=False)
+    plain = ia.trace(tiny, [fact], **settings)
+    # a small edit of the last layer's MLP keeps the answer but changes the probabilities
+    weight = tiny.weight("mlp", 2)
+    with ia.apply_deltas(tiny, {("mlp", 2): 1e-3 * torch.ones_like(weight)}):
+        assert greedy_continuation(tiny, prompt, 1).split()[0] == answer
+        edited = ia.trace(tiny, [fact], **settings)
+        assert not edited.table["p_clean"].equals(plain.table["p_clean"])
+        assert edited.settings["model"] == tiny.state_id != tiny.cache_id
+    again = ia.trace(tiny, [fact], **settings)
+    assert again.table["p_restored"].equals(plain.table["p_restored"])
+    assert len(list(tmp_path.rglob("trace-*.json"))) == 2
+    assert plain.settings["model"] == tiny.cache_id

@@ -13,8 +13,8 @@ The closed-form editors (MEMIT, IntAttn-Edit, attention-only, AlphaEdit) read
   ``E[k kᵀ]``) or whether the update is projected onto their null space instead
   (AlphaEdit), with the size of that corpus sample.
 
-ROME reads :class:`RomeHparams` (the target fields, one layer, ``mom2_adjustment``) and the
-fine-tuning baselines :class:`FTHparams`.
+ROME reads :class:`RomeHparams` (the target fields, one layer, ``mom2_adjustment``), PMET
+:class:`PMETHparams` and the fine-tuning baselines :class:`FTHparams`.
 
 Defaults are data files, one per (method, model), under :func:`defaults_dir`
 (``<method>/<model>.json``), each with a ``source`` field that says where its values come
@@ -48,6 +48,7 @@ __all__ = [
     "EditHparams",
     "FTHparams",
     "HPARAMS_TYPES",
+    "PMETHparams",
     "RomeHparams",
     "default_models",
     "defaults_dir",
@@ -281,6 +282,29 @@ class RomeHparams(EditHparams):
             raise ValueError(f"mom2_adjustment must be true or false, got {self.mom2_adjustment!r}")
 
 
+@dataclass(frozen=True)
+class PMETHparams(EditHparams):
+    """PMET's settings (Li et al., AAAI 2024; EasyEdit ``hparams/PMET``): those of the
+    closed-form family (the FFN targets are written with MEMIT's solve, spread by
+    ``1/sqrt``), and
+
+    Attributes:
+        attn_targets: optimise the attention-output delta together with the FFN one
+            (PMET's joint optimisation). The attention target is not written: PMET updates
+            the FFN weights only.
+
+    ``alpha``, ``lambda_attn`` and the projection settings are not read.
+    """
+
+    spread: str = "pmet"
+    attn_targets: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.attn_targets, bool):
+            raise ValueError(f"attn_targets must be true or false, got {self.attn_targets!r}")
+
+
 #: The fine-tuning objectives: ROME's FT loss at the prompt's last position
 #: (``"prompt_last"``, FT-L) and EasyEdit's teacher-forced loss masked to the target
 #: tokens (``"target_new"``, FT-M).
@@ -364,7 +388,7 @@ class FTHparams:
 #: Which dataclass each method's files hold.
 HPARAMS_TYPES: dict[str, type] = {
     "memit": EditHparams, "intattn": EditHparams, "attn": EditHparams, "alphaedit": EditHparams,
-    "pmet": EditHparams, "rome": RomeHparams, "ft-l": FTHparams, "ft-m": FTHparams,
+    "pmet": PMETHparams, "rome": RomeHparams, "ft-l": FTHparams, "ft-m": FTHparams,
 }
 
 
@@ -452,7 +476,8 @@ def generic_hparams(n_layers: int, *, warn: bool = True, name: str = "model", me
             f"alpha {GENERIC_ALPHA}, MEMIT's Llama-family settings otherwise"
         )
         extra = {"projection": "null_space"} if method == "alphaedit" else {}
-        hp = EditHparams(layers=layers, alpha=GENERIC_ALPHA, source="generic rule: " + rule, **extra)
+        cls = PMETHparams if method == "pmet" else EditHparams
+        hp = cls(layers=layers, alpha=GENERIC_ALPHA, source="generic rule: " + rule, **extra)
     message = (f"no {method} defaults for {name!r}; using the generic rule: {rule}. "
                "Pass hparams= or overrides to change it.")
     if warn:

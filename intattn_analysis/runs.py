@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import reporting
 from .editors import edit, editor
+from .editors.api import SHARED_TARGETS
 from .facts import Fact
 from .hparams import EditHparams, hparams_for
 from .loading import ModelHandle, cache_root
@@ -160,11 +161,15 @@ def _run_batches(model, batches, methods, hparams, moments, dataset, metrics, fl
             spec = editor(method)  # an unknown name is an EditError naming the known ones
             hp = _method_hparams(model, method, hparams)
             targets = None
-            if spec.targets == "residual":
-                key = (max(hp.layers), hp.n_context_templates, hp.context_template_length,
-                       tuple(getattr(hp, name) for name in TARGET_FIELDS))
+            if spec.targets in SHARED_TARGETS:
+                key = (spec.targets, max(hp.layers), hp.n_context_templates, hp.context_template_length,
+                       tuple(getattr(hp, name) for name in TARGET_FIELDS),
+                       getattr(hp, "attn_targets", None))
                 if key not in shared:
-                    shared[key] = compute_z(model, batch, hp, progress=False, cache_dir=targets_cache)
+                    # PMET's targets are not cached on disk
+                    cache = targets_cache if spec.targets != "pmet" else None
+                    shared[key] = compute_z(model, batch, hp, progress=False, cache_dir=cache,
+                                            site=spec.targets)
                     targets_of.append(shared[key])
                 targets = shared[key]
             with edit(model, batch, method=method, hparams=hp, moments=moments,

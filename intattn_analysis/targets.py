@@ -314,7 +314,7 @@ def read_at_subject(
 #: Version of the cached target files; bump it when the optimisation changes.
 TARGETS_CACHE_FORMAT = 2
 #: What a target can be set for (see :func:`compute_z`).
-TARGET_SITES = ("residual", "mlp_output")
+TARGET_SITES = ("residual", "mlp_output", "pmet")
 #: The hyperparameters a target depends on (the solve's settings do not enter).
 TARGET_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss",
                  "stop_on", "kl_position")
@@ -415,6 +415,7 @@ def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cac
         diagnostics=[found[i]["diagnostics"] for i in range(len(facts))],
         seconds=time.perf_counter() - start_time,
         work=work,
+        site=site,
     )
 
 
@@ -437,6 +438,10 @@ class ZTargets:
             evaluation), ``positions`` (row-positions run, padding included) and
             ``needed_positions`` (the suffix positions that had to run); empty for
             targets read from the cache.
+        site: what the target is set for (see :func:`compute_z`): ``z`` is the residual
+            state (``"residual"``) or the MLP output (``"mlp_output"``, ``"pmet"``).
+        attn_h, attn_delta: PMET's attention output at the subject and its optimised
+            delta (``site="pmet"`` only).
     """
 
     z: Tensor
@@ -447,6 +452,9 @@ class ZTargets:
     diagnostics: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     work: dict = field(default_factory=dict)
+    site: str = "residual"
+    attn_h: Tensor | None = None
+    attn_delta: Tensor | None = None
 
 
 #: A forward's fixed cost, in row-positions, when :func:`length_groups` weighs a cut
@@ -636,6 +644,14 @@ def compute_z(
     norm, and the editor converts the residual change; see
     :func:`intattn_analysis.editors.keys.module_space`).
 
+    ``"pmet"`` (PMET's targets): two deltas, added at the subject's last token to the
+    attention output and to the MLP output *of* ``layer`` (hooks ``attn_out`` and
+    ``mlp_out``), optimised together (the attention delta only while
+    ``hparams.attn_targets`` is true); each is clamped and decayed relative to its own
+    module's output, the loss is otherwise the same. ``z`` is the MLP output target and
+    ``attn_delta`` the attention one. Its steps start at ``layer`` itself (the attention
+    delta passes through the layer's MLP), so ``layer`` must be at least 1.
+
     ``suffix`` (default) runs each step only on the positions from the subject's last
     token on, reading the earlier positions' stored keys and values; ``False`` runs whole
     rows. Both give the same ``z*`` up to float rounding (the tests hold them to a cosine
@@ -646,11 +662,16 @@ def compute_z(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if site not in TARGET_SITES:
         raise ValueError(f"site must be one of {TARGET_SITES}, got {site!r}")
+    if site == "pmet" and cache_dir is not None:
+        raise ValueError("PMET's targets (site='pmet') are not cached; pass cache_dir=None")
     start_time = time.perf_counter()
     facts = list(facts)
     if not facts:
         raise ValueError("facts is empty; pass at least one Fact")
     layer = max(hparams.layers) if layer is None else int(layer)
+    if site == "pmet" and layer < 1:
+        raise ValueError("PMET's targets start their steps at the layer itself, from the residual "
+                         "stream before it: the layer must be at least 1")
     if templates is None:
         templates = context_templates(
             model, hparams.n_context_templates, hparams.context_template_length
@@ -675,6 +696,9 @@ def compute_z(
             diagnostics=[d for p in parts for d in p.diagnostics],
             seconds=time.perf_counter() - start_time,
             work={k: sum(p.work.get(k, 0) for p in parts) for k in parts[0].work},
+            site=site,
+            attn_h=torch.cat([p.attn_h for p in parts]) if site == "pmet" else None,
+            attn_delta=torch.cat([p.attn_delta for p in parts]) if site == "pmet" else None,
         )
     rows = _training_rows(model, facts, templates, hparams.kl_position)
     ids = pad_rows(model, rows)
@@ -690,17 +714,30 @@ def compute_z(
     # Layers 0..L do not depend on delta: run them once, keep the residual stream at the
     # output of L for every row (and, for the suffix path, the keys and values of the
     # blocks above), and start every optimisation step at block L+1.
+    # PMET injects into the attention and MLP outputs *of* the layer, so its steps start
+    # at the layer itself, from the residual stream before it
+    pmet = site == "pmet"
+    read_layer = layer - 1 if pmet else layer
     engine = _suffix_engine(model, ids) if suffix else None
     if engine is not None:
-        resid, kv = _resid_and_kv(model, ids, layer)
+        resid, kv = _resid_and_kv(model, ids, read_layer)
     else:
-        resid, kv = _resid_after(model, ids, layer), None
+        resid, kv = _resid_after(model, ids, read_layer), None
     h = resid[bare_rows, subject_pos[bare_rows]].float().clone()
-    if site == "mlp_output":  # the MLP's output there (ROME's target_init)
+    h_attn = None
+    if site in ("mlp_output", "pmet"):  # the module outputs there (ROME's target_init)
         bare = [rows[int(j)] for j in bare_rows]
-        h = read_at_subject(model, bare, [hook("mlp_out", layer)])[hook("mlp_out", layer)].float().clone()
+        names = [hook("mlp_out", layer)] + ([hook("attn_out", layer)] if pmet else [])
+        outputs = read_at_subject(model, bare, names)
+        h = outputs[hook("mlp_out", layer)].float().clone()
+        if pmet:
+            h_attn = outputs[hook("attn_out", layer)].float().clone()
     delta = torch.zeros(n_facts, d_model, device=device, dtype=torch.float32, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    # PMET's attention delta is optimised only when its attention targets are on
+    delta_attn = torch.zeros(n_facts, d_model, device=device, dtype=torch.float32,
+                             requires_grad=pmet and getattr(hparams, "attn_targets", True))
+    learned = [delta] + ([delta_attn] if delta_attn.requires_grad else [])
+    optimizer = torch.optim.Adam(learned, lr=hparams.v_lr)
     cut = _FINAL_NORM_HOOK in model.bridge.hook_dict
     # each row runs from the subject's last token (the whole row without the suffix path)
     # to its last scored position
@@ -721,9 +758,21 @@ def compute_z(
         t0, w = int(first.max()), int(lengths.max())
         take = (first[:, None] + torch.arange(w, device=device)).clamp(max=resid.shape[1] - 1)
         x = resid[index[:, None], take]
-        add = torch.zeros_like(x)
         local = torch.arange(len(members), device=device)
-        add[local, subject_pos[index] - first] = delta[row_fact[index]].to(x.dtype)
+        at = subject_pos[index] - first
+
+        def injection(d: Tensor):
+            def inject(y: Tensor, hook=None) -> Tensor:
+                add = torch.zeros_like(y)
+                add[local, at] = d[row_fact[index]].to(y.dtype)
+                return y + add
+            return inject
+
+        if pmet:
+            hooks = [(hook("attn_out", layer), injection(delta_attn)),
+                     (hook("mlp_out", layer), injection(delta))]
+        else:
+            x, hooks = injection(delta)(x), []
         entry_row = torch.tensor([k for k, j in enumerate(members) for _ in rows[j].scored],
                                  device=device)
         entry_pos = torch.tensor([p - starts[j] for j in members for p in rows[j].scored],
@@ -733,12 +782,12 @@ def compute_z(
             return y[entry_row, entry_pos][None]
 
         prefix = None
-        if t0 > 0 and layer + 1 < model.n_layers:
+        if t0 > 0 and read_layer + 1 < model.n_layers:
             prefix = _padded_prefix(model, engine, kv, index, first, lengths, t0, w)
         if cut:
-            logits = _resume(model, x + add, layer + 1, [(_FINAL_NORM_HOOK, keep_scored)], prefix)[0]
+            logits = _resume(model, x, read_layer + 1, hooks + [(_FINAL_NORM_HOOK, keep_scored)], prefix)[0]
         else:
-            logits = _resume(model, x + add, layer + 1, [], prefix)[entry_row, entry_pos]
+            logits = _resume(model, x, read_layer + 1, hooks, prefix)[entry_row, entry_pos]
         work["forwards"] += 1
         work["positions"] += len(members) * w
         work["needed_positions"] += int(lengths.sum())
@@ -785,7 +834,10 @@ def compute_z(
             nll, kl, kl_lp = losses(active)
             if kl_init is None:
                 kl_init = kl_lp.detach()
-            loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * _decay(delta[active], h[active])
+            decay = _decay(delta[active], h[active])
+            if pmet:  # PMET decays both deltas, each relative to its own module's output
+                decay = decay + _decay(delta_attn[active], h_attn[active])
+            loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * decay
             if nll_first is None:
                 nll_first, loss_first = nll.detach().clone(), loss.detach().clone()
             nll_final[active], loss_final[active] = nll.detach(), loss.detach()
@@ -794,22 +846,23 @@ def compute_z(
             if not keep or step == hparams.v_steps - 1:
                 break
             loss[keep].sum().backward()
-        if not torch.isfinite(delta.grad).all():
+        if not all(torch.isfinite(d.grad).all() for d in learned):
             raise FloatingPointError(
                 f"the target optimisation at layer {layer} produced a non-finite gradient at "
                 f"step {step}; lower v_lr (now {hparams.v_lr})"
             )
         active = [active[i] for i in keep]
-        frozen = delta.detach().clone()
+        frozen = [d.detach().clone() for d in learned]
         optimizer.step()
         with torch.no_grad():
             moving = torch.zeros(n_facts, dtype=torch.bool, device=device)
             moving[active] = True
-            # Adam's momentum would move a frozen delta even with a zero gradient
-            delta.copy_(torch.where(moving[:, None], delta, frozen))
-            limit = hparams.clamp_norm_factor * h.norm(dim=-1)
-            norm = delta.norm(dim=-1)
-            delta.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-12), 1.0)[:, None])
+            for d, before, base in zip(learned, frozen, (h, h_attn)):
+                # Adam's momentum would move a frozen delta even with a zero gradient
+                d.copy_(torch.where(moving[:, None], d, before))
+                limit = hparams.clamp_norm_factor * base.norm(dim=-1)
+                norm = d.norm(dim=-1)
+                d.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-12), 1.0)[:, None])
         for i in active:
             steps[i] += 1
         bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}", active=len(active))
@@ -817,10 +870,12 @@ def compute_z(
     if nll_first is None:  # v_steps == 0: no evaluation yet, and the KL is 0
         with torch.no_grad():
             nll_final, _, _ = losses(list(range(n_facts)))
-            loss_final = nll_final + hparams.v_weight_decay * _decay(delta, h)
+            decay = _decay(delta, h) + (_decay(delta_attn, h_attn) if pmet else 0.0)
+            loss_final = nll_final + hparams.v_weight_decay * decay
         nll_first, loss_first = nll_final, loss_final
     first = (loss_first, nll_first)
     delta = delta.detach()
+    delta_attn = delta_attn.detach()
     diagnostics = []
     for i, fact in enumerate(facts):
         diagnostics.append({
@@ -836,6 +891,8 @@ def compute_z(
             "delta_norm": float(delta[i].norm()),
             "h_norm": float(h[i].norm()),
             "steps": steps[i],
+            **({"attn_delta_norm": float(delta_attn[i].norm()), "attn_h_norm": float(h_attn[i].norm())}
+               if pmet else {}),
         })
     return ZTargets(
         z=(h + delta).detach(),
@@ -846,4 +903,7 @@ def compute_z(
         diagnostics=diagnostics,
         seconds=time.perf_counter() - start_time,
         work=work,
+        site=site,
+        attn_h=h_attn,
+        attn_delta=delta_attn if pmet else None,
     )

@@ -12,6 +12,9 @@ explicit inverses where the reference takes them) and shares no code with
   ``get_project`` (SVD of the covariance, singular values below an absolute threshold)
   and ``AlphaEdit_main.py`` (``solve(P @ (K Kᵀ + cache_c) + L2 I, P @ K @ Rᵀ)``, then its
   transpose is added to the weight).
+* :func:`execute_pmet`: EasyEdit ``pmet_main.py``: the FFN targets against the
+  down-projection's output of the last edited layer, spread by ``1/sqrt``, solved with
+  an explicit inverse (it reuses the MEMIT port's key reads in ``tests/memit_reference.py``).
 """
 
 from __future__ import annotations
@@ -45,3 +48,27 @@ def alphaedit_update(keys_as_columns: Tensor, resid_as_columns: Tensor, projecto
     upd = torch.linalg.solve(P @ (K @ K.T + cache) + l2 * torch.eye(P.shape[0], dtype=torch.float64),
                              P @ K @ R.T)
     return upd.T
+
+
+def execute_pmet(hf_model, tokenizer, facts, zs_mlp: Tensor, layers, moments: dict[int, Tensor],
+                 lam: float, context_types, down_proj_of) -> dict[int, Tensor]:
+    """PMET's update loop (EasyEdit ``pmet_main.execute_pmet``) on ``hf_model``: for each
+    layer, ``targets = z*_FFN − cur_zs`` with ``cur_zs`` the down-projection's *output* of
+    the last edited layer at the subject's last token of the bare prompt, and
+    ``ΔW = targets / sqrt(L − i) · Kᵀ · inverse(K Kᵀ + λ C)`` (keys as columns), written
+    layer by layer. Returns ``{layer: ΔW}`` as added."""
+    from memit_reference import _prompt, _read, compute_ks
+
+    last = max(layers)
+    deltas = {}
+    for i, layer in enumerate(layers):
+        module = down_proj_of(layer)
+        K = compute_ks(hf_model, tokenizer, facts, module, context_types).T.double()  # [d_in, n]
+        _, cur = _read(hf_model, tokenizer, [_prompt(f, "{}") for f in facts], module, down_proj_of(last))
+        targets = (zs_mlp - cur).T.double()  # [d_model, n]
+        upd = (targets / (len(layers) - i) ** 0.5) @ K.T @ torch.inverse(K @ K.T + lam * moments[layer].double())
+        with torch.no_grad():
+            applied = upd.to(module.weight.dtype)
+            module.weight.add_(applied)
+        deltas[layer] = applied
+    return deltas

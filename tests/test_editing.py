@@ -306,7 +306,7 @@ def test_failure_in_the_middle_of_an_edit_restores(smollm2, moments, fast, monke
 
 
 # ----------------------------------------------------------------------------- efficacy
-@pytest.mark.parametrize("method", ["memit", "intattn", "alphaedit", "rome", "ft-l", "ft-m"])
+@pytest.mark.parametrize("method", ["memit", "intattn", "alphaedit", "pmet", "rome", "ft-l", "ft-m"])
 def test_edit_flips_the_greedy_answer(smollm2, moments, method):
     """Every method, with its defaults for the model, writes a hand-built fact and
     restores the model bit for bit."""

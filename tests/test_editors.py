@@ -27,10 +27,10 @@ from intattn_analysis.editors import EditError, edit, edit_sequence
 from intattn_analysis.editors.keys import key_hook
 from intattn_analysis.editors.methods import closed_form, ft, rome
 from intattn_analysis.editors.solvers import null_space_projector, solve_projected
-from intattn_analysis.hparams import EditHparams, FTHparams, RomeHparams
+from intattn_analysis.hparams import EditHparams, FTHparams, PMETHparams, RomeHparams
 from intattn_analysis.targets import compute_z, context_templates, prompt_rows, read_at_subject
 
-from editor_reference import alphaedit_projector, alphaedit_update, rome_update
+from editor_reference import alphaedit_projector, alphaedit_update, execute_pmet, rome_update
 
 RELATIVE = 1e-6  # see the module notes
 LAYERS = (1, 2)
@@ -88,7 +88,7 @@ def _median_threshold(moment: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- protocol
 def test_every_method_is_registered_with_its_defaults(tiny):
-    assert set(ia.EDITORS) >= {"memit", "intattn", "attn", "alphaedit", "rome", "ft-l", "ft-m"}
+    assert set(ia.EDITORS) >= {"memit", "intattn", "attn", "alphaedit", "pmet", "rome", "ft-l", "ft-m"}
     for name, spec in ia.EDITORS.items():
         for model in ("smollm2-135m", "gemma-3-270m"):
             hp = ia.hparams_for(model, name)
@@ -224,6 +224,64 @@ def test_alphaedit_sequence_carries_the_edited_keys(tiny, moments, hp):
     assert not _changed(tiny, before) and tiny.open_edits == 0
 
 
+# ----------------------------------------------------------------------------- PMET
+def _port(tiny, run):
+    """Run a reference port on the Hugging Face model and put the weights back."""
+    down_proj = lambda layer: tiny.hf_model.get_submodule(tiny.layer(layer).mlp_module)
+    originals = {l: down_proj(l).weight.detach().clone() for l in range(tiny.n_layers)}
+    try:
+        return run(down_proj)
+    finally:
+        with torch.no_grad():
+            for l, w in originals.items():
+                down_proj(l).weight.copy_(w)
+
+
+def test_pmet_equals_the_reference_port(tiny, moments):
+    """Given the same FFN targets, moments and prefixes, PMET's update is the reference
+    loop's (tolerance as tests/test_memit_reference.py: keys read in separate float32
+    forwards, a solve whose condition number is below 100: 1e-5 relative)."""
+    hp = PMETHparams(layers=LAYERS, lambda_mlp=4.0, **TARGETS)
+    targets = compute_z(tiny, FACTS, hp, site="pmet", progress=False)
+    assert float(targets.attn_delta.norm()) > 0  # the attention target is optimised too
+    templates = targets.context_templates
+    types = [[t for t in templates if t == "{}"], [t for t in templates if t != "{}"]]
+    reference = _port(tiny, lambda down_proj: execute_pmet(
+        tiny.hf_model, tiny.tokenizer, FACTS, targets.z, LAYERS,
+        {l: moments[("mlp", l)] for l in LAYERS}, hp.lambda_mlp, types, down_proj))
+    with edit(tiny, FACTS, method="pmet", hparams=hp, moments=moments, targets=targets,
+              progress=False) as result:
+        assert set(result.deltas) == {("mlp", l) for l in LAYERS}
+        for l in LAYERS:
+            assert _relative(result.deltas[("mlp", l)], reference[l]) < 1e-5, l
+
+
+def test_pmet_without_attention_targets_is_memit_with_the_sqrt_spread(tiny, moments):
+    """With the attention delta held at 0, PMET's FFN target is the target ROME and MEMIT
+    optimise (an FFN output joins the residual by addition), and on one layer its update
+    is MEMIT's with the square-root spread, given that target. The two optimisations run
+    different blocks in float32 (PMET starts at the layer, the others after it), so the
+    deltas agree to 1e-4 relative, not bit for bit."""
+    layer = 2
+    hp = PMETHparams(layers=(layer,), lambda_mlp=4.0, attn_targets=False, **TARGETS)
+    pmet = compute_z(tiny, FACTS, hp, site="pmet", progress=False)
+    assert float(pmet.attn_delta.abs().max()) == 0.0
+    plain = compute_z(tiny, FACTS, hp, site="mlp_output", progress=False)
+    assert _relative(pmet.delta, plain.delta) < 1e-4
+    residual = compute_z(tiny, FACTS, hp, progress=False)  # h at the residual stream
+    memit_targets = ia.ZTargets(z=residual.h + pmet.delta, h=residual.h, delta=pmet.delta, layer=layer,
+                                context_templates=pmet.context_templates, diagnostics=pmet.diagnostics)
+    memit_hp = EditHparams(layers=(layer,), spread="pmet", lambda_mlp=4.0, **TARGETS)
+    with edit(tiny, FACTS, method="memit", hparams=memit_hp, moments=moments, targets=memit_targets,
+              progress=False) as result:
+        memit = result.deltas[("mlp", layer)].clone()
+    with edit(tiny, FACTS, method="pmet", hparams=hp, moments=moments, targets=pmet,
+              progress=False) as result:
+        assert _relative(result.deltas[("mlp", layer)], memit) < 1e-5
+    with pytest.raises(EditError, match="site 'residual'"):
+        edit(tiny, FACTS, method="pmet", hparams=hp, moments=moments, targets=residual, progress=False)
+
+
 # ----------------------------------------------------------------------------- FT
 def test_ft_l_stays_in_its_box_and_writes_only_its_matrix(tiny):
     hp = FTHparams(layers=(1,), objective="prompt_last", lr=1e-2, steps=5, norm_constraint=1e-3)
@@ -271,6 +329,7 @@ def _failing(target, name, after):
     ("memit", closed_form, "solve_update", 1),
     ("intattn", closed_form, "solve_update", 2),
     ("alphaedit", closed_form, "solve_projected", 1),
+    ("pmet", closed_form, "solve_update", 1),
     ("rome", rome, "rank_one_update", 1),
     ("ft-l", ft, "_loss", 4),
     ("ft-m", ft, "_loss", 4),
@@ -279,6 +338,7 @@ def test_a_failure_in_the_middle_restores_every_method(tiny, moments, hp, monkey
     settings = {
         "memit": hp, "intattn": hp.replace(alpha=0.5), "alphaedit": hp.replace(projection="null_space"),
         "rome": RomeHparams(layers=(1,), **TARGETS),
+        "pmet": PMETHparams(layers=LAYERS, lambda_mlp=4.0, **TARGETS),
         "ft-l": FTHparams(layers=(1,), objective="prompt_last", lr=1e-2, steps=3),
         "ft-m": FTHparams(layers=(1,), objective="target_new", lr=1e-2, steps=3, norm_constraint=None),
     }

@@ -298,3 +298,104 @@ def test_estimators_name_the_missing_localization_run(tmp_path):
 
     with pytest.raises(MissingResultsError, match="intattn run localization --model m"):
         estimators.traced_alphas(tmp_path, Named(), [1, 2])
+
+
+# ------------------------------------------------------------------------------ editors
+def test_editors_experiment_resumes_and_pairs_every_method_with_memit(tiny_llama, setting, tmp_path, monkeypatch):
+    """Every method of the family on the same batch, one unit each; a killed run resumes
+    to the same store, and the summary pairs each method with MEMIT on the same facts."""
+    from intattn_analysis.experiments import editors
+    from intattn_analysis.hparams import FTHparams, PMETHparams, RomeHparams
+
+    hp, moments = setting
+    short = dict(n_context_templates=hp.n_context_templates, context_template_length=hp.context_template_length,
+                 v_steps=hp.v_steps)
+    settings = {
+        "MEMIT": ("memit", hp.replace(alpha=0.0)),
+        "IntAttn-Edit+NS": ("intattn", hp.replace(alpha=0.5, projection="null_space", nullspace_threshold=1.0)),
+        "ROME": ("rome", RomeHparams(layers=(hp.layers[0],), **short)),
+        "PMET": ("pmet", PMETHparams(layers=hp.layers, lambda_mlp=hp.lambda_mlp, **short)),
+        "FT-M": ("ft-m", FTHparams(layers=(1,), objective="target_new", steps=2, norm_constraint=None)),
+    }
+
+    def run(root):
+        return editors.run_methods(tiny_llama, [FACTS[:2]], settings, ResultStore(root, editors.NAME),
+                                   dataset="hand", moments=moments, metrics=("knowedit",), progress=False)
+
+    def table(root):
+        rows = ResultStore(root, editors.NAME).rows().drop(columns=["seconds", "edit_seconds"])
+        return rows.sort_values(["unit", "position"]).reset_index(drop=True)
+
+    assert run(tmp_path / "whole") == 1 + len(settings)
+    assert run(tmp_path / "whole") == 0
+    whole = table(tmp_path / "whole")
+    assert set(whole["setting"]) == {"pre-edit", *settings}
+    real_write = ResultStore.write_unit
+    written = []
+
+    def dying_write(self, *args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(1)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResultStore, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(ResultStore, "write_unit", real_write)
+    assert run(tmp_path / "killed") == len(settings) - 1
+    pd.testing.assert_frame_equal(table(tmp_path / "killed"), whole)
+    summary = editors.summarise(ResultStore(tmp_path / "whole", editors.NAME))
+    paired = summary["paired"]
+    assert set(paired["setting"]) == set(settings) - {"MEMIT"}
+    assert (paired["n_edits"] == 2).all() and set(paired["baseline"]) == {"MEMIT"}
+    assert set(summary["intervals"]["setting"]) == {"pre-edit", *settings}
+
+
+def test_sequential_experiment_resumes_with_the_edits_replayed(tiny_llama, setting, tmp_path, monkeypatch):
+    """Rounds of edits on one model: each (method, round) is a unit; a run killed after
+    its second unit resumes (the stored rounds are applied again, not evaluated) to the
+    same store, and the weights are restored after every sequence."""
+    from intattn_analysis.experiments import sequential
+
+    hp, moments = setting
+    settings = {"MEMIT": ("memit", hp.replace(alpha=0.0)),
+                "AlphaEdit": ("alphaedit", hp.replace(alpha=0.0, projection="null_space", nullspace_threshold=1.0))}
+    rounds = [FACTS[:1], FACTS[1:2], FACTS[2:3]]
+    before = {k: v.clone() for k, v in tiny_llama.hf_model.state_dict().items()}
+
+    def run(root):
+        return sequential.run_sequences(tiny_llama, rounds, settings, ResultStore(root, sequential.NAME),
+                                        dataset="hand", moments=moments, fluency_rounds=(3,),
+                                        fluency_tokens=4, progress=False)
+
+    def table(root):
+        rows = ResultStore(root, sequential.NAME).rows().drop(columns=["seconds", "edit_seconds"])
+        return rows.sort_values(["unit", "kind", "edited_in", "position"]).reset_index(drop=True)
+
+    assert run(tmp_path / "whole") == 6
+    assert run(tmp_path / "whole") == 0
+    whole = table(tmp_path / "whole")
+    last = whole[(whole["setting"] == "MEMIT") & (whole["round"] == 3)]
+    assert sorted(last["edited_in"]) == [1, 2, 3] and last["Fluency"].notna().all()
+    real_write = ResultStore.write_unit
+    written = []
+
+    def dying_write(self, *args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(1)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResultStore, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(ResultStore, "write_unit", real_write)
+    assert tiny_llama.open_edits == 0
+    assert run(tmp_path / "killed") == 4
+    pd.testing.assert_frame_equal(table(tmp_path / "killed"), whole)
+    after = tiny_llama.hf_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    summary = sequential.summarise(ResultStore(tmp_path / "whole", sequential.NAME))["intervals"]
+    edit_succ = summary[(summary["metric"] == "Edit Succ.") & (summary["setting"] == "MEMIT")]
+    assert list(edit_succ["round"]) == [1, 2, 3] and list(edit_succ["n_edits"]) == [1, 2, 3]

@@ -29,7 +29,12 @@ from ..targets import DEFAULT_Z_BATCH, ZTargets, compute_z, context_templates
 from .protocol import EditJob, Editor, editor
 from .result import EditError, EditResult, check_layers, snapshot
 
-__all__ = ["EditSequence", "edit", "edit_sequence", "resolve_hparams"]
+__all__ = ["SHARED_TARGETS", "EditSequence", "edit", "edit_sequence", "resolve_hparams"]
+
+#: Target kinds computed once for a whole batch before anything is written, so that they
+#: can be shared by the methods compared on it (ROME's are set fact after fact, on the
+#: model as the earlier facts left it).
+SHARED_TARGETS = ("residual", "pmet")
 
 
 # =========================================================================== inputs
@@ -141,10 +146,15 @@ def _moments(model, needed, hp, moments, progress: bool):
     return moments
 
 
-def check_targets(targets: ZTargets, facts: list[Fact], layer: int, templates) -> None:
-    """Precomputed targets must belong to these facts, this layer and these contexts."""
+def check_targets(targets: ZTargets, facts: list[Fact], layer: int, templates,
+                  site: str = "residual") -> None:
+    """Precomputed targets must belong to these facts, this layer, this site and these
+    contexts."""
     if not isinstance(targets, ZTargets):
         raise EditError(f"targets must come from compute_z (a ZTargets), got {type(targets).__name__}")
+    if targets.site != site:
+        raise EditError(f"targets were set for site {targets.site!r}; this method needs {site!r} "
+                        f"targets (compute_z(..., site={site!r}))")
     keys = [d["fact"] for d in targets.diagnostics]
     if keys != [f.key for f in facts]:
         raise EditError(
@@ -215,10 +225,11 @@ def edit(
     facts = check_facts(facts)
     hp, alphas = resolve_hparams(model, spec, hparams, layers=layers, alpha=alpha, **overrides)
     writes = list(spec.writes(model, hp))
-    if targets is not None and spec.targets != "residual":
+    if targets is not None and spec.targets not in SHARED_TARGETS:
         raise EditError(
             f"method {spec.name!r} computes its own targets "
-            f"({spec.targets or 'it has none'}); pass targets= only to the closed-form family"
+            f"({spec.targets or 'it has none'}); pass targets= only to methods whose targets "
+            f"are computed once for the batch ({', '.join(SHARED_TARGETS)} targets)"
         )
     if state is not None and not spec.carries_state:
         raise EditError(f"method {spec.name!r} carries no state between edits; pass state=None")
@@ -234,12 +245,12 @@ def edit(
     templates = list(templates or [])
     t0 = time.perf_counter()
     timings["targets"] = 0.0
-    if spec.targets == "residual":
+    if spec.targets in SHARED_TARGETS:
         if targets is None:
             targets = compute_z(model, facts, hp, templates=templates, batch_size=z_batch_size,
-                                progress=progress)
+                                progress=progress, site=spec.targets)
         else:
-            check_targets(targets, facts, max(hp.layers), templates)
+            check_targets(targets, facts, max(hp.layers), templates, spec.targets)
         timings["targets"] = time.perf_counter() - t0
 
     result = EditResult(

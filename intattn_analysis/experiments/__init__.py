@@ -11,14 +11,18 @@ calls them from the command line.
   per-layer AIE of attention and MLP with intervals and the alphas they imply;
 * ``alpha-sweep``: IntAttn-Edit at fixed alphas and the traced alpha (:mod:`.alpha_sweep`);
 * ``alpha-estimators``: the balance factor derived five ways and each version evaluated
-  (:mod:`.estimators`).
+  (:mod:`.estimators`);
+* ``editors``: the main table, every editor of the family on the same batches
+  (:mod:`.editors`);
+* ``sequential``: rounds of edits piling up on one model, evaluated after each round
+  (:mod:`.sequential`).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from . import alpha_sweep, estimators, localization
+from . import alpha_sweep, editors, estimators, localization, sequential
 from .stats import mean_interval, paired_difference, tidy_intervals
 from .store import ResultStore, StoreError, merge_stores
 
@@ -27,7 +31,7 @@ __all__ = ["EXPERIMENTS", "ResultStore", "StoreError", "mean_interval", "merge_s
 
 #: The experiments ``intattn run`` knows, by name.
 EXPERIMENTS: dict[str, ModuleType] = {
-    module.NAME: module for module in (localization, alpha_sweep, estimators)
+    module.NAME: module for module in (localization, alpha_sweep, estimators, editors, sequential)
 }
 
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
-from ..editing import edit
+from ..editors import edit
 from ..facts import Fact
 from ..hparams import EditHparams
 from ..loading import ModelHandle

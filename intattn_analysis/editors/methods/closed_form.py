@@ -128,6 +128,9 @@ def apply(job: EditJob) -> None:
     bare = list(templates).index(SUBJECT_SLOT)
     last = max(hp.layers)
     z = job.targets.z.double()
+    # the state z* is compared with: the residual stream after L (MEMIT), or the MLP
+    # output of L where the targets are set for it (PMET)
+    site = hook("resid_post", last) if job.targets.site == "residual" else hook("mlp_out", last)
     spread = SPREADS[hp.spread]
     projected = hp.projection == "null_space"
     edited = dict(job.state or {}) if projected else {}
@@ -140,13 +143,13 @@ def apply(job: EditJob) -> None:
             if post_norm(model, module, layer) is not None:
                 names.append(value_hook(module, layer))
             if step == 0:  # h_L is read once per layer, with the weights written so far
-                names.append(hook("resid_post", last))
+                names.append(site)
             read = read_at_subject(model, rows, names)
             if step == 0:
                 # z* = h + δ with h read in the bare prompt, so the state it is compared
                 # with is read there too (MEMIT's cur_zs); the keys are weighted context
                 # averages (MEMIT's compute_ks)
-                h_last = read[hook("resid_post", last)].double().view(-1, n_ctx, z.shape[-1])[:, bare]
+                h_last = read[site].double().view(-1, n_ctx, z.shape[-1])[:, bare]
                 residual = (z - h_last) * spread(len(hp.layers) - i)
             part = residual * (share if module == "attn" else 1.0 - share)
             job.result.residuals[(module, layer)] = part.float().cpu()

@@ -1,0 +1,276 @@
+"""Experiment ``editors``: the main table, every editor on the same batches.
+
+For each batch of test edits: evaluate the unedited model once, then for each method
+write the batch with the method's defaults for the model
+(:func:`intattn_analysis.hparams_for`), evaluate, and restore the weights bit for bit.
+Methods whose targets are computed once for a batch share them where their target
+settings agree (MEMIT, IntAttn-Edit and AlphaEdit share ``z*``; PMET has its own; ROME
+and the fine-tuning baselines work fact by fact or by gradient steps). Each (batch,
+method) and each batch's pre-edit evaluation is a stored unit
+(:class:`~intattn_analysis.experiments.store.ResultStore`), so a killed run resumes and
+shards split the batches.
+
+The methods are :data:`METHODS`: ROME, FT-L, FT-M, PMET, AlphaEdit, MEMIT, IntAttn-Edit
+with the traced alpha, and IntAttn-Edit with the null-space projection (``intattn+ns``,
+a combination no published editor has). :func:`summarise` gives each metric's mean and
+95% interval over facts, and each method's paired difference from MEMIT on the same
+facts.
+
+Scales: ``ci`` edits 1 batch of 3 ZsRE facts with every method (second moments from
+20,000 tokens, short generations); ``paper`` edits 1 batch of 100 (the size of the
+paper's batches), with the models' own settings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+from tqdm import tqdm
+
+from ..editors import edit, editor
+from ..editors.api import SHARED_TARGETS
+from ..hparams import hparams_for
+from ..loading import ModelHandle
+from ..metrics import evaluate
+from ..reporting import MAIN_METRICS
+from ..targets import TARGET_FIELDS, compute_z
+from .batches import _fact_rows, _with_seconds, batch_key, shard_batches
+from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
+from .stats import paired_difference, scale_of, tidy_intervals
+from .store import ResultStore, check_unique
+
+__all__ = ["METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "EditorsScale", "method_settings", "run", "run_methods", "summarise"]
+
+NAME = "editors"
+
+#: ``{row name: method}``: the rows of the main table.
+METHODS: dict[str, str] = {
+    "ROME": "rome",
+    "FT-L": "ft-l",
+    "FT-M": "ft-m",
+    "PMET": "pmet",
+    "AlphaEdit": "alphaedit",
+    "MEMIT": "memit",
+    "IntAttn-Edit": "intattn",
+    "IntAttn-Edit+NS": "intattn",
+}
+#: Rows that take AlphaEdit's null-space projection (with AlphaEdit's settings for the model).
+NULL_SPACE_ROWS = ("IntAttn-Edit+NS",)
+
+
+@dataclass(frozen=True)
+class EditorsScale:
+    """How much of the comparison to run."""
+
+    batch_size: int
+    n_batches: int
+    mom2_n_tokens: int | None = None  # None: each method's default
+    fluency_tokens: int = 50
+    metrics: tuple[str, ...] = ("knowedit", "residue", "fluency")
+    methods: tuple[str, ...] = tuple(METHODS)
+
+
+SCALES: dict[str, EditorsScale] = {
+    "ci": EditorsScale(batch_size=3, n_batches=1, mom2_n_tokens=20_000, fluency_tokens=20),
+    "paper": EditorsScale(batch_size=100, n_batches=1),
+}
+
+
+def method_settings(model: ModelHandle, names: Sequence[str], mom2_n_tokens: int | None = None
+                    ) -> dict[str, tuple[str, Any]]:
+    """``{row name: (method, hparams)}``. ``IntAttn-Edit+NS`` takes IntAttn-Edit's
+    defaults with AlphaEdit's projection settings for the model."""
+    out = {}
+    for name in names:
+        if name not in METHODS:
+            raise ValueError(f"unknown row {name!r}; rows: {list(METHODS)}")
+        method = METHODS[name]
+        hp = hparams_for(model, method)
+        if name in NULL_SPACE_ROWS:
+            ns = hparams_for(model, "alphaedit")
+            hp = hp.replace(projection="null_space", nullspace_threshold=ns.nullspace_threshold,
+                            nullspace_l2=ns.nullspace_l2)
+        if mom2_n_tokens is not None and hasattr(hp, "mom2_n_tokens"):
+            hp = hp.replace(mom2_n_tokens=mom2_n_tokens)
+        out[name] = (method, hp)
+    return out
+
+
+def _moments_for(model: ModelHandle, settings: Mapping[str, tuple[str, Any]], progress: bool):
+    """The second moments every method reads, computed together (cached on disk); one
+    corpus sample per (n_tokens, max_len)."""
+    from ..covariance import second_moments
+
+    needed: dict[tuple, set] = {}
+    example: dict[tuple, Any] = {}
+    for method, hp in settings.values():
+        spec = editor(method)
+        keys = spec.moments(model, hp) if spec.moments is not None else []
+        if keys:
+            sample = _sample(hp)
+            needed.setdefault(sample, set()).update(keys)
+            example.setdefault(sample, hp)
+    moments = {}
+    for sample, keys in needed.items():
+        hp = example[sample]
+        layers = sorted({l for _, l in keys})
+        modules = tuple(m for m in ("mlp", "attn") if any(k[0] == m for k in keys))
+        moments[sample] = second_moments(model, layers, modules=modules, n_tokens=hp.mom2_n_tokens,
+                                         max_len=hp.mom2_max_len, dtype=hp.torch_mom2_dtype,
+                                         progress=progress)
+    return moments
+
+
+def _sample(hp) -> tuple | None:
+    """The corpus sample a method's second moments come from (``None``: it reads none)."""
+    if not hasattr(hp, "mom2_n_tokens"):
+        return None
+    return (hp.mom2_n_tokens, hp.mom2_max_len, hp.mom2_dtype)
+
+
+def run_methods(
+    model: ModelHandle,
+    batches: Sequence[Sequence],
+    settings: Mapping[str, tuple[str, Any]],
+    store: ResultStore,
+    *,
+    dataset: str,
+    metrics: Sequence[str] = ("knowedit", "residue", "fluency"),
+    fluency_tokens: int = 50,
+    shard: tuple[int, int] | None = None,
+    moments: Mapping | None = None,
+    progress: bool = True,
+) -> int:
+    """Evaluate each named (method, hparams) on each batch of this shard; one stored unit
+    per (batch, name) and one per batch's pre-edit evaluation. Returns the number of
+    units computed. ``moments`` (``{(module, layer): E[k kᵀ]}``) serves every method;
+    default: each method's own sample, computed once (cached on disk). Rows carry ``model``, ``dataset``, ``batch``, ``setting`` (the row
+    name, ``"pre-edit"`` for the unedited model), ``method``, ``position``, ``fact_key``
+    and the per-fact metrics."""
+    metrics = tuple(metrics)
+    eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens}
+    labels = {"model": model.name, "dataset": dataset}
+    mine = shard_batches(len(batches), shard)
+    by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
+    computed = 0
+    steps = tqdm(total=len(mine) * (len(settings) + 1), desc=f"{model.name} {dataset} editors",
+                 disable=not progress)
+    try:
+        for b in mine:
+            batch = list(batches[b])
+            bkey = batch_key(model, dataset, b, batch)
+            units = {"pre-edit": ({**bkey, "unit": "pre-edit", **eval_key}, f"b{b:03d}-pre")}
+            for name, (method, hp) in settings.items():
+                units[name] = ({**bkey, "unit": "edit", "method": method, "hparams_type": type(hp).__name__,
+                                "hparams": hp.effective_dict(), **eval_key},
+                               f"b{b:03d}-{method}-{name.lower().replace('+', '-')}")
+            missing = [n for n, (key, label) in units.items() if not store.has(key, label)]
+            if not missing:
+                steps.update(len(units))
+                continue
+            start = time.perf_counter()
+            pre = evaluate(model, batch, metrics=metrics, fluency_tokens=fluency_tokens, progress=False)
+            if "pre-edit" in missing:
+                key, label = units["pre-edit"]
+                store.write_unit(key, _with_seconds(_fact_rows(pre), time.perf_counter() - start), label,
+                                 {**labels, "batch": b, "setting": "pre-edit", "method": None})
+                computed += 1
+            steps.update()
+            if by_sample is None:
+                by_sample = _moments_for(model, settings, progress)
+            shared: dict = {}
+            for name in settings:
+                if name not in missing:
+                    steps.update()
+                    continue
+                method, hp = settings[name]
+                spec = editor(method)
+                targets = None
+                if spec.targets in SHARED_TARGETS:
+                    tkey = (spec.targets, max(hp.layers), hp.n_context_templates, hp.context_template_length,
+                            tuple(getattr(hp, f) for f in TARGET_FIELDS), getattr(hp, "attn_targets", None))
+                    if tkey not in shared:
+                        cache = targets_cache() if spec.targets == "residual" else None
+                        shared[tkey] = compute_z(model, batch, hp, progress=False, cache_dir=cache,
+                                                 site=spec.targets)
+                    targets = shared[tkey]
+                start = time.perf_counter()
+                with edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
+                          targets=targets, progress=False) as result:
+                    post = evaluate(model, batch, pre=pre, metrics=metrics, fluency_tokens=fluency_tokens,
+                                    progress=False)
+                seconds = time.perf_counter() - start
+                rows = [{**row, "edit_seconds": result.timings.get("total", float("nan"))}
+                        for row in _with_seconds(_fact_rows(post), seconds)]
+                key, label = units[name]
+                store.write_unit(key, rows, label, {**labels, "batch": b, "setting": name, "method": method})
+                computed += 1
+                steps.update()
+    finally:
+        steps.close()
+    return computed
+
+
+def run(
+    model: ModelHandle, dataset: str, scale: str | EditorsScale, root, *,
+    shard: tuple[int, int] | None = None, progress: bool = True,
+) -> ResultStore:
+    """Run (or resume) the comparison's units of this shard; returns the store."""
+    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
+    store = ResultStore(root, NAME)
+    batches = dataset_batches(dataset, scale.batch_size, scale.n_batches)
+    settings = method_settings(model, scale.methods, scale.mom2_n_tokens)
+    run_methods(model, batches, settings, store, dataset=dataset_label(dataset), metrics=scale.metrics,
+                fluency_tokens=scale.fluency_tokens, shard=shard, progress=progress)
+    return store
+
+
+def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
+    """The main table from whatever the store holds.
+
+    Returns:
+        ``intervals``: one row per (model, dataset, setting, metric) with ``mean``,
+        ``ci_low``, ``ci_high`` (percent for shares) and ``n_edits``;
+        ``paired``: per (model, dataset, setting other than ``baseline``, metric), the
+        mean per-fact difference from ``baseline`` on the same facts, its 95% interval
+        and p-value;
+        ``seconds``: mean seconds per batch edit (the edit alone, then with its
+        evaluation) per (model, dataset, setting).
+    """
+    rows = store.rows()
+    if rows.empty:
+        raise ValueError(f"{store!r} holds no results yet; run the experiment first")
+    check_unique(rows, ["model", "dataset", "setting", "batch", "position"])
+    metrics = metric_columns(rows, MAIN_METRICS)
+    intervals = tidy_intervals(rows, ["model", "dataset", "setting"], metrics)
+    edited = rows[rows["setting"] != "pre-edit"]
+    paired = []
+    for (model, dataset), group in edited.groupby(["model", "dataset"], sort=False):
+        base = group[group["setting"] == baseline]
+        if base.empty:
+            continue
+        for setting, other in group.groupby("setting", sort=False):
+            if setting == baseline:
+                continue
+            joined = other.merge(base, on=["batch", "position"], suffixes=("", "_base"))
+            for metric in metrics:
+                if joined[metric].isna().all():
+                    continue
+                result = paired_difference(joined[metric], joined[f"{metric}_base"])
+                scale = scale_of(metric)
+                paired.append({"model": model, "dataset": dataset, "setting": setting,
+                               "baseline": baseline, "metric": metric,
+                               "diff": result["diff"] * scale, "ci_low": result["ci_low"] * scale,
+                               "ci_high": result["ci_high"] * scale, "p_value": result["p_value"],
+                               "n_edits": result["n_edits"]})
+    seconds = (edited.groupby(["model", "dataset", "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
+               .first().groupby(["model", "dataset", "setting"], sort=False).mean().reset_index())
+    return {"intervals": intervals, "paired": pd.DataFrame(paired), "seconds": seconds}
+
+
+def tables(root) -> dict[str, pd.DataFrame]:
+    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
+    return summarise(ResultStore(root, NAME))

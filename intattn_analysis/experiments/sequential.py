@@ -1,0 +1,203 @@
+"""Experiment ``sequential``: edits that pile up, batch after batch, on one model.
+
+For each method, rounds of ``batch_size`` test edits are applied one after another to the
+same model (:func:`intattn_analysis.edit_sequence`'s procedure: each round's targets are
+optimised on the model as the earlier rounds left it, AlphaEdit carries the keys edited
+so far, the second moments and context prefixes are the unedited model's). After each
+round every edit so far is evaluated (Edit Succ., Rephrase, Portability, Locality against
+the unedited model's predictions), as is a fixed set of known built-in facts that no
+round edits ("Known kept": the share the model still answers). Fluency is measured at
+the rounds in ``fluency_rounds``.
+
+Each (method, round) is a stored unit. A killed run resumes: the rounds already stored
+are applied again without their evaluation (the edits are deterministic) and the run
+goes on from the first missing round. The first rounds of a longer run are exactly a
+shorter run's (round ``r`` depends only on rounds ``1..r``).
+
+Scales: ``ci``: 3 rounds of 2 ZsRE test edits, MEMIT, AlphaEdit and IntAttn-Edit, second
+moments from 20,000 tokens; ``paper``: 20 rounds of 10 with the same methods, Fluency
+after rounds 10 and 20.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+from tqdm import tqdm
+
+from ..datasets import load_facts
+from ..editors import edit, editor
+from ..known import is_known
+from ..loading import ModelHandle
+from ..metrics import evaluate
+from ..reporting import MAIN_METRICS
+from ..targets import context_templates
+from .batches import _fact_rows, batch_key, facts_digest
+from .common import check_scale, dataset_batches, dataset_label, metric_columns
+from .editors import _moments_for, _sample, method_settings
+from .store import ResultStore, check_unique
+from .stats import tidy_intervals
+
+__all__ = ["NAME", "SCALES", "SequentialScale", "run", "run_sequences", "summarise", "tables"]
+
+NAME = "sequential"
+
+
+@dataclass(frozen=True)
+class SequentialScale:
+    """How much of the experiment to run."""
+
+    rounds: int
+    batch_size: int
+    methods: tuple[str, ...] = ("MEMIT", "AlphaEdit", "IntAttn-Edit")
+    fluency_rounds: tuple[int, ...] = ()
+    n_known: int = 50
+    mom2_n_tokens: int | None = None
+    fluency_tokens: int = 50
+
+
+SCALES: dict[str, SequentialScale] = {
+    "ci": SequentialScale(rounds=3, batch_size=2, fluency_rounds=(3,), n_known=8, mom2_n_tokens=20_000,
+                          fluency_tokens=20),
+    "paper": SequentialScale(rounds=20, batch_size=10, fluency_rounds=(10, 20)),
+}
+
+
+def known_probe_facts(model: ModelHandle, edited: Sequence, n: int) -> list:
+    """Up to ``n`` built-in facts the unedited model answers, whose subjects no round
+    edits (in file order)."""
+    subjects = {f.subject for f in edited}
+    out = []
+    for fact in load_facts("builtin"):
+        if len(out) == n:
+            break
+        if fact.target_true is None or fact.subject in subjects:
+            continue
+        if fact.known.get(model.name, None) is False:
+            continue
+        if is_known(model, fact)[0]:
+            out.append(fact)
+    return out
+
+
+def run_sequences(
+    model: ModelHandle,
+    rounds: Sequence[Sequence],
+    settings: Mapping[str, tuple[str, Any]],
+    store: ResultStore,
+    *,
+    dataset: str,
+    known: Sequence = (),
+    fluency_rounds: Sequence[int] = (),
+    fluency_tokens: int = 50,
+    moments: Mapping | None = None,
+    progress: bool = True,
+) -> int:
+    """Apply ``rounds`` one after another with each named (method, hparams), evaluating
+    after each round; one stored unit per (name, round). Rounds are numbered from 1.
+    Returns the number of units computed."""
+    rounds = [list(r) for r in rounds]
+    labels = {"model": model.name, "dataset": dataset}
+    eval_key = {"metrics": ["knowedit"], "fluency_rounds": sorted(fluency_rounds),
+                "fluency_tokens": fluency_tokens, "known": facts_digest(known)}
+    by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
+    pre = None
+    computed = 0
+    for name, (method, hp) in settings.items():
+        spec = editor(method)
+        units = []
+        for r in range(1, len(rounds) + 1):
+            done = [fact for batch in rounds[:r] for fact in batch]
+            key = {**batch_key(model, dataset, r, done), "unit": "round", "rounds_of": len(rounds[0]),
+                   "method": method, "hparams_type": type(hp).__name__, "hparams": hp.effective_dict(),
+                   **eval_key}
+            units.append((key, f"{name.lower().replace('+', '-')}-r{r:03d}"))
+        stored = [store.has(key, label) for key, label in units]
+        if all(stored):
+            continue
+        first_missing = stored.index(False)
+        if pre is None:
+            pre = [evaluate(model, batch, metrics=("knowedit",), progress=False) for batch in rounds]
+            if by_sample is None:
+                by_sample = _moments_for(model, settings, progress)
+        templates = (context_templates(model, hp.n_context_templates, hp.context_template_length)
+                     if spec.uses_templates else None)
+        applied = []
+        state = None
+        bar = tqdm(range(len(rounds)), desc=f"{model.name} {name} rounds", disable=not progress)
+        try:
+            for r in bar:
+                start = time.perf_counter()
+                result = edit(model, rounds[r], method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
+                              templates=templates, state=state if spec.carries_state else None,
+                              progress=False)
+                applied.append(result)
+                state = result.state
+                edit_seconds = time.perf_counter() - start
+                if r < first_missing or stored[r]:
+                    continue
+                metrics = ("knowedit", "fluency") if (r + 1) in fluency_rounds else ("knowedit",)
+                rows = []
+                for j, batch in enumerate(rounds[: r + 1]):
+                    post = evaluate(model, batch, pre=pre[j], metrics=metrics, fluency_tokens=fluency_tokens,
+                                    progress=False)
+                    rows += [{**row, "kind": "edit", "edited_in": j + 1} for row in _fact_rows(post)]
+                for i, fact in enumerate(known):
+                    rows.append({"kind": "known", "position": i, "fact_key": fact.key,
+                                 "Known kept": float(is_known(model, fact)[0])})
+                seconds = time.perf_counter() - start
+                rows = [{**row, "seconds": seconds, "edit_seconds": edit_seconds} for row in rows]
+                key, label = units[r]
+                store.write_unit(key, rows, label, {**labels, "setting": name, "method": method, "round": r + 1})
+                computed += 1
+                stored[r] = True
+                if all(stored):
+                    break
+        finally:
+            for result in reversed(applied):
+                result.restore()
+    return computed
+
+
+def run(
+    model: ModelHandle, dataset: str, scale: str | SequentialScale, root, *,
+    shard: tuple[int, int] | None = None, progress: bool = True,
+) -> ResultStore:
+    """Run (or resume) every method's sequence (``shard`` splits the methods)."""
+    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
+    store = ResultStore(root, NAME)
+    rounds = dataset_batches(dataset, scale.batch_size, scale.rounds)
+    methods = list(scale.methods)
+    if shard is not None:
+        index, count = shard
+        methods = methods[index - 1::count]
+    settings = method_settings(model, methods, scale.mom2_n_tokens)
+    known = known_probe_facts(model, [f for r in rounds for f in r], scale.n_known)
+    run_sequences(model, rounds, settings, store, dataset=dataset_label(dataset), known=known,
+                  fluency_rounds=scale.fluency_rounds, fluency_tokens=scale.fluency_tokens, progress=progress)
+    return store
+
+
+def summarise(store: ResultStore) -> dict[str, pd.DataFrame]:
+    """Per (model, dataset, method, round, metric): the mean and 95% interval over every
+    edit so far (``Known kept`` over the known built-in facts), and ``n_edits``."""
+    rows = store.rows()
+    if rows.empty:
+        raise ValueError(f"{store!r} holds no results yet; run the experiment first")
+    edits = rows[rows["kind"] == "edit"]
+    known = rows[rows["kind"] == "known"]
+    check_unique(edits, ["model", "dataset", "setting", "round", "edited_in", "position"])
+    by = ["model", "dataset", "setting", "round"]
+    parts = [tidy_intervals(edits, by, metric_columns(edits, MAIN_METRICS))]
+    if not known.empty:
+        parts.append(tidy_intervals(known, by, ["Known kept"]))
+    intervals = pd.concat(parts, ignore_index=True).sort_values(by + ["metric"], kind="stable")
+    return {"intervals": intervals.reset_index(drop=True)}
+
+
+def tables(root) -> dict[str, pd.DataFrame]:
+    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
+    return summarise(ResultStore(root, NAME))

@@ -228,6 +228,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.stop_on is not None:
         changes["stop_on"] = args.stop_on
     hp = hp.replace(**changes)
+    from .runs import SHARED_HPARAMS_METHODS
+
+    own = [m for m in args.methods if m not in SHARED_HPARAMS_METHODS]
+    if own and changes:
+        print(f"note: {', '.join('--' + k.replace('_', '-') for k in changes)} apply to "
+              f"{', '.join(SHARED_HPARAMS_METHODS)}; {', '.join(own)} run with their own defaults "
+              "(ia.hparams_for(model, method))", file=sys.stderr)
     print(f"{model.name}: {len(batches)} batch(es) of {args.batch_size} from {path.name}; "
           f"layers {list(hp.layers)}, lambda {hp.lambda_mlp:g}, {hp.mom2_n_tokens} corpus tokens, "
           f"targets: {hp.v_steps} evaluations, stop on {hp.stop_on} < {hp.stop_loss:g}",

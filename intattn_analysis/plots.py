@@ -312,3 +312,32 @@ def plot_sweep_intervals(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rep
         ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_sequential(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", "Locality", "Known kept"),
+                    label: str = "") -> plt.Figure:
+    """Each metric against the number of rounds of edits applied, one line per method with
+    its 95% interval over facts, one panel per metric.
+
+    ``intervals`` is the tidy table of :func:`intattn_analysis.experiments.sequential.summarise`
+    (columns model, dataset, setting, round, metric, mean, ci_low, ci_high, n_edits).
+    """
+    metrics = [m for m in metrics if (intervals["metric"] == m).any()]
+    if not metrics:
+        raise ValueError("intervals holds none of the metrics to plot")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        part = intervals[intervals["metric"] == metric]
+        for setting, curve in part.groupby("setting", sort=False):
+            curve = curve.sort_values("round")
+            line, = ax.plot(curve["round"], curve["mean"], marker="o", ms=3, lw=1.4, label=setting)
+            ax.fill_between(curve["round"], curve["ci_low"], curve["ci_high"], color=line.get_color(),
+                            alpha=0.15, lw=0)
+        ax.set_xlabel("rounds of edits applied")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_ylim(0, 105)
+        prefix = f"{label}: " if label else ""
+        ax.set_title(f"{prefix}{metric}", fontsize=10)
+    axes[0][0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -351,6 +351,24 @@ def test_a_failure_in_the_middle_restores_every_method(tiny, moments, hp, monkey
     assert all(p.grad is None for p in tiny.hf_model.parameters())
 
 
+def test_saved_deltas_of_every_kind_of_method_apply_again(tiny, moments, tmp_path):
+    """A rank-one edit (ROME) and a fine-tuning edit save their deltas with their own
+    hparams type; applied again, ROME's (one write per fact, here one fact) gives the
+    edited weights bit for bit, and FT's (the final weight minus the original, rounded to
+    float32) to one float32 rounding of the weights (relative 1e-6)."""
+    cases = [("rome", RomeHparams(layers=(1,), **TARGETS), 0.0),
+             ("ft-m", FTHparams(layers=(2,), objective="target_new", lr=1e-2, steps=3, norm_constraint=None), 1e-6)]
+    for method, hp, tolerance in cases:
+        with edit(tiny, FACTS[:1], method=method, hparams=hp, moments=moments, progress=False) as result:
+            key = next(iter(result.deltas))
+            edited = tiny.weight(*key).detach().clone()
+            path = result.save(tmp_path / f"{method}.safetensors")
+        with ia.apply_deltas(tiny, path) as again:
+            assert type(again.hparams) is type(hp) and again.hparams == hp
+            error = _relative(tiny.weight(*key).detach(), edited)
+            assert error <= tolerance, (method, error)
+
+
 # ----------------------------------------------------------------------------- state
 def test_state_id_names_the_applied_edits(tiny):
     plain = tiny.state_id

@@ -97,8 +97,10 @@ class Editor:
         writes: ``(model, hparams) -> [(module, layer)]``: every matrix it may write.
         moments: ``(model, hparams) -> [(module, layer)]``: the second moments it reads
             (``None``: none).
-        targets: the target kind it starts from (:data:`TARGET_KINDS`) when it can take
-            targets computed outside (shared on a batch), else ``None``.
+        targets: the kind of target it optimises (:data:`TARGET_KINDS`), or ``None``.
+            Kinds in :data:`intattn_analysis.editors.api.SHARED_TARGETS` are computed once
+            for the batch before anything is written, so they can be passed in and shared
+            by the methods compared on a batch; ROME sets its own fact after fact.
         uses_templates: whether it reads context prefixes.
         reads_alpha: whether IntAttn-Edit's balance factor applies to it.
         carries_state: whether one edit of a sequence hands state to the next.

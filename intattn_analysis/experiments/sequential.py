@@ -12,7 +12,9 @@ the rounds in ``fluency_rounds``.
 Each (method, round) is a stored unit. A killed run resumes: the rounds already stored
 are applied again without their evaluation (the edits are deterministic) and the run
 goes on from the first missing round. The first rounds of a longer run are exactly a
-shorter run's (round ``r`` depends only on rounds ``1..r``).
+shorter run's (round ``r`` depends only on rounds ``1..r``, and its key names only its own
+evaluation), so a run of 10 rounds is extended to 20 by running 20: the first 10 are read
+from the store.
 
 Scales: ``ci``: 3 rounds of 2 ZsRE test edits, MEMIT, AlphaEdit and IntAttn-Edit, second
 moments from 20,000 tokens; ``paper``: 20 rounds of 10 with the same methods, Fluency
@@ -101,8 +103,9 @@ def run_sequences(
     Returns the number of units computed."""
     rounds = [list(r) for r in rounds]
     labels = {"model": model.name, "dataset": dataset}
-    eval_key = {"metrics": ["knowedit"], "fluency_rounds": sorted(fluency_rounds),
-                "fluency_tokens": fluency_tokens, "known": facts_digest(known)}
+    # a round's key names only its own evaluation (with or without Fluency), so that the
+    # first rounds of a longer run are the units of a shorter one
+    eval_key = {"metrics": ["knowedit"], "fluency_tokens": fluency_tokens, "known": facts_digest(known)}
     by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
     pre = None
     computed = 0
@@ -113,7 +116,7 @@ def run_sequences(
             done = [fact for batch in rounds[:r] for fact in batch]
             key = {**batch_key(model, dataset, r, done), "unit": "round", "rounds_of": len(rounds[0]),
                    "method": method, "hparams_type": type(hp).__name__, "hparams": hp.effective_dict(),
-                   **eval_key}
+                   "fluency": r in fluency_rounds, **eval_key}
             units.append((key, f"{name.lower().replace('+', '-')}-r{r:03d}"))
         stored = [store.has(key, label) for key, label in units]
         if all(stored):

@@ -31,7 +31,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..editors import edit, editor
-from ..editors.api import SHARED_TARGETS
+from ..editors.api import SHARED_TARGETS, resolve_hparams
 from ..hparams import hparams_for
 from ..loading import ModelHandle
 from ..metrics import evaluate
@@ -108,7 +108,8 @@ def _moments_for(model: ModelHandle, settings: Mapping[str, tuple[str, Any]], pr
     example: dict[tuple, Any] = {}
     for method, hp in settings.values():
         spec = editor(method)
-        keys = spec.moments(model, hp) if spec.moments is not None else []
+        resolved, _ = resolve_hparams(model, spec, hp)  # alpha resolved: the matrices written are known
+        keys = spec.moments(model, resolved) if spec.moments is not None else []
         if keys:
             sample = _sample(hp)
             needed.setdefault(sample, set()).update(keys)

@@ -56,6 +56,11 @@ ESTIMATORS = ("a-subject-aie", "b-last-aie", "c-severed", "d-activation", "e-tra
 TRAIN_CRITERION = ("Edit Succ.", "Locality")
 
 
+#: How far a mean alpha may lie outside the best range's bounds and count as inside: the
+#: float rounding of an average of a few alphas, nothing more.
+RANGE_TOLERANCE = 1e-9
+
+
 @dataclass(frozen=True)
 class EstimatorScale:
     test: alpha_sweep.SweepScale  # test batches, as in the sweep (its alphas are unused)
@@ -207,7 +212,10 @@ def summarise(store: ResultStore, sweep: ResultStore | None = None) -> dict[str,
     if sweep is not None and len(sweep):
         ranges = alpha_sweep.best_range(sweep)
         merged = alphas.merge(ranges, on=["model", "dataset"], how="left")
-        inside = (merged["mean_alpha"] >= merged["range_low"]) & (merged["mean_alpha"] <= merged["range_high"])
+        # the mean of per-layer alphas carries float rounding (0.1 three times averages to
+        # 0.10000000000000002): the bounds are compared to 1e-9
+        inside = ((merged["mean_alpha"] >= merged["range_low"] - RANGE_TOLERANCE)
+                  & (merged["mean_alpha"] <= merged["range_high"] + RANGE_TOLERANCE))
         merged["inside"] = inside.astype("boolean").mask(merged["range_low"].isna())  # NA: no sweep
         out["range"] = merged
     return out

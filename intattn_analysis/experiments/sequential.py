@@ -197,7 +197,8 @@ def summarise(store: ResultStore) -> dict[str, pd.DataFrame]:
     parts = [tidy_intervals(edits, by, metric_columns(edits, MAIN_METRICS))]
     if not known.empty:
         parts.append(tidy_intervals(known, by, ["Known kept"]))
-    intervals = pd.concat(parts, ignore_index=True).sort_values(by + ["metric"], kind="stable")
+    # rounds in order; within a round the metrics keep the main table's order
+    intervals = pd.concat(parts, ignore_index=True).sort_values(by, kind="stable")
     return {"intervals": intervals.reset_index(drop=True)}
 
 

@@ -34,8 +34,11 @@ deliberately not part of the key: it changes only how the same tokens are groupe
 sums agree to float rounding). Files are written atomically. A later call loads what is
 cached and computes only the missing pairs, again in one pass. The statistics describe
 the model's weights at the time they are collected: an edited model has moments of its
-own, and the editors preserve the moments of the model before the edit, which
-:func:`intattn_analysis.edit_sequence` computes once and passes on.
+own. :func:`intattn_analysis.edit_sequence` and the ``sequential`` experiment compute the
+unedited model's once and pass them to every edit (the reference implementations keep
+theirs the same way); a plain :func:`intattn_analysis.edit` of an already edited model
+with ``moments=None`` computes, and caches, the edited model's. Pass ``moments=`` to
+preserve another model state's.
 
 Scale. ROME and MEMIT estimate ``C`` from 100,000 Wikipedia articles, each cut to the
 model's context length (1,024 tokens for GPT-2 XL, 2,048 for GPT-J), float32 products:

@@ -116,8 +116,10 @@ class EditHparams:
             whose eigenvalues are below ``nullspace_threshold``, with ``nullspace_l2``
             in place of ``λ C``; see :mod:`intattn_analysis.editors.methods.closed_form`).
         nullspace_threshold: AlphaEdit's absolute eigenvalue threshold (reference: 2e-2
-            for Llama3-8B); it depends on the scale of the keys, so it is set per model.
-        nullspace_l2: AlphaEdit's ridge term ``L2`` (reference code: 10).
+            for Llama3-8B); it depends on the scale of the keys, so it belongs to each
+            model's defaults file (today every file holds the reference's value, untuned).
+        nullspace_l2: AlphaEdit's ridge term ``L2`` (reference code: 10); it must be above 0
+            (the projected system is singular without it).
         source: where these values come from (free text, shown in reports).
     """
 
@@ -181,6 +183,8 @@ class EditHparams:
             minimum = 0 if name in ("v_steps", "n_context_templates") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not isinstance(self.nullspace_l2, (int, float)) or not self.nullspace_l2 > 0:
+            raise ValueError(f"nullspace_l2 must be a number above 0, got {self.nullspace_l2!r}")
         for name in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss",
                      "lambda_mlp", "lambda_attn", "nullspace_threshold", "nullspace_l2"):
             value = getattr(self, name)
@@ -293,7 +297,8 @@ class PMETHparams(EditHparams):
             (PMET's joint optimisation). The attention target is not written: PMET updates
             the FFN weights only.
 
-    ``alpha``, ``lambda_attn`` and the projection settings are not read.
+    ``alpha`` and ``lambda_attn`` are not read; the projection settings are read as by the
+    rest of the closed-form family (off by default).
     """
 
     spread: str = "pmet"

@@ -296,6 +296,14 @@ class ModelHandle:
     def state_id(self) -> str:
         if not self.applied_edits:
             return self.cache_id
+        busy = [e for e in self.applied_edits if getattr(e, "_applying", False)]
+        if busy:
+            # its deltas are not settled until it returns: a key taken now would name a
+            # state the weights are not in
+            raise RuntimeError(
+                f"{self.name} is being edited ({busy[0].describe()}); its state has no id until "
+                "the edit returns, so nothing may be cached or read from a cache meanwhile"
+            )
         import hashlib
 
         digest = hashlib.sha256()

@@ -344,6 +344,25 @@ def target_key(model: ModelHandle, fact: Fact, hparams, layer: int, templates: S
     }
 
 
+def _state_of(model: ModelHandle) -> str:
+    """The model's ``state_id``, or ``""`` while an edit is being written (targets a method
+    computes for itself in the middle of its edit, as ROME does fact after fact, are its
+    own and never shared)."""
+    try:
+        return model.state_id
+    except RuntimeError:
+        return ""
+
+
+def target_settings(hparams) -> dict:
+    """The hyperparameters a target depends on (:data:`TARGET_FIELDS`, and PMET's
+    ``attn_targets`` where the hparams have it)."""
+    out = {name: getattr(hparams, name) for name in TARGET_FIELDS}
+    if hasattr(hparams, "attn_targets"):
+        out["attn_targets"] = hparams.attn_targets
+    return out
+
+
 def _target_file(cache_dir: Path, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_dir / key["model"].split("+edits-")[0].replace("/", "--")
@@ -416,6 +435,8 @@ def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cac
         seconds=time.perf_counter() - start_time,
         work=work,
         site=site,
+        model_state=_state_of(model),
+        settings=target_settings(hparams),
     )
 
 
@@ -442,6 +463,9 @@ class ZTargets:
             state (``"residual"``) or the MLP output (``"mlp_output"``, ``"pmet"``).
         attn_h, attn_delta: PMET's attention output at the subject and its optimised
             delta (``site="pmet"`` only).
+        model_state: the ``state_id`` of the model they were computed on.
+        settings: the target hyperparameters they were computed with
+            (:func:`target_settings`).
     """
 
     z: Tensor
@@ -455,6 +479,8 @@ class ZTargets:
     site: str = "residual"
     attn_h: Tensor | None = None
     attn_delta: Tensor | None = None
+    model_state: str = ""
+    settings: dict = field(default_factory=dict)
 
 
 #: A forward's fixed cost, in row-positions, when :func:`length_groups` weighs a cut
@@ -699,6 +725,8 @@ def compute_z(
             site=site,
             attn_h=torch.cat([p.attn_h for p in parts]) if site == "pmet" else None,
             attn_delta=torch.cat([p.attn_delta for p in parts]) if site == "pmet" else None,
+            model_state=_state_of(model),
+            settings=target_settings(hparams),
         )
     rows = _training_rows(model, facts, templates, hparams.kl_position)
     ids = pad_rows(model, rows)
@@ -906,4 +934,6 @@ def compute_z(
         site=site,
         attn_h=h_attn,
         attn_delta=delta_attn if pmet else None,
+        model_state=_state_of(model),
+        settings=target_settings(hparams),
     )

@@ -182,6 +182,16 @@ def test_alphaedit_leaves_the_preserved_keys_alone(tiny, moments, hp):
         assert set(result.state) == {("mlp", l) for l in LAYERS}
 
 
+def test_an_empty_null_space_is_refused(tiny, moments, hp):
+    """A threshold below every eigenvalue leaves no null space: every update would be 0,
+    so the edit is refused rather than reported as done."""
+    before = _parameters(tiny)
+    with pytest.raises(EditError, match="null space is empty"):
+        edit(tiny, FACTS, method="alphaedit", hparams=hp.replace(projection="null_space", nullspace_threshold=1e-6),
+             moments=moments, progress=False)
+    assert not _changed(tiny, before)
+
+
 def test_alphaedit_solve_matches_the_reference_port(moments):
     C = moments[("mlp", 1)]
     threshold = _median_threshold(C)
@@ -222,6 +232,35 @@ def test_alphaedit_sequence_carries_the_edited_keys(tiny, moments, hp):
             expected = grams[0][l] + grams[1][l]
             assert _relative(sequence.state[("mlp", l)], expected) < RELATIVE
     assert not _changed(tiny, before) and tiny.open_edits == 0
+    # the carried keys reach the second solve: batch 2 on top of batch 1 with the state is
+    # the sequence's second edit, bit for bit, and without it something else
+    key = ("mlp", LAYERS[0])
+    second = sequence.edits[1].deltas[key].clone()
+    options = dict(method="alphaedit", hparams=aehp, moments=moments, templates=templates, progress=False)
+    with edit(tiny, FACTS, **options) as first:
+        with edit(tiny, MORE, state=first.state, **options) as carried:
+            assert torch.equal(carried.deltas[key], second)
+        with edit(tiny, MORE, **options) as fresh:
+            assert not torch.equal(fresh.deltas[key], second)
+    assert not _changed(tiny, before)
+
+
+def test_state_id_is_refused_while_an_edit_is_being_written(tiny, moments, hp, monkeypatch):
+    """In the middle of an edit the weights are in no settled state: a cache key asked for
+    then is an error, not a key for a state that never existed."""
+    seen = []
+    real = closed_form.solve_update
+
+    def asking(*args, **kwargs):
+        with pytest.raises(RuntimeError, match="being edited"):
+            tiny.state_id
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(closed_form, "solve_update", asking)
+    with edit(tiny, FACTS, method="memit", hparams=hp, moments=moments, progress=False):
+        assert tiny.state_id.startswith(tiny.cache_id + "+edits-")
+    assert seen and tiny.state_id == tiny.cache_id
 
 
 # ----------------------------------------------------------------------------- PMET
@@ -312,7 +351,10 @@ def test_ft_m_lowers_the_loss_of_the_target_tokens(tiny):
 
 
 # ----------------------------------------------------------------------------- restores
-def _failing(target, name, after):
+def _failing(target, name, after, nonzero):
+    """``target.name`` that raises on call ``after + 1``; the results it returned before are
+    kept in ``nonzero`` as whether they were non-zero (a write of zeros would leave the
+    weights as they were and the restore untested)."""
     real = getattr(target, name)
     calls = []
 
@@ -320,7 +362,10 @@ def _failing(target, name, after):
         calls.append(1)
         if len(calls) > after:
             raise RuntimeError("injected")
-        return real(*args, **kwargs)
+        out = real(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            nonzero.append(bool(out.abs().max() > 0))
+        return out
 
     return failing
 
@@ -336,16 +381,19 @@ def _failing(target, name, after):
 ])
 def test_a_failure_in_the_middle_restores_every_method(tiny, moments, hp, monkeypatch, method, where, name, after):
     settings = {
-        "memit": hp, "intattn": hp.replace(alpha=0.5), "alphaedit": hp.replace(projection="null_space"),
+        "memit": hp, "intattn": hp.replace(alpha=0.5),
+        "alphaedit": hp.replace(projection="null_space", nullspace_threshold=_median_threshold(moments[("mlp", 1)])),
         "rome": RomeHparams(layers=(1,), **TARGETS),
         "pmet": PMETHparams(layers=LAYERS, lambda_mlp=4.0, **TARGETS),
         "ft-l": FTHparams(layers=(1,), objective="prompt_last", lr=1e-2, steps=3),
         "ft-m": FTHparams(layers=(1,), objective="target_new", lr=1e-2, steps=3, norm_constraint=None),
     }
     before = _parameters(tiny)
-    monkeypatch.setattr(where, name, _failing(where, name, after))
+    nonzero = []
+    monkeypatch.setattr(where, name, _failing(where, name, after, nonzero))
     with pytest.raises(RuntimeError, match="injected"):
         edit(tiny, FACTS, method=method, hparams=settings[method], moments=moments, progress=False)
+    assert all(nonzero)  # what was written before the failure was a real change
     assert not _changed(tiny, before)
     assert tiny.open_edits == 0
     assert all(p.grad is None for p in tiny.hf_model.parameters())

@@ -5,8 +5,8 @@
 * :mod:`.result`: :class:`EditResult` (undo, save) and :func:`apply_deltas`;
 * :mod:`.solvers`: least squares, rank one, null-space projection;
 * :mod:`.keys`: keys averaged over the context prefixes, the post-norm conversion;
-* :mod:`.methods`: the methods (``memit``, ``intattn``, ``attn``, ``alphaedit``, ``rome``,
-  ``ft-l``, ``ft-m``).
+* :mod:`.methods`: the methods (``memit``, ``intattn``, ``attn``, ``alphaedit``, ``pmet``,
+  ``rome``, ``ft-l``, ``ft-m``).
 """
 
 from . import methods  # noqa: F401  (registers the methods)

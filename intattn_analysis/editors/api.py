@@ -22,10 +22,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..architectures import MODULES
-from ..facts import Fact
+from ..facts import SUBJECT_SLOT, Fact
 from ..hparams import hparams_for
 from ..loading import ModelHandle
-from ..targets import DEFAULT_Z_BATCH, ZTargets, compute_z, context_templates
+from ..targets import DEFAULT_Z_BATCH, ZTargets, compute_z, context_templates, target_settings
 from .protocol import EditJob, Editor, editor
 from .result import EditError, EditResult, check_layers, snapshot
 
@@ -82,7 +82,10 @@ def resolve_hparams(
     ``alpha`` and any other field given as a keyword replace the field (unknown names
     are an :class:`EditError` that lists the known ones).
     """
-    hp = hparams if hparams is not None else hparams_for(model, spec.name)
+    try:
+        hp = hparams if hparams is not None else hparams_for(model, spec.name)
+    except ValueError as error:
+        raise EditError(str(error)) from None
     if not isinstance(hp, spec.hparams_type):
         raise EditError(
             f"method {spec.name!r} reads {spec.hparams_type.__name__}, got hparams of type "
@@ -147,11 +150,25 @@ def _moments(model, needed, hp, moments, progress: bool):
 
 
 def check_targets(targets: ZTargets, facts: list[Fact], layer: int, templates,
-                  site: str = "residual") -> None:
-    """Precomputed targets must belong to these facts, this layer, this site and these
-    contexts."""
+                  site: str = "residual", model: ModelHandle | None = None, hparams=None) -> None:
+    """Precomputed targets must belong to these facts, this layer, this site, these
+    contexts, this model state and these target settings."""
     if not isinstance(targets, ZTargets):
         raise EditError(f"targets must come from compute_z (a ZTargets), got {type(targets).__name__}")
+    if model is not None and targets.model_state and targets.model_state != model.state_id:
+        raise EditError(
+            f"targets were computed on the model in state {targets.model_state!r}, but it is now "
+            f"{model.state_id!r} (an edit was applied or restored since); compute them again"
+        )
+    if hparams is not None and targets.settings:
+        wanted = target_settings(hparams)
+        differ = sorted(k for k in wanted if targets.settings.get(k, wanted[k]) != wanted[k])
+        if differ:
+            raise EditError(
+                f"targets were computed with other target settings ({', '.join(differ)}: "
+                f"{[targets.settings.get(k) for k in differ]} against {[wanted[k] for k in differ]}); "
+                "compute them with the hparams of this edit"
+            )
     if targets.site != site:
         raise EditError(f"targets were set for site {targets.site!r}; this method needs {site!r} "
                         f"targets (compute_z(..., site={site!r}))")
@@ -193,7 +210,7 @@ def edit(
         model: a loaded model.
         facts: the facts to write (one batch).
         method: a registered method (``"memit"``, ``"intattn"``, ``"attn"``,
-            ``"alphaedit"``, ``"rome"``, ``"ft-l"``, ``"ft-m"``; see
+            ``"alphaedit"``, ``"pmet"``, ``"rome"``, ``"ft-l"``, ``"ft-m"``; see
             :data:`intattn_analysis.editors.EDITORS`) or an :class:`Editor`.
         hparams: all settings, as the method's dataclass; default the method's defaults
             for the model (:func:`intattn_analysis.hparams_for`).
@@ -243,14 +260,20 @@ def edit(
     if templates is None and spec.uses_templates:
         templates = context_templates(model, hp.n_context_templates, hp.context_template_length)
     templates = list(templates or [])
+    if spec.uses_templates and SUBJECT_SLOT not in templates:
+        raise EditError(f"templates must include the bare prompt {SUBJECT_SLOT!r} (the keys and targets "
+                        f"are read there), got {templates}")
     t0 = time.perf_counter()
     timings["targets"] = 0.0
     if spec.targets in SHARED_TARGETS:
         if targets is None:
-            targets = compute_z(model, facts, hp, templates=templates, batch_size=z_batch_size,
-                                progress=progress, site=spec.targets)
+            try:
+                targets = compute_z(model, facts, hp, templates=templates, batch_size=z_batch_size,
+                                    progress=progress, site=spec.targets)
+            except ValueError as error:  # a fact, a layer or a setting the targets cannot take
+                raise EditError(str(error)) from None
         else:
-            check_targets(targets, facts, max(hp.layers), templates, spec.targets)
+            check_targets(targets, facts, max(hp.layers), templates, spec.targets, model, hp)
         timings["targets"] = time.perf_counter() - t0
 
     result = EditResult(
@@ -263,12 +286,15 @@ def edit(
                   z_batch_size=z_batch_size)
     result._opened(snapshot(model, writes))
     t0 = time.perf_counter()
+    result._applying = True
     try:
         spec.apply(job)
         result._settle()
     except BaseException:
+        result._applying = False
         result.restore()
         raise
+    result._applying = False
     # methods that optimise their targets as they go (ROME) count them under "targets"
     timings["solve"] = time.perf_counter() - t0 - (timings["targets"] if targets is None else 0.0)
     timings["total"] = time.perf_counter() - started

@@ -65,6 +65,8 @@ class EditResult:
         context_templates: the prefixes the targets and keys were read under.
         state: what the method carries to the next edit of a sequence (AlphaEdit: the
             second moment of the keys edited so far); ``None`` for methods without state.
+        details: what a method reports about itself (the null-space projection: the
+            dimension of the null space per matrix, ``{(module, layer): (dims, d_in)}``).
 
     Used as a context manager the edit is undone on exit; :meth:`restore` undoes it at
     any time (idempotent).
@@ -81,10 +83,12 @@ class EditResult:
     residuals: dict[Key, Tensor] = field(default_factory=dict, repr=False)
     context_templates: list[str] = field(default_factory=list, repr=False)
     state: Any = field(default=None, repr=False)
+    details: dict = field(default_factory=dict, repr=False)
     _originals: dict[Key, Tensor] = field(default_factory=dict, repr=False)
     _open: bool = field(default=False, repr=False)
     _digest: str | None = field(default=None, repr=False)
     _rewritten: set = field(default_factory=set, repr=False)
+    _applying: bool = field(default=False, repr=False)
     restored: bool = False
 
     # ------------------------------------------------------------------ undo

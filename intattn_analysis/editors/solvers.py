@@ -18,6 +18,8 @@ Keys and residuals are rows (one per fact); every solve runs in float64 and retu
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -115,6 +117,19 @@ def null_space_projector(moment: Tensor, threshold: float) -> Tensor:
     if not bool(torch.isfinite(C).all()):
         raise EditError("the second moment has NaN/inf entries; recompute the second moments")
     values, vectors = torch.linalg.eigh((C + C.T) / 2)
+    kept = int((values < threshold).sum())
+    if kept == 0:
+        raise EditError(
+            f"no eigenvalue of the second moment is below nullspace_threshold={threshold:g} (they "
+            f"run from {float(values.min()):.3g} to {float(values.max()):.3g}): the null space is "
+            "empty and every update would be 0. Choose a threshold inside that range"
+        )
+    if kept == C.shape[0]:
+        warnings.warn(
+            f"every eigenvalue of the second moment is below nullspace_threshold={threshold:g} (the "
+            f"largest is {float(values.max()):.3g}): the projection preserves nothing",
+            stacklevel=2,
+        )
     small = vectors[:, values < threshold]
     return small @ small.T
 

@@ -62,6 +62,8 @@ an SVD (the same decomposition for a positive semi-definite matrix).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -171,15 +173,29 @@ def apply(job: EditJob) -> None:
         job.result.state = _carried_keys(job, rows, weights, edited)
 
 
+#: Projectors computed so far: ``{(id(moment), threshold): (weak reference to the moment,
+#: P)}``. The edits of a sequence, and the rows of a table that share a moment tensor, reuse
+#: its eigendecomposition; an entry whose moment is gone is never served (the weak
+#: reference no longer points at it) and is dropped when the next one is stored.
+_PROJECTORS: dict[tuple[int, float], tuple[weakref.ref, Tensor]] = {}
+
+
 def _projector(job: EditJob, key: tuple[str, int]) -> Tensor:
-    """The null-space projector of one matrix, computed once per moment and threshold
-    (kept with the moment object for the edits of a sequence)."""
-    cache = job.scratch.setdefault("projectors", {})
+    """The null-space projector of one matrix, computed once per moment tensor and
+    threshold; the size of the null space is recorded in ``result.details``."""
     moment = job.moments[key]
-    entry = (key, id(moment), job.hparams.nullspace_threshold)
-    if entry not in cache:
-        cache[entry] = null_space_projector(moment, job.hparams.nullspace_threshold)
-    return cache[entry]
+    threshold = job.hparams.nullspace_threshold
+    entry = (id(moment), threshold)
+    cached = _PROJECTORS.get(entry)
+    if cached is None or cached[0]() is not moment:
+        for stale in [k for k, (ref, _) in _PROJECTORS.items() if ref() is None]:
+            del _PROJECTORS[stale]
+        cached = (weakref.ref(moment), null_space_projector(moment, threshold))
+        _PROJECTORS[entry] = cached
+    projector = cached[1]
+    dims = job.result.details.setdefault("null_space_dims", {})
+    dims[key] = (int(round(float(projector.diagonal().sum()))), int(projector.shape[0]))
+    return projector
 
 
 def _carried_keys(job: EditJob, rows, weights, edited: dict) -> dict:

@@ -73,6 +73,17 @@ def _loss(model, rows: list[Row]) -> torch.Tensor:
     return torch.zeros(len(rows), device=device, dtype=token.dtype).index_add(0, owner, token) / counts
 
 
+@torch.no_grad()
+def _all_losses(model, rows: list[Row], chunks: list[list[int]]) -> torch.Tensor:
+    """Every row's loss under the current weights (the diagnostics' before and after;
+    ``p_target`` is ``exp(-loss)``, the geometric mean of the target tokens'
+    probabilities, as in the target optimisation's diagnostics)."""
+    out = torch.zeros(len(rows))
+    for chunk in chunks:
+        out[chunk] = _loss(model, [rows[j] for j in chunk]).detach().cpu()
+    return out
+
+
 def apply(job: EditJob) -> None:
     model, hp = job.model, job.hparams
     keys = _writes(model, hp)
@@ -81,8 +92,7 @@ def apply(job: EditJob) -> None:
     rows = _rows(model, job.facts, hp.objective)
     chunks = [list(range(i, min(i + hp.batch_size, len(rows)))) for i in range(0, len(rows), hp.batch_size)]
     flags = {p: p.requires_grad for p in model.hf_model.parameters()}
-    initial = torch.zeros(len(rows))
-    final = torch.zeros(len(rows))
+    initial = _all_losses(model, rows, chunks)  # before any step, every fact
     steps = [0] * len(rows)
     epochs = 0
     try:
@@ -105,9 +115,6 @@ def apply(job: EditJob) -> None:
                             f"the fine-tuning loss became {value} at epoch {epoch}; lower lr "
                             f"(now {hp.lr})"
                         )
-                    if epoch == 0:
-                        initial[chunk] = per_row.detach().cpu()
-                    final[chunk] = per_row.detach().cpu()
                     total += value * len(chunk)
                     if value >= hp.stop_loss:
                         loss.backward()
@@ -131,6 +138,7 @@ def apply(job: EditJob) -> None:
             w.grad = None
     for key in keys:
         job.changed_in_place(key)
+    final = _all_losses(model, rows, chunks)  # after the last step, every fact
     for j, fact in enumerate(job.facts):
         job.result.z_diagnostics.append({
             "fact": fact.key, "subject": fact.subject, "target_new": fact.target_new,

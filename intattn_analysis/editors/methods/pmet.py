@@ -21,12 +21,16 @@ Departures from the reference code (EasyEdit ``easyeditor/models/pmet``):
   targets as if the padding were on the right, which misaligns them).
 * On post-norm models the FFN target is converted into the down-projection's own output
   space by the shell projection (:func:`intattn_analysis.editors.keys.module_space`).
+
+PMET runs the closed-form loop, so it takes the loop's ``projection="null_space"`` as the
+other members do (a combination no published editor has); its defaults leave it off.
 """
 
 from __future__ import annotations
 
 from ...hparams import PMETHparams
 from ..protocol import Editor, register
+from ..result import EditError
 from . import closed_form
 
 __all__ = ["PMET"]
@@ -38,9 +42,10 @@ def _writes(model, hp: PMETHparams) -> list[tuple[str, int]]:
 
 def _prepare(model, hp: PMETHparams, alpha_given: bool):
     if alpha_given:
-        from ..result import EditError
-
         raise EditError("method 'pmet' writes the FFN only; alpha does not apply (use method='intattn')")
+    if max(hp.layers) < 1:
+        raise EditError("PMET optimises the attention and FFN outputs of its last layer starting from the "
+                        "residual stream before it: its last edited layer must be at least 1")
     return hp, {l: 0.0 for l in hp.layers}
 
 

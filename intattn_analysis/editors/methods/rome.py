@@ -42,6 +42,7 @@ from ...hparams import RomeHparams
 from ...targets import compute_z, prompt_rows, read_at_subject
 from ..keys import key_hook, module_space, post_norm, value_hook
 from ..protocol import EditJob, Editor, register
+from ..result import EditError
 from ..solvers import rank_one_update
 
 __all__ = ["ROME"]
@@ -84,6 +85,13 @@ def apply(job: EditJob) -> None:
     job.result.timings["targets"] = seconds
 
 
+def _prepare(model, hp: RomeHparams, alpha_given: bool):
+    if alpha_given:
+        raise EditError("method 'rome' writes one MLP down-projection; alpha does not apply "
+                        "(use method='intattn')")
+    return hp, {}
+
+
 ROME = register(Editor(
     name="rome",
     hparams_type=RomeHparams,
@@ -91,6 +99,7 @@ ROME = register(Editor(
     writes=_writes,
     moments=_moments,
     targets="mlp_output",
+    prepare=_prepare,
     description="ROME: a rank-one update of one MLP down-projection, fact after fact",
     reference="Meng et al., NeurIPS 2022; kmeng01/rome rome/rome_main.py, compute_u.py, compute_v.py",
 ))

@@ -19,12 +19,12 @@ from tqdm import tqdm
 
 from . import reporting
 from .editors import edit, editor
-from .editors.api import SHARED_TARGETS
+from .editors.api import batch_targets
 from .facts import Fact
 from .hparams import EditHparams, hparams_for
 from .loading import ModelHandle, cache_root
 from .metrics import evaluate
-from .targets import TARGET_FIELDS, ZTargets, compute_z
+from .targets import ZTargets
 
 __all__ = ["BatchRun", "edit_batches", "editable_batches"]
 
@@ -158,20 +158,12 @@ def _run_batches(model, batches, methods, hparams, moments, dataset, metrics, fl
         shared: dict = {}
         steps.update()
         for method in methods:
-            spec = editor(method)  # an unknown name is an EditError naming the known ones
+            editor(method)  # an unknown name is an EditError naming the known ones
             hp = _method_hparams(model, method, hparams)
-            targets = None
-            if spec.targets in SHARED_TARGETS:
-                key = (spec.targets, max(hp.layers), hp.n_context_templates, hp.context_template_length,
-                       tuple(getattr(hp, name) for name in TARGET_FIELDS),
-                       getattr(hp, "attn_targets", None))
-                if key not in shared:
-                    # PMET's targets are not cached on disk
-                    cache = targets_cache if spec.targets != "pmet" else None
-                    shared[key] = compute_z(model, batch, hp, progress=False, cache_dir=cache,
-                                            site=spec.targets)
-                    targets_of.append(shared[key])
-                targets = shared[key]
+            known = len(shared)
+            targets = batch_targets(model, batch, method, hp, shared, targets_cache)
+            if len(shared) > known:
+                targets_of.append(targets)
             with edit(model, batch, method=method, hparams=hp, moments=moments,
                       targets=targets, progress=False) as result:
                 post = evaluate(model, batch, pre=pre, metrics=metrics,

@@ -301,6 +301,24 @@ def test_estimators_name_the_missing_localization_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------ editors
+def _killed_after(units: int, run, monkeypatch) -> None:
+    """Call ``run`` with a store that dies (``KeyboardInterrupt``) when asked to write its
+    ``units + 1``-th unit, as a killed process would; the store is whole again after."""
+    real_write = ResultStore.write_unit
+    written = []
+
+    def dying_write(self, *args, **kwargs):
+        if len(written) == units:
+            raise KeyboardInterrupt
+        written.append(1)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResultStore, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(ResultStore, "write_unit", real_write)
+
+
 def test_editors_experiment_resumes_and_pairs_every_method_with_memit(tiny_llama, setting, tmp_path, monkeypatch):
     """Every method of the family on the same batch, one unit each; a killed run resumes
     to the same store, and the summary pairs each method with MEMIT on the same facts."""
@@ -330,19 +348,7 @@ def test_editors_experiment_resumes_and_pairs_every_method_with_memit(tiny_llama
     assert run(tmp_path / "whole") == 0
     whole = table(tmp_path / "whole")
     assert set(whole["setting"]) == {"pre-edit", *settings}
-    real_write = ResultStore.write_unit
-    written = []
-
-    def dying_write(self, *args, **kwargs):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(1)
-        return real_write(self, *args, **kwargs)
-
-    monkeypatch.setattr(ResultStore, "write_unit", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed")
-    monkeypatch.setattr(ResultStore, "write_unit", real_write)
+    _killed_after(2, lambda: run(tmp_path / "killed"), monkeypatch)
     assert run(tmp_path / "killed") == len(settings) - 1
     pd.testing.assert_frame_equal(table(tmp_path / "killed"), whole)
     summary = editors.summarise(ResultStore(tmp_path / "whole", editors.NAME))
@@ -378,19 +384,7 @@ def test_sequential_experiment_resumes_with_the_edits_replayed(tiny_llama, setti
     whole = table(tmp_path / "whole")
     last = whole[(whole["setting"] == "MEMIT") & (whole["round"] == 3)]
     assert sorted(last["edited_in"]) == [1, 2, 3] and last["Fluency"].notna().all()
-    real_write = ResultStore.write_unit
-    written = []
-
-    def dying_write(self, *args, **kwargs):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(1)
-        return real_write(self, *args, **kwargs)
-
-    monkeypatch.setattr(ResultStore, "write_unit", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed")
-    monkeypatch.setattr(ResultStore, "write_unit", real_write)
+    _killed_after(2, lambda: run(tmp_path / "killed"), monkeypatch)
     assert tiny_llama.open_edits == 0
     assert run(tmp_path / "killed") == 4
     pd.testing.assert_frame_equal(table(tmp_path / "killed"), whole)

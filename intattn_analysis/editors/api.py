@@ -29,7 +29,7 @@ from ..targets import DEFAULT_Z_BATCH, ZTargets, compute_z, context_templates, t
 from .protocol import EditJob, Editor, editor
 from .result import EditError, EditResult, check_layers, snapshot
 
-__all__ = ["SHARED_TARGETS", "EditSequence", "edit", "edit_sequence", "resolve_hparams"]
+__all__ = ["SHARED_TARGETS", "EditSequence", "batch_targets", "edit", "edit_sequence", "resolve_hparams"]
 
 #: Target kinds computed once for a whole batch before anything is written, so that they
 #: can be shared by the methods compared on it (ROME's are set fact after fact, on the
@@ -147,6 +147,24 @@ def _moments(model, needed, hp, moments, progress: bool):
         if shape != (d_in, d_in):
             raise EditError(f"moments[{key}] has shape {shape}; expected ({d_in}, {d_in})")
     return moments
+
+
+def batch_targets(model: ModelHandle, facts: Sequence[Fact], method: str | Editor, hparams,
+                  shared: dict, cache_dir=None) -> ZTargets | None:
+    """The targets ``method`` can take for a batch, computed once per batch for every
+    method that agrees on them: ``shared`` (one dict per batch) holds them under their
+    site, last layer, context prefixes and target settings. ``None`` for methods that set
+    their own (ROME) or have none (fine-tuning). ``cache_dir`` caches residual targets on
+    disk (PMET's are not cached)."""
+    spec = editor(method)
+    if spec.targets not in SHARED_TARGETS:
+        return None
+    key = (spec.targets, max(hparams.layers), hparams.n_context_templates, hparams.context_template_length,
+           tuple(sorted(target_settings(hparams).items())))
+    if key not in shared:
+        shared[key] = compute_z(model, facts, hparams, progress=False, site=spec.targets,
+                                cache_dir=cache_dir if spec.targets == "residual" else None)
+    return shared[key]
 
 
 def check_targets(targets: ZTargets, facts: list[Fact], layer: int, templates,

@@ -31,12 +31,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..editors import edit, editor
-from ..editors.api import SHARED_TARGETS, resolve_hparams
+from ..editors.api import batch_targets, resolve_hparams
 from ..hparams import hparams_for
 from ..loading import ModelHandle
 from ..metrics import evaluate
 from ..reporting import MAIN_METRICS
-from ..targets import TARGET_FIELDS, compute_z
 from .batches import _fact_rows, _with_seconds, batch_key, shard_batches
 from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
 from .stats import paired_difference, scale_of, tidy_intervals
@@ -188,16 +187,7 @@ def run_methods(
                     steps.update()
                     continue
                 method, hp = settings[name]
-                spec = editor(method)
-                targets = None
-                if spec.targets in SHARED_TARGETS:
-                    tkey = (spec.targets, max(hp.layers), hp.n_context_templates, hp.context_template_length,
-                            tuple(getattr(hp, f) for f in TARGET_FIELDS), getattr(hp, "attn_targets", None))
-                    if tkey not in shared:
-                        cache = targets_cache() if spec.targets == "residual" else None
-                        shared[tkey] = compute_z(model, batch, hp, progress=False, cache_dir=cache,
-                                                 site=spec.targets)
-                    targets = shared[tkey]
+                targets = batch_targets(model, batch, method, hp, shared, targets_cache())
                 start = time.perf_counter()
                 with edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
                           targets=targets, progress=False) as result:

@@ -483,6 +483,30 @@ class Evaluation:
         """The summary with its counts, one row per metric."""
         return pd.DataFrame({"mean": self.summary, "n": self.counts})
 
+    def select(self, positions: Sequence[int]) -> "Evaluation":
+        """The evaluation of the facts at ``positions`` only, in that order: what
+        :func:`evaluate` returns for that sub-list, and what serves as ``pre`` when those
+        facts are evaluated on their own (the summary is taken over them)."""
+        positions = [int(i) for i in positions]
+        n = len(self.fingerprints)
+        bad = [i for i in positions if not 0 <= i < n]
+        if not positions or bad:
+            raise ValueError(f"positions must be a non-empty list of fact positions in 0..{n - 1}, "
+                             f"got {positions if not bad else bad}")
+        per_fact = self.per_fact.iloc[positions].reset_index(drop=True)
+        renumber = {old: new for new, old in enumerate(positions)}
+        answers = self.answers[self.answers["fact"].isin(renumber)].copy()
+        answers["fact"] = answers["fact"].map(renumber)
+        answers = answers.sort_values("fact", kind="stable").reset_index(drop=True)
+        summary, counts = _summary(per_fact, self.metrics, self.model)
+        return Evaluation(
+            per_fact=per_fact, summary=summary, counts=counts, answers=answers, model=self.model,
+            metrics=self.metrics, with_pre=self.with_pre,
+            fingerprints=[self.fingerprints[i] for i in positions],
+            locality_predictions=(None if self.locality_predictions is None
+                                  else [self.locality_predictions[i] for i in positions]),
+        )
+
     def __repr__(self) -> str:
         return (
             f"Evaluation(model={self.model!r}, facts={len(self.per_fact)}, "
@@ -726,21 +750,11 @@ def evaluate(
         ["case_id", "key", "subject", *metric_columns,
          *[c for c in ("p_new", "p_true", "old_top1", "generation") if c in per_fact.columns]]
     ]
-    values = per_fact[metric_columns].astype(float)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN
-        summary = values.apply(lambda column: np.nanmean(column.to_numpy()))
-    counts = values.notna().sum()
-    if counterfact:
-        summary["Score"] = _harmonic_mean(
-            [summary["Efficacy"], summary["Paraphrase"], summary["Neighborhood"]]
-        )
-        counts["Score"] = int(min(counts["Efficacy"], counts["Paraphrase"], counts["Neighborhood"]))
-    summary.name = counts.name = model.cache_id
+    summary, counts = _summary(per_fact, metrics, model.cache_id)
     return Evaluation(
         per_fact=per_fact,
         summary=summary,
-        counts=counts.astype(int),
+        counts=counts,
         answers=answers,
         model=model.cache_id,
         metrics=metrics,
@@ -748,6 +762,23 @@ def evaluate(
         fingerprints=[_fingerprint(f) for f in facts],
         locality_predictions=locality_predictions,
     )
+
+
+def _summary(per_fact: pd.DataFrame, metrics: tuple[str, ...], name: str) -> tuple[pd.Series, pd.Series]:
+    """Each metric column's mean over the facts that have it (plus CounterFact's
+    ``Score``), and over how many facts it is taken."""
+    values = per_fact[_ordered_metric_columns(per_fact.columns, metrics)].astype(float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN
+        summary = values.apply(lambda column: np.nanmean(column.to_numpy()))
+    counts = values.notna().sum()
+    if "counterfact" in metrics:
+        summary["Score"] = _harmonic_mean(
+            [summary["Efficacy"], summary["Paraphrase"], summary["Neighborhood"]]
+        )
+        counts["Score"] = int(min(counts["Efficacy"], counts["Paraphrase"], counts["Neighborhood"]))
+    summary.name = counts.name = name
+    return summary, counts.astype(int)
 
 
 def _ordered_metric_columns(columns: Iterable[str], metrics: tuple[str, ...]) -> list[str]:

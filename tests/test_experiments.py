@@ -358,6 +358,59 @@ def test_editors_experiment_resumes_and_pairs_every_method_with_memit(tiny_llama
     assert set(summary["intervals"]["setting"]) == {"pre-edit", *settings}
 
 
+def test_each_alone_rows_edit_each_fact_on_the_unedited_model(tiny_llama, setting, tmp_path):
+    """``ROME, each alone``: each fact's row is what editing that fact alone on the
+    unedited model and evaluating it gives, and the weights are unchanged after the run.
+    Tolerance: the row's pre-edit values come from the batch's evaluation, which pads
+    the facts together; float32 rounding of a padded forward moves probabilities by
+    ~1e-7, so probabilities are compared to 1e-5 and accuracies exactly."""
+    from intattn_analysis.experiments import editors
+    from intattn_analysis.experiments.batches import _fact_rows
+    from intattn_analysis.hparams import RomeHparams
+
+    hp, moments = setting
+    rome = RomeHparams(layers=(hp.layers[0],), n_context_templates=hp.n_context_templates,
+                       context_template_length=hp.context_template_length, v_steps=hp.v_steps)
+    before = {name: w.detach().clone() for name, w in tiny_llama.hf_model.named_parameters()}
+    store = ResultStore(tmp_path, editors.NAME)
+    metrics = ("knowedit", "residue")
+    editors.run_methods(tiny_llama, [FACTS[:2]], {"ROME, each alone": ("rome", rome)}, store, dataset="hand",
+                        moments=moments, metrics=metrics, progress=False)
+    for name, w in tiny_llama.hf_model.named_parameters():
+        assert torch.equal(w, before[name]), name
+    rows = store.rows()
+    alone = rows[rows["setting"] == "ROME, each alone"].sort_values("position").reset_index(drop=True)
+    assert list(alone["position"]) == [0, 1]
+    for i, fact in enumerate(FACTS[:2]):
+        pre = ia.evaluate(tiny_llama, [fact], metrics=metrics, progress=False)
+        with ia.edit(tiny_llama, [fact], method="rome", hparams=rome, moments=moments, progress=False):
+            post = ia.evaluate(tiny_llama, [fact], pre=pre, metrics=metrics, progress=False)
+        expected = _fact_rows(post)[0]
+        for column in ("Edit Succ.", "Rephrase", "Locality", "Residue old top-1 pre", "Residue old top-1 post"):
+            got, want = alone.loc[i, column], expected[column]
+            assert got == want or (pd.isna(got) and pd.isna(want)), (column, got, want)
+        for column in ("p_new", "p_true", "Residue p(true) pre", "Residue p(true) post"):
+            assert alone.loc[i, column] == pytest.approx(expected[column], abs=1e-5, nan_ok=True), column
+
+
+def test_a_selected_evaluation_is_the_evaluation_of_those_facts(tiny_llama):
+    """``Evaluation.select`` keeps the chosen facts' rows, answers (renumbered), probes and
+    pre-edit predictions, and serves as ``pre`` for those facts alone."""
+    facts = FACTS[:3]
+    whole = ia.evaluate(tiny_llama, facts, metrics=("knowedit", "residue"), progress=False)
+    part = whole.select([2, 0])
+    assert list(part.per_fact["key"]) == [facts[2].key, facts[0].key]
+    assert part.fingerprints == [whole.fingerprints[2], whole.fingerprints[0]]
+    assert part.locality_predictions == [whole.locality_predictions[2], whole.locality_predictions[0]]
+    assert set(part.answers["fact"]) == {0, 1}
+    assert (part.answers[part.answers["fact"] == 0]["prompt"].tolist()
+            == whole.answers[whole.answers["fact"] == 2]["prompt"].tolist())
+    assert part.summary["Edit Succ."] == pytest.approx(whole.per_fact["Edit Succ."].iloc[[2, 0]].mean())
+    ia.evaluate(tiny_llama, [facts[2], facts[0]], pre=part, metrics=("knowedit", "residue"), progress=False)
+    with pytest.raises(ValueError, match="positions"):
+        whole.select([3])
+
+
 def test_sequential_experiment_resumes_with_the_edits_replayed(tiny_llama, setting, tmp_path, monkeypatch):
     """Rounds of edits on one model: each (method, round) is a unit; a run killed after
     its second unit resumes (the stored rounds are applied again, not evaluated) to the

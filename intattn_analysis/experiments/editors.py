@@ -12,7 +12,10 @@ shards split the batches.
 
 The methods are :data:`METHODS`: ROME, FT-L, FT-M, PMET, AlphaEdit, MEMIT, IntAttn-Edit
 with the traced alpha, and IntAttn-Edit with the null-space projection (``intattn+ns``,
-a combination no published editor has). :func:`summarise` gives each metric's mean and
+a combination no published editor has). ROME has two rows: ``ROME`` writes the whole
+batch fact after fact and is evaluated once at the end (later rank-one updates overwrite
+earlier ones), ``ROME, each alone`` edits each fact alone on the unedited model, the
+protocol of ROME's paper and of EasyEdit's single edits (:data:`ALONE_ROWS`). :func:`summarise` gives each metric's mean and
 95% interval over facts, and each method's paired difference from MEMIT on the same
 facts.
 
@@ -23,6 +26,7 @@ paper's batches), with the models' own settings.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -41,13 +45,14 @@ from .common import check_scale, dataset_batches, dataset_label, metric_columns,
 from .stats import paired_difference, scale_of, tidy_intervals
 from .store import ResultStore, check_unique
 
-__all__ = ["METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "EditorsScale", "method_settings", "run", "run_methods", "summarise"]
+__all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "EditorsScale", "method_settings", "run", "run_methods", "summarise"]
 
 NAME = "editors"
 
 #: ``{row name: method}``: the rows of the main table.
 METHODS: dict[str, str] = {
     "ROME": "rome",
+    "ROME, each alone": "rome",
     "FT-L": "ft-l",
     "FT-M": "ft-m",
     "PMET": "pmet",
@@ -58,6 +63,11 @@ METHODS: dict[str, str] = {
 }
 #: Rows that take AlphaEdit's null-space projection (with AlphaEdit's settings for the model).
 NULL_SPACE_ROWS = ("IntAttn-Edit+NS",)
+#: Rows whose facts are each edited alone on the unedited model, evaluated, and restored
+#: before the next: the protocol of ROME's paper and of EasyEdit's single edits. Every
+#: other row writes the whole batch (ROME fact after fact, as ``apply_rome_to_model``
+#: does for a list of requests) and evaluates it afterwards.
+ALONE_ROWS = ("ROME, each alone",)
 
 
 @dataclass(frozen=True)
@@ -142,14 +152,18 @@ def run_methods(
     fluency_tokens: int = 50,
     shard: tuple[int, int] | None = None,
     moments: Mapping | None = None,
+    alone: Sequence[str] = ALONE_ROWS,
     progress: bool = True,
 ) -> int:
     """Evaluate each named (method, hparams) on each batch of this shard; one stored unit
     per (batch, name) and one per batch's pre-edit evaluation. Returns the number of
-    units computed. ``moments`` (``{(module, layer): E[k kᵀ]}``) serves every method;
-    default: each method's own sample, computed once (cached on disk). Rows carry ``model``, ``dataset``, ``batch``, ``setting`` (the row
-    name, ``"pre-edit"`` for the unedited model), ``method``, ``position``, ``fact_key``
-    and the per-fact metrics."""
+    units computed.
+
+    ``moments`` (``{(module, layer): E[k kᵀ]}``) serves every method; default: each
+    method's own sample, computed once (cached on disk). The rows named in ``alone`` edit
+    each fact alone on the unedited model (:data:`ALONE_ROWS`). Rows carry ``model``,
+    ``dataset``, ``batch``, ``setting`` (the row name, ``"pre-edit"`` for the unedited
+    model), ``method``, ``position``, ``fact_key`` and the per-fact metrics."""
     metrics = tuple(metrics)
     eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens}
     labels = {"model": model.name, "dataset": dataset}
@@ -164,9 +178,10 @@ def run_methods(
             bkey = batch_key(model, dataset, b, batch)
             units = {"pre-edit": ({**bkey, "unit": "pre-edit", **eval_key}, f"b{b:03d}-pre")}
             for name, (method, hp) in settings.items():
+                protocol = {"protocol": "each alone"} if name in alone else {}
                 units[name] = ({**bkey, "unit": "edit", "method": method, "hparams_type": type(hp).__name__,
-                                "hparams": hp.effective_dict(), **eval_key},
-                               f"b{b:03d}-{method}-{name.lower().replace('+', '-')}")
+                                "hparams": hp.effective_dict(), **protocol, **eval_key},
+                               f"b{b:03d}-{method}-{_slug(name)}")
             missing = [n for n, (key, label) in units.items() if not store.has(key, label)]
             if not missing:
                 steps.update(len(units))
@@ -187,15 +202,19 @@ def run_methods(
                     steps.update()
                     continue
                 method, hp = settings[name]
-                targets = batch_targets(model, batch, method, hp, shared, targets_cache())
                 start = time.perf_counter()
-                with edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
-                          targets=targets, progress=False) as result:
-                    post = evaluate(model, batch, pre=pre, metrics=metrics, fluency_tokens=fluency_tokens,
-                                    progress=False)
+                if name in alone:
+                    rows, edit_seconds = _each_alone(model, batch, method, hp, by_sample.get(_sample(hp)), pre,
+                                                     metrics, fluency_tokens, progress)
+                else:
+                    targets = batch_targets(model, batch, method, hp, shared, targets_cache())
+                    with edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
+                              targets=targets, progress=False) as result:
+                        post = evaluate(model, batch, pre=pre, metrics=metrics, fluency_tokens=fluency_tokens,
+                                        progress=False)
+                    rows, edit_seconds = _fact_rows(post), result.timings.get("total", float("nan"))
                 seconds = time.perf_counter() - start
-                rows = [{**row, "edit_seconds": result.timings.get("total", float("nan"))}
-                        for row in _with_seconds(_fact_rows(post), seconds)]
+                rows = [{**row, "edit_seconds": edit_seconds} for row in _with_seconds(rows, seconds)]
                 key, label = units[name]
                 store.write_unit(key, rows, label, {**labels, "batch": b, "setting": name, "method": method})
                 computed += 1
@@ -203,6 +222,26 @@ def run_methods(
     finally:
         steps.close()
     return computed
+
+
+def _slug(name: str) -> str:
+    """A row name as it appears in a unit's file label (``IntAttn-Edit+NS``: ``intattn-edit-ns``)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _each_alone(model: ModelHandle, batch: Sequence, method: str, hp, moments, pre, metrics: Sequence[str],
+                fluency_tokens: int, progress: bool) -> tuple[list[dict], float]:
+    """Edit each fact of ``batch`` alone on the unedited model, evaluate it against its
+    own pre-edit values, and restore the weights before the next. Returns the per-fact
+    rows (``position`` is the fact's place in the batch) and the seconds spent editing."""
+    rows, seconds = [], 0.0
+    for i, fact in enumerate(tqdm(batch, desc=f"{method}, each fact alone", leave=False, disable=not progress)):
+        with edit(model, [fact], method=method, hparams=hp, moments=moments, progress=False) as result:
+            post = evaluate(model, [fact], pre=pre.select([i]), metrics=metrics, fluency_tokens=fluency_tokens,
+                            progress=False)
+        seconds += result.timings.get("total", float("nan"))
+        rows.append({**_fact_rows(post)[0], "position": i})
+    return rows, seconds
 
 
 def run(

@@ -38,7 +38,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -77,6 +77,31 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 
 class GenericHparamsWarning(UserWarning):
     """:func:`hparams_for` had no entry for the model and used the generic rule."""
+
+
+def _set_layers(hp) -> None:
+    """Check that ``hp.layers`` names distinct layers and store them as a sorted tuple."""
+    layers = hp.layers
+    if not isinstance(layers, int) and hasattr(layers, "__len__") and len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct, got {list(layers)}")
+    object.__setattr__(hp, "layers", layer_indices(layers))
+
+
+def _check_counts(hp, names: Sequence[str], minimum: int) -> None:
+    """Each named field must be an integer (not a bool) of at least ``minimum``."""
+    for name in names:
+        value = getattr(hp, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _set_amounts(hp, names: Sequence[str]) -> None:
+    """Each named field must be a finite number >= 0 (not a bool); stored as a float."""
+    for name in names:
+        value = getattr(hp, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        object.__setattr__(hp, name, float(value))
 
 
 @dataclass(frozen=True)
@@ -147,10 +172,7 @@ class EditHparams:
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        layers = self.layers
-        if not isinstance(layers, int) and hasattr(layers, "__len__") and len(set(layers)) != len(layers):
-            raise ValueError(f"layers must be distinct, got {list(layers)}")
-        object.__setattr__(self, "layers", layer_indices(layers))
+        _set_layers(self)
         alpha = self.alpha
         if alpha is not None:
             if isinstance(alpha, Mapping):
@@ -177,20 +199,12 @@ class EditHparams:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.mom2_dtype not in _DTYPES:
             raise ValueError(f"mom2_dtype must be one of {sorted(_DTYPES)}, got {self.mom2_dtype!r}")
-        for name in ("v_steps", "n_context_templates", "context_template_length",
-                     "mom2_n_tokens", "mom2_max_len"):
-            value = getattr(self, name)
-            minimum = 0 if name in ("v_steps", "n_context_templates") else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        _check_counts(self, ("v_steps", "n_context_templates"), minimum=0)
+        _check_counts(self, ("context_template_length", "mom2_n_tokens", "mom2_max_len"), minimum=1)
         if not isinstance(self.nullspace_l2, (int, float)) or not self.nullspace_l2 > 0:
             raise ValueError(f"nullspace_l2 must be a number above 0, got {self.nullspace_l2!r}")
-        for name in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss",
-                     "lambda_mlp", "lambda_attn", "nullspace_threshold", "nullspace_l2"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
+        _set_amounts(self, ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss",
+                            "lambda_mlp", "lambda_attn", "nullspace_threshold", "nullspace_l2"))
 
     # ------------------------------------------------------------------ views
     def replace(self, **changes: Any) -> "EditHparams":
@@ -347,24 +361,14 @@ class FTHparams:
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        layers = self.layers
-        if not isinstance(layers, int) and hasattr(layers, "__len__") and len(set(layers)) != len(layers):
-            raise ValueError(f"layers must be distinct, got {list(layers)}")
-        object.__setattr__(self, "layers", layer_indices(layers))
+        _set_layers(self)
         if self.module not in ("mlp", "attn"):
             raise ValueError(f"module must be 'mlp' or 'attn', got {self.module!r}")
         if self.objective not in FT_OBJECTIVES:
             raise ValueError(f"objective must be one of {FT_OBJECTIVES}, got {self.objective!r}")
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        names = ("lr", "weight_decay", "stop_loss") + (("norm_constraint",) if self.norm_constraint is not None else ())
-        for name in names:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
+        _check_counts(self, ("steps", "batch_size"), minimum=1)
+        _set_amounts(self, ("lr", "weight_decay", "stop_loss")
+                     + (("norm_constraint",) if self.norm_constraint is not None else ()))
 
     replace = EditHparams.replace
     to_json = EditHparams.to_json

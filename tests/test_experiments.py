@@ -443,9 +443,18 @@ def test_sequential_experiment_resumes_with_the_edits_replayed(tiny_llama, setti
     pd.testing.assert_frame_equal(table(tmp_path / "killed"), whole)
     after = tiny_llama.hf_model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    summary = sequential.summarise(ResultStore(tmp_path / "whole", sequential.NAME))["intervals"]
+    tables = sequential.summarise(ResultStore(tmp_path / "whole", sequential.NAME))
+    summary = tables["intervals"]
     edit_succ = summary[(summary["metric"] == "Edit Succ.") & (summary["setting"] == "MEMIT")]
     assert list(edit_succ["round"]) == [1, 2, 3] and list(edit_succ["n_edits"]) == [1, 2, 3]
+    # paired against MEMIT on the same edits after the same round: the mean difference is
+    # the difference of the two settings' means over those edits
+    paired = tables["paired"]
+    assert set(paired["setting"]) == {"AlphaEdit"} and set(paired["baseline"]) == {"MEMIT"}
+    last = paired[(paired["round"] == 3) & (paired["metric"] == "Edit Succ.")].iloc[0]
+    means = summary[(summary["round"] == 3) & (summary["metric"] == "Edit Succ.")].set_index("setting")["mean"]
+    assert last["n_edits"] == 3
+    assert last["diff"] == pytest.approx(means["AlphaEdit"] - means["MEMIT"], abs=1e-9)
 
 
 def test_an_estimators_mean_alpha_on_the_range_bound_is_inside(tmp_path):

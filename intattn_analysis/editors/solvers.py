@@ -80,25 +80,33 @@ def solve_update(
         full = torch.zeros(R.shape[1], K.shape[1], dtype=torch.float64, device=device)
         full[:, active] = X_active
         return full
-    # A is symmetric positive (semi)definite: Cholesky both solves and tells a singular
-    # system apart (a failed or vanishing pivot); squared pivot ratios bound the condition
+    L = _cholesky(A, f"the system for {where} is singular or ill-conditioned (λ={lam}; the second "
+                     "moment is rank-deficient in the keys' directions); use a larger lambda or second "
+                     "moments from more tokens")
+    X = torch.cholesky_solve(B, L)
+    _check_solution(A, X, B, f"the system for {where} is singular or ill-conditioned (λ={lam}, relative "
+                             "residual {misfit}); use a larger lambda or second moments from more tokens")
+    return X.T
+
+
+def _cholesky(A: Tensor, error: str) -> Tensor:
+    """The Cholesky factor of the symmetric positive (semi)definite ``A``; a failed or
+    vanishing pivot (squared pivot ratio at most :data:`CONDITION_LIMIT`, which bounds the
+    condition) raises :class:`EditError` with ``error``."""
     L, info = torch.linalg.cholesky_ex(A)
     pivots = L.diagonal() ** 2 if int(info) == 0 else None
     if pivots is None or not torch.isfinite(pivots).all() or pivots.min() <= CONDITION_LIMIT * pivots.max():
-        raise EditError(
-            f"the system for {where} is singular or ill-conditioned (λ={lam}; the second "
-            "moment is rank-deficient in the keys' directions); use a larger lambda or second "
-            "moments from more tokens"
-        )
-    X = torch.cholesky_solve(B, L)
+        raise EditError(error)
+    return L
+
+
+def _check_solution(A: Tensor, X: Tensor, B: Tensor, error: str) -> None:
+    """Raise :class:`EditError` (``error`` with ``{misfit}`` filled in) when ``X`` is not
+    finite or its relative residual ``||A X − B|| / ||B||`` exceeds :data:`SOLVE_TOLERANCE`."""
     scale = B.norm()
     misfit = (A @ X - B).norm() / scale if scale > 0 else (A @ X - B).norm()
     if not torch.isfinite(X).all() or misfit > SOLVE_TOLERANCE:
-        raise EditError(
-            f"the system for {where} is singular or ill-conditioned (λ={lam}, relative "
-            f"residual {float(misfit):.3g}); use a larger lambda or second moments from more tokens"
-        )
-    return X.T
+        raise EditError(error.format(misfit=f"{float(misfit):.3g}"))
 
 
 
@@ -165,13 +173,8 @@ def solve_projected(
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise EditError(f"the projected system for {where} has NaN/inf entries; check the keys and targets")
     X = torch.linalg.solve(A, B)
-    scale = B.norm()
-    misfit = (A @ X - B).norm() / scale if scale > 0 else (A @ X - B).norm()
-    if not torch.isfinite(X).all() or misfit > SOLVE_TOLERANCE:
-        raise EditError(
-            f"the projected system for {where} is singular (l2={l2}, relative residual "
-            f"{float(misfit):.3g}); use a larger nullspace_l2"
-        )
+    _check_solution(A, X, B, f"the projected system for {where} is singular (l2={l2}, relative residual "
+                             "{misfit}); use a larger nullspace_l2")
     return X.T
 
 
@@ -196,13 +199,8 @@ def rank_one_update(
         u = k_bar
     else:
         C = moment.to(device=k_bar.device, dtype=torch.float64)
-        L, info = torch.linalg.cholesky_ex(C)
-        pivots = L.diagonal() ** 2 if int(info) == 0 else None
-        if pivots is None or not torch.isfinite(pivots).all() or pivots.min() <= CONDITION_LIMIT * pivots.max():
-            raise EditError(
-                f"the second moment at {where} is singular, so C⁻¹k cannot be formed; use second "
-                "moments from more tokens, or mom2_adjustment=False"
-            )
+        L = _cholesky(C, f"the second moment at {where} is singular, so C⁻¹k cannot be formed; use "
+                         "second moments from more tokens, or mom2_adjustment=False")
         u = torch.cholesky_solve(k_bar[:, None], L)[:, 0]
     u = u / u.norm()
     denominator = u @ key.double().to(u.device)

@@ -6,7 +6,8 @@ optimised on the model as the earlier rounds left it, AlphaEdit carries the keys
 so far, the second moments and context prefixes are the unedited model's). After each
 round every edit so far is evaluated (Edit Succ., Rephrase, Portability, Locality against
 the unedited model's predictions), as is a fixed set of known built-in facts that no
-round edits ("Known kept": the share the model still answers). Fluency is measured at
+round edits ("Known kept": the share the model still answers), and each method is paired
+against MEMIT on the same edits after the same round. Fluency is measured at
 the rounds in ``fluency_rounds``.
 
 Each (method, round) is a stored unit. A killed run resumes: the rounds already stored
@@ -41,7 +42,7 @@ from .batches import _fact_rows, batch_key, facts_digest
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
 from .editors import _moments_for, _sample, method_settings
 from .store import ResultStore, check_unique
-from .stats import tidy_intervals
+from .stats import paired_difference, scale_of, tidy_intervals
 
 __all__ = ["NAME", "SCALES", "SequentialScale", "run", "run_sequences", "summarise", "tables"]
 
@@ -184,9 +185,17 @@ def run(
     return store
 
 
-def summarise(store: ResultStore) -> dict[str, pd.DataFrame]:
-    """Per (model, dataset, method, round, metric): the mean and 95% interval over every
-    edit so far (``Known kept`` over the known built-in facts), and ``n_edits``."""
+def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
+    """The sequential tables from whatever the store holds.
+
+    Returns:
+        ``intervals``: per (model, dataset, setting, round, metric), the mean and 95%
+        interval over every edit so far (``Known kept`` over the known built-in facts),
+        and ``n_edits``;
+        ``paired``: per (model, dataset, setting other than ``baseline``, round, metric),
+        the mean per-fact difference from ``baseline`` after the same round on the same
+        edits (``Known kept`` on the same known facts), its 95% interval and p-value.
+    """
     rows = store.rows()
     if rows.empty:
         raise ValueError(f"{store!r} holds no results yet; run the experiment first")
@@ -194,12 +203,43 @@ def summarise(store: ResultStore) -> dict[str, pd.DataFrame]:
     known = rows[rows["kind"] == "known"]
     check_unique(edits, ["model", "dataset", "setting", "round", "edited_in", "position"])
     by = ["model", "dataset", "setting", "round"]
-    parts = [tidy_intervals(edits, by, metric_columns(edits, MAIN_METRICS))]
+    metrics = metric_columns(edits, MAIN_METRICS)
+    parts = [tidy_intervals(edits, by, metrics)]
     if not known.empty:
         parts.append(tidy_intervals(known, by, ["Known kept"]))
     # rounds in order; within a round the metrics keep the main table's order
     intervals = pd.concat(parts, ignore_index=True).sort_values(by, kind="stable")
-    return {"intervals": intervals.reset_index(drop=True)}
+    paired = _paired(edits, metrics, ["edited_in", "position"], baseline)
+    if not known.empty:
+        paired += _paired(known, ["Known kept"], ["position"], baseline)
+    paired = pd.DataFrame(paired, columns=["model", "dataset", "setting", "baseline", "round", "metric", "diff",
+                                           "ci_low", "ci_high", "p_value", "n_edits"])
+    paired = paired.sort_values(["model", "dataset", "setting", "round"], kind="stable")
+    return {"intervals": intervals.reset_index(drop=True), "paired": paired.reset_index(drop=True)}
+
+
+def _paired(rows: pd.DataFrame, metrics: Sequence[str], on: list[str], baseline: str) -> list[dict]:
+    """Per (model, dataset, setting, round) other than ``baseline``: each metric's paired
+    difference from ``baseline`` after the same round, rows matched on ``on``."""
+    out = []
+    for (model, dataset, rnd), group in rows.groupby(["model", "dataset", "round"], sort=False):
+        base = group[group["setting"] == baseline]
+        if base.empty:
+            continue
+        for setting, other in group.groupby("setting", sort=False):
+            if setting == baseline:
+                continue
+            joined = other.merge(base, on=on, suffixes=("", "_base"))
+            for metric in metrics:
+                if joined[metric].isna().all():
+                    continue
+                result = paired_difference(joined[metric], joined[f"{metric}_base"])
+                scale = scale_of(metric)
+                out.append({"model": model, "dataset": dataset, "setting": setting, "baseline": baseline,
+                            "round": rnd, "metric": metric, "diff": result["diff"] * scale,
+                            "ci_low": result["ci_low"] * scale, "ci_high": result["ci_high"] * scale,
+                            "p_value": result["p_value"], "n_edits": result["n_edits"]})
+    return out
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

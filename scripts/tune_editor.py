@@ -1,0 +1,107 @@
+"""Choose an editor's settings on train records: a grid of hparam values, each run on the
+same batch, with each metric's mean and 95% interval and the paired difference from MEMIT.
+
+Settings are chosen on train records (KnowEdit's ZsRE test records are for reporting).
+Every grid point is a unit of the ``editors`` experiment's store under
+``<cache root>/tuning``, so a killed run resumes and a grown grid reuses what is done. The
+table is printed and written to ``figures/tuning/<method>-<model>.csv``.
+
+    python scripts/tune_editor.py pmet --grid clamp_norm_factor=1,2,4 --grid v_weight_decay=0.5,0.001
+    python scripts/tune_editor.py rome --grid layers=2,3,5 --facts 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import pandas as pd
+import torch
+
+import intattn_analysis as ia
+from intattn_analysis.experiments import editors
+from intattn_analysis.experiments.common import dataset_batches
+from intattn_analysis.experiments.store import ResultStore
+from intattn_analysis.loading import cache_root
+from intattn_analysis.plots import figures_dir
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["name=v1,v2", ...]`` as ``{name: [v1, v2]}``; values are read as JSON where they
+    parse (numbers, booleans) and as strings otherwise; ``layers=3`` means ``(3,)`` and
+    ``layers=3-5`` means ``(3, 4, 5)``."""
+    grid = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"--grid {item!r}: write NAME=VALUE[,VALUE...]")
+        parsed = []
+        for text in values.split(","):
+            if name == "layers":
+                first, _, last = text.partition("-")
+                parsed.append(tuple(range(int(first), int(last or first) + 1)))
+                continue
+            try:
+                parsed.append(json.loads(text))
+            except json.JSONDecodeError:
+                parsed.append(text)
+        grid[name] = parsed
+    return grid
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", help="an editor name: rome, pmet, alphaedit, ft-l, ...")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dataset", default="zsre-train")
+    parser.add_argument("--facts", type=int, default=50, help="train records in the batch")
+    parser.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                        help="an hparam and the values to try (repeatable: the grid is the product)")
+    parser.add_argument("--each-alone", action="store_true",
+                        help="edit each fact alone on the unedited model (the 'ROME, each alone' protocol)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model = ia.load_model(args.model)
+    base = ia.hparams_for(model, args.method)
+    grid = parse_grid(args.grid)
+    unknown = [name for name in grid if not hasattr(base, name)]
+    if unknown:
+        raise SystemExit(f"{type(base).__name__} has no field(s) {unknown}")
+    settings = {"MEMIT": ("memit", ia.hparams_for(model, "memit"))}
+    for values in itertools.product(*grid.values()):
+        changes = dict(zip(grid, values))
+        label = args.method + (" alone" if args.each_alone else "") + "".join(
+            f" {k}={'-'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in changes.items())
+        settings[label] = (args.method, base.replace(**changes))
+    batches = dataset_batches(args.dataset, args.facts, 1)
+    store = ResultStore(cache_root() / "tuning" / args.model, editors.NAME)
+    alone = [name for name in settings if name != "MEMIT"] if args.each_alone else []
+    editors.run_methods(model, batches, settings, store, dataset=args.dataset, alone=alone, progress=True)
+    summary = editors.summarise(store)
+    names = list(settings)
+    intervals = summary["intervals"]
+    intervals = intervals[intervals["setting"].isin(names) & (intervals["dataset"] == args.dataset)]
+    paired = summary["paired"]
+    paired = paired[paired["setting"].isin(names) & (paired["dataset"] == args.dataset)]
+    table = intervals.merge(paired[["setting", "metric", "diff", "ci_low", "ci_high"]],
+                            on=["setting", "metric"], how="left", suffixes=("", "_vs_memit"))
+    table = table[table["metric"].isin(["Edit Succ.", "Rephrase", "Portability", "Locality", "Fluency"])]
+    pd.set_option("display.width", 250)
+    wide = table.pivot_table(index="setting", columns="metric", values="mean", sort=False).round(1)
+    print(wide.to_string())
+    out = figures_dir() / "tuning"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.method}-{args.model}.csv"
+    if path.exists():  # grids grow: keep the rows of earlier grids
+        table = pd.concat([pd.read_csv(path), table]).drop_duplicates(["setting", "metric"], keep="last")
+    table.to_csv(path, index=False, float_format="%.6g")
+    print("written", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The grid syntax of ``scripts/tune_editor.py`` (the script itself runs models; its
+editing path is the ``editors`` experiment's, tested in test_experiments.py)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "scripts" / "tune_editor.py"
+
+
+@pytest.fixture(scope="module")
+def tune_editor():
+    spec = importlib.util.spec_from_file_location("tune_editor", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_values_are_read_as_json_where_they_parse(tune_editor):
+    grid = tune_editor.parse_grid(["clamp_norm_factor=1,4.5", "stop_on=nll,loss", "attn_targets=true,false"])
+    assert grid == {"clamp_norm_factor": [1, 4.5], "stop_on": ["nll", "loss"], "attn_targets": [True, False]}
+
+
+def test_layers_take_single_layers_and_ranges(tune_editor):
+    assert tune_editor.parse_grid(["layers=3,3-5"]) == {"layers": [(3,), (3, 4, 5)]}
+
+
+@pytest.mark.parametrize("item", ["clamp_norm_factor", "clamp_norm_factor="])
+def test_a_grid_item_without_values_names_the_form(tune_editor, item):
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        tune_editor.parse_grid([item])
+
+
+def test_an_unknown_field_is_named_before_any_work(tune_editor, monkeypatch):
+    import intattn_analysis as ia
+
+    monkeypatch.setattr(tune_editor.torch, "set_num_threads", lambda n: None)  # this process keeps its own
+    monkeypatch.setattr(ia, "load_model", lambda name: name)  # hparams_for takes a model name
+    with pytest.raises(SystemExit, match=r"no field\(s\) \['clamp'\]"):
+        tune_editor.main(["pmet", "--grid", "clamp=1,4"])

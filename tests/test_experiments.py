@@ -129,6 +129,23 @@ def test_paired_difference_pairs_by_index():
     assert noise["ci_low"] < 0 < noise["ci_high"] and noise["p_value"] > 0.05
 
 
+def test_paired_against_matches_rows_within_each_group():
+    """Settings are paired with the baseline on the ``on`` columns inside each group; a
+    group without the baseline, and a metric a setting never measured, give no row."""
+    rows = []
+    for group in ("g1", "g2"):
+        for pos in range(4):
+            rows.append({"g": group, "setting": "other", "pos": pos, "Edit Succ.": 1.0, "Fluency": np.nan})
+            if group == "g1":
+                rows.append({"g": group, "setting": "base", "pos": pos, "Edit Succ.": pos % 2, "Fluency": 4.0})
+    frame = pd.DataFrame(rows).sample(frac=1, random_state=0)  # pairing must not depend on row order
+    paired = stats.paired_against(frame, ["Edit Succ.", "Fluency"], "base", groups=["g"], on=["pos"])
+    assert len(paired) == 1
+    assert {k: paired[0][k] for k in ("g", "setting", "baseline", "metric", "n_edits")} == {
+        "g": "g1", "setting": "other", "baseline": "base", "metric": "Edit Succ.", "n_edits": 4}
+    assert paired[0]["diff"] == pytest.approx(50.0)  # percent: 1 - mean(0, 1, 0, 1)
+
+
 def test_tidy_intervals_report_shares_in_percent():
     frame = pd.DataFrame({"setting": ["a"] * 4, "Edit Succ.": [1, 0, 1, 1.0],
                           "Fluency": [5.0, 5.0, 5.0, 5.0], "Locality": [np.nan] * 4})

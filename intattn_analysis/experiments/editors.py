@@ -42,7 +42,7 @@ from ..metrics import evaluate
 from ..reporting import MAIN_METRICS
 from .batches import _fact_rows, _with_seconds, batch_key, shard_batches
 from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
-from .stats import paired_difference, scale_of, tidy_intervals
+from .stats import paired_against, tidy_intervals
 from .store import ResultStore, check_unique
 
 __all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "EditorsScale", "method_settings", "run", "run_methods", "summarise"]
@@ -277,25 +277,7 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
     metrics = metric_columns(rows, MAIN_METRICS)
     intervals = tidy_intervals(rows, ["model", "dataset", "setting"], metrics)
     edited = rows[rows["setting"] != "pre-edit"]
-    paired = []
-    for (model, dataset), group in edited.groupby(["model", "dataset"], sort=False):
-        base = group[group["setting"] == baseline]
-        if base.empty:
-            continue
-        for setting, other in group.groupby("setting", sort=False):
-            if setting == baseline:
-                continue
-            joined = other.merge(base, on=["batch", "position"], suffixes=("", "_base"))
-            for metric in metrics:
-                if joined[metric].isna().all():
-                    continue
-                result = paired_difference(joined[metric], joined[f"{metric}_base"])
-                scale = scale_of(metric)
-                paired.append({"model": model, "dataset": dataset, "setting": setting,
-                               "baseline": baseline, "metric": metric,
-                               "diff": result["diff"] * scale, "ci_low": result["ci_low"] * scale,
-                               "ci_high": result["ci_high"] * scale, "p_value": result["p_value"],
-                               "n_edits": result["n_edits"]})
+    paired = paired_against(edited, metrics, baseline, groups=["model", "dataset"], on=["batch", "position"])
     seconds = (edited.groupby(["model", "dataset", "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
                .first().groupby(["model", "dataset", "setting"], sort=False).mean().reset_index())
     return {"intervals": intervals, "paired": pd.DataFrame(paired), "seconds": seconds}

@@ -42,7 +42,7 @@ from .batches import _fact_rows, batch_key, facts_digest
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
 from .editors import _moments_for, _sample, method_settings
 from .store import ResultStore, check_unique
-from .stats import paired_difference, scale_of, tidy_intervals
+from .stats import paired_against, tidy_intervals
 
 __all__ = ["NAME", "SCALES", "SequentialScale", "run", "run_sequences", "summarise", "tables"]
 
@@ -209,37 +209,14 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         parts.append(tidy_intervals(known, by, ["Known kept"]))
     # rounds in order; within a round the metrics keep the main table's order
     intervals = pd.concat(parts, ignore_index=True).sort_values(by, kind="stable")
-    paired = _paired(edits, metrics, ["edited_in", "position"], baseline)
+    groups = ["model", "dataset", "round"]
+    paired = paired_against(edits, metrics, baseline, groups, on=["edited_in", "position"])
     if not known.empty:
-        paired += _paired(known, ["Known kept"], ["position"], baseline)
+        paired += paired_against(known, ["Known kept"], baseline, groups, on=["position"])
     paired = pd.DataFrame(paired, columns=["model", "dataset", "setting", "baseline", "round", "metric", "diff",
                                            "ci_low", "ci_high", "p_value", "n_edits"])
     paired = paired.sort_values(["model", "dataset", "setting", "round"], kind="stable")
     return {"intervals": intervals.reset_index(drop=True), "paired": paired.reset_index(drop=True)}
-
-
-def _paired(rows: pd.DataFrame, metrics: Sequence[str], on: list[str], baseline: str) -> list[dict]:
-    """Per (model, dataset, setting, round) other than ``baseline``: each metric's paired
-    difference from ``baseline`` after the same round, rows matched on ``on``."""
-    out = []
-    for (model, dataset, rnd), group in rows.groupby(["model", "dataset", "round"], sort=False):
-        base = group[group["setting"] == baseline]
-        if base.empty:
-            continue
-        for setting, other in group.groupby("setting", sort=False):
-            if setting == baseline:
-                continue
-            joined = other.merge(base, on=on, suffixes=("", "_base"))
-            for metric in metrics:
-                if joined[metric].isna().all():
-                    continue
-                result = paired_difference(joined[metric], joined[f"{metric}_base"])
-                scale = scale_of(metric)
-                out.append({"model": model, "dataset": dataset, "setting": setting, "baseline": baseline,
-                            "round": rnd, "metric": metric, "diff": result["diff"] * scale,
-                            "ci_low": result["ci_low"] * scale, "ci_high": result["ci_high"] * scale,
-                            "p_value": result["p_value"], "n_edits": result["n_edits"]})
-    return out
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

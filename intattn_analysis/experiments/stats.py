@@ -40,7 +40,8 @@ import pandas as pd
 
 from ..reporting import _SHARES
 
-__all__ = ["BOOTSTRAP_DRAWS", "formatted_intervals", "mean_interval", "paired_difference", "scale_of", "tidy_intervals"]
+__all__ = ["BOOTSTRAP_DRAWS", "formatted_intervals", "mean_interval", "paired_against", "paired_difference",
+           "scale_of", "tidy_intervals"]
 
 #: Bootstrap resamples behind every interval. With 10,000 the interval's ends move by
 #: well under a tenth of their width between seeds.
@@ -121,6 +122,37 @@ def paired_difference(
     p = 2 * min((means <= 0).mean(), (means >= 0).mean())
     return {"diff": float(diff.mean()), "ci_low": float(low), "ci_high": float(high),
             "p_value": float(min(1.0, max(p, 1.0 / draws))), "n_edits": n}
+
+
+def paired_against(
+    rows: pd.DataFrame, metrics: Sequence[str], baseline: str, groups: Sequence[str], on: Sequence[str],
+) -> list[dict]:
+    """Each ``setting`` against ``baseline`` within each group of ``groups``: per metric,
+    the :func:`paired_difference` of the per-fact values, rows matched on ``on`` (scaled
+    to percent for shares). One dict per (group, setting, metric) with the group's labels,
+    ``setting``, ``baseline``, ``metric``, ``diff``, ``ci_low``, ``ci_high``, ``p_value``
+    and ``n_edits``; groups without the baseline and metrics the setting never measured
+    give none. Groups and settings keep their first order."""
+    out = []
+    for labels, group in rows.groupby(list(groups), sort=False):
+        labels = labels if isinstance(labels, tuple) else (labels,)
+        base = group[group["setting"] == baseline]
+        if base.empty:
+            continue
+        for setting, other in group.groupby("setting", sort=False):
+            if setting == baseline:
+                continue
+            joined = other.merge(base, on=list(on), suffixes=("", "_base"))
+            for metric in metrics:
+                if joined[metric].isna().all():
+                    continue
+                result = paired_difference(joined[metric], joined[f"{metric}_base"])
+                scale = scale_of(metric)
+                out.append({**dict(zip(groups, labels)), "setting": setting, "baseline": baseline,
+                            "metric": metric, "diff": result["diff"] * scale,
+                            "ci_low": result["ci_low"] * scale, "ci_high": result["ci_high"] * scale,
+                            "p_value": result["p_value"], "n_edits": result["n_edits"]})
+    return out
 
 
 def tidy_intervals(

@@ -14,7 +14,10 @@ The choices (what ``corpus=`` accepts in :func:`~intattn_analysis.covariance.sec
   network and no data files. It is not ROME's corpus: the keys are those of the model's
   own text distribution, which for an instruction-tuned model leans towards chat-like
   prose. Results name it (``corpus_id="model-samples:seed0"``). The samples themselves
-  are cached on disk, so the statistics of more layers later reuse the same text.
+  are cached on disk, so the statistics of more layers later reuse the same text. The
+  package ships the samples of its embedded models (:data:`SHIPPED_SAMPLES`), so that
+  every machine edits with the same statistics: sampling is floating-point arithmetic
+  followed by a draw, and a different CPU may draw a different token and diverge from it.
 * a path to a ``.txt`` file, or a folder searched recursively for ``.txt`` files: each
   file is one document (``corpus_id="text-files:<content hash>"``).
 * ``"wikitext"`` / ``"wikipedia"``: through the ``datasets`` package, streamed, in the
@@ -37,6 +40,7 @@ error.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -52,6 +56,7 @@ from .loading import EMBEDDED_MODELS, ModelHandle, write_json_atomic
 
 __all__ = [
     "HUB_DATASETS",
+    "SHIPPED_SAMPLES",
     "CorpusError",
     "ModelSamples",
     "TextCorpus",
@@ -67,6 +72,9 @@ HUB_DATASETS: dict[str, tuple[str, str]] = {
 #: Rows per ``generate`` call when sampling; part of :class:`ModelSamples`' identity,
 #: since a different batch draws different random numbers.
 SAMPLE_BATCH = 32
+#: Where the package keeps model samples it ships (gzipped JSON, the cache file's name
+#: prefixed with the model's cache id); read before sampling when their key matches.
+SHIPPED_SAMPLES = Path(__file__).parent / "data" / "samples"
 #: Texts longer than this many characters are tokenized in pieces, split at blank lines.
 _TOKENIZE_PIECE_CHARS = 1_000_000
 _SAMPLES_FORMAT = 1
@@ -260,6 +268,12 @@ class ModelSamples:
     checkpoint cannot be reloaded the bridge samples instead, recomputing every prefix
     (correct, but quadratic in ``max_len``). The samples are cached per
     ``(model, seed, batch, max_len)`` and extended when more tokens are asked for.
+
+    Shipped samples (:data:`SHIPPED_SAMPLES`, under the cache file's name) come first when
+    they hold enough tokens and their key (model weights and state, dtype, seed, batch,
+    ``max_len``) is the one asked for: then no sampling runs and the text is the same on
+    every machine. Asked for more than they hold, the samples are extended from the
+    shipped rows, since batch ``i``'s seed does not depend on the total.
     """
 
     seed: int = 0
@@ -297,12 +311,15 @@ class ModelSamples:
                 f"{len(prefix)} special prefix token(s); use max_len > {len(prefix)}"
             )
         path = None if cache_dir is None else self._cache_file(Path(cache_dir), model, max_len)
+        key = self._cache_key(model, max_len)
         rows: list[list[int]] = []
         if path is not None:
-            rows = _read_samples(path, self._cache_key(model, max_len)) or []
+            rows = _read_samples(path, key) or []
+        shipped = _read_samples(self.shipped_file(model, max_len), key) or []
+        if sum(len(r) for r in shipped) >= min(n_tokens, sum(len(r) for r in rows) + 1):
+            rows = shipped  # the shipped text wins over this machine's when it is enough
         have = sum(len(r) for r in rows)
         if have < n_tokens:
-            key = self._cache_key(model, max_len)
             for batch_rows in self._sample(model, max_len, prefix, n_tokens, rows, progress):
                 rows = rows + batch_rows
                 if path is not None:  # after every batch: an interrupted run keeps its work
@@ -319,11 +336,18 @@ class ModelSamples:
             "max_len": max_len,
         }
 
-    def _cache_file(self, cache_dir: Path, model: ModelHandle, max_len: int) -> Path:
+    def _file_name(self, model: ModelHandle, max_len: int) -> str:
         key = json.dumps(self._cache_key(model, max_len), sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        folder = cache_dir / model.cache_id.replace("/", "--")
-        return folder / f"samples-seed{self.seed}-batch{self.batch}-len{max_len}-{digest}.json"
+        return f"samples-seed{self.seed}-batch{self.batch}-len{max_len}-{digest}.json"
+
+    def _cache_file(self, cache_dir: Path, model: ModelHandle, max_len: int) -> Path:
+        return cache_dir / model.cache_id.replace("/", "--") / self._file_name(model, max_len)
+
+    def shipped_file(self, model: ModelHandle, max_len: int) -> Path:
+        """Where the package would ship these samples (it may not): see :data:`SHIPPED_SAMPLES`."""
+        folder_name = model.cache_id.replace("/", "--")
+        return SHIPPED_SAMPLES / f"{folder_name}--{self._file_name(model, max_len)}.gz"
 
     def _sample(
         self,
@@ -435,10 +459,12 @@ def _bridge_sampler(
 
 
 def _read_samples(path: Path, key: dict) -> list[list[int]] | None:
+    """The rows stored at ``path`` (plain or gzipped JSON) if its key is ``key``, else None."""
     try:
-        with open(path) as fh:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as fh:
             payload = json.load(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return None
     if payload.get("key") != key:
         return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import pytest
 import torch
 
@@ -258,6 +261,42 @@ def test_model_samples_are_seeded_cached_and_extend(smollm2, tmp_path, monkeypat
 
     monkeypatch.setattr(corpus_module, "_hf_sampler", no_sampling)
     assert samples.sequences(smollm2, 70, 10, cache_dir=tmp_path, progress=False) == large
+
+
+def test_shipped_samples_come_first_when_their_key_matches(smollm2, tmp_path, monkeypatch):
+    samples = ModelSamples(seed=5, batch=4)
+    cache = tmp_path / "cache"
+    key = samples._cache_key(smollm2, 10)
+    samples.sequences(smollm2, 400, 10, cache_dir=tmp_path / "fresh", progress=False)
+    fresh = corpus_module._read_samples(samples._cache_file(tmp_path / "fresh", smollm2, 10), key)
+    shipped_dir = tmp_path / "shipped"
+    monkeypatch.setattr(corpus_module, "SHIPPED_SAMPLES", shipped_dir)
+    shipped_dir.mkdir()
+    # shipped text that sampling could not produce, so that reading it is visible
+    rows = [[7, 8, 9]] * 20
+    path = samples.shipped_file(smollm2, 10)
+    assert path.parent == shipped_dir and path.name.endswith(".json.gz")
+    with gzip.open(path, "wt") as fh:
+        json.dump({"key": key, "rows": rows}, fh)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled although the shipped samples hold enough tokens")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(corpus_module, "_hf_sampler", no_sampling)
+        assert samples.sequences(smollm2, 30, 10, cache_dir=cache, progress=False) == rows[:10]
+        assert not list(cache.glob("**/*.json"))  # nothing sampled, nothing cached
+    # asked for more than they hold: extended from the shipped rows, batch by batch
+    longer = samples.sequences(smollm2, 90, 10, cache_dir=cache, progress=False)
+    assert longer[:20] == rows and sum(map(len, longer)) == 90
+    extended = corpus_module._read_samples(samples._cache_file(cache, smollm2, 10), key)
+    assert extended[:20] == rows and len(extended) > 20
+    assert extended[20:] == fresh[20:len(extended)]  # batch 5 on, seeded as always
+    # a key that is not asked for (another max_len, another model state) is ignored
+    with gzip.open(path, "wt") as fh:
+        json.dump({"key": {**key, "max_len": 11}, "rows": rows}, fh)
+    other = samples.sequences(smollm2, 50, 10, cache_dir=tmp_path / "other", progress=False)
+    assert other == corpus_module._take(fresh, 50)
 
 
 def test_default_corpus_end_to_end(smollm2, tmp_path):

@@ -51,6 +51,13 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     return grid
 
 
+def grown(previous: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The written table after a new grid: earlier grids' rows (on any model or dataset)
+    are kept, and a row measured again replaces its old value."""
+    return pd.concat([previous, table]).drop_duplicates(
+        ["model", "dataset", "setting", "metric"], keep="last").reset_index(drop=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method", help="an editor name: rome, pmet, alphaedit, ft-l, ...")
@@ -96,8 +103,8 @@ def main(argv=None) -> int:
     out = figures_dir() / "tuning"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.method}-{args.model}.csv"
-    if path.exists():  # grids grow: keep the rows of earlier grids
-        table = pd.concat([pd.read_csv(path), table]).drop_duplicates(["setting", "metric"], keep="last")
+    if path.exists():
+        table = grown(pd.read_csv(path), table)
     table.to_csv(path, index=False, float_format="%.6g")
     print("written", path)
     return 0

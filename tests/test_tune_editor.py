@@ -4,6 +4,7 @@ editing path is the ``editors`` experiment's, tested in test_experiments.py)."""
 import importlib.util
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "tune_editor.py"
@@ -39,3 +40,11 @@ def test_an_unknown_field_is_named_before_any_work(tune_editor, monkeypatch):
     monkeypatch.setattr(ia, "load_model", lambda name: name)  # hparams_for takes a model name
     with pytest.raises(SystemExit, match=r"no field\(s\) \['clamp'\]"):
         tune_editor.main(["pmet", "--grid", "clamp=1,4"])
+
+
+def test_a_grown_table_keeps_other_datasets_and_replaces_remeasured_rows(tune_editor):
+    rows = lambda dataset, mean: {"model": "m", "dataset": dataset, "setting": "MEMIT",
+                                  "metric": "Edit Succ.", "mean": mean}
+    previous = pd.DataFrame([rows("zsre-train", 90.7), rows("zsre", 88.0)])
+    table = tune_editor.grown(previous, pd.DataFrame([rows("zsre", 88.6)]))
+    assert sorted(zip(table["dataset"], table["mean"])) == [("zsre", 88.6), ("zsre-train", 90.7)]

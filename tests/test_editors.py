@@ -83,7 +83,12 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _median_threshold(moment: torch.Tensor) -> float:
-    return float(torch.linalg.eigvalsh(moment.double()).median())
+    """A threshold halfway between the two middle eigenvalues: half the spectrum falls
+    below it, and no eigenvalue sits at it, where two decompositions' last-bit rounding
+    could put it on either side (as a threshold equal to the median eigenvalue did)."""
+    values = torch.linalg.eigvalsh(moment.double())
+    middle = values.numel() // 2
+    return float((values[middle - 1] + values[middle]) / 2)
 
 
 # ----------------------------------------------------------------------------- protocol

@@ -326,6 +326,42 @@ class ModelSamples:
                     write_json_atomic(path, {"key": key, "rows": rows})
         return _take(rows, n_tokens)
 
+    def ship(
+        self,
+        model: ModelHandle,
+        n_tokens: int,
+        max_len: int,
+        *,
+        cache_dir: Path,
+        progress: bool = True,
+    ) -> tuple[Path, int, int]:
+        """Write the first ``n_tokens`` sampled tokens to :meth:`shipped_file`, so that every
+        machine reads this text instead of drawing its own.
+
+        It samples first where neither ``cache_dir`` nor the shipped file holds enough.
+        Whole sampled rows are kept (empty ones too), up to a whole sampling batch past
+        ``n_tokens``, so that a later request for more tokens continues them exactly as
+        sampling would. Returns the file, the tokens and the rows written.
+        """
+        self.sequences(model, n_tokens, max_len, cache_dir=cache_dir, progress=progress)
+        key = self._cache_key(model, max_len)
+        rows = _read_samples(self._cache_file(Path(cache_dir), model, max_len), key)
+        if rows is None:  # the shipped file alone held enough and nothing was cached
+            rows = _read_samples(self.shipped_file(model, max_len), key)
+        if rows is None:
+            raise CorpusError(f"no sampled rows stored for {model.name} (max_len={max_len})")
+        kept, count = [], 0
+        for row in rows:
+            if count >= n_tokens and len(kept) % self.batch == 0:
+                break
+            kept.append(row)
+            count += len(row)
+        path = self.shipped_file(model, max_len)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path, "wt") as fh:
+            json.dump({"key": key, "rows": kept}, fh, separators=(",", ":"))
+        return path, count, len(kept)
+
     # ------------------------------------------------------------------ internals
     def _cache_key(self, model: ModelHandle, max_len: int) -> dict:
         return {
@@ -342,12 +378,11 @@ class ModelSamples:
         return f"samples-seed{self.seed}-batch{self.batch}-len{max_len}-{digest}.json"
 
     def _cache_file(self, cache_dir: Path, model: ModelHandle, max_len: int) -> Path:
-        return cache_dir / model.cache_id.replace("/", "--") / self._file_name(model, max_len)
+        return cache_dir / model.cache_folder / self._file_name(model, max_len)
 
     def shipped_file(self, model: ModelHandle, max_len: int) -> Path:
         """Where the package would ship these samples (it may not): see :data:`SHIPPED_SAMPLES`."""
-        folder_name = model.cache_id.replace("/", "--")
-        return SHIPPED_SAMPLES / f"{folder_name}--{self._file_name(model, max_len)}.gz"
+        return SHIPPED_SAMPLES / f"{model.cache_folder}--{self._file_name(model, max_len)}.gz"
 
     def _sample(
         self,

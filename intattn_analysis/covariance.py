@@ -238,7 +238,7 @@ def cache_file(
         f"mom2-{module}-layer{layer}-{corpus_slug}-n{n_tokens}-len{max_len}-"
         f"{str(dtype).replace('torch.', '')}-{digest}.safetensors"
     )
-    return Path(cache_dir) / model.cache_id.replace("/", "--") / name
+    return Path(cache_dir) / model.cache_folder / name
 
 
 def _write_atomic(path: Path, moment: Tensor, key: dict, counted: int) -> None:
@@ -388,6 +388,18 @@ def _sequences(
     return sequences
 
 
+
+def moments_cache_dir() -> Path:
+    """The default folder of cached second moments: ``cache_root() / "moments"``."""
+    return cache_root() / "moments"
+
+
+def corpus_cache_dir(moments_dir: Path | None = None) -> Path:
+    """Where the corpora sampled for a moments folder are cached: its ``corpora``
+    subfolder (of :func:`moments_cache_dir` by default)."""
+    return Path(moments_dir if moments_dir is not None else moments_cache_dir()) / "corpora"
+
+
 def second_moments(
     model: ModelHandle,
     layers: int | Sequence[int],
@@ -434,12 +446,11 @@ def second_moments(
         model's device.
     """
     pairs, source = _validated(model, layers, modules, corpus, n_tokens, max_len, batch_size, dtype)
-    default_folder = cache_root() / "moments"
     if cache_dir is False:
-        folder, corpus_folder = None, default_folder / "corpora"
+        folder, corpus_folder = None, corpus_cache_dir()
     else:
-        folder = default_folder if cache_dir is None or cache_dir is True else Path(cache_dir)
-        corpus_folder = folder / "corpora"
+        folder = moments_cache_dir() if cache_dir is None or cache_dir is True else Path(cache_dir)
+        corpus_folder = corpus_cache_dir(folder)
     corpus_id = source.corpus_id
 
     moments: dict[Pair, Tensor] = {}

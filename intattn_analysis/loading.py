@@ -317,6 +317,12 @@ class ModelHandle:
         safe = self.name.replace("/", "--")
         return f"{safe}@{self.revision}" if self.revision else safe
 
+    @property
+    def cache_folder(self) -> str:
+        """The folder name this model's caches go under: :attr:`cache_id`, safe as a path
+        component (no ``/``), so one weights file never shares a folder with another."""
+        return self.cache_id.replace("/", "--")
+
     def layer(self, layer: int) -> LayerSpec:
         """Module paths and hook names of one layer's editable matrices."""
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:

@@ -787,7 +787,7 @@ def _cache_file(
         **described,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir) / model.cache_id.replace("/", "--")
+    folder = Path(cache_dir) / model.cache_folder
     return folder / f"trace-{fact.key}-{kind}-{digest}.json"
 
 

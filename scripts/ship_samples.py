@@ -16,15 +16,13 @@ dtype, seed, batch, ``max_len``) is the one asked for.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import sys
 
 import torch
 
 import intattn_analysis as ia
-from intattn_analysis.corpus import ModelSamples, _read_samples
-from intattn_analysis.loading import cache_root
+from intattn_analysis.corpus import ModelSamples
+from intattn_analysis.covariance import corpus_cache_dir
 
 
 def main(argv=None) -> int:
@@ -39,24 +37,9 @@ def main(argv=None) -> int:
 
     model = ia.load_model(args.model)
     max_len = args.max_len or ia.hparams_for(model, "memit").mom2_max_len
-    samples = ModelSamples()
-    cache_dir = cache_root() / "moments" / "corpora"  # where second_moments keeps them
-    samples.sequences(model, args.tokens, max_len, cache_dir=cache_dir, progress=True)
-    key = samples._cache_key(model, max_len)
-    rows = _read_samples(samples._cache_file(cache_dir, model, max_len), key)
-    if rows is None:  # the shipped file alone held enough and nothing was cached
-        rows = _read_samples(samples.shipped_file(model, max_len), key)
-    kept, count = [], 0
-    for row in rows:  # whole sampled rows (empty ones too), so later batches extend them exactly
-        if count >= args.tokens and len(kept) % samples.batch == 0:
-            break
-        kept.append(row)
-        count += len(row)
-    path = samples.shipped_file(model, max_len)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as fh:
-        json.dump({"key": key, "rows": kept}, fh, separators=(",", ":"))
-    print(f"{path.name}: {count} tokens in {len(kept)} rows, {path.stat().st_size / 1e3:.0f} kB")
+    # second_moments keeps its sampled corpora in corpus_cache_dir(): start from those
+    path, count, rows = ModelSamples().ship(model, args.tokens, max_len, cache_dir=corpus_cache_dir())
+    print(f"{path.name}: {count} tokens in {rows} rows, {path.stat().st_size / 1e3:.0f} kB")
     return 0
 
 

@@ -299,6 +299,26 @@ def test_shipped_samples_come_first_when_their_key_matches(smollm2, tmp_path, mo
     assert other == corpus_module._take(fresh, 50)
 
 
+
+def test_ship_writes_whole_sampling_batches_that_later_reads_use(smollm2, tmp_path, monkeypatch):
+    samples = ModelSamples(seed=6, batch=4)
+    monkeypatch.setattr(corpus_module, "SHIPPED_SAMPLES", tmp_path / "shipped")
+    drawn = samples.sequences(smollm2, 60, 10, cache_dir=tmp_path / "cache", progress=False)
+    path, count, n_rows = samples.ship(smollm2, 25, 10, cache_dir=tmp_path / "cache", progress=False)
+    assert path == samples.shipped_file(smollm2, 10) and path.exists()
+    shipped = corpus_module._read_samples(path, samples._cache_key(smollm2, 10))
+    assert len(shipped) == n_rows and n_rows % samples.batch == 0  # whole batches only
+    assert sum(map(len, shipped)) == count >= 25
+    assert sum(map(len, shipped[:-samples.batch])) < 25  # no batch more than needed
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled although the shipped samples hold enough tokens")
+
+    monkeypatch.setattr(corpus_module, "_hf_sampler", no_sampling)
+    read = samples.sequences(smollm2, 25, 10, cache_dir=tmp_path / "elsewhere", progress=False)
+    assert read == corpus_module._take(drawn, 25)
+
+
 def test_default_corpus_end_to_end(smollm2, tmp_path):
     result = second_moments(smollm2, [0], "attn", n_tokens=40, max_len=12, cache_dir=tmp_path,
                             progress=False)

@@ -388,7 +388,6 @@ def _sequences(
     return sequences
 
 
-
 def moments_cache_dir() -> Path:
     """The default folder of cached second moments: ``cache_root() / "moments"``."""
     return cache_root() / "moments"

@@ -299,7 +299,6 @@ def test_shipped_samples_come_first_when_their_key_matches(smollm2, tmp_path, mo
     assert other == corpus_module._take(fresh, 50)
 
 
-
 def test_ship_writes_whole_sampling_batches_that_later_reads_use(smollm2, tmp_path, monkeypatch):
     samples = ModelSamples(seed=6, batch=4)
     monkeypatch.setattr(corpus_module, "SHIPPED_SAMPLES", tmp_path / "shipped")

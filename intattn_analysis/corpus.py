@@ -52,7 +52,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from .loading import EMBEDDED_MODELS, ModelHandle, write_json_atomic
+from .loading import EMBEDDED_MODELS, ModelHandle, write_atomic, write_json_atomic
 
 __all__ = [
     "HUB_DATASETS",
@@ -357,9 +357,12 @@ class ModelSamples:
             kept.append(row)
             count += len(row)
         path = self.shipped_file(model, max_len)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(path, "wt") as fh:
-            json.dump({"key": key, "rows": kept}, fh, separators=(",", ":"))
+
+        def write(staging: str) -> None:
+            with gzip.open(staging, "wt") as fh:
+                json.dump({"key": key, "rows": kept}, fh, separators=(",", ":"))
+
+        write_atomic(path, write)  # a killed writer never leaves a truncated shipped file
         return path, count, len(kept)
 
     # ------------------------------------------------------------------ internals

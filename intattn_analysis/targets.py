@@ -363,10 +363,11 @@ def target_settings(hparams) -> dict:
     return out
 
 
-def _target_file(cache_dir: Path, key: dict) -> Path:
+def _target_file(cache_dir: Path, model: ModelHandle, key: dict) -> Path:
+    """Where one fact's target is cached: under the model's :attr:`~ModelHandle.cache_folder`
+    (the weights file, edited or not: the key's digest tells edited states apart)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    folder = cache_dir / key["model"].split("+edits-")[0].replace("/", "--")
-    return folder / f"z-layer{key['layer']}-{key['fact']}-{digest}.json"
+    return cache_dir / model.cache_folder / f"z-layer{key['layer']}-{key['fact']}-{digest}.json"
 
 
 def _read_target(path: Path, key: dict, d_model: int) -> dict | None:
@@ -402,7 +403,7 @@ def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cac
     keys = [target_key(model, fact, hparams, layer, templates, site) for fact in facts]
     found: dict[int, dict] = {}
     for i, key in enumerate(keys):
-        stored = _read_target(_target_file(cache_dir, key), key, model.d_model)
+        stored = _read_target(_target_file(cache_dir, model, key), key, model.d_model)
         if stored is not None:
             found[i] = stored
     missing = [i for i in range(len(facts)) if i not in found]
@@ -422,7 +423,7 @@ def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cac
                 "z": fresh.z[j].tolist(), "h": fresh.h[j].tolist(), "delta": fresh.delta[j].tolist(),
                 "diagnostics": fresh.diagnostics[j],
             }
-            _write_json_atomic(_target_file(cache_dir, keys[i]), found[i])
+            _write_json_atomic(_target_file(cache_dir, model, keys[i]), found[i])
 
     def stack(name: str) -> Tensor:
         return torch.tensor([found[i][name] for i in range(len(facts))], dtype=torch.float32,

@@ -98,3 +98,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_model_caches_apart(request, tmp_path_factory, monkeypatch):
+    """Tests on tiny random models cache their context templates, targets and moments in
+    the test session's folder, not in the user's cache (each tiny model lives in a fresh
+    temporary directory, so nothing there could ever be read again). Tests of the embedded
+    models keep the user's cache, where their converted weights are."""
+    names = set(request.fixturenames)
+    if "tiny_tokenizer_dir" in names and not names & {"smollm2", "gemma3"}:
+        monkeypatch.setenv("INTATTN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

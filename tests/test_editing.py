@@ -37,6 +37,8 @@ COLOSSEUM = ia.Fact.from_text(
     "The Colosseum is located in the city of", "Colosseum", "London", target_true="Rome"
 )
 FAST_LAYERS = (5, 6)
+#: every method of ia.EDITORS that writes a fact (attention-only is tested on its own)
+EDIT_METHODS = ("memit", "intattn", "alphaedit", "pmet", "rome", "ft-l", "ft-m")
 
 
 def _corpus() -> list[str]:
@@ -70,7 +72,10 @@ def _moments(model, layers, tmp_path_factory, n_tokens):
 def moments(smollm2, tmp_path_factory):
     # d_mlp is 1536: fewer than ~5x that many tokens leave C near-singular and the
     # update explodes along rarely used directions
-    layers = sorted({*MODEL_DEFAULTS["smollm2-135m"].layers, *FAST_LAYERS, 4})
+    # every layer any method's defaults write (test_edit_flips_the_greedy_answer edits
+    # with each method's own defaults)
+    defaults = {l for method in EDIT_METHODS for l in hparams_for(smollm2, method).layers}
+    layers = sorted({*MODEL_DEFAULTS["smollm2-135m"].layers, *FAST_LAYERS, 4, *defaults})
     return _moments(smollm2, layers, tmp_path_factory, 10000)
 
 
@@ -306,7 +311,7 @@ def test_failure_in_the_middle_of_an_edit_restores(smollm2, moments, fast, monke
 
 
 # ----------------------------------------------------------------------------- efficacy
-@pytest.mark.parametrize("method", ["memit", "intattn", "alphaedit", "pmet", "rome", "ft-l", "ft-m"])
+@pytest.mark.parametrize("method", EDIT_METHODS)
 def test_edit_flips_the_greedy_answer(smollm2, moments, method):
     """Every method, with its defaults for the model, writes a hand-built fact and
     restores the model bit for bit."""

@@ -22,7 +22,6 @@ from intattn_analysis.editors import METHODS, EditError, apply_deltas, edit, sol
 from intattn_analysis.hparams import (
     EditHparams,
     GenericHparamsWarning,
-    MODEL_DEFAULTS,
     hparams_for,
 )
 from intattn_analysis.known import greedy_continuation, starts_with_answer
@@ -75,7 +74,7 @@ def moments(smollm2, tmp_path_factory):
     # every layer any method's defaults write (test_edit_flips_the_greedy_answer edits
     # with each method's own defaults)
     defaults = {l for method in EDIT_METHODS for l in hparams_for(smollm2, method).layers}
-    layers = sorted({*MODEL_DEFAULTS["smollm2-135m"].layers, *FAST_LAYERS, 4, *defaults})
+    layers = sorted({*FAST_LAYERS, 4, *defaults})
     return _moments(smollm2, layers, tmp_path_factory, 10000)
 
 

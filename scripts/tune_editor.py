@@ -3,8 +3,9 @@ same batch, with each metric's mean and 95% interval and the paired difference f
 
 Settings are chosen on train records (KnowEdit's ZsRE test records are for reporting).
 Every grid point is a unit of the ``editors`` experiment's store under
-``<cache root>/tuning``, so a killed run resumes and a grown grid reuses what is done. The
-table is printed and written to ``figures/tuning/<method>-<model>.csv``.
+``<cache root>/tuning/<model>/<dataset>-<facts>``, so a killed run resumes and a grown grid
+reuses what is done. The table is printed and written to
+``figures/tuning/<method>-<model>.csv``.
 
     python scripts/tune_editor.py pmet --grid clamp_norm_factor=1,2,4 --grid v_weight_decay=0.5,0.001
     python scripts/tune_editor.py rome --grid layers=2,3,5 --facts 20
@@ -52,10 +53,20 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 
 def grown(previous: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """The written table after a new grid: earlier grids' rows (on any model or dataset)
-    are kept, and a row measured again replaces its old value."""
-    return pd.concat([previous, table]).drop_duplicates(
-        ["model", "dataset", "setting", "metric"], keep="last").reset_index(drop=True)
+    """The written table after a new grid: earlier grids' rows (on any model, dataset or
+    number of facts) are kept, and a row measured again on as many facts replaces its old
+    value."""
+    key = ["model", "dataset", "setting", "metric"]
+    if "n_edits" in previous and "n_edits" in table:
+        key.append("n_edits")
+    return pd.concat([previous, table]).drop_duplicates(key, keep="last").reset_index(drop=True)
+
+
+def store_folder(model: str, dataset: str, facts: int):
+    """Where a grid's units live: one store per (model, dataset, number of facts), since a
+    batch of 50 facts and one of 100 are different configurations of the same labels
+    (``MEMIT`` on batch 0) and one store may hold only one of them."""
+    return cache_root() / "tuning" / model / f"{dataset}-{facts}"
 
 
 def main(argv=None) -> int:
@@ -85,7 +96,7 @@ def main(argv=None) -> int:
             f" {k}={'-'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in changes.items())
         settings[label] = (args.method, base.replace(**changes))
     batches = dataset_batches(args.dataset, args.facts, 1)
-    store = ResultStore(cache_root() / "tuning" / args.model, editors.NAME)
+    store = ResultStore(store_folder(args.model, args.dataset, args.facts), editors.NAME)
     alone = [name for name in settings if name != "MEMIT"] if args.each_alone else []
     editors.run_methods(model, batches, settings, store, dataset=args.dataset, alone=alone, progress=True)
     summary = editors.summarise(store)

@@ -48,3 +48,20 @@ def test_a_grown_table_keeps_other_datasets_and_replaces_remeasured_rows(tune_ed
     previous = pd.DataFrame([rows("zsre-train", 90.7), rows("zsre", 88.0)])
     table = tune_editor.grown(previous, pd.DataFrame([rows("zsre", 88.6)]))
     assert sorted(zip(table["dataset"], table["mean"])) == [("zsre", 88.6), ("zsre-train", 90.7)]
+
+
+def test_a_grown_table_keeps_a_setting_measured_on_another_number_of_facts(tune_editor):
+    rows = lambda n, mean: {"model": "m", "dataset": "zsre-train", "setting": "MEMIT",
+                            "metric": "Edit Succ.", "mean": mean, "n_edits": n}
+    previous = pd.DataFrame([rows(50, 90.7), rows(100, 90.0)])
+    table = tune_editor.grown(previous, pd.DataFrame([rows(100, 89.5)]))
+    assert sorted(zip(table["n_edits"], table["mean"])) == [(50, 90.7), (100, 89.5)]
+
+
+def test_grids_on_different_batches_use_different_stores(tune_editor):
+    # A store holds one configuration per label: MEMIT on 50 facts and on 100 facts share
+    # the labels (setting "MEMIT", batch 0) and would make the summary refuse the store.
+    folders = {tune_editor.store_folder("m", dataset, facts)
+               for dataset, facts in [("zsre-train", 50), ("zsre-train", 100), ("zsre", 100)]}
+    assert len(folders) == 3
+    assert all(folder.parent.name == "m" for folder in folders)

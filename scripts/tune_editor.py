@@ -23,7 +23,7 @@ import torch
 
 import intattn_analysis as ia
 from intattn_analysis.experiments import editors
-from intattn_analysis.experiments.common import dataset_batches
+from intattn_analysis.experiments.common import dataset_batches, dataset_label
 from intattn_analysis.experiments.store import ResultStore
 from intattn_analysis.loading import cache_root
 from intattn_analysis.plots import figures_dir
@@ -66,7 +66,7 @@ def store_folder(model: str, dataset: str, facts: int):
     """Where a grid's units live: one store per (model, dataset, number of facts), since a
     batch of 50 facts and one of 100 are different configurations of the same labels
     (``MEMIT`` on batch 0) and one store may hold only one of them."""
-    return cache_root() / "tuning" / model / f"{dataset}-{facts}"
+    return cache_root() / "tuning" / model / f"{dataset_label(dataset)}-{facts}"
 
 
 def main(argv=None) -> int:
@@ -96,15 +96,16 @@ def main(argv=None) -> int:
             f" {k}={'-'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in changes.items())
         settings[label] = (args.method, base.replace(**changes))
     batches = dataset_batches(args.dataset, args.facts, 1)
+    dataset = dataset_label(args.dataset)  # a file's stem, as the editors experiment stores it
     store = ResultStore(store_folder(args.model, args.dataset, args.facts), editors.NAME)
     alone = [name for name in settings if name != "MEMIT"] if args.each_alone else []
-    editors.run_methods(model, batches, settings, store, dataset=args.dataset, alone=alone, progress=True)
+    editors.run_methods(model, batches, settings, store, dataset=dataset, alone=alone, progress=True)
     summary = editors.summarise(store)
     names = list(settings)
     intervals = summary["intervals"]
-    intervals = intervals[intervals["setting"].isin(names) & (intervals["dataset"] == args.dataset)]
+    intervals = intervals[intervals["setting"].isin(names) & (intervals["dataset"] == dataset)]
     paired = summary["paired"]
-    paired = paired[paired["setting"].isin(names) & (paired["dataset"] == args.dataset)]
+    paired = paired[paired["setting"].isin(names) & (paired["dataset"] == dataset)]
     table = intervals.merge(paired[["setting", "metric", "diff", "ci_low", "ci_high"]],
                             on=["setting", "metric"], how="left", suffixes=("", "_vs_memit"))
     table = table[table["metric"].isin(["Edit Succ.", "Rephrase", "Portability", "Locality", "Fluency"])]

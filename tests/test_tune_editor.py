@@ -62,6 +62,9 @@ def test_grids_on_different_batches_use_different_stores(tune_editor):
     # A store holds one configuration per label: MEMIT on 50 facts and on 100 facts share
     # the labels (setting "MEMIT", batch 0) and would make the summary refuse the store.
     folders = {tune_editor.store_folder("m", dataset, facts)
-               for dataset, facts in [("zsre-train", 50), ("zsre-train", 100), ("zsre", 100)]}
-    assert len(folders) == 3
+               for dataset, facts in [("zsre-train", 50), ("zsre-train", 100), ("zsre", 100),
+                                      ("knowedit/ZsRE-test-all.json", 100)]}
+    assert len(folders) == 4
+    # a dataset file is named by its stem, as the editors experiment stores it: one level
     assert all(folder.parent.name == "m" for folder in folders)
+    assert tune_editor.store_folder("m", "knowedit/ZsRE-test-all.json", 100).name == "ZsRE-test-all-100"

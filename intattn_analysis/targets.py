@@ -314,7 +314,7 @@ def read_at_subject(
 #: Version of the cached target files; bump it when the optimisation changes.
 TARGETS_CACHE_FORMAT = 2
 #: What a target can be set for (see :func:`compute_z`).
-TARGET_SITES = ("residual", "mlp_output", "pmet")
+TARGET_SITES = ("residual", "mlp_output", "mlp_value", "pmet")
 #: The hyperparameters a target depends on (the solve's settings do not enter).
 TARGET_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss",
                  "stop_on", "kl_position")
@@ -461,7 +461,8 @@ class ZTargets:
             ``needed_positions`` (the suffix positions that had to run); empty for
             targets read from the cache.
         site: what the target is set for (see :func:`compute_z`): ``z`` is the residual
-            state (``"residual"``) or the MLP output (``"mlp_output"``, ``"pmet"``).
+            state (``"residual"``), the MLP output (``"mlp_output"``, ``"pmet"``) or the
+            down-projection's output before the MLP's post-norm (``"mlp_value"``).
         attn_h, attn_delta: PMET's attention output at the subject and its optimised
             delta (``site="pmet"`` only).
         model_state: the ``state_id`` of the model they were computed on.
@@ -671,6 +672,15 @@ def compute_z(
     norm, and the editor converts the residual change; see
     :func:`intattn_analysis.editors.keys.module_space`).
 
+    ``"mlp_value"`` (ROME's ``v*`` on post-norm models such as Gemma 2/3): the output of
+    the MLP's down-projection at ``layer``, *before* the norm that follows it (hook
+    ``mlp_value``); ``h`` is that output and ``δ`` is added to it at the subject's last
+    token, so the forward applies the norm to ``h + δ``. Every target found there is one
+    a change of the down-projection can write exactly, where a residual change (what
+    ``"mlp_output"`` finds) may lie off the shell of outputs the norm can give. On models
+    without a post-norm the two sites name the same vector. Its steps start at ``layer``
+    itself, which must therefore be at least 1.
+
     ``"pmet"`` (PMET's targets): two deltas, added at the subject's last token to the
     attention output and to the MLP output *of* ``layer`` (hooks ``attn_out`` and
     ``mlp_out``), optimised together (the attention delta only while
@@ -696,9 +706,9 @@ def compute_z(
     if not facts:
         raise ValueError("facts is empty; pass at least one Fact")
     layer = max(hparams.layers) if layer is None else int(layer)
-    if site == "pmet" and layer < 1:
-        raise ValueError("PMET's targets start their steps at the layer itself, from the residual "
-                         "stream before it: the layer must be at least 1")
+    if site in ("pmet", "mlp_value") and layer < 1:
+        raise ValueError(f"targets at site {site!r} start their steps at the layer itself, from the "
+                         "residual stream before it: the layer must be at least 1")
     if templates is None:
         templates = context_templates(
             model, hparams.n_context_templates, hparams.context_template_length
@@ -746,7 +756,8 @@ def compute_z(
     # PMET injects into the attention and MLP outputs *of* the layer, so its steps start
     # at the layer itself, from the residual stream before it
     pmet = site == "pmet"
-    read_layer = layer - 1 if pmet else layer
+    inside = site in ("pmet", "mlp_value")  # injected inside the layer, not after it
+    read_layer = layer - 1 if inside else layer
     engine = _suffix_engine(model, ids) if suffix else None
     if engine is not None:
         resid, kv = _resid_and_kv(model, ids, read_layer)
@@ -754,11 +765,12 @@ def compute_z(
         resid, kv = _resid_after(model, ids, read_layer), None
     h = resid[bare_rows, subject_pos[bare_rows]].float().clone()
     h_attn = None
-    if site in ("mlp_output", "pmet"):  # the module outputs there (ROME's target_init)
+    if site in ("mlp_output", "mlp_value", "pmet"):  # the module outputs there (ROME's target_init)
         bare = [rows[int(j)] for j in bare_rows]
-        names = [hook("mlp_out", layer)] + ([hook("attn_out", layer)] if pmet else [])
+        output = hook("mlp_value" if site == "mlp_value" else "mlp_out", layer)
+        names = [output] + ([hook("attn_out", layer)] if pmet else [])
         outputs = read_at_subject(model, bare, names)
-        h = outputs[hook("mlp_out", layer)].float().clone()
+        h = outputs[output].float().clone()
         if pmet:
             h_attn = outputs[hook("attn_out", layer)].float().clone()
     delta = torch.zeros(n_facts, d_model, device=device, dtype=torch.float32, requires_grad=True)
@@ -800,6 +812,8 @@ def compute_z(
         if pmet:
             hooks = [(hook("attn_out", layer), injection(delta_attn)),
                      (hook("mlp_out", layer), injection(delta))]
+        elif inside:
+            hooks = [(hook("mlp_value", layer), injection(delta))]
         else:
             x, hooks = injection(delta)(x), []
         entry_row = torch.tensor([k for k, j in enumerate(members) for _ in rows[j].scored],

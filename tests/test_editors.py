@@ -141,6 +141,70 @@ def test_rome_writes_v_star_at_its_key_and_nothing_orthogonal(tiny, moments):
     assert _relative(delta, rome_update(W, C, k_bar, k, v_star)) < RELATIVE
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory, tiny_tokenizer_dir, one_thread):
+    """A tiny random Gemma-3 (post-norms after attention and MLP) with the tiny Llama's
+    sizes, so that the ``moments`` fixture fits it; its norms are perturbed away from
+    their identity initialisation, so that a normed output differs from an un-normed one."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    directory = tmp_path_factory.mktemp("tiny-gemma")
+    model.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(directory)
+    return ia.load_model(str(directory), device="cpu")
+
+
+def test_rome_sets_v_star_before_a_post_norm(tiny_gemma, tiny, moments):
+    """On a post-norm model ROME's ``v*`` is optimised at the down-projection's output,
+    before the MLP's norm, and the rank-one write gives it exactly: the edited layer's
+    down-projection output at the bare prompt's subject is ``h + δ``. (A residual change
+    optimised after the norm need not be an output the norm can give.)"""
+    hp = RomeHparams(layers=(1,), **TARGETS)
+    fact, layer = FACTS[0], 1
+    assert rome.target_site(tiny_gemma, layer) == "mlp_value"
+    assert rome.target_site(tiny, layer) == "mlp_output"
+    templates = context_templates(tiny_gemma, hp.n_context_templates, hp.context_template_length)
+    target = compute_z(tiny_gemma, [fact], hp, layer=layer, templates=templates, site="mlp_value",
+                       batch_size=1, progress=False)
+    bare = prompt_rows(tiny_gemma, [fact], templates)[templates.index("{}")]
+    value = hook("mlp_value", layer)
+    before = read_at_subject(tiny_gemma, [bare], [value])[value][0]
+    assert torch.equal(target.h[0], before)
+    with edit(tiny_gemma, [fact], method="rome", hparams=hp, moments=moments, progress=False) as result:
+        assert result.z_diagnostics[0]["delta_norm"] == pytest.approx(float(target.delta[0].norm()))
+        after = read_at_subject(tiny_gemma, [bare], [value])[value][0]
+    assert _relative(after, target.z[0]) < RELATIVE
+    assert _relative(after, before) > 1e-3  # the edit moved it: the test can fail
+
+
+def test_targets_before_and_after_the_mlp_agree_without_a_post_norm(tiny):
+    """Without a post-norm the down-projection's output is the MLP output: a target
+    injected there (``site="mlp_value"``, inside the layer) equals one added to the
+    residual after the layer (``site="mlp_output"``). The two forwards add the same
+    vectors in a different order, so they agree to float32 rounding, which four Adam
+    steps carry into ``δ``: a cosine of 0.9999, as for the suffix path's targets."""
+    hp = RomeHparams(layers=(1,), **TARGETS)
+    templates = context_templates(tiny, hp.n_context_templates, hp.context_template_length)
+    inside = compute_z(tiny, FACTS, hp, layer=1, templates=templates, site="mlp_value", progress=False)
+    after = compute_z(tiny, FACTS, hp, layer=1, templates=templates, site="mlp_output", progress=False)
+    torch.testing.assert_close(inside.h, after.h, rtol=0, atol=0)
+    cosine = torch.nn.functional.cosine_similarity(inside.delta, after.delta, dim=-1)
+    assert float(cosine.min()) > 0.9999, cosine
+    assert float(inside.delta.norm(dim=-1).min()) > 0  # the optimisation moved: the test can fail
+    with pytest.raises(ValueError, match="at least 1"):
+        compute_z(tiny, FACTS[:1], hp, layer=0, templates=templates, site="mlp_value", progress=False)
+
+
 def test_rome_applies_a_batch_fact_after_fact(tiny, moments):
     """A batch is one fact after another on the model as the earlier facts left it: the
     same weights, bit for bit, as two single-fact edits in a row (under the same context

@@ -40,7 +40,8 @@ Key = tuple[str, int]
 
 #: Target kinds: ``"residual"`` (MEMIT's ``z*`` at the output of the last edited layer,
 #: shared by the closed-form family), ``"mlp_output"`` (ROME's ``v*``, set fact after fact
-#: on the model as the earlier facts left it) and ``"pmet"`` (PMET's attention and FFN
+#: on the model as the earlier facts left it, at the down-projection's output before the
+#: MLP's post-norm where the model has one) and ``"pmet"`` (PMET's attention and FFN
 #: outputs, optimised together).
 TARGET_KINDS = ("residual", "mlp_output", "pmet")
 

@@ -492,3 +492,59 @@ def test_an_estimators_mean_alpha_on_the_range_bound_is_inside(tmp_path):
     assert ranges.loc["e-train", "mean_alpha"] != 0.1  # the rounding this test is about
     assert bool(ranges.loc["e-train", "inside"]) and bool(ranges.loc["memit", "inside"])
     assert not bool(ranges.loc["d-activation", "inside"])
+
+
+def test_batch_scaling_writes_each_size_and_pairs_sizes_on_the_same_facts(tiny_llama, setting, tmp_path,
+                                                                         monkeypatch):
+    """Sizes 1 and 2 on the same 2 facts: each (size, batch, method) is a unit (a killed
+    run resumes to the same store); size 1 is each fact edited alone, which is what the
+    ``editors`` experiment gives for a batch of that one fact; the ``scaling`` table pairs
+    size 2 with size 1 on the same facts and its mean difference is the difference of the
+    two sizes' means."""
+    from intattn_analysis.experiments import batch_scaling, editors
+
+    hp, moments = setting
+    settings = {"MEMIT": ("memit", hp.replace(alpha=0.0)),
+                "IntAttn-Edit, train alpha": ("intattn", hp.replace(alpha=0.5))}
+    scale = batch_scaling.ScalingScale(sizes=(1, 2), n_facts=2, methods=tuple(settings), metrics=("knowedit",))
+    assert scale.n_batches(1) == 2 and scale.n_batches(2) == 1
+    with pytest.raises(ValueError, match="increasing"):
+        batch_scaling.ScalingScale(sizes=(2, 1), n_facts=2)
+
+    def run(root):
+        return batch_scaling.run_sizes(tiny_llama, FACTS, scale, settings, ResultStore(root, batch_scaling.NAME),
+                                       dataset="hand", moments=moments, progress=False)
+
+    def table(root):
+        rows = ResultStore(root, batch_scaling.NAME).rows().drop(columns=["seconds", "edit_seconds"])
+        return rows.sort_values(["unit", "position"]).reset_index(drop=True)
+
+    assert run(tmp_path / "whole") == 2 * 3 + 3  # size 1: 2 batches, size 2: 1; pre-edit + 2 methods each
+    assert run(tmp_path / "whole") == 0
+    whole = table(tmp_path / "whole")
+    _killed_after(4, lambda: run(tmp_path / "killed"), monkeypatch)
+    assert run(tmp_path / "killed") == 5
+    pd.testing.assert_frame_equal(table(tmp_path / "killed"), whole)
+
+    # size 1 is the editors experiment on a batch of that one fact
+    single = editors.run_methods(tiny_llama, [FACTS[1:2]], settings, ResultStore(tmp_path / "one", editors.NAME),
+                                 dataset="hand", moments=moments, metrics=("knowedit",), progress=False)
+    assert single == 3
+    one = ResultStore(tmp_path / "one", editors.NAME).rows()
+    mine = whole[(whole["batch_size"] == 1) & (whole["batch"] == 1)]
+    for name in settings:
+        a, b = one[one["setting"] == name].iloc[0], mine[mine["setting"] == name].iloc[0]
+        assert a["fact_key"] == b["fact_key"] == FACTS[1].key
+        for column in ("Edit Succ.", "Rephrase", "Locality", "p_new"):
+            assert a[column] == b[column] or (pd.isna(a[column]) and pd.isna(b[column])), (name, column)
+
+    tables = batch_scaling.summarise(ResultStore(tmp_path / "whole", batch_scaling.NAME))
+    assert set(tables["intervals"]["batch_size"]) == {1, 2}
+    assert set(tables["paired"]["setting"]) == {"IntAttn-Edit, train alpha"}
+    scaling = tables["scaling"]
+    assert set(scaling["batch_size"]) == {2} and set(scaling["baseline_size"]) == {1}
+    assert set(scaling["setting"]) == set(settings) and (scaling["n_edits"] == 2).all()
+    edited = whole[whole["setting"] == "MEMIT"]
+    row = scaling[(scaling["setting"] == "MEMIT") & (scaling["metric"] == "Edit Succ.")].iloc[0]
+    means = edited.groupby("batch_size")["Edit Succ."].mean()
+    assert row["diff"] == pytest.approx(100 * (means[2] - means[1]), abs=1e-9)

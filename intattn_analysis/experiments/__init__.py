@@ -15,14 +15,16 @@ calls them from the command line.
 * ``editors``: the main table, every editor of the family on the same batches
   (:mod:`.editors`);
 * ``sequential``: rounds of edits piling up on one model, evaluated after each round
-  (:mod:`.sequential`).
+  (:mod:`.sequential`);
+* ``batch-scaling``: every editor at growing batch sizes on the same facts
+  (:mod:`.batch_scaling`).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from . import alpha_sweep, editors, estimators, localization, sequential
+from . import alpha_sweep, batch_scaling, editors, estimators, localization, sequential
 from .stats import mean_interval, paired_difference, tidy_intervals
 from .store import ResultStore, StoreError, merge_stores
 
@@ -31,7 +33,8 @@ __all__ = ["EXPERIMENTS", "ResultStore", "StoreError", "mean_interval", "merge_s
 
 #: The experiments ``intattn run`` knows, by name.
 EXPERIMENTS: dict[str, ModuleType] = {
-    module.NAME: module for module in (localization, alpha_sweep, estimators, editors, sequential)
+    module.NAME: module for module in (localization, alpha_sweep, estimators, editors, sequential,
+                                       batch_scaling)
 }
 
 

@@ -153,6 +153,8 @@ def run_methods(
     shard: tuple[int, int] | None = None,
     moments: Mapping | None = None,
     alone: Sequence[str] = ALONE_ROWS,
+    labels: Mapping[str, Any] | None = None,
+    label_prefix: str = "",
     progress: bool = True,
 ) -> int:
     """Evaluate each named (method, hparams) on each batch of this shard; one stored unit
@@ -163,10 +165,15 @@ def run_methods(
     method's own sample, computed once (cached on disk). The rows named in ``alone`` edit
     each fact alone on the unedited model (:data:`ALONE_ROWS`). Rows carry ``model``,
     ``dataset``, ``batch``, ``setting`` (the row name, ``"pre-edit"`` for the unedited
-    model), ``method``, ``position``, ``fact_key`` and the per-fact metrics."""
+    model), ``method``, ``position``, ``fact_key`` and the per-fact metrics.
+
+    ``labels`` are further columns for every row (another experiment's grouping, such as
+    the batch size); they enter every unit's key too, and ``label_prefix`` starts every
+    unit's file label."""
     metrics = tuple(metrics)
-    eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens}
-    labels = {"model": model.name, "dataset": dataset}
+    extra = dict(labels or {})
+    eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens, **extra}
+    labels = {"model": model.name, "dataset": dataset, **extra}
     mine = shard_batches(len(batches), shard)
     by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
     computed = 0
@@ -176,12 +183,12 @@ def run_methods(
         for b in mine:
             batch = list(batches[b])
             bkey = batch_key(model, dataset, b, batch)
-            units = {"pre-edit": ({**bkey, "unit": "pre-edit", **eval_key}, f"b{b:03d}-pre")}
+            units = {"pre-edit": ({**bkey, "unit": "pre-edit", **eval_key}, f"{label_prefix}b{b:03d}-pre")}
             for name, (method, hp) in settings.items():
                 protocol = {"protocol": "each alone"} if name in alone else {}
                 units[name] = ({**bkey, "unit": "edit", "method": method, "hparams_type": type(hp).__name__,
                                 "hparams": hp.effective_dict(), **protocol, **eval_key},
-                               f"b{b:03d}-{method}-{_slug(name)}")
+                               f"{label_prefix}b{b:03d}-{method}-{_slug(name)}")
             missing = [n for n, (key, label) in units.items() if not store.has(key, label)]
             if not missing:
                 steps.update(len(units))

@@ -1,0 +1,204 @@
+"""Experiment ``batch-scaling``: how each editor degrades as more facts are written at once.
+
+For each batch size ``b`` of :attr:`ScalingScale.sizes` the first editable test facts
+are cut into consecutive batches of ``b`` (enough batches to cover ``n_facts`` facts, at
+least one), and every method of :data:`ROWS` writes each batch, is evaluated on it and
+is restored (the ``editors`` experiment's units, :func:`.editors.run_methods`, with the
+batch size among the labels). The facts are the same at every size up to ``n_facts``
+(the first ``n_facts`` editable records; a larger batch starts with them), so a method
+at size ``b`` is paired with itself at the smallest size on the same facts
+(:func:`summarise`'s ``scaling`` table), and each method with MEMIT at the same size.
+
+The methods:
+
+* ``ROME``: its batch written fact after fact, each rank-one update on the model as the
+  earlier ones left it (as published; at size 1 this is ROME's single-edit protocol);
+* ``MEMIT``, ``PMET`` and ``AlphaEdit``, with the model's defaults;
+* ``IntAttn-Edit, train alpha`` and ``IntAttn-Edit+NS, train alpha``: IntAttn-Edit
+  (without and with AlphaEdit's null-space projection) at the alpha of estimator (e) of
+  the ``alpha-estimators`` experiment: the per-layer alpha chosen on *train* records,
+  the one estimator selected without test records
+  (:func:`intattn_analysis.experiments.estimators.train_alpha`). It is read from that
+  experiment's store under the same root, and computed there first where missing.
+
+Targets are shared wherever they can be: ``z*`` does not depend on the batch, so MEMIT,
+AlphaEdit and both IntAttn-Edit rows read each fact's from the on-disk target cache at
+every size. Every (size, batch, method) is a stored unit; a killed run resumes.
+
+Scales: ``ci``: sizes 1 and 3 on 3 ZsRE test facts with ROME, MEMIT, AlphaEdit and
+IntAttn-Edit, Edit Succ. and the other KnowEdit metrics only, second moments from 20,000
+tokens; ``paper``: sizes 1, 10, 100 and 500 on (at least) the first 100 facts, every
+method, the editors experiment's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from ..facts import Fact
+from ..hparams import hparams_for
+from ..loading import ModelHandle
+from ..reporting import MAIN_METRICS
+from ..runs import editable_batches
+from . import estimators
+from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
+from .editors import method_settings, run_methods
+from .stats import paired_against, tidy_intervals
+from .store import ResultStore, check_unique
+
+__all__ = ["NAME", "ROWS", "SCALES", "ScalingScale", "run", "run_sizes", "settings_for", "summarise", "tables",
+           "train_alpha"]
+
+NAME = "batch-scaling"
+
+#: ``{row name: row of the editors experiment}``; the IntAttn-Edit rows take the train alpha.
+ROWS: dict[str, str] = {
+    "ROME": "ROME",
+    "MEMIT": "MEMIT",
+    "PMET": "PMET",
+    "AlphaEdit": "AlphaEdit",
+    "IntAttn-Edit, train alpha": "IntAttn-Edit",
+    "IntAttn-Edit+NS, train alpha": "IntAttn-Edit+NS",
+}
+TRAIN_ALPHA_ROWS = ("IntAttn-Edit, train alpha", "IntAttn-Edit+NS, train alpha")
+
+
+@dataclass(frozen=True)
+class ScalingScale:
+    """How much of the experiment to run."""
+
+    sizes: tuple[int, ...]
+    n_facts: int  # facts evaluated at every size below it (ceil(n_facts / size) batches)
+    methods: tuple[str, ...] = tuple(ROWS)
+    mom2_n_tokens: int | None = None  # None: each method's default
+    fluency_tokens: int = 50
+    metrics: tuple[str, ...] = ("knowedit", "residue", "fluency")
+
+    def __post_init__(self):
+        if not self.sizes or any(not isinstance(s, int) or s < 1 for s in self.sizes):
+            raise ValueError(f"sizes must be integers >= 1, got {self.sizes}")
+        if list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError(f"sizes must be increasing and distinct, got {self.sizes}")
+        unknown = [m for m in self.methods if m not in ROWS]
+        if unknown:
+            raise ValueError(f"unknown rows {unknown}; rows: {list(ROWS)}")
+
+    def n_batches(self, size: int) -> int:
+        return max(1, math.ceil(self.n_facts / size))
+
+
+SCALES: dict[str, ScalingScale] = {
+    "ci": ScalingScale(sizes=(1, 3), n_facts=3, methods=("ROME", "MEMIT", "AlphaEdit", "IntAttn-Edit, train alpha"),
+                       mom2_n_tokens=20_000, fluency_tokens=20, metrics=("knowedit",)),
+    "paper": ScalingScale(sizes=(1, 10, 100, 500), n_facts=100),
+}
+
+
+def settings_for(model: ModelHandle, scale: ScalingScale, scale_name: str, root, progress: bool = True):
+    """``{row name: (method, hparams)}``; the IntAttn-Edit rows at estimator (e)'s alpha,
+    read from (or computed into) the ``alpha-estimators`` store under ``root`` at the
+    scale of the same name."""
+    base = method_settings(model, [ROWS[m] for m in scale.methods], scale.mom2_n_tokens)
+    settings = {name: base[ROWS[name]] for name in scale.methods}
+    if any(name in TRAIN_ALPHA_ROWS for name in settings):
+        alpha = train_alpha(model, scale_name, root, progress)
+        for name in TRAIN_ALPHA_ROWS:
+            if name in settings:
+                method, hp = settings[name]
+                settings[name] = (method, hp.replace(alpha=alpha))
+    return settings
+
+
+def train_alpha(model: ModelHandle, scale_name: str, root, progress: bool = True) -> dict[int, float]:
+    """Estimator (e)'s per-layer alpha for ``model``: the ``alpha-estimators``
+    experiment's train selection at its scale ``scale_name``, from its store under
+    ``root`` (units already there are read, not recomputed)."""
+    scale = estimators.SCALES[scale_name]
+    hp = hparams_for(model)
+    if scale.test.mom2_n_tokens is not None:
+        hp = hp.replace(mom2_n_tokens=scale.test.mom2_n_tokens)
+    moments = edit_moments(model, hp, progress=progress)
+    alpha, _ = estimators.train_alpha(model, hp, ResultStore(root, estimators.NAME), scale, moments, progress)
+    return alpha
+
+
+def run(model: ModelHandle, dataset: str, scale: str | ScalingScale, root, *,
+        shard: tuple[int, int] | None = None, progress: bool = True) -> ResultStore:
+    """Run (or resume) every size's units of this shard; returns the store. A
+    :class:`ScalingScale` passed directly takes the train alpha of the ``ci`` scale."""
+    scale_name = scale if isinstance(scale, str) else "ci"
+    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
+    store = ResultStore(root, NAME)
+    facts = dataset_facts(dataset)  # read before any work: a bad file fails here
+    settings = settings_for(model, scale, scale_name, root, progress)
+    run_sizes(model, facts, scale, settings, store, dataset=dataset_label(dataset), shard=shard,
+              progress=progress)
+    return store
+
+
+def run_sizes(model: ModelHandle, facts: Sequence[Fact], scale: ScalingScale,
+              settings: Mapping[str, tuple[str, Any]], store: ResultStore, *, dataset: str,
+              shard: tuple[int, int] | None = None, moments: Mapping | None = None,
+              progress: bool = True) -> int:
+    """Each size of ``scale``: the first editable ``facts`` in consecutive batches of that
+    size (:func:`intattn_analysis.editable_batches`), every named (method, hparams)
+    evaluated on each batch (:func:`.editors.run_methods`, ``batch_size`` among the
+    labels). Returns the number of units computed."""
+    computed = 0
+    for size in scale.sizes:
+        batches, _ = editable_batches(facts, size, scale.n_batches(size))
+        computed += run_methods(model, batches, settings, store, dataset=dataset, metrics=scale.metrics,
+                                fluency_tokens=scale.fluency_tokens, shard=shard, moments=moments, alone=(),
+                                labels={"batch_size": size}, label_prefix=f"s{size:04d}-", progress=progress)
+    return computed
+
+
+def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
+    """The tables from whatever the store holds.
+
+    Returns:
+        ``intervals``: per (model, dataset, batch size, setting, metric), the mean over
+        the edited facts with its 95% interval (percent for shares) and ``n_edits``;
+        ``paired``: each method minus ``baseline`` at the same batch size, on the same
+        facts;
+        ``scaling``: each method at each batch size minus the same method at the smallest
+        size, on the facts both evaluated (the first ``n_facts``): how much it loses as
+        the batch grows;
+        ``seconds``: mean seconds per batch (the edit alone, and with its evaluation).
+    """
+    rows = store.rows()
+    if rows.empty:
+        raise ValueError(f"{store!r} holds no results yet; run the experiment first")
+    check_unique(rows, ["model", "dataset", "batch_size", "setting", "batch", "position"])
+    metrics = metric_columns(rows, MAIN_METRICS)
+    groups = ["model", "dataset", "batch_size"]
+    intervals = tidy_intervals(rows, [*groups, "setting"], metrics)
+    edited = rows[rows["setting"] != "pre-edit"]
+    paired = pd.DataFrame(paired_against(edited, metrics, baseline, groups=groups, on=["batch", "position"]))
+    smallest = edited.groupby(["model", "dataset"])["batch_size"].transform("min")
+    by_size = edited.rename(columns={"setting": "row"}).assign(
+        setting=edited["batch_size"].map(lambda s: f"size {s}"), baseline_size=smallest)
+    scaling = []
+    for (model, dataset), group in by_size.groupby(["model", "dataset"], sort=False):
+        base = f"size {int(group['baseline_size'].iloc[0])}"
+        for entry in paired_against(group, metrics, base, groups=["model", "dataset", "row"], on=["fact_key"]):
+            entry["batch_size"] = int(entry.pop("setting").split()[1])
+            scaling.append(entry)
+    scaling = pd.DataFrame(scaling)
+    if not scaling.empty:
+        scaling = scaling.rename(columns={"row": "setting", "baseline": "baseline_size"})
+        scaling["baseline_size"] = scaling["baseline_size"].str.split().str[1].astype(int)
+        first = ["model", "dataset", "setting", "batch_size", "baseline_size"]
+        scaling = scaling[first + [c for c in scaling.columns if c not in first]]
+    seconds = (edited.groupby([*groups, "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
+               .first().groupby([*groups, "setting"], sort=False).mean().reset_index())
+    return {"intervals": intervals, "paired": paired, "scaling": scaling, "seconds": seconds}
+
+
+def tables(root) -> dict[str, pd.DataFrame]:
+    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
+    return summarise(ResultStore(root, NAME))

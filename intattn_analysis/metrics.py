@@ -177,12 +177,15 @@ class AnswerScore:
 
     ``answer_ids`` are the answer's tokens; ``predicted`` the model's argmax at the position
     before each of them (``predicted[0]`` is the greedy first token after the prompt);
-    ``log_probs`` the log-probability of each answer token.
+    ``log_probs`` the log-probability of each answer token; ``first_rank`` how many tokens
+    the model finds more likely than the answer's first token where it would come (0: it
+    is the greedy choice; ties count for the answer).
     """
 
     answer_ids: tuple[int, ...]
     predicted: tuple[int, ...]
     log_probs: tuple[float, ...]
+    first_rank: int = -1
 
     @property
     def accuracy(self) -> float:
@@ -295,15 +298,19 @@ def score_answers(
             logits = model.bridge(ids.to(model.device))[entry_row, entry_pos]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         target = torch.tensor([a for i in batch for a in answers[i]], device=log_probs.device)
-        chosen = log_probs.gather(1, target[:, None])[:, 0].tolist()
+        chosen = log_probs.gather(1, target[:, None])
+        starts = torch.tensor([0] + [len(answers[i]) for i in batch[:-1]]).cumsum(0).to(log_probs.device)
+        ranks = (log_probs[starts] > chosen[starts]).sum(-1).tolist()
+        chosen = chosen[:, 0].tolist()
         predicted = log_probs.argmax(dim=-1).tolist()
         at = 0
-        for index in batch:
+        for row, index in enumerate(batch):
             n = len(answers[index])
             scores[unique[index]] = AnswerScore(
                 answer_ids=tuple(answers[index]),
                 predicted=tuple(int(t) for t in predicted[at : at + n]),
                 log_probs=tuple(chosen[at : at + n]),
+                first_rank=int(ranks[row]),
             )
             at += n
     return [scores[pair] for pair in pairs]

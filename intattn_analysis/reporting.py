@@ -22,7 +22,8 @@ __all__ = ["MAIN_METRICS", "formatted", "main_table", "markdown_table", "record"
 MAIN_METRICS: tuple[str, ...] = ("Edit Succ.", "Rephrase", "Portability", "Locality", "Fluency")
 #: Metrics that are shares in [0, 1] (shown in percent); the others are shown as they are.
 _SHARES = {"Edit Succ.", "Rephrase", "Portability", "Locality", "Efficacy", "Paraphrase",
-           "Neighborhood", "Residue old top-1 pre", "Residue old top-1 post", "Known kept"}
+           "Neighborhood", "Residue old top-1 pre", "Residue old top-1 post", "Known kept",
+           "Old top-1", "Old top-10", "New top-1", "Context old top-1", "Context new top-1"}
 
 
 def record(evaluation, **labels) -> dict:

@@ -59,6 +59,7 @@ with ``tests/tracing_reference.py``, a one-site-per-forward implementation, to 1
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -309,8 +310,12 @@ class _Settings:
     noise_std: float
     severed: str | None
     seed: int
+    answered_only: bool = True
 
     def describe(self) -> dict[str, Any]:
+        # ``answered_only`` enters only when off, so that the keys of traces made before
+        # it existed still match
+        extra = {} if self.answered_only else {"answered_only": False}
         return {
             "kinds": list(self.kinds),
             "tokens": list(self.tokens),
@@ -324,6 +329,7 @@ class _Settings:
             },
             "severed": self.severed,
             "seed": self.seed,
+            **extra,
         }
 
     def restore_layers(self, kind: str, layer: int, n_layers: int) -> range:
@@ -835,6 +841,7 @@ def trace(
     seed: int = 0,
     batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    answered_only: bool = True,
     progress: bool = True,
 ) -> "TraceResult":
     """Causal-trace ``facts`` on ``model`` (see the module notes for the method).
@@ -859,6 +866,11 @@ def trace(
             ``4096 // prompt length``. Results do not depend on it beyond float rounding.
         cache_dir: where to keep one result file per (model, fact, kind, settings);
             an interrupted run started again reads what is there and computes the rest.
+        answered_only: leave out facts whose first ``target_true`` token is not the
+            model's top-1 prediction (default). ``False`` traces every fact with a
+            ``target_true``: the indirect effects on ``p(target_true)`` wherever it
+            stands, which is how an *edited* model is asked where the old answer it no
+            longer gives still flows.
         progress: show a progress bar over facts.
 
     Returns:
@@ -878,6 +890,7 @@ def trace(
         if not isinstance(fact, Fact):
             raise ValueError(f"facts[{i}] must be a Fact, got {type(fact).__name__}")
     settings = _settings(model, kinds, tokens, layers, window, samples, noise, severed, seed)
+    settings = dataclasses.replace(settings, answered_only=bool(answered_only))
     if batch_size is not None:
         batch_size = _positive_int("batch_size", batch_size)
 
@@ -920,7 +933,7 @@ def _trace_fact(
 
     run = _prepare(model, fact)
     _clean_run(model, run, settings)
-    if run.top_token != run.answer:
+    if settings.answered_only and run.top_token != run.answer:
         predicted = model.tokenizer.decode([run.top_token])
         expected = model.tokenizer.decode([run.answer])
         return [], f"top-1 prediction {predicted!r} is not the answer {expected!r}"

@@ -548,3 +548,108 @@ def test_batch_scaling_writes_each_size_and_pairs_sizes_on_the_same_facts(tiny_l
     row = scaling[(scaling["setting"] == "MEMIT") & (scaling["metric"] == "Edit Succ.")].iloc[0]
     means = edited.groupby("batch_size")["Edit Succ."].mean()
     assert row["diff"] == pytest.approx(100 * (means[2] - means[1]), abs=1e-9)
+
+
+ALIASED = [
+    ia.Fact.from_text("w10 w11 w20 w21 w22", "w10 w11", "w40", target_true="w50",
+                      paraphrases=["w33 {} w21"], portability=[("w34 w35 w21", "w40", "Subject_Aliasing"),
+                                                                    ("w36 w10 w11", "w45", "Reasoning")]),
+    ia.Fact.from_text("w30 w12 w13 w23 w24", "w12 w13", "w41", target_true="w51"),
+]
+
+
+def test_outdated_experiment_measures_the_old_answer_on_each_model_state(tiny_llama, setting, tmp_path,
+                                                                         monkeypatch):
+    """Survival and trace units for the unedited model and each method: a killed run
+    resumes to the same store; each unit is what its functions give on the model in that
+    state (the edit written, then restored); the summary pairs methods with MEMIT and
+    edited traces with the unedited one on the same facts."""
+    from intattn_analysis.experiments import outdated
+
+    hp, moments = setting
+    settings = {"MEMIT": ("memit", hp.replace(alpha=0.0)),
+                "IntAttn-Edit, train alpha": ("intattn", hp.replace(alpha=0.5))}
+    facts = ALIASED
+
+    def run(root):
+        return outdated.run_batches(tiny_llama, [facts], settings, ResultStore(root, outdated.NAME), dataset="hand",
+                                    n_traced=1, samples=2, moments=moments, progress=False)
+
+    def table(root):
+        rows = ResultStore(root, outdated.NAME).rows().drop(columns=["seconds"])
+        return rows.sort_values(["unit", "position", "module", "token_class"], na_position="first"
+                                ).reset_index(drop=True)
+
+    assert run(tmp_path / "whole") == 2 * 3
+    assert run(tmp_path / "whole") == 0
+    whole = table(tmp_path / "whole")
+    _killed_after(3, lambda: run(tmp_path / "killed"), monkeypatch)
+    assert run(tmp_path / "killed") == 3
+    pd.testing.assert_frame_equal(table(tmp_path / "killed"), whole)
+
+    survival = whole[whole["part"] == "survival"].set_index(["setting", "position"])
+    expected = {"pre-edit": outdated.survival_rows(tiny_llama, facts)}
+    with ia.edit(tiny_llama, facts, method="memit", hparams=settings["MEMIT"][1], moments=moments, progress=False):
+        expected["MEMIT"] = outdated.survival_rows(tiny_llama, facts)
+        traced_memit = outdated.trace_rows(tiny_llama, facts[:1], samples=2)
+    for name, rows in expected.items():
+        for row in rows:
+            for metric in outdated.SURVIVAL_METRICS:
+                got, want = survival.loc[(name, row["position"]), metric], row[metric]
+                assert got == want or (math.isnan(got) and math.isnan(want)), (name, metric)
+    # the first fact has one paraphrase and one alias probe; the second has neither
+    first, second = survival.loc[("pre-edit", 0)], survival.loc[("pre-edit", 1)]
+    assert not math.isnan(first["Old p/alias"]) and math.isnan(second["Old p/alias"])
+    assert math.isnan(second["Old p/paraphrase"])
+    # the old answer's top-1 is its rank 0
+    for metric in ("prompt", "paraphrase"):
+        assert first[f"Old top-1/{metric}"] == float(first[f"Old rank/{metric}"] == 0)
+    # an edit moves p(target_true): the unit is not the unedited model's
+    assert survival.loc[("MEMIT", 0), "Old p/prompt"] != survival.loc[("pre-edit", 0), "Old p/prompt"]
+
+    traced = whole[whole["part"] == "trace"]
+    assert set(traced["position"]) == {0}
+    assert {(m, t) for m, t in zip(traced["module"], traced["token_class"])} == {
+        (m, t) for m in outdated.TRACE_KINDS for t in outdated.TRACE_TOKENS}
+    memit = traced[traced["setting"] == "MEMIT"].set_index(["module", "token_class"])
+    for row in traced_memit:
+        assert memit.loc[(row["module"], row["token_class"]), "ie"] == row["ie"]
+        assert len(row["ie"]) == tiny_llama.n_layers
+
+    tables = outdated.summarise(ResultStore(tmp_path / "whole", outdated.NAME))
+    assert set(tables["intervals"]["setting"]) == {"pre-edit", *settings}
+    assert set(tables["paired"]["setting"]) == {"IntAttn-Edit, train alpha"}
+    aie = tables["aie"]
+    assert set(aie["layer"]) == set(range(tiny_llama.n_layers)) and (aie["n_edits"] == 1).all()
+    flow = tables["flow"].set_index(["setting", "module", "token_class"])
+    mean = lambda name, m, t: float(np.mean(traced[(traced["setting"] == name) & (traced["module"] == m)
+                                                   & (traced["token_class"] == t)]["ie"].iloc[0]))
+    for m in outdated.TRACE_KINDS:
+        for t in outdated.TRACE_TOKENS:
+            assert flow.loc[("MEMIT", m, t), "mean"] == pytest.approx(mean("MEMIT", m, t), abs=1e-12)
+            assert flow.loc[("MEMIT", m, t), "diff_pre"] == pytest.approx(
+                mean("MEMIT", m, t) - mean("pre-edit", m, t), abs=1e-12)
+            assert math.isnan(flow.loc[("pre-edit", m, t), "diff_pre"])
+
+
+def test_a_trace_of_every_fact_keeps_those_the_model_does_not_answer(tiny_llama):
+    """``answered_only=False`` traces facts whose old answer is not the model's top-1
+    (after an edit, the facts it was written over); a fact the model does answer gets the
+    same rows either way."""
+    from intattn_analysis.predictions import first_answer_token, next_token_probs
+
+    top = tiny_llama.tokenizer.decode([int(next_token_probs(tiny_llama, FACTS[0].text).argmax())]).strip()
+    answered = ia.Fact.from_text(FACTS[0].text, FACTS[0].subject, "w40", target_true=top)
+    assert first_answer_token(tiny_llama, top) == int(next_token_probs(tiny_llama, FACTS[0].text).argmax())
+    unanswered = [f for f in FACTS[1:] if int(next_token_probs(tiny_llama, f.text).argmax())
+                  != first_answer_token(tiny_llama, f.target_true)]
+    assert unanswered  # a random model answers next to nothing
+    facts = [answered, *unanswered]
+    kwargs = dict(kinds=("mlp",), tokens=("last",), window=1, samples=2, progress=False)
+    every = ia.trace(tiny_llama, facts, answered_only=False, **kwargs)
+    assert every.n_facts == len(facts) and every.n_skipped == 0
+    assert every.settings["answered_only"] is False
+    only = ia.trace(tiny_llama, facts, **kwargs)
+    assert only.n_facts == 1 and only.n_skipped == len(unanswered) and "answered_only" not in only.settings
+    mine = every.table[every.table["fact"] == answered.key].reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine, only.table.reset_index(drop=True))

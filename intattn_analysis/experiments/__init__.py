@@ -17,14 +17,16 @@ calls them from the command line.
 * ``sequential``: rounds of edits piling up on one model, evaluated after each round
   (:mod:`.sequential`);
 * ``batch-scaling``: every editor at growing batch sizes on the same facts
-  (:mod:`.batch_scaling`).
+  (:mod:`.batch_scaling`);
+* ``outdated``: how much of the old answer survives each editor, where it flows, and
+  whether a context brings it back (:mod:`.outdated`).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from . import alpha_sweep, batch_scaling, editors, estimators, localization, sequential
+from . import alpha_sweep, batch_scaling, editors, estimators, localization, outdated, sequential
 from .stats import mean_interval, paired_difference, tidy_intervals
 from .store import ResultStore, StoreError, merge_stores
 
@@ -34,7 +36,7 @@ __all__ = ["EXPERIMENTS", "ResultStore", "StoreError", "mean_interval", "merge_s
 #: The experiments ``intattn run`` knows, by name.
 EXPERIMENTS: dict[str, ModuleType] = {
     module.NAME: module for module in (localization, alpha_sweep, estimators, editors, sequential,
-                                       batch_scaling)
+                                       batch_scaling, outdated)
 }
 
 

@@ -1,0 +1,358 @@
+"""Experiment ``outdated``: how much of the old answer survives an edit, and where.
+
+The paper motivates editing attention as well as MLPs with one sentence: MLP-only edits
+"can leave residual outdated knowledge" that attention still carries. This experiment
+asks it directly. For each batch of facts the unedited model *knows* (its greedy answer
+begins with ``target_true``: only knowledge that was there can survive), each method of
+:data:`ROWS` writes the batch, and, with the batch written, three things are measured:
+
+(a) **survival** (``part="survival"``, one row per fact): the old answer's standing on the
+    edit prompt, on each paraphrase and on each subject-alias probe (portability probes
+    of kind ``Subject_Aliasing``, where the old answer is still ``target_true``):
+    ``Old top-1`` (``target_true``'s first token is the greedy choice), ``Old top-10``,
+    ``Old p`` (its probability, the geometric mean over its tokens, teacher-forced) and
+    ``Old rank`` (how many tokens come before its first token), with the new answer's
+    ``New top-1`` beside them; each as ``<metric>/<probe>``, averaged over a fact's
+    probes of that kind;
+(b) **where it flows** (``part="trace"``, one row per fact, module and token): causal
+    tracing of the edited model with ``target_true`` as the answer
+    (:func:`intattn_analysis.trace` with ``answered_only=False``): the indirect effect on
+    ``p(target_true)`` of restoring attention or MLP outputs, at the last subject token
+    and the last token, per layer (``ie``, a list over layers), beside the same trace of
+    the unedited model (setting ``pre-edit``);
+(c) **whether it comes back** (in the survival rows): the edit prompt behind a context
+    that names the old attribute, :data:`CONTEXT` (``"{subject}, long known for its
+    {old} ties."``): ``Context old top-1``, ``Context old p`` and ``Context new top-1``.
+    :func:`summarise` gives the rate at which the context brings the old answer back
+    among the facts whose edit removed it from the plain prompt.
+
+Methods are those of the ``batch-scaling`` experiment (ROME, MEMIT, PMET, AlphaEdit and
+IntAttn-Edit without and with the null-space projection at the train-chosen alpha), with
+the model's defaults. Each (batch, setting, part) is a stored unit; a killed run resumes.
+Trace rows hold one list of per-layer effects per (fact, module, token), so that a batch
+of 100 traced facts stays a small file.
+
+Scales: ``ci``: one batch of 3 known built-in facts, MEMIT and IntAttn-Edit, 2 of them
+traced with 2 noise draws, second moments from 20,000 tokens; ``paper``: one batch of
+100, every method, all traced with 10 noise draws (the localization experiment's).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ..editors import edit
+from ..editors.api import batch_targets
+from ..facts import Fact
+from ..known import is_known
+from ..loading import ModelHandle, cache_root
+from ..metrics import score_answers
+from ..tracing import trace
+from . import localization
+from .batch_scaling import ROWS, settings_for
+from .batches import batch_key
+from .common import check_scale, dataset_facts, dataset_label, targets_cache
+from .editors import _moments_for, _sample
+from .stats import paired_against, paired_difference, tidy_intervals
+from .store import ResultStore, check_unique
+
+__all__ = ["ALIAS_KIND", "CONTEXT", "NAME", "OutdatedScale", "PROBES", "SCALES", "SURVIVAL_METRICS",
+           "context_prompt", "known_batches", "run", "run_batches", "summarise", "survival_rows", "tables",
+           "trace_rows"]
+
+NAME = "outdated"
+#: The context that names the old attribute before the edit prompt (part (c)).
+CONTEXT = "{subject}, long known for its {old} ties."
+#: The portability probes whose answer is still the old one when the edit is undone: the
+#: same question about an alias of the subject.
+ALIAS_KIND = "Subject_Aliasing"
+#: The probes of part (a), in column order.
+PROBES = ("prompt", "paraphrase", "alias")
+#: Part (a)'s per-probe metrics and part (c)'s, in column order.
+SURVIVAL_METRICS = (
+    *[f"{m}/{p}" for p in PROBES for m in ("Old top-1", "Old top-10", "Old p", "Old rank", "New top-1")],
+    "Context old top-1", "Context old p", "Context new top-1",
+)
+TRACE_KINDS = ("attn", "mlp")
+TRACE_TOKENS = ("subject_last", "last")
+
+
+@dataclass(frozen=True)
+class OutdatedScale:
+    """How much of the experiment to run."""
+
+    batch_size: int
+    n_batches: int
+    n_traced: int  # the first n_traced facts of each batch are traced
+    samples: int  # noise draws per traced fact
+    methods: tuple[str, ...] = tuple(ROWS)
+    mom2_n_tokens: int | None = None
+
+
+SCALES: dict[str, OutdatedScale] = {
+    "ci": OutdatedScale(batch_size=3, n_batches=1, n_traced=2, samples=2,
+                        methods=("MEMIT", "IntAttn-Edit, train alpha"), mom2_n_tokens=20_000),
+    "paper": OutdatedScale(batch_size=100, n_batches=1, n_traced=100, samples=10),
+}
+
+
+def context_prompt(fact: Fact) -> str:
+    """The edit prompt behind :data:`CONTEXT` for this fact's old answer."""
+    if not fact.target_true:
+        raise ValueError(f"fact {fact.key} ({fact.subject!r}) has no target_true; the context names it")
+    return f"{CONTEXT.format(subject=fact.subject, old=fact.target_true)} {fact.text}"
+
+
+def _probe_prompts(fact: Fact) -> dict[str, list[str]]:
+    return {
+        "prompt": [fact.text],
+        "paraphrase": list(fact.paraphrase_texts),
+        "alias": [p.prompt for p in fact.portability if p.kind == ALIAS_KIND],
+    }
+
+
+def known_batches(model: ModelHandle, dataset: str, batch_size: int, n_batches: int,
+                  progress: bool = True) -> list[list[Fact]]:
+    """The first ``n_batches * batch_size`` facts of ``dataset`` that have a
+    ``target_true``, ask for a change, and that the unedited model knows
+    (:func:`intattn_analysis.known.is_known`; a fact's stored flag for the model is
+    trusted where it says no, and checked where it says yes or is missing), in file
+    order, in consecutive batches. Raises when there are too few."""
+    wanted = batch_size * n_batches
+    chosen: list[Fact] = []
+    facts = dataset_facts(dataset)
+    with tqdm(total=wanted, desc=f"known facts of {dataset_label(dataset)}", disable=not progress) as bar:
+        for fact in facts:
+            if len(chosen) == wanted:
+                break
+            if not fact.target_true or not fact.changes_answer or fact.known.get(model.name) is False:
+                continue
+            if is_known(model, fact)[0]:
+                chosen.append(fact)
+                bar.update()
+    if len(chosen) < wanted:
+        raise ValueError(f"{model.name} knows {len(chosen)} editable facts of {dataset_label(dataset)} with a "
+                         f"target_true; {n_batches} batch(es) of {batch_size} need {wanted}")
+    return [chosen[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+
+
+def survival_rows(model: ModelHandle, facts: Sequence[Fact]) -> list[dict]:
+    """Parts (a) and (c) on the model as it is: one row per fact (see the module notes)."""
+    pairs = []
+    for fact in facts:
+        for prompts in _probe_prompts(fact).values():
+            pairs += [(p, a) for p in prompts for a in (fact.target_true, fact.target_new)]
+        context = context_prompt(fact)
+        pairs += [(context, fact.target_true), (context, fact.target_new)]
+    scores = dict(zip(pairs, score_answers(model, pairs, progress=False)))
+    rows = []
+    for position, fact in enumerate(facts):
+        row: dict[str, Any] = {"position": position, "fact_key": fact.key, "subject": fact.subject,
+                               "relation": fact.relation}
+        for probe, prompts in _probe_prompts(fact).items():
+            old = [scores[p, fact.target_true] for p in prompts]
+            new = [scores[p, fact.target_new] for p in prompts]
+            row[f"Old top-1/{probe}"] = _mean(float(s.first_rank == 0) for s in old)
+            row[f"Old top-10/{probe}"] = _mean(float(s.first_rank < 10) for s in old)
+            row[f"Old p/{probe}"] = _mean(s.probability for s in old)
+            row[f"Old rank/{probe}"] = _mean(float(s.first_rank) for s in old)
+            row[f"New top-1/{probe}"] = _mean(float(s.first_rank == 0) for s in new)
+        context = context_prompt(fact)
+        old, new = scores[context, fact.target_true], scores[context, fact.target_new]
+        row["Context old top-1"] = float(old.first_rank == 0)
+        row["Context old p"] = old.probability
+        row["Context new top-1"] = float(new.first_rank == 0)
+        rows.append(row)
+    return rows
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else math.nan
+
+
+def trace_rows(model: ModelHandle, facts: Sequence[Fact], samples: int, seed: int = 0) -> list[dict]:
+    """Part (b) on the model as it is: per fact, module and token class, the indirect
+    effect on ``p(target_true)`` per layer (the localization experiment's window for the
+    model), with the fact's clean and corrupted ``p(target_true)``."""
+    window = localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW)
+    result = trace(model, list(facts), kinds=TRACE_KINDS, tokens=TRACE_TOKENS, window=min(window, model.n_layers),
+                   samples=samples, seed=seed, answered_only=False, cache_dir=cache_root() / "traces",
+                   progress=False)
+    table = result.to_dataframe()
+    position = {f.key: i for i, f in enumerate(facts)}
+    rows = []
+    for (key, kind, token), group in table.groupby(["fact", "kind", "token_class"], sort=False):
+        per_layer = group.groupby("layer")["ie"].mean().sort_index()
+        rows.append({"position": position[key], "fact_key": key, "module": kind, "token_class": token,
+                     "p_clean": float(group["p_clean"].iloc[0]), "p_corrupted": float(group["p_corrupted"].iloc[0]),
+                     "layers": [int(l) for l in per_layer.index], "ie": [float(v) for v in per_layer.values]})
+    return rows
+
+
+def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings: Mapping[str, tuple[str, Any]],
+                store: ResultStore, *, dataset: str, n_traced: int, samples: int,
+                moments: Mapping | None = None, progress: bool = True) -> int:
+    """For each batch, the unedited model (``pre-edit``) and each named (method,
+    hparams) with the batch written: a survival unit and a trace unit (the first
+    ``n_traced`` facts). Weights are restored after each method. Returns the number of
+    units computed."""
+    labels = {"model": model.name, "dataset": dataset}
+    by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
+    trace_key = {"n_traced": n_traced, "samples": samples, "kinds": list(TRACE_KINDS), "tokens": list(TRACE_TOKENS),
+                 "context": CONTEXT}
+    computed = 0
+    names = ["pre-edit", *settings]
+    steps = tqdm(total=len(batches) * len(names), desc=f"{model.name} {dataset} outdated", disable=not progress)
+    try:
+        for b, batch in enumerate(batches):
+            batch = list(batch)
+            bkey = batch_key(model, dataset, b, batch)
+            shared: dict = {}
+            for name in names:
+                if name == "pre-edit":
+                    setting = {"unit": "pre-edit"}
+                    method = hp = None
+                else:
+                    method, hp = settings[name]
+                    setting = {"unit": "edit", "method": method, "hparams_type": type(hp).__name__,
+                               "hparams": hp.effective_dict()}
+                slug = name.lower().replace(", ", "-").replace(" ", "-").replace("+", "-")
+                units = {part: ({**bkey, **setting, "part": part, **trace_key}, f"b{b:03d}-{slug}-{part}")
+                         for part in ("survival", "trace")}
+                missing = [part for part, (key, label) in units.items() if not store.has(key, label)]
+                if not missing:
+                    steps.update()
+                    continue
+                context = nullcontext()
+                if name != "pre-edit":
+                    if by_sample is None:
+                        by_sample = _moments_for(model, settings, progress)
+                    targets = batch_targets(model, batch, method, hp, shared, targets_cache())
+                    context = edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
+                                   targets=targets, progress=False)
+                with context:
+                    for part in missing:
+                        start = time.perf_counter()
+                        rows = (survival_rows(model, batch) if part == "survival"
+                                else trace_rows(model, batch[:n_traced], samples))
+                        seconds = time.perf_counter() - start
+                        key, label = units[part]
+                        store.write_unit(key, [{**r, "seconds": seconds} for r in rows], label,
+                                         {**labels, "batch": b, "setting": name, "method": method, "part": part})
+                        computed += 1
+                steps.update()
+    finally:
+        steps.close()
+    return computed
+
+
+def run(model: ModelHandle, dataset: str, scale: str | OutdatedScale, root, *,
+        shard: tuple[int, int] | None = None, progress: bool = True) -> ResultStore:
+    """Run (or resume) the experiment; returns the store. ``shard`` is not supported (one
+    batch at paper scale) and must be ``None``."""
+    if shard is not None:
+        raise ValueError("the outdated experiment runs one batch at paper scale and takes no --shard")
+    scale_name = scale if isinstance(scale, str) else "ci"
+    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
+    store = ResultStore(root, NAME)
+    batches = known_batches(model, dataset, scale.batch_size, scale.n_batches, progress)
+    settings = settings_for(model, scale, scale_name, root, progress)
+    run_batches(model, batches, settings, store, dataset=dataset_label(dataset), n_traced=scale.n_traced,
+                samples=scale.samples, progress=progress)
+    return store
+
+
+def _trace_long(rows: pd.DataFrame) -> pd.DataFrame:
+    """Trace rows with one row per layer: model, dataset, setting, fact_key, module,
+    token_class, layer, ie."""
+    keep = ["model", "dataset", "setting", "batch", "position", "fact_key", "module", "token_class"]
+    long = rows[keep + ["layers", "ie"]].explode(["layers", "ie"]).rename(columns={"layers": "layer"})
+    return long.astype({"layer": "int64", "ie": "float64"}).reset_index(drop=True)
+
+
+def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
+    """The tables from whatever the store holds.
+
+    Returns:
+        ``intervals``: the survival metrics (a) and (c) per (model, dataset, setting), mean
+        with 95% interval (percent for shares);
+        ``paired``: each method minus ``baseline`` on the same facts (survival metrics);
+        ``restored``: per (model, dataset, setting), among the facts whose old answer is no
+        longer the greedy choice on the plain prompt, the share that the context brings
+        back (``Context old top-1``), with its interval;
+        ``aie``: per (model, dataset, setting, module, token class, layer), the indirect
+        effect on ``p(target_true)`` averaged over the traced facts, with its interval;
+        ``flow``: per fact, module and token class, the mean effect over layers; its mean
+        per setting with interval, and each setting minus ``pre-edit`` and minus
+        ``baseline`` on the same facts (``diff_pre``, ``diff_baseline`` with intervals).
+    """
+    rows = store.rows()
+    if rows.empty:
+        raise ValueError(f"{store!r} holds no results yet; run the experiment first")
+    survival = rows[rows["part"] == "survival"]
+    out: dict[str, pd.DataFrame] = {}
+    if not survival.empty:
+        check_unique(survival, ["model", "dataset", "setting", "batch", "position"])
+        metrics = [m for m in SURVIVAL_METRICS if m in survival.columns and survival[m].notna().any()]
+        out["intervals"] = tidy_intervals(survival, ["model", "dataset", "setting"], metrics)
+        edited = survival[survival["setting"] != "pre-edit"]
+        out["paired"] = pd.DataFrame(paired_against(edited, metrics, baseline, groups=["model", "dataset"],
+                                                    on=["batch", "position"]))
+        gone = survival[survival["Old top-1/prompt"] == 0]
+        out["restored"] = tidy_intervals(gone, ["model", "dataset", "setting"], ["Context old top-1"])
+    traced = rows[rows["part"] == "trace"]
+    if not traced.empty:
+        check_unique(traced, ["model", "dataset", "setting", "batch", "position", "module", "token_class"])
+        long = _trace_long(traced)
+        per_layer = tidy_intervals(long.rename(columns={"ie": "AIE"}),
+                                   ["model", "dataset", "setting", "module", "token_class", "layer"], ["AIE"])
+        out["aie"] = per_layer.drop(columns="metric")
+        out["flow"] = _flow(long, baseline)
+    return out
+
+
+def _flow(long: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Per (model, dataset, setting, module, token class): the mean over facts of each
+    fact's mean effect across layers, with its interval, and the paired differences from
+    the unedited model and from ``baseline`` on the same facts."""
+    per_fact = (long.groupby(["model", "dataset", "setting", "module", "token_class", "batch", "position"],
+                             sort=False)["ie"].mean().reset_index())
+    groups = ["model", "dataset", "module", "token_class"]
+    table = tidy_intervals(per_fact.rename(columns={"ie": "mean AIE"}), [*groups[:2], "setting", *groups[2:]],
+                           ["mean AIE"]).drop(columns="metric")
+    extra = []
+    for _, row in table.iterrows():
+        entry = {}
+        for column, reference in (("pre", "pre-edit"), ("baseline", baseline)):
+            mine = _facts_of(per_fact, row, row["setting"])
+            other = _facts_of(per_fact, row, reference)
+            if row["setting"] == reference or mine.empty or other.empty:
+                entry.update({f"diff_{column}": math.nan, f"diff_{column}_low": math.nan,
+                              f"diff_{column}_high": math.nan})
+                continue
+            result = paired_difference(mine, other)
+            entry.update({f"diff_{column}": result["diff"], f"diff_{column}_low": result["ci_low"],
+                          f"diff_{column}_high": result["ci_high"]})
+        extra.append(entry)
+    return pd.concat([table.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
+
+
+def _facts_of(per_fact: pd.DataFrame, row, setting: str) -> pd.Series:
+    part = per_fact[(per_fact["model"] == row["model"]) & (per_fact["dataset"] == row["dataset"])
+                    & (per_fact["setting"] == setting) & (per_fact["module"] == row["module"])
+                    & (per_fact["token_class"] == row["token_class"])]
+    return part.set_index(["batch", "position"])["ie"]
+
+
+def tables(root) -> dict[str, pd.DataFrame]:
+    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
+    return summarise(ResultStore(root, NAME))

@@ -46,7 +46,7 @@ from ..reporting import MAIN_METRICS
 from ..runs import editable_batches
 from . import estimators
 from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
-from .editors import method_settings, run_methods
+from .editors import METHODS, method_settings, run_methods
 from .stats import paired_against, tidy_intervals
 from .store import ResultStore, check_unique
 
@@ -98,12 +98,17 @@ SCALES: dict[str, ScalingScale] = {
 }
 
 
-def settings_for(model: ModelHandle, scale: ScalingScale, scale_name: str, root, progress: bool = True):
-    """``{row name: (method, hparams)}``; the IntAttn-Edit rows at estimator (e)'s alpha,
-    read from (or computed into) the ``alpha-estimators`` store under ``root`` at the
-    scale of the same name."""
-    base = method_settings(model, [ROWS[m] for m in scale.methods], scale.mom2_n_tokens)
-    settings = {name: base[ROWS[name]] for name in scale.methods}
+def settings_for(model: ModelHandle, scale, scale_name: str, root, progress: bool = True):
+    """``{row name: (method, hparams)}`` for the rows ``scale.methods`` (names of
+    :data:`ROWS` or of the editors experiment's rows), with ``scale.mom2_n_tokens``; the
+    train-alpha rows at estimator (e)'s alpha, read from (or computed into) the
+    ``alpha-estimators`` store under ``root`` at the scale of the same name."""
+    unknown = [m for m in scale.methods if m not in ROWS and m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; rows: {sorted(set(ROWS) | set(METHODS))}")
+    base_names = [ROWS.get(m, m) for m in scale.methods]
+    base = method_settings(model, list(dict.fromkeys(base_names)), scale.mom2_n_tokens)
+    settings = {name: base[ROWS.get(name, name)] for name in scale.methods}
     if any(name in TRAIN_ALPHA_ROWS for name in settings):
         alpha = train_alpha(model, scale_name, root, progress)
         for name in TRAIN_ALPHA_ROWS:

@@ -17,15 +17,20 @@ shorter run's (round ``r`` depends only on rounds ``1..r``, and its key names on
 evaluation), so a run of 10 rounds is extended to 20 by running 20: the first 10 are read
 from the store.
 
+The methods are rows of the ``editors`` experiment or of the ``batch-scaling`` one
+(:func:`intattn_analysis.experiments.batch_scaling.settings_for`: ROME fact after fact,
+PMET, and IntAttn-Edit without and with the null-space projection at the train-chosen
+alpha).
+
 Scales: ``ci``: 3 rounds of 2 ZsRE test edits, MEMIT, AlphaEdit and IntAttn-Edit, second
-moments from 20,000 tokens; ``paper``: 20 rounds of 10 with the same methods, Fluency
-after rounds 10 and 20.
+moments from 20,000 tokens; ``paper``: 20 rounds of 10 with those three and ROME, PMET
+and both train-alpha IntAttn-Edit rows, Fluency after rounds 10 and 20.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -40,7 +45,8 @@ from ..reporting import MAIN_METRICS
 from ..targets import context_templates
 from .batches import _fact_rows, batch_key, facts_digest
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
-from .editors import _moments_for, _sample, method_settings
+from .batch_scaling import settings_for
+from .editors import _moments_for, _sample, _slug
 from .store import ResultStore, check_unique
 from .stats import paired_against, tidy_intervals
 
@@ -65,7 +71,9 @@ class SequentialScale:
 SCALES: dict[str, SequentialScale] = {
     "ci": SequentialScale(rounds=3, batch_size=2, fluency_rounds=(3,), n_known=8, mom2_n_tokens=20_000,
                           fluency_tokens=20),
-    "paper": SequentialScale(rounds=20, batch_size=10, fluency_rounds=(10, 20)),
+    "paper": SequentialScale(rounds=20, batch_size=10, fluency_rounds=(10, 20),
+                             methods=("MEMIT", "AlphaEdit", "IntAttn-Edit", "ROME", "PMET",
+                                      "IntAttn-Edit, train alpha", "IntAttn-Edit+NS, train alpha")),
 }
 
 
@@ -118,7 +126,7 @@ def run_sequences(
             key = {**batch_key(model, dataset, r, done), "unit": "round", "rounds_of": len(rounds[0]),
                    "method": method, "hparams_type": type(hp).__name__, "hparams": hp.effective_dict(),
                    "fluency": r in fluency_rounds, **eval_key}
-            units.append((key, f"{name.lower().replace('+', '-')}-r{r:03d}"))
+            units.append((key, f"{_slug(name)}-r{r:03d}"))
         stored = [store.has(key, label) for key, label in units]
         if all(stored):
             continue
@@ -171,6 +179,7 @@ def run(
     shard: tuple[int, int] | None = None, progress: bool = True,
 ) -> ResultStore:
     """Run (or resume) every method's sequence (``shard`` splits the methods)."""
+    scale_name = scale if isinstance(scale, str) else "ci"
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     rounds = dataset_batches(dataset, scale.batch_size, scale.rounds)
@@ -178,7 +187,7 @@ def run(
     if shard is not None:
         index, count = shard
         methods = methods[index - 1::count]
-    settings = method_settings(model, methods, scale.mom2_n_tokens)
+    settings = settings_for(model, replace(scale, methods=tuple(methods)), scale_name, root, progress)
     known = known_probe_facts(model, [f for r in rounds for f in r], scale.n_known)
     run_sequences(model, rounds, settings, store, dataset=dataset_label(dataset), known=known,
                   fluency_rounds=scale.fluency_rounds, fluency_tokens=scale.fluency_tokens, progress=progress)

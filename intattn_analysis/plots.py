@@ -21,7 +21,9 @@ __all__ = [
     "plot_alpha_sweep",
     "plot_alphas",
     "plot_known_by_relation",
+    "plot_batch_scaling",
     "plot_main_table",
+    "plot_outdated_flow",
     "plot_severed",
     "plot_sweep_intervals",
     "plot_trace_heatmaps",
@@ -339,5 +341,76 @@ def plot_sequential(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephrase
         prefix = f"{label}: " if label else ""
         ax.set_title(f"{prefix}{metric}", fontsize=10)
     axes[0][0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_batch_scaling(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", "Locality"),
+                       label: str = "") -> plt.Figure:
+    """Each metric against the batch size (log scale), one line per method with its 95%
+    interval over facts, one panel per metric.
+
+    ``intervals`` is the tidy table of
+    :func:`intattn_analysis.experiments.batch_scaling.summarise` (columns model, dataset,
+    batch_size, setting, metric, mean, ci_low, ci_high, n_edits); the unedited model's
+    rows are left out.
+    """
+    intervals = intervals[intervals["setting"] != "pre-edit"]
+    metrics = [m for m in metrics if (intervals["metric"] == m).any()]
+    if not metrics:
+        raise ValueError("intervals holds none of the metrics to plot")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        part = intervals[intervals["metric"] == metric]
+        for setting, curve in part.groupby("setting", sort=False):
+            curve = curve.sort_values("batch_size")
+            line, = ax.plot(curve["batch_size"], curve["mean"], marker="o", ms=3, lw=1.4, label=setting)
+            ax.fill_between(curve["batch_size"], curve["ci_low"], curve["ci_high"], color=line.get_color(),
+                            alpha=0.15, lw=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("facts written at once")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_ylim(0, 105)
+        prefix = f"{label}: " if label else ""
+        ax.set_title(f"{prefix}{metric}", fontsize=10)
+    axes[0][0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_outdated_flow(aie, settings: Sequence[str] | None = None, label: str = "") -> plt.Figure:
+    """Where the old answer still flows: the indirect effect on ``p(target_true)`` per
+    layer, for attention and MLP (columns) at the last subject token and the last token
+    (rows), one line per model state (the unedited model and each method) with its 95%
+    interval over the traced facts.
+
+    ``aie`` is the ``aie`` table of :func:`intattn_analysis.experiments.outdated.summarise`
+    (columns model, dataset, setting, module, token_class, layer, mean, ci_low, ci_high).
+    """
+    if settings is not None:
+        aie = aie[aie["setting"].isin(list(settings))]
+    if aie.empty:
+        raise ValueError("aie holds no rows to plot")
+    tokens = [t for t in ("subject_last", "last") if (aie["token_class"] == t).any()]
+    modules = [m for m in ("attn", "mlp") if (aie["module"] == m).any()]
+    fig, axes = plt.subplots(len(tokens), len(modules), figsize=(4.2 * len(modules), 2.9 * len(tokens)),
+                             squeeze=False, sharex=True)
+    for i, token in enumerate(tokens):
+        for j, module in enumerate(modules):
+            ax = axes[i][j]
+            part = aie[(aie["token_class"] == token) & (aie["module"] == module)]
+            for setting, curve in part.groupby("setting", sort=False):
+                curve = curve.sort_values("layer")
+                style = dict(color="black", lw=2.0, ls="--") if setting == "pre-edit" else dict(lw=1.3)
+                line, = ax.plot(curve["layer"], curve["mean"], label=setting, **style)
+                ax.fill_between(curve["layer"], curve["ci_low"], curve["ci_high"], color=line.get_color(),
+                                alpha=0.12, lw=0)
+            prefix = f"{label}: " if label else ""
+            ax.set_title(f"{prefix}{'attention' if module == 'attn' else 'MLP'}, {token.replace('_', ' ')} token",
+                         fontsize=10)
+            ax.set_ylabel("effect on p(old answer)")
+            if i == len(tokens) - 1:
+                ax.set_xlabel("layer (window centre)")
+    axes[0][0].legend(frameon=False, fontsize=7)
     fig.tight_layout()
     return fig

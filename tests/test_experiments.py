@@ -601,9 +601,9 @@ def test_outdated_experiment_measures_the_old_answer_on_each_model_state(tiny_ll
     first, second = survival.loc[("pre-edit", 0)], survival.loc[("pre-edit", 1)]
     assert not math.isnan(first["Old p/alias"]) and math.isnan(second["Old p/alias"])
     assert math.isnan(second["Old p/paraphrase"])
-    # the old answer's top-1 is its rank 0
+    # the old answer's top-1 is its rank 0 (log10(1 + 0) = 0)
     for metric in ("prompt", "paraphrase"):
-        assert first[f"Old top-1/{metric}"] == float(first[f"Old rank/{metric}"] == 0)
+        assert first[f"Old top-1/{metric}"] == float(first[f"Old log rank/{metric}"] == 0)
     # an edit moves p(target_true): the unit is not the unedited model's
     assert survival.loc[("MEMIT", 0), "Old p/prompt"] != survival.loc[("pre-edit", 0), "Old p/prompt"]
 

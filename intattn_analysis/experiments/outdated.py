@@ -11,7 +11,9 @@ begins with ``target_true``: only knowledge that was there can survive), each me
     of kind ``Subject_Aliasing``, where the old answer is still ``target_true``):
     ``Old top-1`` (``target_true``'s first token is the greedy choice), ``Old top-10``,
     ``Old p`` (its probability, the geometric mean over its tokens, teacher-forced) and
-    ``Old rank`` (how many tokens come before its first token), with the new answer's
+    ``Old log rank`` (``log10(1 + r)``, with ``r`` the number of tokens ranked before its
+    first token: ranks spread over four orders of magnitude, so their logarithm is what
+    a mean can summarise; ``10**mean - 1`` is a geometric-mean rank), with the new answer's
     ``New top-1`` beside them; each as ``<metric>/<probe>``, averaged over a fact's
     probes of that kind;
 (b) **where it flows** (``part="trace"``, one row per fact, module and token): causal
@@ -78,7 +80,7 @@ ALIAS_KIND = "Subject_Aliasing"
 PROBES = ("prompt", "paraphrase", "alias")
 #: Part (a)'s per-probe metrics and part (c)'s, in column order.
 SURVIVAL_METRICS = (
-    *[f"{m}/{p}" for p in PROBES for m in ("Old top-1", "Old top-10", "Old p", "Old rank", "New top-1")],
+    *[f"{m}/{p}" for p in PROBES for m in ("Old top-1", "Old top-10", "Old p", "Old log rank", "New top-1")],
     "Context old top-1", "Context old p", "Context new top-1",
 )
 TRACE_KINDS = ("attn", "mlp")
@@ -163,7 +165,7 @@ def survival_rows(model: ModelHandle, facts: Sequence[Fact]) -> list[dict]:
             row[f"Old top-1/{probe}"] = _mean(float(s.first_rank == 0) for s in old)
             row[f"Old top-10/{probe}"] = _mean(float(s.first_rank < 10) for s in old)
             row[f"Old p/{probe}"] = _mean(s.probability for s in old)
-            row[f"Old rank/{probe}"] = _mean(float(s.first_rank) for s in old)
+            row[f"Old log rank/{probe}"] = _mean(math.log10(1 + s.first_rank) for s in old)
             row[f"New top-1/{probe}"] = _mean(float(s.first_rank == 0) for s in new)
         context = context_prompt(fact)
         old, new = scores[context, fact.target_true], scores[context, fact.target_new]

@@ -553,7 +553,8 @@ def test_batch_scaling_writes_each_size_and_pairs_sizes_on_the_same_facts(tiny_l
 ALIASED = [
     ia.Fact.from_text("w10 w11 w20 w21 w22", "w10 w11", "w40", target_true="w50",
                       paraphrases=["w33 {} w21"], portability=[("w34 w35 w21", "w40", "Subject_Aliasing"),
-                                                                    ("w36 w10 w11", "w45", "Reasoning")]),
+                                                                    ("w36 w10 w11", "w45", "Reasoning")],
+                      locality=[("w37 w38 w39", "w46")]),
     ia.Fact.from_text("w30 w12 w13 w23 w24", "w12 w13", "w41", target_true="w51"),
 ]
 
@@ -592,6 +593,16 @@ def test_outdated_experiment_measures_the_old_answer_on_each_model_state(tiny_ll
     with ia.edit(tiny_llama, facts, method="memit", hparams=settings["MEMIT"][1], moments=moments, progress=False):
         expected["MEMIT"] = outdated.survival_rows(tiny_llama, facts)
         traced_memit = outdated.trace_rows(tiny_llama, facts[:1], samples=2)
+    pre = ia.evaluate(tiny_llama, facts, metrics=("knowedit",), progress=False)
+    with ia.edit(tiny_llama, facts, method="memit", hparams=settings["MEMIT"][1], moments=moments, progress=False):
+        post = ia.evaluate(tiny_llama, facts, pre=pre, metrics=("knowedit",), progress=False).per_fact
+    same = lambda a, b: a == b or (pd.isna(a) and pd.isna(b))
+    for i in range(len(facts)):
+        for metric in ("Edit Succ.", "Rephrase", "Locality"):
+            assert same(survival.loc[("MEMIT", i), metric], post.iloc[i][metric]), (i, metric)
+        assert survival.loc[("pre-edit", i), "Edit Succ."] == pre.per_fact.iloc[i]["Edit Succ."]
+        assert pd.isna(survival.loc[("pre-edit", i), "Locality"])  # no pre-edit model to compare with
+    assert not pd.isna(survival.loc[("MEMIT", 0), "Locality"])  # the first fact has a locality probe
     for name, rows in expected.items():
         for row in rows:
             for metric in outdated.SURVIVAL_METRICS:
@@ -653,3 +664,31 @@ def test_a_trace_of_every_fact_keeps_those_the_model_does_not_answer(tiny_llama)
     assert only.n_facts == 1 and only.n_skipped == len(unanswered) and "answered_only" not in only.settings
     mine = every.table[every.table["fact"] == answered.key].reset_index(drop=True)
     pd.testing.assert_frame_equal(mine, only.table.reset_index(drop=True))
+
+
+def test_metrics_by_relation_pool_small_relations_and_pair_within_each():
+    """Relations with fewer than ``min_facts`` facts are pooled as ``other``; each
+    method is paired with the baseline on the same facts within a relation; the unedited
+    model is reported but not paired; a fact without a label is an error."""
+    from intattn_analysis.experiments.relations import OTHER, by_relation, relation_labels
+
+    facts = [ia.Fact.from_text(f"w1{i} w20 w21", f"w1{i}", "w40", target_true="w50", relation="big")
+             for i in range(6)]
+    facts += [ia.Fact.from_text("w30 w22", "w30", "w41", target_true="w51")]  # no relation: its template
+    labels = relation_labels(facts)
+    assert labels[facts[0].key] == "big" and labels[facts[-1].key] == "{} w22"
+    rows = []
+    for setting, shift in (("pre-edit", 0.0), ("MEMIT", 0.5), ("IntAttn-Edit", 0.75)):
+        for i, fact in enumerate(facts):
+            rows.append({"model": "m", "dataset": "d", "setting": setting, "batch": 0, "position": i,
+                         "fact_key": fact.key, "Edit Succ.": min(1.0, shift + (i % 2) * 0.25)})
+    frame = pd.DataFrame(rows)
+    out = by_relation(frame, labels, ["Edit Succ."], min_facts=5)
+    assert set(out["intervals"]["relation"]) == {"big", OTHER}
+    big = out["intervals"][(out["intervals"]["relation"] == "big")].set_index("setting")
+    assert big.loc["MEMIT", "n_edits"] == 6 and big.loc["MEMIT", "mean"] == pytest.approx(100 * (0.5 + 0.125))
+    paired = out["paired"].set_index("relation")
+    assert set(out["paired"]["setting"]) == {"IntAttn-Edit"}
+    assert paired.loc["big", "diff"] == pytest.approx(100 * (np.mean([0.75, 1.0] * 3) - 0.625))
+    with pytest.raises(ValueError, match="no relation label"):
+        by_relation(frame, {}, ["Edit Succ."])

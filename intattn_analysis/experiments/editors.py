@@ -290,6 +290,37 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
     return {"intervals": intervals, "paired": pd.DataFrame(paired), "seconds": seconds}
 
 
+def relation_tables(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
+    """The main metrics split by relation (:func:`.relations.by_relation`), each dataset's
+    facts read by its stored name (:func:`.common.dataset_facts`): ``relations`` (means
+    with intervals) and ``relations_paired`` (each method minus ``baseline`` on the same
+    facts of each relation). A dataset that cannot be read by its name (a file given by
+    path elsewhere) is left out with a warning that names it."""
+    import warnings
+
+    from .common import dataset_facts
+    from .relations import by_relation, relation_labels
+
+    rows = store.rows()
+    labels: dict[str, str] = {}
+    kept = []
+    for dataset in rows["dataset"].unique() if not rows.empty else []:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the dataset's own notes were shown when it was run
+                labels.update(relation_labels(dataset_facts(dataset)))
+            kept.append(dataset)
+        except (OSError, ValueError) as error:
+            warnings.warn(f"no relation table for dataset {dataset!r}: {error}", stacklevel=2)
+    rows = rows[rows["dataset"].isin(kept)]
+    if rows.empty:
+        return {}
+    out = by_relation(rows, labels, metric_columns(rows, MAIN_METRICS), baseline=baseline)
+    return {"relations": out["intervals"], "relations_paired": out["paired"]}
+
+
 def tables(root) -> dict[str, pd.DataFrame]:
-    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
-    return summarise(ResultStore(root, NAME))
+    """:func:`summarise` and :func:`relation_tables` of the store under ``root`` (what
+    ``intattn run`` writes as CSVs)."""
+    store = ResultStore(root, NAME)
+    return {**summarise(store), **relation_tables(store)}

@@ -6,7 +6,8 @@ asks it directly. For each batch of facts the unedited model *knows* (its greedy
 begins with ``target_true``: only knowledge that was there can survive), each method of
 :data:`ROWS` writes the batch, and, with the batch written, three things are measured:
 
-(a) **survival** (``part="survival"``, one row per fact): the old answer's standing on the
+(a) **survival** (``part="survival"``, one row per fact, with the KnowEdit metrics of the
+    edit beside it): the old answer's standing on the
     edit prompt, on each paraphrase and on each subject-alias probe (portability probes
     of kind ``Subject_Aliasing``, where the old answer is still ``target_true``):
     ``Old top-1`` (``target_true``'s first token is the greedy choice), ``Old top-10``,
@@ -35,8 +36,10 @@ Trace rows hold one list of per-layer effects per (fact, module, token), so that
 of 100 traced facts stays a small file.
 
 Scales: ``ci``: one batch of 3 known built-in facts, MEMIT and IntAttn-Edit, 2 of them
-traced with 2 noise draws, second moments from 20,000 tokens; ``paper``: one batch of
-100, every method, all traced with 10 noise draws (the localization experiment's).
+traced with 2 noise draws, second moments from 20,000 tokens; ``paper``: three batches of
+100 (300 of the 312 built-in facts SmolLM2 knows, 309 for Gemma-3: every relation), every
+method, the first 50 facts of each batch traced with 10 noise draws (the localization
+experiment's).
 """
 
 from __future__ import annotations
@@ -56,13 +59,15 @@ from ..editors.api import batch_targets
 from ..facts import Fact
 from ..known import is_known
 from ..loading import ModelHandle, cache_root
-from ..metrics import score_answers
+from ..metrics import Evaluation, evaluate, score_answers
+from ..reporting import MAIN_METRICS
 from ..tracing import trace
 from . import localization
 from .batch_scaling import ROWS, settings_for
-from .batches import batch_key
-from .common import check_scale, dataset_facts, dataset_label, targets_cache
+from .batches import batch_key, shard_batches
+from .common import check_scale, dataset_facts, dataset_label, metric_columns, targets_cache
 from .editors import _moments_for, _sample
+from .relations import by_relation, relation_labels
 from .stats import paired_against, paired_difference, tidy_intervals
 from .store import ResultStore, check_unique
 
@@ -102,7 +107,7 @@ class OutdatedScale:
 SCALES: dict[str, OutdatedScale] = {
     "ci": OutdatedScale(batch_size=3, n_batches=1, n_traced=2, samples=2,
                         methods=("MEMIT", "IntAttn-Edit, train alpha"), mom2_n_tokens=20_000),
-    "paper": OutdatedScale(batch_size=100, n_batches=1, n_traced=100, samples=10),
+    "paper": OutdatedScale(batch_size=100, n_batches=3, n_traced=50, samples=10),
 }
 
 
@@ -146,8 +151,14 @@ def known_batches(model: ModelHandle, dataset: str, batch_size: int, n_batches: 
     return [chosen[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
 
-def survival_rows(model: ModelHandle, facts: Sequence[Fact]) -> list[dict]:
-    """Parts (a) and (c) on the model as it is: one row per fact (see the module notes)."""
+def survival_rows(model: ModelHandle, facts: Sequence[Fact], pre: Evaluation | None = None) -> list[dict]:
+    """Parts (a) and (c) on the model as it is, with the KnowEdit metrics (Edit Succ.,
+    Rephrase, Portability, Locality against ``pre``, the unedited model's evaluation of
+    the same facts; without it Locality is NaN): one row per fact (see the module notes).
+    ``relation`` is the fact's relation, or its prompt template where it has none
+    (:func:`.relations.relation_labels`)."""
+    main = evaluate(model, list(facts), pre=pre, metrics=("knowedit",), progress=False).per_fact
+    labels = relation_labels(facts)
     pairs = []
     for fact in facts:
         for prompts in _probe_prompts(fact).values():
@@ -158,7 +169,8 @@ def survival_rows(model: ModelHandle, facts: Sequence[Fact]) -> list[dict]:
     rows = []
     for position, fact in enumerate(facts):
         row: dict[str, Any] = {"position": position, "fact_key": fact.key, "subject": fact.subject,
-                               "relation": fact.relation}
+                               "relation": labels[fact.key]}
+        row.update({m: float(main.iloc[position][m]) for m in MAIN_METRICS if m in main.columns})
         for probe, prompts in _probe_prompts(fact).items():
             old = [scores[p, fact.target_true] for p in prompts]
             new = [scores[p, fact.target_new] for p in prompts]
@@ -202,23 +214,26 @@ def trace_rows(model: ModelHandle, facts: Sequence[Fact], samples: int, seed: in
 
 def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings: Mapping[str, tuple[str, Any]],
                 store: ResultStore, *, dataset: str, n_traced: int, samples: int,
-                moments: Mapping | None = None, progress: bool = True) -> int:
+                shard: tuple[int, int] | None = None, moments: Mapping | None = None,
+                progress: bool = True) -> int:
     """For each batch, the unedited model (``pre-edit``) and each named (method,
     hparams) with the batch written: a survival unit and a trace unit (the first
-    ``n_traced`` facts). Weights are restored after each method. Returns the number of
-    units computed."""
+    ``n_traced`` facts). Weights are restored after each method; ``shard`` splits the
+    batches. Returns the number of units computed."""
     labels = {"model": model.name, "dataset": dataset}
     by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
     trace_key = {"n_traced": n_traced, "samples": samples, "kinds": list(TRACE_KINDS), "tokens": list(TRACE_TOKENS),
                  "context": CONTEXT}
     computed = 0
     names = ["pre-edit", *settings]
-    steps = tqdm(total=len(batches) * len(names), desc=f"{model.name} {dataset} outdated", disable=not progress)
+    mine = shard_batches(len(batches), shard)
+    steps = tqdm(total=len(mine) * len(names), desc=f"{model.name} {dataset} outdated", disable=not progress)
     try:
-        for b, batch in enumerate(batches):
-            batch = list(batch)
+        for b in mine:
+            batch = list(batches[b])
             bkey = batch_key(model, dataset, b, batch)
             shared: dict = {}
+            pre = None  # the unedited model's KnowEdit evaluation of the batch, once
             for name in names:
                 if name == "pre-edit":
                     setting = {"unit": "pre-edit"}
@@ -241,11 +256,13 @@ def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings:
                     targets = batch_targets(model, batch, method, hp, shared, targets_cache())
                     context = edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
                                    targets=targets, progress=False)
+                if "survival" in missing and name != "pre-edit" and pre is None:
+                    pre = evaluate(model, batch, metrics=("knowedit",), progress=False)
                 with context:
                     for part in missing:
                         start = time.perf_counter()
-                        rows = (survival_rows(model, batch) if part == "survival"
-                                else trace_rows(model, batch[:n_traced], samples))
+                        rows = (survival_rows(model, batch, pre=None if name == "pre-edit" else pre)
+                                if part == "survival" else trace_rows(model, batch[:n_traced], samples))
                         seconds = time.perf_counter() - start
                         key, label = units[part]
                         store.write_unit(key, [{**r, "seconds": seconds} for r in rows], label,
@@ -259,17 +276,14 @@ def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings:
 
 def run(model: ModelHandle, dataset: str, scale: str | OutdatedScale, root, *,
         shard: tuple[int, int] | None = None, progress: bool = True) -> ResultStore:
-    """Run (or resume) the experiment; returns the store. ``shard`` is not supported (one
-    batch at paper scale) and must be ``None``."""
-    if shard is not None:
-        raise ValueError("the outdated experiment runs one batch at paper scale and takes no --shard")
+    """Run (or resume) this shard's batches; returns the store."""
     scale_name = scale if isinstance(scale, str) else "ci"
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     batches = known_batches(model, dataset, scale.batch_size, scale.n_batches, progress)
     settings = settings_for(model, scale, scale_name, root, progress)
     run_batches(model, batches, settings, store, dataset=dataset_label(dataset), n_traced=scale.n_traced,
-                samples=scale.samples, progress=progress)
+                samples=scale.samples, shard=shard, progress=progress)
     return store
 
 
@@ -291,6 +305,9 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         ``restored``: per (model, dataset, setting), among the facts whose old answer is no
         longer the greedy choice on the plain prompt, the share that the context brings
         back (``Context old top-1``), with its interval;
+        ``relations``, ``relations_paired``: the KnowEdit metrics, ``Old top-1/prompt``
+        and ``Context old top-1`` per relation (:func:`.relations.by_relation`), and each
+        method minus ``baseline`` within each relation;
         ``aie``: per (model, dataset, setting, module, token class, layer), the indirect
         effect on ``p(target_true)`` averaged over the traced facts, with its interval;
         ``flow``: per fact, module and token class, the mean effect over layers; its mean
@@ -311,6 +328,10 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
                                                     on=["batch", "position"]))
         gone = survival[survival["Old top-1/prompt"] == 0]
         out["restored"] = tidy_intervals(gone, ["model", "dataset", "setting"], ["Context old top-1"])
+        split = by_relation(survival, dict(zip(survival["fact_key"], survival["relation"])),
+                            [*metric_columns(survival, MAIN_METRICS), "Old top-1/prompt", "Context old top-1"],
+                            baseline=baseline)
+        out["relations"], out["relations_paired"] = split["intervals"], split["paired"]
     traced = rows[rows["part"] == "trace"]
     if not traced.empty:
         check_unique(traced, ["model", "dataset", "setting", "batch", "position", "module", "token_class"])

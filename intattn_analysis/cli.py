@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run = sub.add_parser("run", help="run or resume an experiment into a result store",
                          parents=[common])
-    run.add_argument("experiment", help="localization, alpha-sweep, alpha-estimators, editors or sequential")
+    run.add_argument("experiment", help="localization, alpha-sweep, alpha-estimators, editors, sequential, "
+                     "batch-scaling or outdated")
     run.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path")
     run.add_argument("--dataset", default="zsre",
                      help="zsre, counterfact, builtin (localization), or a benchmark file")

@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                      "batch-scaling or outdated")
     run.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path")
     run.add_argument("--dataset", default="zsre",
-                     help="zsre, counterfact, builtin (localization), or a benchmark file")
+                     help="zsre, counterfact, builtin (localization, outdated), or a benchmark file")
     run.add_argument("--scale", default="ci", help="ci (small) or paper")
     run.add_argument("--shard", help="I/N: run every N-th batch from the I-th (1-based)")
     run.add_argument("--out", help="store folder (paper: figures/paper/store; ci: the cache)")

@@ -179,13 +179,13 @@ class AnswerScore:
     before each of them (``predicted[0]`` is the greedy first token after the prompt);
     ``log_probs`` the log-probability of each answer token; ``first_rank`` how many tokens
     the model finds more likely than the answer's first token where it would come (0: it
-    is the greedy choice; ties count for the answer).
+    is the greedy choice; ties count for the answer; ``None`` where it was not measured).
     """
 
     answer_ids: tuple[int, ...]
     predicted: tuple[int, ...]
     log_probs: tuple[float, ...]
-    first_rank: int = -1
+    first_rank: int | None = None
 
     @property
     def accuracy(self) -> float:

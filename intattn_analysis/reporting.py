@@ -23,7 +23,8 @@ MAIN_METRICS: tuple[str, ...] = ("Edit Succ.", "Rephrase", "Portability", "Local
 #: Metrics that are shares in [0, 1] (shown in percent); the others are shown as they are.
 _SHARES = {"Edit Succ.", "Rephrase", "Portability", "Locality", "Efficacy", "Paraphrase",
            "Neighborhood", "Residue old top-1 pre", "Residue old top-1 post", "Known kept",
-           "Old top-1", "Old top-10", "New top-1", "Context old top-1", "Context new top-1"}
+           "Old top-1", "Old top-10", "New top-1", "Context old top-1", "Context new top-1",
+           "Control copy top-1"}
 
 
 def record(evaluation, **labels) -> dict:

@@ -581,7 +581,18 @@ def test_outdated_experiment_measures_the_old_answer_on_each_model_state(tiny_ll
         return rows.sort_values(["unit", "position", "module", "token_class"], na_position="first"
                                 ).reset_index(drop=True)
 
+    # every evaluation without a reference (the unedited model's own) runs on unedited weights
+    real_evaluate, calls = outdated.evaluate, []
+
+    def watched(model, facts, pre=None, **kwargs):
+        calls.append((pre is None, model.open_edits))
+        return real_evaluate(model, facts, pre=pre, **kwargs)
+
+    monkeypatch.setattr(outdated, "evaluate", watched)
     assert run(tmp_path / "whole") == 2 * 3
+    monkeypatch.setattr(outdated, "evaluate", real_evaluate)
+    assert {edits for unreferenced, edits in calls if unreferenced} == {0}
+    assert {edits for unreferenced, edits in calls if not unreferenced} == {1}  # each method's, edited
     assert run(tmp_path / "whole") == 0
     whole = table(tmp_path / "whole")
     _killed_after(3, lambda: run(tmp_path / "killed"), monkeypatch)
@@ -608,6 +619,10 @@ def test_outdated_experiment_measures_the_old_answer_on_each_model_state(tiny_ll
             for metric in outdated.SURVIVAL_METRICS:
                 got, want = survival.loc[(name, row["position"]), metric], row[metric]
                 assert got == want or (math.isnan(got) and math.isnan(want)), (name, metric)
+    # the control names the other fact's old answer (w51 for the first, w50 for the second)
+    assert outdated.distractors(facts) == ["w51", "w50"]
+    assert not math.isnan(first_control := survival.loc[("pre-edit", 0), "Control copy top-1"])
+    assert first_control in (0.0, 1.0)
     # the first fact has one paraphrase and one alias probe; the second has neither
     first, second = survival.loc[("pre-edit", 0)], survival.loc[("pre-edit", 1)]
     assert not math.isnan(first["Old p/alias"]) and math.isnan(second["Old p/alias"])
@@ -632,6 +647,14 @@ def test_outdated_experiment_measures_the_old_answer_on_each_model_state(tiny_ll
     assert set(tables["paired"]["setting"]) == {"IntAttn-Edit, train alpha"}
     aie = tables["aie"]
     assert set(aie["layer"]) == set(range(tiny_llama.n_layers)) and (aie["n_edits"] == 1).all()
+    paired_layers = tables["aie_paired"]
+    assert set(paired_layers["baseline"]) == {"pre-edit", "MEMIT"}
+    one = paired_layers[(paired_layers["baseline"] == "pre-edit") & (paired_layers["setting"] == "MEMIT")
+                        & (paired_layers["module"] == "mlp") & (paired_layers["token_class"] == "last")
+                        & (paired_layers["layer"] == 1)].iloc[0]
+    ie = lambda name: traced[(traced["setting"] == name) & (traced["module"] == "mlp")
+                             & (traced["token_class"] == "last")]["ie"].iloc[0][1]
+    assert one["diff"] == pytest.approx(ie("MEMIT") - ie("pre-edit"), abs=1e-12)
     flow = tables["flow"].set_index(["setting", "module", "token_class"])
     mean = lambda name, m, t: float(np.mean(traced[(traced["setting"] == name) & (traced["module"] == m)
                                                    & (traced["token_class"] == t)]["ie"].iloc[0]))

@@ -109,6 +109,9 @@ class Editor:
             checks and resolution before any work (default: no alphas).
         description: one line for tables.
         reference: the published algorithm and reference code it follows.
+        variant: ``(model, hparams) -> dict``: what else decides its deltas on this model
+            besides the hyperparameters (a code path the architecture selects), for the
+            keys of stored results; ``None`` (or an empty dict): nothing.
     """
 
     name: str
@@ -123,6 +126,11 @@ class Editor:
     prepare: Callable[[ModelHandle, Any, bool], tuple[Any, dict[int, float]]] | None = None
     description: str = ""
     reference: str = ""
+    variant: Callable[[ModelHandle, Any], dict] | None = None
+
+    def variant_of(self, model: ModelHandle, hparams: Any) -> dict:
+        """:attr:`variant` on ``model`` (empty where it has none)."""
+        return dict(self.variant(model, hparams)) if self.variant is not None else {}
 
     def __post_init__(self) -> None:
         if self.targets is not None and self.targets not in TARGET_KINDS:

@@ -167,7 +167,10 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
 
     Returns:
         ``intervals``: per (model, dataset, batch size, setting, metric), the mean over
-        the edited facts with its 95% interval (percent for shares) and ``n_edits``;
+        the facts evaluated at *every* size (the first ``n_facts``, one population for
+        the curve) with its 95% interval (percent for shares) and ``n_edits``;
+        ``intervals_all``: the same over every fact evaluated at each size (size 500:
+        all 500);
         ``paired``: each method minus ``baseline`` at the same batch size, on the same
         facts;
         ``scaling``: each method at each batch size minus the same method at the smallest
@@ -181,7 +184,12 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
     check_unique(rows, ["model", "dataset", "batch_size", "setting", "batch", "position"])
     metrics = metric_columns(rows, MAIN_METRICS)
     groups = ["model", "dataset", "batch_size"]
-    intervals = tidy_intervals(rows, [*groups, "setting"], metrics)
+    # the facts every size evaluated (the first n_facts): one population across sizes
+    sizes = rows.groupby(["model", "dataset"])["batch_size"].transform("nunique")
+    seen = rows.groupby(["model", "dataset", "fact_key"])["batch_size"].transform("nunique")
+    common = rows[seen == sizes]
+    intervals = tidy_intervals(common, [*groups, "setting"], metrics)
+    intervals_all = tidy_intervals(rows, [*groups, "setting"], metrics)
     edited = rows[rows["setting"] != "pre-edit"]
     paired = pd.DataFrame(paired_against(edited, metrics, baseline, groups=groups, on=["batch", "position"]))
     smallest = edited.groupby(["model", "dataset"])["batch_size"].transform("min")
@@ -201,7 +209,8 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         scaling = scaling[first + [c for c in scaling.columns if c not in first]]
     seconds = (edited.groupby([*groups, "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
                .first().groupby([*groups, "setting"], sort=False).mean().reset_index())
-    return {"intervals": intervals, "paired": paired, "scaling": scaling, "seconds": seconds}
+    return {"intervals": intervals, "intervals_all": intervals_all, "paired": paired, "scaling": scaling,
+            "seconds": seconds}
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

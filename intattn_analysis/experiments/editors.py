@@ -45,7 +45,8 @@ from .common import check_scale, dataset_batches, dataset_label, metric_columns,
 from .stats import paired_against, tidy_intervals
 from .store import ResultStore, check_unique
 
-__all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "EditorsScale", "method_settings", "run", "run_methods", "summarise"]
+__all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "EditorsScale", "method_key", "method_settings",
+           "relation_tables", "run", "run_methods", "summarise", "tables"]
 
 NAME = "editors"
 
@@ -186,8 +187,7 @@ def run_methods(
             units = {"pre-edit": ({**bkey, "unit": "pre-edit", **eval_key}, f"{label_prefix}b{b:03d}-pre")}
             for name, (method, hp) in settings.items():
                 protocol = {"protocol": "each alone"} if name in alone else {}
-                units[name] = ({**bkey, "unit": "edit", "method": method, "hparams_type": type(hp).__name__,
-                                "hparams": hp.effective_dict(), **protocol, **eval_key},
+                units[name] = ({**bkey, "unit": "edit", **method_key(model, method, hp), **protocol, **eval_key},
                                f"{label_prefix}b{b:03d}-{method}-{_slug(name)}")
             missing = [n for n, (key, label) in units.items() if not store.has(key, label)]
             if not missing:
@@ -229,6 +229,14 @@ def run_methods(
     finally:
         steps.close()
     return computed
+
+
+def method_key(model: ModelHandle, method: str, hp) -> dict[str, Any]:
+    """What a stored result of ``method`` with ``hp`` on ``model`` depends on besides
+    the facts: the method, its hyperparameters, and any code path the architecture
+    selects (:meth:`intattn_analysis.editors.protocol.Editor.variant_of`)."""
+    return {"method": method, "hparams_type": type(hp).__name__, "hparams": hp.effective_dict(),
+            **editor(method).variant_of(model, hp)}
 
 
 def _slug(name: str) -> str:

@@ -25,9 +25,24 @@ begins with ``target_true``: only knowledge that was there can survive), each me
     the unedited model (setting ``pre-edit``);
 (c) **whether it comes back** (in the survival rows): the edit prompt behind a context
     that names the old attribute, :data:`CONTEXT` (``"{subject}, long known for its
-    {old} ties."``): ``Context old top-1``, ``Context old p`` and ``Context new top-1``.
-    :func:`summarise` gives the rate at which the context brings the old answer back
-    among the facts whose edit removed it from the plain prompt.
+    {old} ties."``, the wording of the issue that asked for it; it reads oddly for some
+    relations): ``Context old top-1``, ``Context old p`` and ``Context new top-1``. The
+    context holds the old answer verbatim, so a model may simply copy it; the control
+    names another fact's old answer instead (the next fact of the batch of the same
+    relation, :func:`distractors`), and ``Control copy top-1`` is the rate at which that
+    word is copied. Only a return rate above the copying rate speaks of stored old
+    knowledge. :func:`summarise` gives the return rate among the facts whose edit removed
+    the old answer from the plain prompt (a subset that differs between methods; the
+    paired table compares the unconditional rates on the same facts).
+
+Reading (b). After a successful edit ``p(target_true)`` is small in the clean run, so
+every effect on it is small in absolute terms; the ``flow`` table sets the clean and
+corrupted probabilities beside the effects. The noise on the subject also blurs the
+edited key, so the corrupted run partly loses the edit, and restoring a module the
+edit wrote puts the edit back: its effect on ``p(target_true)`` can be negative. The
+curves therefore show where the old answer still flows *and* where each method's edit
+acts; a positive effect at a module the method did not write (attention for MEMIT) is
+old knowledge flowing past the edit, which is the question the paper raises.
 
 Methods are those of the ``batch-scaling`` experiment (ROME, MEMIT, PMET, AlphaEdit and
 IntAttn-Edit without and with the null-space projection at the train-chosen alpha), with
@@ -46,7 +61,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -56,7 +70,7 @@ from tqdm import tqdm
 
 from ..editors import edit
 from ..editors.api import batch_targets
-from ..facts import Fact
+from ..facts import Fact, sample_by_relation
 from ..known import is_known
 from ..loading import ModelHandle, cache_root
 from ..metrics import Evaluation, evaluate, score_answers
@@ -66,7 +80,7 @@ from . import localization
 from .batch_scaling import ROWS, settings_for
 from .batches import batch_key, shard_batches
 from .common import check_scale, dataset_facts, dataset_label, metric_columns, targets_cache
-from .editors import _moments_for, _sample
+from .editors import _moments_for, _sample, _slug, method_key
 from .relations import by_relation, relation_labels
 from .stats import paired_against, paired_difference, tidy_intervals
 from .store import ResultStore, check_unique
@@ -86,10 +100,14 @@ PROBES = ("prompt", "paraphrase", "alias")
 #: Part (a)'s per-probe metrics and part (c)'s, in column order.
 SURVIVAL_METRICS = (
     *[f"{m}/{p}" for p in PROBES for m in ("Old top-1", "Old top-10", "Old p", "Old log rank", "New top-1")],
-    "Context old top-1", "Context old p", "Context new top-1",
+    "Context old top-1", "Context old p", "Context new top-1", "Control copy top-1",
 )
 TRACE_KINDS = ("attn", "mlp")
 TRACE_TOKENS = ("subject_last", "last")
+TRACE_NOISE = 3.0  # times the embeddings' std, as the localization experiment
+TRACE_SEED = 0
+#: Version of the survival rows; bump it when what they measure changes.
+SURVIVAL_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -111,11 +129,29 @@ SCALES: dict[str, OutdatedScale] = {
 }
 
 
-def context_prompt(fact: Fact) -> str:
-    """The edit prompt behind :data:`CONTEXT` for this fact's old answer."""
-    if not fact.target_true:
+def context_prompt(fact: Fact, attribute: str | None = None) -> str:
+    """The edit prompt behind :data:`CONTEXT` naming ``attribute`` (default: this
+    fact's old answer)."""
+    attribute = attribute if attribute is not None else fact.target_true
+    if not attribute:
         raise ValueError(f"fact {fact.key} ({fact.subject!r}) has no target_true; the context names it")
-    return f"{CONTEXT.format(subject=fact.subject, old=fact.target_true)} {fact.text}"
+    return f"{CONTEXT.format(subject=fact.subject, old=attribute)} {fact.text}"
+
+
+def distractors(facts: Sequence[Fact]) -> list[str | None]:
+    """For each fact, the old answer of another fact of the batch to name in the control
+    context: the next fact (cyclically) of the same relation whose old answer differs from
+    both of this fact's answers, else the next of any relation; ``None`` when there is
+    none."""
+    labels = relation_labels(facts)
+    out = []
+    for i, fact in enumerate(facts):
+        others = [facts[(i + k) % len(facts)] for k in range(1, len(facts))]
+        usable = [o for o in others if o.target_true and o.target_true not in (fact.target_true, fact.target_new)]
+        same = [o for o in usable if labels[o.key] == labels[fact.key]]
+        chosen = (same or usable or [None])[0]
+        out.append(chosen.target_true if chosen is not None else None)
+    return out
 
 
 def _probe_prompts(fact: Fact) -> dict[str, list[str]]:
@@ -128,14 +164,18 @@ def _probe_prompts(fact: Fact) -> dict[str, list[str]]:
 
 def known_batches(model: ModelHandle, dataset: str, batch_size: int, n_batches: int,
                   progress: bool = True) -> list[list[Fact]]:
-    """The first ``n_batches * batch_size`` facts of ``dataset`` that have a
-    ``target_true``, ask for a change, and that the unedited model knows
-    (:func:`intattn_analysis.known.is_known`; a fact's stored flag for the model is
-    trusted where it says no, and checked where it says yes or is missing), in file
-    order, in consecutive batches. Raises when there are too few."""
+    """``n_batches * batch_size`` facts of ``dataset`` that have a ``target_true``, ask
+    for a change, and that the unedited model knows (:func:`intattn_analysis.known.is_known`;
+    a fact's stored flag for the model is trusted where it says no, and checked where it
+    says yes or is missing), in consecutive batches. The facts are taken with their
+    relations interleaved (:func:`intattn_analysis.facts.sample_by_relation`: the
+    built-in file is sorted by relation, and batches of file order would each hold a few
+    relations, confounding relation with batch); a dataset without relations keeps its
+    file order. Raises when there are too few."""
     wanted = batch_size * n_batches
     chosen: list[Fact] = []
     facts = dataset_facts(dataset)
+    facts = sample_by_relation(facts, len(facts))
     with tqdm(total=wanted, desc=f"known facts of {dataset_label(dataset)}", disable=not progress) as bar:
         for fact in facts:
             if len(chosen) == wanted:
@@ -159,33 +199,46 @@ def survival_rows(model: ModelHandle, facts: Sequence[Fact], pre: Evaluation | N
     (:func:`.relations.relation_labels`)."""
     main = evaluate(model, list(facts), pre=pre, metrics=("knowedit",), progress=False).per_fact
     labels = relation_labels(facts)
+    others = distractors(facts)
     pairs = []
-    for fact in facts:
+    for fact, other in zip(facts, others):
         for prompts in _probe_prompts(fact).values():
             pairs += [(p, a) for p in prompts for a in (fact.target_true, fact.target_new)]
         context = context_prompt(fact)
         pairs += [(context, fact.target_true), (context, fact.target_new)]
+        if other is not None:
+            pairs.append((context_prompt(fact, other), other))
     scores = dict(zip(pairs, score_answers(model, pairs, progress=False)))
     rows = []
-    for position, fact in enumerate(facts):
+    for position, (fact, other) in enumerate(zip(facts, others)):
         row: dict[str, Any] = {"position": position, "fact_key": fact.key, "subject": fact.subject,
                                "relation": labels[fact.key]}
         row.update({m: float(main.iloc[position][m]) for m in MAIN_METRICS if m in main.columns})
         for probe, prompts in _probe_prompts(fact).items():
             old = [scores[p, fact.target_true] for p in prompts]
             new = [scores[p, fact.target_new] for p in prompts]
-            row[f"Old top-1/{probe}"] = _mean(float(s.first_rank == 0) for s in old)
-            row[f"Old top-10/{probe}"] = _mean(float(s.first_rank < 10) for s in old)
+            row[f"Old top-1/{probe}"] = _mean(_top(s) for s in old)
+            row[f"Old top-10/{probe}"] = _mean(_top(s, 10) for s in old)
             row[f"Old p/{probe}"] = _mean(s.probability for s in old)
-            row[f"Old log rank/{probe}"] = _mean(math.log10(1 + s.first_rank) for s in old)
-            row[f"New top-1/{probe}"] = _mean(float(s.first_rank == 0) for s in new)
+            row[f"Old log rank/{probe}"] = _mean(_log_rank(s) for s in old)
+            row[f"New top-1/{probe}"] = _mean(_top(s) for s in new)
         context = context_prompt(fact)
         old, new = scores[context, fact.target_true], scores[context, fact.target_new]
-        row["Context old top-1"] = float(old.first_rank == 0)
+        row["Context old top-1"] = _top(old)
         row["Context old p"] = old.probability
-        row["Context new top-1"] = float(new.first_rank == 0)
+        row["Context new top-1"] = _top(new)
+        row["Control copy top-1"] = _top(scores[context_prompt(fact, other), other]) if other is not None else math.nan
         rows.append(row)
     return rows
+
+
+def _top(score, k: int = 1) -> float:
+    """1 when the answer's first token is among the model's ``k`` first choices."""
+    return math.nan if score.first_rank is None else float(score.first_rank < k)
+
+
+def _log_rank(score) -> float:
+    return math.nan if score.first_rank is None else math.log10(1 + score.first_rank)
 
 
 def _mean(values) -> float:
@@ -193,13 +246,14 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def trace_rows(model: ModelHandle, facts: Sequence[Fact], samples: int, seed: int = 0) -> list[dict]:
+def trace_rows(model: ModelHandle, facts: Sequence[Fact], samples: int, window: int | None = None) -> list[dict]:
     """Part (b) on the model as it is: per fact, module and token class, the indirect
-    effect on ``p(target_true)`` per layer (the localization experiment's window for the
-    model), with the fact's clean and corrupted ``p(target_true)``."""
-    window = localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW)
-    result = trace(model, list(facts), kinds=TRACE_KINDS, tokens=TRACE_TOKENS, window=min(window, model.n_layers),
-                   samples=samples, seed=seed, answered_only=False, cache_dir=cache_root() / "traces",
+    effect on ``p(target_true)`` per layer (``window``: default the localization
+    experiment's for the model), with the fact's clean and corrupted ``p(target_true)``."""
+    if window is None:
+        window = min(localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW), model.n_layers)
+    result = trace(model, list(facts), kinds=TRACE_KINDS, tokens=TRACE_TOKENS, window=window, samples=samples,
+                   noise=TRACE_NOISE, seed=TRACE_SEED, answered_only=False, cache_dir=cache_root() / "traces",
                    progress=False)
     table = result.to_dataframe()
     position = {f.key: i for i, f in enumerate(facts)}
@@ -222,8 +276,14 @@ def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings:
     batches. Returns the number of units computed."""
     labels = {"model": model.name, "dataset": dataset}
     by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
-    trace_key = {"n_traced": n_traced, "samples": samples, "kinds": list(TRACE_KINDS), "tokens": list(TRACE_TOKENS),
-                 "context": CONTEXT}
+    window = min(localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW), model.n_layers)
+    part_keys = {
+        "survival": {"format": SURVIVAL_FORMAT, "context": CONTEXT, "alias_kind": ALIAS_KIND,
+                     "metrics": ["knowedit"]},
+        "trace": {"n_traced": n_traced, "samples": samples, "kinds": list(TRACE_KINDS),
+                  "tokens": list(TRACE_TOKENS), "window": window, "noise": TRACE_NOISE, "seed": TRACE_SEED,
+                  "answered_only": False},
+    }
     computed = 0
     names = ["pre-edit", *settings]
     mine = shard_batches(len(batches), shard)
@@ -236,42 +296,46 @@ def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings:
             pre = None  # the unedited model's KnowEdit evaluation of the batch, once
             for name in names:
                 if name == "pre-edit":
-                    setting = {"unit": "pre-edit"}
                     method = hp = None
+                    setting = {"unit": "pre-edit"}
                 else:
                     method, hp = settings[name]
-                    setting = {"unit": "edit", "method": method, "hparams_type": type(hp).__name__,
-                               "hparams": hp.effective_dict()}
-                slug = name.lower().replace(", ", "-").replace(" ", "-").replace("+", "-")
-                units = {part: ({**bkey, **setting, "part": part, **trace_key}, f"b{b:03d}-{slug}-{part}")
+                    setting = {"unit": "edit", **method_key(model, method, hp)}
+                units = {part: ({**bkey, **setting, "part": part, **part_keys[part]}, f"b{b:03d}-{_slug(name)}-{part}")
                          for part in ("survival", "trace")}
                 missing = [part for part, (key, label) in units.items() if not store.has(key, label)]
                 if not missing:
                     steps.update()
                     continue
-                context = nullcontext()
-                if name != "pre-edit":
+                if name != "pre-edit" and "survival" in missing and pre is None:
+                    pre = evaluate(model, batch, metrics=("knowedit",), progress=False)  # before any edit
+                if name == "pre-edit":
+                    computed += _write_parts(model, batch, missing, units, store, None, n_traced, samples, window,
+                                             {**labels, "batch": b, "setting": name, "method": None})
+                else:
                     if by_sample is None:
                         by_sample = _moments_for(model, settings, progress)
                     targets = batch_targets(model, batch, method, hp, shared, targets_cache())
-                    context = edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
-                                   targets=targets, progress=False)
-                if "survival" in missing and name != "pre-edit" and pre is None:
-                    pre = evaluate(model, batch, metrics=("knowedit",), progress=False)
-                with context:
-                    for part in missing:
-                        start = time.perf_counter()
-                        rows = (survival_rows(model, batch, pre=None if name == "pre-edit" else pre)
-                                if part == "survival" else trace_rows(model, batch[:n_traced], samples))
-                        seconds = time.perf_counter() - start
-                        key, label = units[part]
-                        store.write_unit(key, [{**r, "seconds": seconds} for r in rows], label,
-                                         {**labels, "batch": b, "setting": name, "method": method, "part": part})
-                        computed += 1
+                    with edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
+                              targets=targets, progress=False):
+                        computed += _write_parts(model, batch, missing, units, store, pre, n_traced, samples, window,
+                                                 {**labels, "batch": b, "setting": name, "method": method})
                 steps.update()
     finally:
         steps.close()
     return computed
+
+
+def _write_parts(model, batch, parts, units, store, pre, n_traced, samples, window, labels) -> int:
+    """Compute and store the ``parts`` of one (batch, setting) on the model as it is now."""
+    for part in parts:
+        start = time.perf_counter()
+        rows = (survival_rows(model, batch, pre=pre) if part == "survival"
+                else trace_rows(model, batch[:n_traced], samples, window=window))
+        seconds = time.perf_counter() - start
+        key, label = units[part]
+        store.write_unit(key, [{**r, "seconds": seconds} for r in rows], label, {**labels, "part": part})
+    return len(parts)
 
 
 def run(model: ModelHandle, dataset: str, scale: str | OutdatedScale, root, *,
@@ -290,7 +354,8 @@ def run(model: ModelHandle, dataset: str, scale: str | OutdatedScale, root, *,
 def _trace_long(rows: pd.DataFrame) -> pd.DataFrame:
     """Trace rows with one row per layer: model, dataset, setting, fact_key, module,
     token_class, layer, ie."""
-    keep = ["model", "dataset", "setting", "batch", "position", "fact_key", "module", "token_class"]
+    keep = ["model", "dataset", "setting", "batch", "position", "fact_key", "module", "token_class", "p_clean",
+            "p_corrupted"]
     long = rows[keep + ["layers", "ie"]].explode(["layers", "ie"]).rename(columns={"layers": "layer"})
     return long.astype({"layer": "int64", "ie": "float64"}).reset_index(drop=True)
 
@@ -310,9 +375,15 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         method minus ``baseline`` within each relation;
         ``aie``: per (model, dataset, setting, module, token class, layer), the indirect
         effect on ``p(target_true)`` averaged over the traced facts, with its interval;
-        ``flow``: per fact, module and token class, the mean effect over layers; its mean
-        per setting with interval, and each setting minus ``pre-edit`` and minus
-        ``baseline`` on the same facts (``diff_pre``, ``diff_baseline`` with intervals).
+        ``aie_paired``: per layer, each edited setting minus the unedited model and minus
+        ``baseline`` on the same facts (``baseline`` column), with intervals: the layers
+        where a method leaves more (or less) of the old answer's flow;
+        ``flow``: per fact, module and token class, the mean effect over layers (the
+        windows overlap, so this is a smoothed summary of the curve, not a sum of
+        separate contributions); its mean per setting with interval, the mean clean and
+        corrupted ``p(target_true)`` beside it (an effect cannot exceed their gap), and
+        each setting minus ``pre-edit`` and minus ``baseline`` on the same facts
+        (``diff_pre``, ``diff_baseline`` with intervals).
     """
     rows = store.rows()
     if rows.empty:
@@ -339,6 +410,11 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         per_layer = tidy_intervals(long.rename(columns={"ie": "AIE"}),
                                    ["model", "dataset", "setting", "module", "token_class", "layer"], ["AIE"])
         out["aie"] = per_layer.drop(columns="metric")
+        groups = ["model", "dataset", "module", "token_class", "layer"]
+        against_pre = paired_against(long, ["ie"], "pre-edit", groups=groups, on=["batch", "position"])
+        edited = long[long["setting"] != "pre-edit"]
+        against_base = paired_against(edited, ["ie"], baseline, groups=groups, on=["batch", "position"])
+        out["aie_paired"] = pd.DataFrame(against_pre + against_base).drop(columns="metric", errors="ignore")
         out["flow"] = _flow(long, baseline)
     return out
 
@@ -348,10 +424,14 @@ def _flow(long: pd.DataFrame, baseline: str) -> pd.DataFrame:
     fact's mean effect across layers, with its interval, and the paired differences from
     the unedited model and from ``baseline`` on the same facts."""
     per_fact = (long.groupby(["model", "dataset", "setting", "module", "token_class", "batch", "position"],
-                             sort=False)["ie"].mean().reset_index())
+                             sort=False).agg(ie=("ie", "mean"), p_clean=("p_clean", "first"),
+                                             p_corrupted=("p_corrupted", "first")).reset_index())
     groups = ["model", "dataset", "module", "token_class"]
     table = tidy_intervals(per_fact.rename(columns={"ie": "mean AIE"}), [*groups[:2], "setting", *groups[2:]],
                            ["mean AIE"]).drop(columns="metric")
+    probabilities = (per_fact.groupby([*groups[:2], "setting", *groups[2:]], sort=False)[["p_clean", "p_corrupted"]]
+                     .mean().reset_index())
+    table = table.merge(probabilities, on=[*groups[:2], "setting", *groups[2:]], how="left")
     extra = []
     for _, row in table.iterrows():
         entry = {}

@@ -46,7 +46,7 @@ from ..targets import context_templates
 from .batches import _fact_rows, batch_key, facts_digest
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
 from .batch_scaling import settings_for
-from .editors import _moments_for, _sample, _slug
+from .editors import _moments_for, _sample, _slug, method_key
 from .store import ResultStore, check_unique
 from .stats import paired_against, tidy_intervals
 
@@ -124,8 +124,7 @@ def run_sequences(
         for r in range(1, len(rounds) + 1):
             done = [fact for batch in rounds[:r] for fact in batch]
             key = {**batch_key(model, dataset, r, done), "unit": "round", "rounds_of": len(rounds[0]),
-                   "method": method, "hparams_type": type(hp).__name__, "hparams": hp.effective_dict(),
-                   "fluency": r in fluency_rounds, **eval_key}
+                   **method_key(model, method, hp), "fluency": r in fluency_rounds, **eval_key}
             units.append((key, f"{_slug(name)}-r{r:03d}"))
         stored = [store.has(key, label) for key, label in units]
         if all(stored):

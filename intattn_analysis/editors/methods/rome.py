@@ -99,6 +99,13 @@ def _prepare(model, hp: RomeHparams, alpha_given: bool):
     return hp, {}
 
 
+def _variant(model, hp: RomeHparams) -> dict:
+    # the site enters result keys only where it is not the MLP output, so that results on
+    # pre-norm models keep their keys
+    site = target_site(model, hp.layers[0])
+    return {} if site == "mlp_output" else {"v_site": site}
+
+
 ROME = register(Editor(
     name="rome",
     hparams_type=RomeHparams,
@@ -109,4 +116,5 @@ ROME = register(Editor(
     prepare=_prepare,
     description="ROME: a rank-one update of one MLP down-projection, fact after fact",
     reference="Meng et al., NeurIPS 2022; kmeng01/rome rome/rome_main.py, compute_u.py, compute_v.py",
+    variant=_variant,
 ))

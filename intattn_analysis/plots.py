@@ -324,25 +324,7 @@ def plot_sequential(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephrase
     ``intervals`` is the tidy table of :func:`intattn_analysis.experiments.sequential.summarise`
     (columns model, dataset, setting, round, metric, mean, ci_low, ci_high, n_edits).
     """
-    metrics = [m for m in metrics if (intervals["metric"] == m).any()]
-    if not metrics:
-        raise ValueError("intervals holds none of the metrics to plot")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        part = intervals[intervals["metric"] == metric]
-        for setting, curve in part.groupby("setting", sort=False):
-            curve = curve.sort_values("round")
-            line, = ax.plot(curve["round"], curve["mean"], marker="o", ms=3, lw=1.4, label=setting)
-            ax.fill_between(curve["round"], curve["ci_low"], curve["ci_high"], color=line.get_color(),
-                            alpha=0.15, lw=0)
-        ax.set_xlabel("rounds of edits applied")
-        ax.set_ylabel(f"{metric} (%)")
-        ax.set_ylim(0, 105)
-        prefix = f"{label}: " if label else ""
-        ax.set_title(f"{prefix}{metric}", fontsize=10)
-    axes[0][0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _metric_curves(intervals, metrics, "round", "rounds of edits applied", label)
 
 
 def plot_batch_scaling(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", "Locality"),
@@ -356,6 +338,14 @@ def plot_batch_scaling(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephr
     rows are left out.
     """
     intervals = intervals[intervals["setting"] != "pre-edit"]
+    return _metric_curves(intervals, metrics, "batch_size", "facts written at once", label, log_x=True)
+
+
+def _metric_curves(intervals, metrics: Sequence[str], x: str, xlabel: str, label: str,
+                   log_x: bool = False) -> plt.Figure:
+    """One panel per metric (percent): each setting's mean against column ``x``, with its
+    95% interval shaded; the layout :func:`plot_sequential` and
+    :func:`plot_batch_scaling` share."""
     metrics = [m for m in metrics if (intervals["metric"] == m).any()]
     if not metrics:
         raise ValueError("intervals holds none of the metrics to plot")
@@ -363,12 +353,13 @@ def plot_batch_scaling(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephr
     for ax, metric in zip(axes[0], metrics):
         part = intervals[intervals["metric"] == metric]
         for setting, curve in part.groupby("setting", sort=False):
-            curve = curve.sort_values("batch_size")
-            line, = ax.plot(curve["batch_size"], curve["mean"], marker="o", ms=3, lw=1.4, label=setting)
-            ax.fill_between(curve["batch_size"], curve["ci_low"], curve["ci_high"], color=line.get_color(),
+            curve = curve.sort_values(x)
+            line, = ax.plot(curve[x], curve["mean"], marker="o", ms=3, lw=1.4, label=setting)
+            ax.fill_between(curve[x], curve["ci_low"], curve["ci_high"], color=line.get_color(),
                             alpha=0.15, lw=0)
-        ax.set_xscale("log")
-        ax.set_xlabel("facts written at once")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric} (%)")
         ax.set_ylim(0, 105)
         prefix = f"{label}: " if label else ""

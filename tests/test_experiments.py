@@ -146,6 +146,20 @@ def test_paired_against_matches_rows_within_each_group():
     assert paired[0]["diff"] == pytest.approx(50.0)  # percent: 1 - mean(0, 1, 0, 1)
 
 
+def test_paired_contrasts_pair_only_the_named_settings():
+    """A contrast is one setting against another named one (not the common baseline); a
+    pair whose settings are not both present gives no row, and a self-pair is refused."""
+    frame = pd.DataFrame([{"g": "g1", "setting": s, "pos": pos, "Edit Succ.": value}
+                          for pos in range(4)
+                          for s, value in (("MEMIT", 0.0), ("with", 1.0), ("without", float(pos % 2)))])
+    rows = stats.paired_contrasts(frame, ["Edit Succ."], [("with", "without"), ("with", "absent")],
+                                  groups=["g"], on=["pos"])
+    assert [(r["setting"], r["baseline"], r["n_edits"]) for r in rows] == [("with", "without", 4)]
+    assert rows[0]["diff"] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="itself"):
+        stats.paired_contrasts(frame, ["Edit Succ."], [("with", "with")], groups=["g"], on=["pos"])
+
+
 def test_tidy_intervals_report_shares_in_percent():
     frame = pd.DataFrame({"setting": ["a"] * 4, "Edit Succ.": [1, 0, 1, 1.0],
                           "Fluency": [5.0, 5.0, 5.0, 5.0], "Locality": [np.nan] * 4})
@@ -472,6 +486,14 @@ def test_sequential_experiment_resumes_with_the_edits_replayed(tiny_llama, setti
     means = summary[(summary["round"] == 3) & (summary["metric"] == "Edit Succ.")].set_index("setting")["mean"]
     assert last["n_edits"] == 3
     assert last["diff"] == pytest.approx(means["AlphaEdit"] - means["MEMIT"], abs=1e-9)
+    # no IntAttn-Edit+NS row here: the default contrasts give an empty table; a named one
+    # is the same pairing the other way round
+    assert tables["contrasts"].empty
+    swapped = sequential.summarise(ResultStore(tmp_path / "whole", sequential.NAME),
+                                   contrasts=[("MEMIT", "AlphaEdit")])["contrasts"]
+    back = swapped[(swapped["round"] == 3) & (swapped["metric"] == "Edit Succ.")].iloc[0]
+    assert (back["setting"], back["baseline"], back["n_edits"]) == ("MEMIT", "AlphaEdit", 3)
+    assert back["diff"] == pytest.approx(-last["diff"], abs=1e-9)
 
 
 def test_an_estimators_mean_alpha_on_the_range_bound_is_inside(tmp_path):
@@ -541,6 +563,10 @@ def test_batch_scaling_writes_each_size_and_pairs_sizes_on_the_same_facts(tiny_l
     tables = batch_scaling.summarise(ResultStore(tmp_path / "whole", batch_scaling.NAME))
     assert set(tables["intervals"]["batch_size"]) == {1, 2}
     assert set(tables["paired"]["setting"]) == {"IntAttn-Edit, train alpha"}
+    assert tables["contrasts"].empty  # no IntAttn-Edit+NS row in this run
+    named = batch_scaling.summarise(ResultStore(tmp_path / "whole", batch_scaling.NAME),
+                                    contrasts=[("IntAttn-Edit, train alpha", "MEMIT")])["contrasts"]
+    pd.testing.assert_frame_equal(named, tables["paired"])  # the same pairing, asked by name
     scaling = tables["scaling"]
     assert set(scaling["batch_size"]) == {2} and set(scaling["baseline_size"]) == {1}
     assert set(scaling["setting"]) == set(settings) and (scaling["n_edits"] == 2).all()

@@ -47,10 +47,10 @@ from ..runs import editable_batches
 from . import estimators
 from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
 from .editors import METHODS, method_settings, run_methods
-from .stats import paired_against, tidy_intervals
+from .stats import paired_against, paired_contrasts, tidy_intervals
 from .store import ResultStore, check_unique
 
-__all__ = ["NAME", "ROWS", "SCALES", "ScalingScale", "run", "run_sizes", "settings_for", "summarise", "tables",
+__all__ = ["CONTRASTS", "NAME", "ROWS", "SCALES", "ScalingScale", "run", "run_sizes", "settings_for", "summarise", "tables",
            "train_alpha"]
 
 NAME = "batch-scaling"
@@ -65,6 +65,13 @@ ROWS: dict[str, str] = {
     "IntAttn-Edit+NS, train alpha": "IntAttn-Edit+NS",
 }
 TRAIN_ALPHA_ROWS = ("IntAttn-Edit, train alpha", "IntAttn-Edit+NS, train alpha")
+#: ``(setting, baseline)`` pairs compared directly beside every row's MEMIT pairing: does
+#: the attention share add to the null-space projection, and what does the projection add
+#: to IntAttn-Edit at the same alpha.
+CONTRASTS: tuple[tuple[str, str], ...] = (
+    ("IntAttn-Edit+NS, train alpha", "AlphaEdit"),
+    ("IntAttn-Edit+NS, train alpha", "IntAttn-Edit, train alpha"),
+)
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,8 @@ def run_sizes(model: ModelHandle, facts: Sequence[Fact], scale: ScalingScale,
     return computed
 
 
-def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
+def summarise(store: ResultStore, baseline: str = "MEMIT",
+              contrasts: Sequence[tuple[str, str]] = CONTRASTS) -> dict[str, pd.DataFrame]:
     """The tables from whatever the store holds.
 
     Returns:
@@ -173,6 +181,8 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         all 500);
         ``paired``: each method minus ``baseline`` at the same batch size, on the same
         facts;
+        ``contrasts``: the same for each ``(setting, baseline)`` of ``contrasts`` whose
+        two rows the store holds;
         ``scaling``: each method at each batch size minus the same method at the smallest
         size, on the facts both evaluated (the first ``n_facts``): how much it loses as
         the batch grows;
@@ -192,6 +202,7 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
     intervals_all = tidy_intervals(rows, [*groups, "setting"], metrics)
     edited = rows[rows["setting"] != "pre-edit"]
     paired = pd.DataFrame(paired_against(edited, metrics, baseline, groups=groups, on=["batch", "position"]))
+    contrasted = pd.DataFrame(paired_contrasts(edited, metrics, contrasts, groups=groups, on=["batch", "position"]))
     smallest = edited.groupby(["model", "dataset"])["batch_size"].transform("min")
     by_size = edited.rename(columns={"setting": "row"}).assign(
         setting=edited["batch_size"].map(lambda s: f"size {s}"), baseline_size=smallest)
@@ -209,8 +220,8 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         scaling = scaling[first + [c for c in scaling.columns if c not in first]]
     seconds = (edited.groupby([*groups, "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
                .first().groupby([*groups, "setting"], sort=False).mean().reset_index())
-    return {"intervals": intervals, "intervals_all": intervals_all, "paired": paired, "scaling": scaling,
-            "seconds": seconds}
+    return {"intervals": intervals, "intervals_all": intervals_all, "paired": paired, "contrasts": contrasted,
+            "scaling": scaling, "seconds": seconds}
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

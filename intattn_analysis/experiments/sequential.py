@@ -7,7 +7,8 @@ so far, the second moments and context prefixes are the unedited model's). After
 round every edit so far is evaluated (Edit Succ., Rephrase, Portability, Locality against
 the unedited model's predictions), as is a fixed set of known built-in facts that no
 round edits ("Known kept": the share the model still answers), and each method is paired
-against MEMIT on the same edits after the same round. Fluency is measured at
+against MEMIT on the same edits after the same round (and the pairs of
+:data:`.batch_scaling.CONTRASTS` against each other). Fluency is measured at
 the rounds in ``fluency_rounds``.
 
 Each (method, round) is a stored unit. A killed run resumes: the rounds already stored
@@ -45,10 +46,10 @@ from ..reporting import MAIN_METRICS
 from ..targets import context_templates
 from .batches import _fact_rows, batch_key, facts_digest
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
-from .batch_scaling import settings_for
+from .batch_scaling import CONTRASTS, settings_for
 from .editors import _moments_for, _sample, _slug, method_key
 from .store import ResultStore, check_unique
-from .stats import paired_against, tidy_intervals
+from .stats import paired_against, paired_contrasts, tidy_intervals
 
 __all__ = ["NAME", "SCALES", "SequentialScale", "run", "run_sequences", "summarise", "tables"]
 
@@ -193,7 +194,8 @@ def run(
     return store
 
 
-def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
+def summarise(store: ResultStore, baseline: str = "MEMIT",
+              contrasts: Sequence[tuple[str, str]] = CONTRASTS) -> dict[str, pd.DataFrame]:
     """The sequential tables from whatever the store holds.
 
     Returns:
@@ -202,7 +204,10 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         and ``n_edits``;
         ``paired``: per (model, dataset, setting other than ``baseline``, round, metric),
         the mean per-fact difference from ``baseline`` after the same round on the same
-        edits (``Known kept`` on the same known facts), its 95% interval and p-value.
+        edits (``Known kept`` on the same known facts), its 95% interval and p-value;
+        ``contrasts``: the same for each ``(setting, baseline)`` of ``contrasts`` whose
+        two rows the store holds (by default IntAttn-Edit+NS against AlphaEdit and
+        against IntAttn-Edit at the same alpha).
     """
     rows = store.rows()
     if rows.empty:
@@ -221,10 +226,17 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
     paired = paired_against(edits, metrics, baseline, groups, on=["edited_in", "position"])
     if not known.empty:
         paired += paired_against(known, ["Known kept"], baseline, groups, on=["position"])
-    paired = pd.DataFrame(paired, columns=["model", "dataset", "setting", "baseline", "round", "metric", "diff",
-                                           "ci_low", "ci_high", "p_value", "n_edits"])
-    paired = paired.sort_values(["model", "dataset", "setting", "round"], kind="stable")
-    return {"intervals": intervals.reset_index(drop=True), "paired": paired.reset_index(drop=True)}
+    contrasted = paired_contrasts(edits, metrics, contrasts, groups, on=["edited_in", "position"])
+    if not known.empty:
+        contrasted += paired_contrasts(known, ["Known kept"], contrasts, groups, on=["position"])
+    columns = ["model", "dataset", "setting", "baseline", "round", "metric", "diff", "ci_low", "ci_high", "p_value",
+               "n_edits"]
+    paired = pd.DataFrame(paired, columns=columns).sort_values(["model", "dataset", "setting", "round"],
+                                                               kind="stable")
+    contrasted = pd.DataFrame(contrasted, columns=columns).sort_values(
+        ["model", "dataset", "setting", "baseline", "round"], kind="stable")
+    return {"intervals": intervals.reset_index(drop=True), "paired": paired.reset_index(drop=True),
+            "contrasts": contrasted.reset_index(drop=True)}
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

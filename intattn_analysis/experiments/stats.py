@@ -40,7 +40,7 @@ import pandas as pd
 
 from ..reporting import _SHARES
 
-__all__ = ["BOOTSTRAP_DRAWS", "formatted_intervals", "mean_interval", "paired_against", "paired_difference",
+__all__ = ["BOOTSTRAP_DRAWS", "formatted_intervals", "mean_interval", "paired_against", "paired_contrasts", "paired_difference",
            "scale_of", "tidy_intervals"]
 
 #: Bootstrap resamples behind every interval. With 10,000 the interval's ends move by
@@ -152,6 +152,23 @@ def paired_against(
                             "metric": metric, "diff": result["diff"] * scale,
                             "ci_low": result["ci_low"] * scale, "ci_high": result["ci_high"] * scale,
                             "p_value": result["p_value"], "n_edits": result["n_edits"]})
+    return out
+
+
+def paired_contrasts(
+    rows: pd.DataFrame, metrics: Sequence[str], pairs: Sequence[tuple[str, str]], groups: Sequence[str],
+    on: Sequence[str],
+) -> list[dict]:
+    """:func:`paired_against` for named ``(setting, baseline)`` pairs only, when the
+    question is not "against the common baseline" but one setting against another (an
+    editor with and without a component). Pairs whose settings are not both in ``rows``
+    give no row; the dicts are :func:`paired_against`'s, in the order of ``pairs``."""
+    out = []
+    for setting, baseline in pairs:
+        if setting == baseline:
+            raise ValueError(f"contrast ({setting!r}, {baseline!r}) pairs a setting with itself")
+        both = rows[rows["setting"].isin([setting, baseline])]
+        out += [entry for entry in paired_against(both, metrics, baseline, groups, on) if entry["setting"] == setting]
     return out
 
 

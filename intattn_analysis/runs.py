@@ -10,6 +10,7 @@ records that ask for no change. Notebook 03 and ``intattn evaluate`` both use th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -18,6 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import reporting
+from .datasets import DatasetWarning
 from .editors import edit, editor
 from .editors.api import batch_targets
 from .facts import Fact
@@ -38,6 +40,15 @@ def editable_batches(
     ZsRE test split has 43) are left out and returned as the second value so that the
     caller can report them. ``offset`` skips that many editable facts first;
     ``n_batches=None`` takes every full batch.
+
+    A batch never asks one prompt for two answers (one solve cannot write both, and
+    :func:`intattn_analysis.edit` refuses such a batch): a record that asks the same
+    subject and prompt as an earlier record *of the same batch* for another answer moves
+    to the next batch, and the batch is filled by the records after it, with a
+    :class:`~intattn_analysis.datasets.DatasetWarning` naming both. Batches without such
+    a pair are exactly the consecutive slices. (KnowEdit's ZsRE test split asks ten of
+    its questions twice with different answers; two such pairs fall in its first 500
+    editable records.)
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -47,21 +58,49 @@ def editable_batches(
         raise ValueError(f"offset must be >= 0, got {offset}")
     unchanged = [f for f in facts if not f.changes_answer]
     editable = [f for f in facts if f.changes_answer][offset:]
-    available = len(editable) // batch_size
-    if available == 0:
+    if len(editable) < batch_size:
         raise ValueError(
             f"{len(editable)} editable fact(s) after offset {offset}: not one batch of "
             f"{batch_size}; lower batch_size or offset"
         )
-    if n_batches is None:
-        n_batches = available
-    elif n_batches > available:
+    batches = _conflict_free_batches(editable, batch_size, n_batches)
+    if n_batches is not None and len(batches) < n_batches:
         raise ValueError(
-            f"{n_batches} batches of {batch_size} asked for, but only {available} full "
+            f"{n_batches} batches of {batch_size} asked for, but only {len(batches)} full "
             f"batch(es) of editable facts are left after offset {offset}"
         )
-    batches = [editable[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
     return batches, unchanged
+
+
+def _conflict_free_batches(editable: list[Fact], batch_size: int,
+                           n_batches: int | None) -> list[list[Fact]]:
+    """Full batches taken in order from ``editable``; a record whose (subject, prompt) an
+    earlier record of the batch asks for another answer waits for the next batch."""
+    pending, batches = editable, []
+    while len(pending) >= batch_size and (n_batches is None or len(batches) < n_batches):
+        batch: list[Fact] = []
+        answers: dict[tuple[str, str], Fact] = {}
+        deferred: list[Fact] = []
+        for i, fact in enumerate(pending):
+            if len(batch) == batch_size:
+                deferred.extend(pending[i:])
+                break
+            first = answers.setdefault((fact.subject, fact.prompt), fact)
+            if first is not fact and first.target_new.strip() != fact.target_new.strip():
+                warnings.warn(
+                    f"{fact.text!r} is asked for {first.target_new!r} and, later, for "
+                    f"{fact.target_new!r}; one batch can write only one answer, so batch "
+                    f"{len(batches)} leaves the later record to the next batch",
+                    DatasetWarning, stacklevel=3,
+                )
+                deferred.append(fact)
+                continue
+            batch.append(fact)
+        if len(batch) < batch_size:
+            break
+        batches.append(batch)
+        pending = deferred
+    return batches
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 import intattn_analysis as ia
 from intattn_analysis import cli, runs
 from intattn_analysis.covariance import second_moments
+from intattn_analysis.editors.api import check_facts
 from intattn_analysis.hparams import hparams_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,6 +32,25 @@ def test_editable_batches_leave_out_and_list_unchanged_records():
     batches, _ = runs.editable_batches(facts, 2, 1, offset=1)
     assert batches == [[COLOSSEUM, EIFFEL]]
     assert runs.editable_batches(facts, 3)[0] == [[EIFFEL, COLOSSEUM, EIFFEL]]
+
+
+def test_editable_batches_defer_a_second_answer_to_one_prompt():
+    """A batch never asks one prompt for two answers (``ia.edit`` would refuse it): the
+    later record waits for the next batch, the gap is filled in order, and a warning
+    names the prompt; the same answer asked twice stays where it is."""
+    other = ia.Fact.from_text(EIFFEL.text, EIFFEL.subject, "Berlin", target_true="Paris")
+    facts = [EIFFEL, other, COLOSSEUM, SAME]
+    with pytest.warns(ia.DatasetWarning, match="Eiffel Tower.*'Rome'.*'Berlin'.*batch 0"):
+        batches, _ = runs.editable_batches(facts, 2)
+    assert batches == [[EIFFEL, COLOSSEUM]]  # 'other' waits; no second full batch
+    with pytest.warns(ia.DatasetWarning):
+        batches, _ = runs.editable_batches(facts + [COLOSSEUM], 2)
+    assert batches == [[EIFFEL, COLOSSEUM], [other, COLOSSEUM]]
+    with pytest.warns(ia.DatasetWarning), pytest.raises(ValueError, match="only 1 full batch"):
+        runs.editable_batches(facts + [EIFFEL], 2, 2)  # 'other' and EIFFEL cannot share one
+    for batch in batches:
+        check_facts(batch)  # every batch is one the editors accept
+    assert runs.editable_batches([EIFFEL, EIFFEL, COLOSSEUM], 2)[0] == [[EIFFEL, EIFFEL]]
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,9 @@ KL_PROMPT = "{} is a"
 _FINAL_NORM_HOOK = "ln_final.hook_out"
 #: Facts optimised together by :func:`compute_z` (a memory bound, see there).
 DEFAULT_Z_BATCH = 16
+#: Padded positions per forward when activations are read at the subject (memory and
+#: speed only: every row's result is the same in any grouping, up to float rounding).
+READ_MAX_TOKENS = 8192
 _TEMPLATES: dict[tuple[str, int, int], list[str]] = {}
 
 
@@ -296,18 +299,41 @@ def _read_hooks(model: ModelHandle, ids: Tensor, names: Sequence[str], select=No
 
 
 def read_at_subject(
-    model: ModelHandle, rows: Sequence[Row], names: Sequence[str]
+    model: ModelHandle, rows: Sequence[Row], names: Sequence[str],
+    max_tokens: int = READ_MAX_TOKENS,
 ) -> dict[str, Tensor]:
     """The activations ``names`` at each row's subject-last position, ``[rows, d]``.
 
-    One forward, stopped as soon as every hook has fired. Head-split activations
-    (``attn.o.hook_in``: ``[batch, pos, head, d_head]``) are flattened to the
-    concatenated-heads vector that ``o_proj`` reads.
+    Each row runs only up to its subject's last token (a causal model's activations
+    there do not depend on the tokens after it), and the rows run shortest first in
+    forwards of at most ``max_tokens`` padded positions, each stopped as soon as every
+    hook has fired; the result is in the order of ``rows``. One padded forward of every
+    row would cost rows times the *longest* row: for a batch of 500 facts in six
+    contexts that was 23 times the time of these forwards, memory traffic included.
+    Head-split activations (``attn.o.hook_in``: ``[batch, pos, head, d_head]``) are
+    flattened to the concatenated-heads vector that ``o_proj`` reads.
     """
-    ids = pad_rows(model, rows)
-    index = torch.arange(len(rows), device=ids.device)
-    positions = torch.tensor([r.subject_last for r in rows], device=ids.device)
-    return _read_hooks(model, ids, names, lambda x: x[index, positions].flatten(1))
+    if not rows:
+        raise ValueError("rows is empty; pass at least one Row")
+    cut = [Row(r.fact_index, r.ids[: r.subject_last + 1], r.subject_last) for r in rows]
+    order = sorted(range(len(cut)), key=lambda j: len(cut[j].ids))
+    groups, group = [], []
+    for j in order:  # ascending lengths: the group's width is its last row's length
+        if group and (len(group) + 1) * len(cut[j].ids) > max_tokens:
+            groups.append(group)
+            group = []
+        group.append(j)
+    groups.append(group)
+    parts = []
+    for group in groups:
+        ids = pad_rows(model, [cut[j] for j in group])
+        index = torch.arange(len(group), device=ids.device)
+        positions = torch.tensor([cut[j].subject_last for j in group], device=ids.device)
+        parts.append(_read_hooks(model, ids, names, lambda x: x[index, positions].flatten(1)))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return {name: torch.cat([part[name] for part in parts])[inverse.to(parts[0][name].device)]
+            for name in parts[0]}
 
 
 # =========================================================================== cache

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import reporting
 from .datasets import DatasetWarning
 from .editors import edit, editor
-from .editors.api import batch_targets
+from .editors.api import asks_another_answer, batch_targets
 from .facts import Fact
 from .hparams import EditHparams, hparams_for
 from .loading import ModelHandle, cache_root
@@ -86,7 +86,7 @@ def _conflict_free_batches(editable: list[Fact], batch_size: int,
                 deferred.extend(pending[i:])
                 break
             first = answers.setdefault((fact.subject, fact.prompt), fact)
-            if first is not fact and first.target_new.strip() != fact.target_new.strip():
+            if asks_another_answer(first, fact):
                 warnings.warn(
                     f"{fact.text!r} is asked for {first.target_new!r} and, later, for "
                     f"{fact.target_new!r}; one batch can write only one answer, so batch "

@@ -26,7 +26,7 @@ from intattn_analysis.hparams import (
 )
 from intattn_analysis.known import greedy_continuation, starts_with_answer
 from intattn_analysis import targets as targets_module
-from intattn_analysis.targets import prompt_rows, read_at_subject
+from intattn_analysis.targets import length_groups, prompt_rows, read_at_subject
 
 torch.set_num_threads(1)
 
@@ -143,8 +143,6 @@ def test_length_groups_cut_at_the_least_cost(lengths):
     sorted lengths costs less (checked against all 2^(n-1) cuts)."""
     from itertools import product
 
-    from intattn_analysis.targets import length_groups
-
     overhead = 4
     groups = length_groups(lengths, overhead)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
@@ -165,6 +163,18 @@ def test_length_groups_cut_at_the_least_cost(lengths):
     assert cost(groups) == best
     with pytest.raises(ValueError, match="at least one position"):
         length_groups([2, 0])
+
+
+@pytest.mark.parametrize("bound", [1, 8, 30, 100])
+def test_length_groups_keep_each_forward_within_its_bound(bound):
+    """With ``max_positions`` every forward pads to at most that many positions (a row
+    longer than the bound runs alone), and every row is in exactly one forward."""
+    lengths = [5, 1, 12, 7, 7, 2, 30, 3, 3, 9]
+    groups = length_groups(lengths, max_positions=bound)
+    assert sorted(j for g in groups for j in g) == list(range(len(lengths)))
+    for group in groups:
+        width = max(lengths[j] for j in group)
+        assert len(group) == 1 or len(group) * width <= bound
 
 
 def test_reads_at_the_subject_do_not_depend_on_grouping(smollm2):

@@ -38,6 +38,13 @@ SHARED_TARGETS = ("residual", "pmet")
 
 
 # =========================================================================== inputs
+def asks_another_answer(first: Fact, later: Fact) -> bool:
+    """Whether ``later`` asks ``first``'s question (subject and prompt) for another new
+    answer: two such facts cannot be written by one batch."""
+    return ((first.subject, first.prompt) == (later.subject, later.prompt)
+            and first.target_new.strip() != later.target_new.strip())
+
+
 def check_facts(facts: Any) -> list[Fact]:
     """The batch as a list of :class:`Fact` s that an edit can write (clear errors
     otherwise: an empty batch, a fact whose new answer is its old one, two answers asked
@@ -62,7 +69,7 @@ def check_facts(facts: Any) -> list[Fact]:
     seen: dict[tuple[str, str], int] = {}
     for i, fact in enumerate(facts):
         first = seen.setdefault((fact.subject, fact.prompt), i)
-        if first != i and facts[first].target_new.strip() != fact.target_new.strip():
+        if asks_another_answer(facts[first], fact):
             raise EditError(
                 f"facts[{first}] and facts[{i}] ask {fact.text!r} for two answers "
                 f"({facts[first].target_new!r} and {fact.target_new!r}); one batch can write "

@@ -68,3 +68,43 @@ def test_grids_on_different_batches_use_different_stores(tune_editor):
     # a dataset file is named by its stem, as the editors experiment stores it: one level
     assert all(folder.parent.name == "m" for folder in folders)
     assert tune_editor.store_folder("m", "knowedit/ZsRE-test-all.json", 100).name == "ZsRE-test-all-100"
+
+
+def test_the_baseline_names_what_differs_from_the_class_defaults(tune_editor):
+    from intattn_analysis.hparams import EditHparams
+
+    hp = EditHparams(layers=(3, 4, 5), v_steps=40, lambda_mlp=250.0)
+    assert tune_editor.describe(hp) == "layers=3-4-5 v_steps=40 lambda_mlp=250.0"
+    assert tune_editor.describe(EditHparams(layers=(2,))) == "layers=2"
+
+
+def test_a_change_of_defaults_gets_its_own_store_and_keeps_the_old_rows(tune_editor):
+    # The labels of a grid ("MEMIT", "memit v_steps=40") are relative to the defaults:
+    # after the defaults change, the same label is another configuration.
+    from intattn_analysis.hparams import EditHparams
+
+    old = EditHparams(layers=(3, 4, 5))
+    new = old.replace(v_steps=40)
+    folders = {tune_editor.store_folder("m", "zsre-train", 100, (hp, hp)) for hp in (old, new)}
+    assert len(folders) == 2
+    rows = lambda baseline, mean: {"model": "m", "dataset": "zsre-train", "setting": "MEMIT",
+                                   "metric": "Edit Succ.", "mean": mean, "n_edits": 100,
+                                   "baseline": baseline}
+    previous = pd.DataFrame([rows("memit layers=3-4-5", 90.7)])
+    table = tune_editor.grown(previous, pd.DataFrame([rows("memit layers=3-4-5 v_steps=40", 93.0)]))
+    assert sorted(table["mean"]) == [90.7, 93.0]
+    again = tune_editor.grown(table, pd.DataFrame([rows("memit layers=3-4-5 v_steps=40", 93.1)]))
+    assert sorted(again["mean"]) == [90.7, 93.1]
+
+
+def test_a_set_field_takes_one_value_that_both_hparams_have(tune_editor, monkeypatch):
+    import intattn_analysis as ia
+
+    monkeypatch.setattr(tune_editor.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(ia, "load_model", lambda name: name)
+    with pytest.raises(SystemExit, match="one value per field"):
+        tune_editor.main(["pmet", "--set", "v_steps=20,40"])
+    with pytest.raises(SystemExit, match=r"do not both have field\(s\) \['attn_targets'\]"):
+        tune_editor.main(["pmet", "--set", "attn_targets=false"])
+    with pytest.raises(SystemExit, match="--set 'v_steps'"):
+        tune_editor.main(["pmet", "--set", "v_steps"])

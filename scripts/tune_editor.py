@@ -3,7 +3,7 @@ same batch, with each metric's mean and 95% interval and the paired difference f
 
 Settings are chosen on train records (KnowEdit's ZsRE test records are for reporting).
 Every grid point is a unit of the ``editors`` experiment's store under
-``<cache root>/tuning/<model>/<dataset>-<facts>-<defaults hash>``, so a killed run resumes
+``<cache root>/tuning/<model>/<dataset>-<facts>-<hash of the defaults>``, so a killed run resumes
 and a grown grid reuses what is done. The table is printed and written to
 ``figures/tuning/<method>-<model>.csv``; its ``baseline`` column names the MEMIT defaults
 that the ``MEMIT`` row and every paired difference were measured against, so rows measured
@@ -17,7 +17,6 @@ before a change of defaults are kept beside the new ones rather than replaced.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import sys
@@ -28,7 +27,7 @@ import torch
 import intattn_analysis as ia
 from intattn_analysis.experiments import editors
 from intattn_analysis.experiments.common import dataset_batches, dataset_label
-from intattn_analysis.experiments.store import ResultStore
+from intattn_analysis.experiments.store import ResultStore, unit_id
 from intattn_analysis.loading import cache_root
 from intattn_analysis.plots import figures_dir
 
@@ -85,9 +84,8 @@ def store_folder(model: str, dataset: str, facts: int, defaults: tuple = ()):
     defaults the grid is built on; one store may hold only one of them. ``defaults`` are
     the hparams the labels are relative to (MEMIT's and the method's)."""
     name = f"{dataset_label(dataset)}-{facts}"
-    if defaults:
-        text = json.dumps([hp.effective_dict() for hp in defaults], sort_keys=True, default=list)
-        name += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    if defaults:  # the store's own key hash: readable label, then 16 hex digits
+        name = unit_id({"defaults": [hp.effective_dict() for hp in defaults]}, name)
     return cache_root() / "tuning" / model / name
 
 
@@ -132,7 +130,7 @@ def main(argv=None) -> int:
         settings[label] = (args.method, base.replace(**changes))
     batches = dataset_batches(args.dataset, args.facts, 1)
     dataset = dataset_label(args.dataset)  # a file's stem, as the editors experiment stores it
-    folder = store_folder(args.model, args.dataset, args.facts, (settings["MEMIT"][1], base))
+    folder = store_folder(args.model, args.dataset, args.facts, (memit, base))
     store = ResultStore(folder, editors.NAME)
     alone = [name for name in settings if name != "MEMIT"] if args.each_alone else []
     editors.run_methods(model, batches, settings, store, dataset=dataset, alone=alone, progress=True)
@@ -145,7 +143,7 @@ def main(argv=None) -> int:
     table = intervals.merge(paired[["setting", "metric", "diff", "ci_low", "ci_high"]],
                             on=["setting", "metric"], how="left", suffixes=("", "_vs_memit"))
     table = table[table["metric"].isin(["Edit Succ.", "Rephrase", "Portability", "Locality", "Fluency"])]
-    table = table.assign(baseline="memit " + describe(settings["MEMIT"][1]))
+    table = table.assign(baseline="memit " + describe(memit))
     pd.set_option("display.width", 250)
     wide = table.pivot_table(index="setting", columns="metric", values="mean", sort=False).round(1)
     print(wide.to_string())

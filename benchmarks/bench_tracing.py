@@ -4,8 +4,8 @@ On the same facts and settings the script times
 
 1. ``ia.trace``, the batched engine (many sites per forward, each forward resumed at the
    lowest restored layer and the first restored token);
-2. the one-site-per-forward reference of the test suite (``tests/tracing_reference.py``,
-   ROME's loop: every site is one full forward batched over the noise draws), and checks
+2. the one-site-per-forward reference (:mod:`intattn_analysis.tracing_reference`, ROME's
+   loop: every site is one full forward batched over the noise draws), and checks
    that both give the same probabilities;
 3. TransformerLens' own ``patching.generic_activation_patch`` for the kind it fits, the
    residual stream (one forward per (layer, position), the corrupted batch being the noise
@@ -28,18 +28,15 @@ import argparse
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import intattn_analysis as ia  # noqa: E402
-from intattn_analysis.architectures import hook  # noqa: E402
-from intattn_analysis.predictions import first_answer_token  # noqa: E402
-from intattn_analysis.tracing import Noise, noise_draws, subject_span, token_classes  # noqa: E402
-from tracing_reference import reference_trace  # noqa: E402
+import intattn_analysis as ia
+from intattn_analysis.architectures import hook
+from intattn_analysis.predictions import first_answer_token
+from intattn_analysis.tracing import Noise, noise_draws, subject_span, token_classes
+from intattn_analysis.tracing_reference import reference_trace
 
 
 @contextmanager

@@ -4,9 +4,14 @@ For one batch of editable records (ZsRE train by default: settings are chosen on
 records and reported on test records) and each target setting, the script computes the
 targets (cached per fact under ``<cache root>/targets``, so a rerun resumes), counts the
 facts that never meet the stop rule, and then edits with MEMIT at each lambda and prints
-the KnowEdit metrics with 95% confidence intervals over the facts, and each setting's
+the KnowEdit metrics in percent with 95% intervals over the facts, and each setting's
 difference from the first (the reference rule) at the same lambda, paired over the same
-facts. The table is also written to ``figures/target_rules.csv``.
+facts. The intervals are the package's percentile bootstrap over facts
+(:func:`~intattn_analysis.experiments.stats.mean_interval` and
+:func:`~intattn_analysis.experiments.stats.paired_difference`: 10,000 seeded draws, so a
+rerun prints the same ends); each is given by its two ends, ``95% low`` and ``95% high``,
+since a bootstrap interval need not be symmetric about the mean. The table is also
+written to ``figures/target_rules.csv``.
 
     python scripts/target_rules.py                       # SmolLM2, 100 train records
     python scripts/target_rules.py --facts 50 --lambdas 250 1000
@@ -15,7 +20,6 @@ facts. The table is also written to ``figures/target_rules.csv``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -23,6 +27,7 @@ import pandas as pd
 import torch
 
 import intattn_analysis as ia
+from intattn_analysis.experiments.stats import mean_interval, paired_difference, scale_of
 from intattn_analysis.loading import cache_root
 from intattn_analysis.plots import figures_dir
 
@@ -36,15 +41,6 @@ SETTINGS = {
     "NLL < 0.05, 25 evaluations": {**REFERENCE, "stop_on": "nll"},
     "loss < 0.05, 40 evaluations": {**REFERENCE, "v_steps": 40},
 }
-
-
-def mean_ci(values) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95% interval, in points."""
-    values = [v for v in values if not math.isnan(v)]
-    n = len(values)
-    mean = sum(values) / n
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
-    return 100 * mean, 100 * 1.96 * sd / n ** 0.5
 
 
 def main(argv=None) -> int:
@@ -99,12 +95,15 @@ def main(argv=None) -> int:
             per_fact = post.per_fact[["Edit Succ.", "Rephrase", "Locality"]].astype(float)
             first.setdefault(lam, per_fact)
             for metric in per_fact:
-                mean, half = mean_ci(per_fact[metric])
-                row[metric] = round(mean, 1)
-                row[f"{metric} ±95%"] = round(half, 1)
-                diff, half = mean_ci(per_fact[metric] - first[lam][metric])
-                row[f"{metric} vs first"] = round(diff, 1)
-                row[f"{metric} vs first ±95%"] = round(half, 1)
+                scale = scale_of(metric)
+                mean, low, high, _ = mean_interval(per_fact[metric])
+                row[metric] = round(mean * scale, 1)
+                row[f"{metric} 95% low"] = round(low * scale, 1)
+                row[f"{metric} 95% high"] = round(high * scale, 1)
+                paired = paired_difference(per_fact[metric], first[lam][metric])
+                row[f"{metric} vs first"] = round(paired["diff"] * scale, 1)
+                row[f"{metric} vs first 95% low"] = round(paired["ci_low"] * scale, 1)
+                row[f"{metric} vs first 95% high"] = round(paired["ci_high"] * scale, 1)
             rows.append(row)
             print(pd.DataFrame([row]).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)

@@ -18,8 +18,7 @@ import torch
 import intattn_analysis as ia
 from intattn_analysis import tracing
 from intattn_analysis.tracing import Noise, TraceResult, balance, trace
-
-from tracing_reference import reference_trace
+from intattn_analysis.tracing_reference import reference_trace
 
 # Engine and reference run the same float32 model on different batch shapes (the engine also
 # resumes at a late layer and token), so their logits differ by summation order alone. A

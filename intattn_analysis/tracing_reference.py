@@ -1,11 +1,16 @@
-"""A plain causal-tracing reference: one restore site per forward, every forward from tokens.
+"""The slow one-site-per-forward reference of causal tracing, for checking the batched engine.
 
-Used by the tests (and the tracing benchmark) to check the batched engine of
-:mod:`intattn_analysis.tracing`. It shares with the engine only the definitions of the
+:func:`reference_trace` computes the same rows as :func:`intattn_analysis.tracing.trace`
+the plain way, ROME's loop: each restore site is one full forward of the prompt from its
+tokens, batched over the noise draws, with hooks that add the noise to ``hook_embed`` and
+write the clean values back. It shares with the engine only the definitions of the
 experiment (the subject's token span, the token classes, the answer token and the noise
-draws) and none of its machinery: each site is one full forward of the prompt, batched over
-the noise draws like ROME, with hooks that add the noise to ``hook_embed`` and write the
-clean values back.
+draws) and none of its machinery, so an agreement between the two checks the engine's
+batching, resuming and windowing rather than repeating them. The test suite compares the
+two to 1e-5 and ``benchmarks/bench_tracing.py`` times them side by side.
+
+It runs one forward per (kind, token, layer) site: use :func:`~intattn_analysis.tracing.trace`
+for real work.
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ from intattn_analysis.tracing import (
     token_classes,
 )
 
+__all__ = ["HOOK_OF_KIND", "reference_trace"]
+
 HOOK_OF_KIND = {"resid": "resid_pre", "mlp": "mlp_out", "attn": "attn_out"}
+"""The hook (see :func:`~intattn_analysis.architectures.hook`) whose output each kind of
+trace restores: the residual stream entering a block, the MLP's output, attention's output."""
 
 
 def _set_positions(position, values):
@@ -38,6 +47,8 @@ def _set_positions(position, values):
 
 
 def _add_noise(noise, start, end):
+    """A hook adding ``noise`` ([rows, end - start, d_model]) to positions ``start:end``."""
+
     def add(x, hook=None):
         x = x.clone()
         x[:, start:end] = x[:, start:end] + noise
@@ -48,6 +59,7 @@ def _add_noise(noise, start, end):
 
 @torch.no_grad()
 def _p_answer(bridge, ids, answer, fwd_hooks):
+    """The probability of token ``answer`` after the last position of every row of ``ids``."""
     logits = bridge.run_with_hooks(ids, fwd_hooks=fwd_hooks)
     return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer]
 
@@ -66,8 +78,20 @@ def reference_trace(
     severed=None,
     seed=0,
 ):
-    """Rows ``{fact, kind, token, layer, p_clean, p_corrupted, p_restored, ie}`` and the
-    keys of the facts skipped (first answer token not top-1 in the clean run)."""
+    """Causal-trace ``facts`` on ``model`` one restore site per forward.
+
+    The arguments mean what they mean for :func:`~intattn_analysis.tracing.trace` (same
+    defaults, except that ``kinds`` defaults to all three kinds even when ``severed`` is
+    set); there is no batching, caching or progress bar, and facts whose first answer
+    token is not the clean run's top-1 prediction are always left out.
+
+    Returns:
+        ``(rows, skipped)``: ``rows`` is a list of dicts ``{fact, kind, token, layer,
+        p_clean, p_corrupted, p_restored, ie}``, one per (fact, kind, token, layer), the
+        columns of :meth:`TraceResult.to_dataframe
+        <intattn_analysis.tracing.TraceResult.to_dataframe>` that the engine computes;
+        ``skipped`` lists the keys of the facts left out.
+    """
     bridge, n_layers = model.bridge, model.n_layers
     layers = range(n_layers) if layers is None else layers
     tokens = TOKEN_CLASSES if tokens == "all" else [tokens] if isinstance(tokens, str) else tokens

@@ -357,6 +357,33 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    import pandas as pd
+    import torch
+
+    from .experiments import tuning
+    from .loading import load_model
+
+    try:
+        grid = tuning.parse_grid(args.grid)
+        fixed = tuning.parse_grid(args.set, "--set")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    try:
+        tuning.grid_settings(model, args.method, grid, fixed, args.each_alone)  # every field, before any work
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    table = tuning.run(model, args.method, dataset=args.dataset, facts=args.facts, grid=grid, fixed=fixed,
+                       each_alone=args.each_alone)
+    with pd.option_context("display.width", 250):
+        print(table.pivot_table(index="setting", columns="metric", values="mean", sort=False).round(1).to_string())
+    print("written", tuning.write_table(table, args.method, model.name))
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .experiments.store import merge_stores
 
@@ -436,6 +463,22 @@ def main(argv: list[str] | None = None) -> int:
                      help="only summarise what the store holds")
     run.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     run.set_defaults(run=_run)
+
+    tune = sub.add_parser("tune", help="a grid of one editor's settings on train records, paired with MEMIT",
+                          parents=[common])
+    tune.add_argument("method", help="an editor name: rome, pmet, alphaedit, ft-l, ...")
+    tune.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path")
+    tune.add_argument("--dataset", default="zsre-train", help="train records: zsre-train or a benchmark file")
+    tune.add_argument("--facts", type=int, default=50, help="train records in the batch")
+    tune.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                      help="an hparam and the values to try (repeatable: the grid is the product)")
+    tune.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                      help="an hparam changed for every setting, MEMIT's included (a field both have, "
+                           "e.g. mom2_n_tokens=20000 for a cheaper corpus sample)")
+    tune.add_argument("--each-alone", action="store_true",
+                      help="edit each fact alone on the unedited model (the 'ROME, each alone' protocol)")
+    tune.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    tune.set_defaults(run=_tune)
 
     merge = sub.add_parser("merge", help="copy several shards' stores into one", parents=[common])
     merge.add_argument("sources", nargs="+", help="store folders written by the shards")

@@ -15,6 +15,7 @@ the run.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -88,8 +89,6 @@ def store_rows(store, model) -> dict[str, dict]:
     its hash, which covers the model's folder)."""
     out = {}
     for path in store.files():
-        import json
-
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         key = records[0]["unit_key"]
         label = path.stem.rsplit("-", 1)[0]
@@ -128,3 +127,56 @@ def differences(got: Any, want: Any, where: str = "", rel: float = 1e-6) -> list
             return []
         return [f"{where}: {got!r}, stored {want!r}"]
     return [] if got == want else [f"{where}: {got!r}, stored {want!r}"]
+
+
+def row_sets(model, root) -> dict[str, Any]:
+    """Every case's rows on ``model`` (the tiny Llama), stores under ``root``."""
+    from intattn_analysis import runs
+    from intattn_analysis.experiments import batch_scaling, editors, outdated, sequential
+    from intattn_analysis.experiments.alpha_settings import run_alpha_settings
+    from intattn_analysis.experiments.store import ResultStore
+
+    hp, moments = tiny_setting(model)
+    rows = family(hp)
+    out: dict[str, Any] = {}
+
+    store = ResultStore(root, "alpha-sweep")
+    run_alpha_settings(model, [FACTS[:2], FACTS[2:]], {"0": 0.0, "0.5": 0.5, "per-layer": {1: 0.25, 2: 0.75}}, hp,
+                       store, dataset="hand", moments=moments, metrics=("knowedit", "residue"), fluency_tokens=4,
+                       progress=False, labels={"estimator": "x"})
+    out["alpha-settings"] = store_rows(store, model)
+
+    store = ResultStore(root, "editors")
+    editors.run_methods(model, [FACTS[:2], FACTS[2:]], rows, store, dataset="hand", moments=moments,
+                        metrics=("knowedit", "residue", "fluency"), fluency_tokens=4, progress=False)
+    out["editors"] = store_rows(store, model)
+
+    store = ResultStore(root, "batch-scaling")
+    scale = batch_scaling.ScalingScale(sizes=(1, 2), n_facts=2,
+                                       methods=("MEMIT", "ROME", "IntAttn-Edit+NS, train alpha"),
+                                       metrics=("knowedit",), fluency_tokens=4)
+    settings = {"MEMIT": rows["MEMIT"], "ROME": rows["ROME"], "IntAttn-Edit+NS, train alpha": rows["IntAttn-Edit+NS"]}
+    batch_scaling.run_sizes(model, FACTS, scale, settings, store, dataset="hand", moments=moments, progress=False)
+    out["batch-scaling"] = store_rows(store, model)
+
+    store = ResultStore(root, "sequential")
+    settings = {k: rows[k] for k in ("MEMIT", "AlphaEdit", "ROME", "FT-M")}
+    sequential.run_sequences(model, [FACTS[:1], FACTS[1:2], FACTS[2:3]], settings, store, dataset="hand",
+                             known=FACTS[3:], fluency_rounds=(3,), fluency_tokens=4, moments=moments, progress=False)
+    out["sequential"] = store_rows(store, model)
+
+    store = ResultStore(root, "outdated")
+    settings = {"MEMIT": rows["MEMIT"], "IntAttn-Edit, train alpha": ("intattn", hp.replace(alpha=0.5))}
+    outdated.run_batches(model, [ALIASED], settings, store, dataset="hand", n_traced=1, samples=2, moments=moments,
+                         progress=False)
+    out["outdated"] = store_rows(store, model)
+
+    run = runs.edit_batches(model, [FACTS[:2], FACTS[2:]], ["memit", "intattn", "rome"],
+                            {"memit": hp, "intattn": hp.replace(alpha=0.5), "rome": rows["ROME"][1]},
+                            moments=moments, dataset="hand", metrics=("knowedit", "counterfact", "residue", "fluency"),
+                            fluency_tokens=4, progress=False)
+    out["edit_batches"] = json.loads(json.dumps({
+        "records": frame_rows(run.records, model), "per_fact": frame_rows(run.per_fact, model),
+        "timings": sorted(run.timings.columns.tolist()), "targets": [t.diagnostics for t in run.targets],
+    }, default=str))
+    return out

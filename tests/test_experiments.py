@@ -22,7 +22,8 @@ import torch
 import intattn_analysis as ia
 from intattn_analysis import cli
 from intattn_analysis.experiments import alpha_sweep, stats
-from intattn_analysis.experiments.batches import alpha_label, run_alpha_settings, shard_batches
+from intattn_analysis.experiments.alpha_settings import run_alpha_settings
+from intattn_analysis.experiments.units import alpha_label, shard_batches
 from intattn_analysis.experiments.store import (ResultStore, StoreError, StoreWarning, check_unique,
                                                 merge_stores, unit_id)
 from intattn_analysis.hparams import EditHparams
@@ -396,7 +397,7 @@ def test_each_alone_rows_edit_each_fact_on_the_unedited_model(tiny_llama, settin
     the facts together; float32 rounding of a padded forward moves probabilities by
     ~1e-7, so probabilities are compared to 1e-5 and accuracies exactly."""
     from intattn_analysis.experiments import editors
-    from intattn_analysis.experiments.batches import _fact_rows
+    from intattn_analysis.experiments.units import fact_rows
     from intattn_analysis.hparams import RomeHparams
 
     hp, moments = setting
@@ -416,7 +417,7 @@ def test_each_alone_rows_edit_each_fact_on_the_unedited_model(tiny_llama, settin
         pre = ia.evaluate(tiny_llama, [fact], metrics=metrics, progress=False)
         with ia.edit(tiny_llama, [fact], method="rome", hparams=rome, moments=moments, progress=False):
             post = ia.evaluate(tiny_llama, [fact], pre=pre, metrics=metrics, progress=False)
-        expected = _fact_rows(post)[0]
+        expected = fact_rows(post)[0]
         for column in ("Edit Succ.", "Rephrase", "Locality", "Residue old top-1 pre", "Residue old top-1 post"):
             got, want = alone.loc[i, column], expected[column]
             assert got == want or (pd.isna(got) and pd.isna(want)), (column, got, want)

@@ -186,10 +186,14 @@ def test_targets_cache_keys_on_the_model_state(smollm2, fast, tmp_path):
 
 
 def test_a_failed_batch_keeps_what_finished(smollm2, corpus_moments, fast):
-    with pytest.raises(ia.EditError, match="unknown method") as caught:
-        runs.edit_batches(smollm2, [[EIFFEL]], ["memit", "nope"], fast.replace(v_steps=2),
-                          moments=corpus_moments, metrics=("knowedit",), targets_cache=False,
-                          progress=False)
+    # an unknown method is named before anything runs
+    with pytest.raises(ia.EditError, match="unknown method"):
+        runs.edit_batches(smollm2, [[EIFFEL]], ["memit", "nope"], fast, progress=False)
+    # a method that fails on the batch keeps what finished before it
+    hparams = {"memit": fast.replace(v_steps=2), "intattn": fast.replace(layers=(smollm2.n_layers,))}
+    with pytest.raises(ia.EditError, match="layer") as caught:
+        runs.edit_batches(smollm2, [[EIFFEL]], ["memit", "intattn"], hparams, moments=corpus_moments,
+                          metrics=("knowedit",), targets_cache=False, progress=False)
     partial = caught.value.partial_run
     assert list(partial.records["method"]) == ["pre-edit", "memit"]
     assert smollm2.open_edits == 0

@@ -7,6 +7,11 @@ computes (or resumes) its units of work into a
 ``intattn run EXPERIMENT --model M --dataset D --scale ci|paper [--shard I/N] [--out DIR]``
 calls them from the command line.
 
+An experiment declares *what* it runs: its units (:mod:`.units` names them: the model
+state, the facts, the method and its settings) and its tables. *How* a unit is run is
+:mod:`.runner`'s, the same for every experiment: put the model in the unit's state
+(write a batch, or rounds of batches), measure, restore, store.
+
 * ``localization``: causal traces of every known fact (:mod:`.localization`), the
   per-layer AIE of attention and MLP with intervals and the alphas they imply;
 * ``alpha-sweep``: IntAttn-Edit at fixed alphas and the traced alpha (:mod:`.alpha_sweep`);
@@ -20,6 +25,9 @@ calls them from the command line.
   (:mod:`.batch_scaling`);
 * ``outdated``: how much of the old answer survives each editor, where it flows, and
   whether a context brings it back (:mod:`.outdated`).
+
+``intattn tune`` runs :mod:`.tuning`: a grid of one editor's settings on train records,
+as units of the ``editors`` experiment.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import pandas as pd
 from ..hparams import hparams_for
 from ..loading import ModelHandle
 from ..reporting import MAIN_METRICS
-from .batches import run_alpha_settings
+from .alpha_settings import run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
 from .stats import paired_difference, scale_of, tidy_intervals
 from .store import ResultStore, check_unique

@@ -43,7 +43,7 @@ from ..facts import Fact
 from ..hparams import hparams_for
 from ..loading import ModelHandle
 from ..reporting import MAIN_METRICS
-from ..runs import editable_batches
+from ..batching import editable_batches
 from . import estimators
 from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
 from .editors import METHODS, method_settings, run_methods

@@ -16,7 +16,7 @@ from ..datasets import benchmark_path, load_facts
 from ..facts import Fact
 from ..hparams import EditHparams
 from ..loading import ModelHandle, cache_root
-from ..runs import editable_batches
+from ..batching import editable_batches
 
 __all__ = ["DATASETS", "dataset_facts", "dataset_label", "edit_moments", "parse_shard",
            "targets_cache"]

@@ -26,26 +26,21 @@ paper's batches), with the models' own settings.
 
 from __future__ import annotations
 
-import re
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
-from tqdm import tqdm
 
-from ..editors import edit, editor
-from ..editors.api import batch_targets, resolve_hparams
 from ..hparams import hparams_for
 from ..loading import ModelHandle
-from ..metrics import evaluate
 from ..reporting import MAIN_METRICS
-from .batches import _fact_rows, _with_seconds, batch_key, shard_batches
 from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
+from .runner import PRE_EDIT, Cell, EvaluationMeasure, Setting, Unit, run_cells
 from .stats import paired_against, tidy_intervals
 from .store import ResultStore, check_unique
+from .units import batch_key, method_key, shard_batches, slug
 
-__all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "EditorsScale", "method_key", "method_settings",
+__all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "EditorsScale", "method_cells", "method_settings",
            "relation_tables", "run", "run_methods", "summarise", "tables"]
 
 NAME = "editors"
@@ -109,37 +104,43 @@ def method_settings(model: ModelHandle, names: Sequence[str], mom2_n_tokens: int
     return out
 
 
-def _moments_for(model: ModelHandle, settings: Mapping[str, tuple[str, Any]], progress: bool):
-    """The second moments every method reads, computed together (cached on disk); one
-    corpus sample per (n_tokens, max_len)."""
-    from ..covariance import second_moments
-
-    needed: dict[tuple, set] = {}
-    example: dict[tuple, Any] = {}
-    for method, hp in settings.values():
-        spec = editor(method)
-        resolved, _ = resolve_hparams(model, spec, hp)  # alpha resolved: the matrices written are known
-        keys = spec.moments(model, resolved) if spec.moments is not None else []
-        if keys:
-            sample = _sample(hp)
-            needed.setdefault(sample, set()).update(keys)
-            example.setdefault(sample, hp)
-    moments = {}
-    for sample, keys in needed.items():
-        hp = example[sample]
-        layers = sorted({l for _, l in keys})
-        modules = tuple(m for m in ("mlp", "attn") if any(k[0] == m for k in keys))
-        moments[sample] = second_moments(model, layers, modules=modules, n_tokens=hp.mom2_n_tokens,
-                                         max_len=hp.mom2_max_len, dtype=hp.torch_mom2_dtype,
-                                         progress=progress)
-    return moments
-
-
-def _sample(hp) -> tuple | None:
-    """The corpus sample a method's second moments come from (``None``: it reads none)."""
-    if not hasattr(hp, "mom2_n_tokens"):
-        return None
-    return (hp.mom2_n_tokens, hp.mom2_max_len, hp.mom2_dtype)
+def method_cells(
+    model: ModelHandle,
+    batches: Sequence[Sequence],
+    settings: Mapping[str, tuple[str, Any]],
+    *,
+    dataset: str,
+    metrics: Sequence[str],
+    fluency_tokens: int,
+    shard: tuple[int, int] | None = None,
+    alone: Sequence[str] = ALONE_ROWS,
+    labels: Mapping[str, Any] | None = None,
+    label_prefix: str = "",
+) -> list[Cell]:
+    """The units of each batch of this shard: ``pre-edit`` (label ``b000-pre``), then each
+    named (method, hparams) (``b000-<method>-<row>``). The rows named in ``alone`` edit
+    each fact alone on the unedited model (:data:`ALONE_ROWS`). Rows carry ``model``,
+    ``dataset``, ``batch``, ``setting`` (the row name, ``"pre-edit"`` for the unedited
+    model), ``method`` and ``labels``. ``labels`` are another experiment's grouping (such
+    as the batch size); they enter every unit's key too, and ``label_prefix`` starts every
+    unit's file label."""
+    extra = dict(labels or {})
+    eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens, **extra}
+    columns = {"model": model.name, "dataset": dataset, **extra}
+    cells = []
+    for b in shard_batches(len(batches), shard):
+        facts = list(batches[b])
+        bkey = batch_key(model, dataset, b, facts)
+        pre = Unit({**bkey, "unit": "pre-edit", **eval_key}, f"{label_prefix}b{b:03d}-pre",
+                   {**columns, "batch": b, "setting": "pre-edit", "method": None})
+        cells.append(Cell(b, facts, PRE_EDIT, {"": pre}))
+        for name, (method, hp) in settings.items():
+            protocol = {"protocol": "each alone"} if name in alone else {}
+            unit = Unit({**bkey, "unit": "edit", **method_key(model, method, hp), **protocol, **eval_key},
+                        f"{label_prefix}b{b:03d}-{method}-{slug(name)}",
+                        {**columns, "batch": b, "setting": name, "method": method})
+            cells.append(Cell(b, facts, Setting(name, method, hp, alone=name in alone), {"": unit}))
+    return cells
 
 
 def run_methods(
@@ -158,105 +159,17 @@ def run_methods(
     label_prefix: str = "",
     progress: bool = True,
 ) -> int:
-    """Evaluate each named (method, hparams) on each batch of this shard; one stored unit
-    per (batch, name) and one per batch's pre-edit evaluation. Returns the number of
-    units computed.
-
-    ``moments`` (``{(module, layer): E[k kᵀ]}``) serves every method; default: each
-    method's own sample, computed once (cached on disk). The rows named in ``alone`` edit
-    each fact alone on the unedited model (:data:`ALONE_ROWS`). Rows carry ``model``,
-    ``dataset``, ``batch``, ``setting`` (the row name, ``"pre-edit"`` for the unedited
-    model), ``method``, ``position``, ``fact_key`` and the per-fact metrics.
-
-    ``labels`` are further columns for every row (another experiment's grouping, such as
-    the batch size); they enter every unit's key too, and ``label_prefix`` starts every
-    unit's file label."""
+    """Evaluate each named (method, hparams) on each batch of this shard
+    (:func:`method_cells`, :func:`.runner.run_cells`); returns the number of units
+    computed. ``moments`` (``{(module, layer): E[k kᵀ]}``) serves every method; default:
+    each method's own sample, computed once (cached on disk). Edited rows carry
+    ``edit_seconds`` beside ``seconds``."""
     metrics = tuple(metrics)
-    extra = dict(labels or {})
-    eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens, **extra}
-    labels = {"model": model.name, "dataset": dataset, **extra}
-    mine = shard_batches(len(batches), shard)
-    by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
-    computed = 0
-    steps = tqdm(total=len(mine) * (len(settings) + 1), desc=f"{model.name} {dataset} editors",
-                 disable=not progress)
-    try:
-        for b in mine:
-            batch = list(batches[b])
-            bkey = batch_key(model, dataset, b, batch)
-            units = {"pre-edit": ({**bkey, "unit": "pre-edit", **eval_key}, f"{label_prefix}b{b:03d}-pre")}
-            for name, (method, hp) in settings.items():
-                protocol = {"protocol": "each alone"} if name in alone else {}
-                units[name] = ({**bkey, "unit": "edit", **method_key(model, method, hp), **protocol, **eval_key},
-                               f"{label_prefix}b{b:03d}-{method}-{_slug(name)}")
-            missing = [n for n, (key, label) in units.items() if not store.has(key, label)]
-            if not missing:
-                steps.update(len(units))
-                continue
-            start = time.perf_counter()
-            pre = evaluate(model, batch, metrics=metrics, fluency_tokens=fluency_tokens, progress=False)
-            if "pre-edit" in missing:
-                key, label = units["pre-edit"]
-                store.write_unit(key, _with_seconds(_fact_rows(pre), time.perf_counter() - start), label,
-                                 {**labels, "batch": b, "setting": "pre-edit", "method": None})
-                computed += 1
-            steps.update()
-            if by_sample is None:
-                by_sample = _moments_for(model, settings, progress)
-            shared: dict = {}
-            for name in settings:
-                if name not in missing:
-                    steps.update()
-                    continue
-                method, hp = settings[name]
-                start = time.perf_counter()
-                if name in alone:
-                    rows, edit_seconds = _each_alone(model, batch, method, hp, by_sample.get(_sample(hp)), pre,
-                                                     metrics, fluency_tokens, progress)
-                else:
-                    targets = batch_targets(model, batch, method, hp, shared, targets_cache())
-                    with edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
-                              targets=targets, progress=False) as result:
-                        post = evaluate(model, batch, pre=pre, metrics=metrics, fluency_tokens=fluency_tokens,
-                                        progress=False)
-                    rows, edit_seconds = _fact_rows(post), result.timings.get("total", float("nan"))
-                seconds = time.perf_counter() - start
-                rows = [{**row, "edit_seconds": edit_seconds} for row in _with_seconds(rows, seconds)]
-                key, label = units[name]
-                store.write_unit(key, rows, label, {**labels, "batch": b, "setting": name, "method": method})
-                computed += 1
-                steps.update()
-    finally:
-        steps.close()
-    return computed
-
-
-def method_key(model: ModelHandle, method: str, hp) -> dict[str, Any]:
-    """What a stored result of ``method`` with ``hp`` on ``model`` depends on besides
-    the facts: the method, its hyperparameters, and any code path the architecture
-    selects (:meth:`intattn_analysis.editors.protocol.Editor.variant_of`)."""
-    return {"method": method, "hparams_type": type(hp).__name__, "hparams": hp.effective_dict(),
-            **editor(method).variant_of(model, hp)}
-
-
-def _slug(name: str) -> str:
-    """A row name as it appears in a unit's file label (``IntAttn-Edit+NS``: ``intattn-edit-ns``)."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _each_alone(model: ModelHandle, batch: Sequence, method: str, hp, moments, pre, metrics: Sequence[str],
-                fluency_tokens: int, progress: bool) -> tuple[list[dict], float]:
-    """Edit each fact of ``batch`` alone on the unedited model, evaluate it against its
-    own pre-edit values, and restore the weights before the next. Returns the per-fact
-    rows (``position`` is the fact's place in the batch) and the seconds spent editing."""
-    rows, seconds = [], 0.0
-    for i, fact in enumerate(tqdm(batch, desc=f"{method}, each fact alone", leave=False, disable=not progress)):
-        with edit(model, [fact], method=method, hparams=hp, moments=moments, progress=False) as result:
-            post = evaluate(model, [fact], pre=pre.select([i]), metrics=metrics, fluency_tokens=fluency_tokens,
-                            progress=False)
-        seconds += result.timings.get("total", float("nan"))
-        rows.append({**_fact_rows(post)[0], "position": i})
-    return rows, seconds
+    cells = method_cells(model, batches, settings, dataset=dataset, metrics=metrics, fluency_tokens=fluency_tokens,
+                         shard=shard, alone=alone, labels=labels, label_prefix=label_prefix)
+    return run_cells(model, cells, EvaluationMeasure(metrics, fluency_tokens), store, moments=moments,
+                     targets_cache=targets_cache(), edit_seconds=True, desc=f"{model.name} {dataset} editors",
+                     progress=progress)
 
 
 def run(

@@ -43,10 +43,11 @@ from ..loading import ModelHandle
 from ..targets import prompt_rows, read_at_subject
 from ..tracing import balance
 from . import alpha_sweep, localization
-from .batches import alpha_label, run_alpha_settings
+from .alpha_settings import run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
 from .stats import tidy_intervals
 from .store import MissingResultsError, ResultStore, check_unique
+from .units import alpha_label
 
 __all__ = ["ESTIMATORS", "NAME", "SCALES", "EstimatorScale", "estimate_alphas", "run", "summarise"]
 

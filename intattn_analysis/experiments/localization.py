@@ -29,9 +29,9 @@ from ..datasets import load_facts
 from ..loading import ModelHandle, cache_root
 from ..localization import early_attention_finding
 from ..tracing import COLUMNS, TraceResult, trace
-from .batches import facts_digest, shard_batches
 from .common import check_scale
 from .store import STORE_FORMAT, MissingResultsError, ResultStore
+from .units import facts_digest, shard_batches
 
 __all__ = ["NAME", "SCALES", "VARIANTS", "LocalizationScale", "run", "summarise", "traces"]
 

@@ -60,7 +60,6 @@ experiment's).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -68,8 +67,6 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..editors import edit
-from ..editors.api import batch_targets
 from ..facts import Fact, sample_by_relation
 from ..known import is_known
 from ..loading import ModelHandle, cache_root
@@ -78,15 +75,15 @@ from ..reporting import MAIN_METRICS
 from ..tracing import trace
 from . import localization
 from .batch_scaling import ROWS, settings_for
-from .batches import batch_key, shard_batches
 from .common import check_scale, dataset_facts, dataset_label, metric_columns, targets_cache
-from .editors import _moments_for, _sample, _slug, method_key
 from .relations import by_relation, relation_labels
+from .runner import PRE_EDIT, Cell, Setting, Unit, run_cells
 from .stats import paired_against, paired_difference, tidy_intervals
 from .store import ResultStore, check_unique
+from .units import batch_key, method_key, shard_batches, slug
 
 __all__ = ["ALIAS_KIND", "CONTEXT", "NAME", "OutdatedScale", "PROBES", "SCALES", "SURVIVAL_METRICS",
-           "context_prompt", "known_batches", "run", "run_batches", "summarise", "survival_rows", "tables",
+           "OldAnswerMeasure", "context_prompt", "known_batches", "outdated_cells", "run", "run_batches", "summarise", "survival_rows", "tables",
            "trace_rows"]
 
 NAME = "outdated"
@@ -266,17 +263,35 @@ def trace_rows(model: ModelHandle, facts: Sequence[Fact], samples: int, window: 
     return rows
 
 
-def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings: Mapping[str, tuple[str, Any]],
-                store: ResultStore, *, dataset: str, n_traced: int, samples: int,
-                shard: tuple[int, int] | None = None, moments: Mapping | None = None,
-                progress: bool = True) -> int:
-    """For each batch, the unedited model (``pre-edit``) and each named (method,
-    hparams) with the batch written: a survival unit and a trace unit (the first
-    ``n_traced`` facts). Weights are restored after each method; ``shard`` splits the
-    batches. Returns the number of units computed."""
-    labels = {"model": model.name, "dataset": dataset}
-    by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
-    window = min(localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW), model.n_layers)
+@dataclass(frozen=True)
+class OldAnswerMeasure:
+    """Parts (a) and (c), ``survival`` (:func:`survival_rows`, edited settings against
+    the unedited model's KnowEdit evaluation of the batch), and part (b), ``trace``
+    (:func:`trace_rows` of the first ``n_traced`` facts), on one model state."""
+
+    n_traced: int
+    samples: int
+    window: int
+
+    def wants_pre(self, cells, missing) -> bool:
+        """The unedited model's KnowEdit evaluation is needed by an edited survival part."""
+        return any(cell.setting.edits and "survival" in missing[i] for i, cell in enumerate(cells))
+
+    def pre(self, model, facts):
+        return evaluate(model, list(facts), metrics=("knowedit",), progress=False)
+
+    def rows(self, model, facts, part, pre, setting):
+        if part == "survival":
+            return survival_rows(model, facts, pre=pre if setting.edits else None), None
+        return trace_rows(model, list(facts)[: self.n_traced], self.samples, window=self.window), None
+
+
+def outdated_cells(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings: Mapping[str, tuple[str, Any]],
+                   *, dataset: str, n_traced: int, samples: int, window: int,
+                   shard: tuple[int, int] | None = None) -> list[Cell]:
+    """For each batch of this shard, the unedited model (``pre-edit``) and each named
+    (method, hparams) with the batch written, each with a ``survival`` and a ``trace``
+    unit (label ``b000-<setting>-<part>``)."""
     part_keys = {
         "survival": {"format": SURVIVAL_FORMAT, "context": CONTEXT, "alias_kind": ALIAS_KIND,
                      "metrics": ["knowedit"]},
@@ -284,58 +299,36 @@ def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings:
                   "tokens": list(TRACE_TOKENS), "window": window, "noise": TRACE_NOISE, "seed": TRACE_SEED,
                   "answered_only": False},
     }
-    computed = 0
-    names = ["pre-edit", *settings]
-    mine = shard_batches(len(batches), shard)
-    steps = tqdm(total=len(mine) * len(names), desc=f"{model.name} {dataset} outdated", disable=not progress)
-    try:
-        for b in mine:
-            batch = list(batches[b])
-            bkey = batch_key(model, dataset, b, batch)
-            shared: dict = {}
-            pre = None  # the unedited model's KnowEdit evaluation of the batch, once
-            for name in names:
-                if name == "pre-edit":
-                    method = hp = None
-                    setting = {"unit": "pre-edit"}
-                else:
-                    method, hp = settings[name]
-                    setting = {"unit": "edit", **method_key(model, method, hp)}
-                units = {part: ({**bkey, **setting, "part": part, **part_keys[part]}, f"b{b:03d}-{_slug(name)}-{part}")
-                         for part in ("survival", "trace")}
-                missing = [part for part, (key, label) in units.items() if not store.has(key, label)]
-                if not missing:
-                    steps.update()
-                    continue
-                if name != "pre-edit" and "survival" in missing and pre is None:
-                    pre = evaluate(model, batch, metrics=("knowedit",), progress=False)  # before any edit
-                if name == "pre-edit":
-                    computed += _write_parts(model, batch, missing, units, store, None, n_traced, samples, window,
-                                             {**labels, "batch": b, "setting": name, "method": None})
-                else:
-                    if by_sample is None:
-                        by_sample = _moments_for(model, settings, progress)
-                    targets = batch_targets(model, batch, method, hp, shared, targets_cache())
-                    with edit(model, batch, method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
-                              targets=targets, progress=False):
-                        computed += _write_parts(model, batch, missing, units, store, pre, n_traced, samples, window,
-                                                 {**labels, "batch": b, "setting": name, "method": method})
-                steps.update()
-    finally:
-        steps.close()
-    return computed
+    named = {"pre-edit": PRE_EDIT, **{name: Setting(name, m, hp) for name, (m, hp) in settings.items()}}
+    cells = []
+    for b in shard_batches(len(batches), shard):
+        facts = list(batches[b])
+        bkey = batch_key(model, dataset, b, facts)
+        for name, setting in named.items():
+            which = ({"unit": "edit", **method_key(model, setting.method, setting.hparams)} if setting.edits
+                     else {"unit": "pre-edit"})
+            columns = {"model": model.name, "dataset": dataset, "batch": b, "setting": name, "method": setting.method}
+            units = {part: Unit({**bkey, **which, "part": part, **part_keys[part]}, f"b{b:03d}-{slug(name)}-{part}",
+                                {**columns, "part": part})
+                     for part in ("survival", "trace")}
+            cells.append(Cell(b, facts, setting, units))
+    return cells
 
 
-def _write_parts(model, batch, parts, units, store, pre, n_traced, samples, window, labels) -> int:
-    """Compute and store the ``parts`` of one (batch, setting) on the model as it is now."""
-    for part in parts:
-        start = time.perf_counter()
-        rows = (survival_rows(model, batch, pre=pre) if part == "survival"
-                else trace_rows(model, batch[:n_traced], samples, window=window))
-        seconds = time.perf_counter() - start
-        key, label = units[part]
-        store.write_unit(key, [{**r, "seconds": seconds} for r in rows], label, {**labels, "part": part})
-    return len(parts)
+def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings: Mapping[str, tuple[str, Any]],
+                store: ResultStore, *, dataset: str, n_traced: int, samples: int,
+                shard: tuple[int, int] | None = None, moments: Mapping | None = None,
+                progress: bool = True) -> int:
+    """For each batch, the unedited model (``pre-edit``) and each named (method,
+    hparams) with the batch written: a survival unit and a trace unit (the first
+    ``n_traced`` facts) (:func:`outdated_cells`, :func:`.runner.run_cells`). Weights are
+    restored after each method; ``shard`` splits the batches. Returns the number of
+    units computed."""
+    window = min(localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW), model.n_layers)
+    cells = outdated_cells(model, batches, settings, dataset=dataset, n_traced=n_traced, samples=samples,
+                           window=window, shard=shard)
+    return run_cells(model, cells, OldAnswerMeasure(n_traced, samples, window), store, moments=moments,
+                     targets_cache=targets_cache(), desc=f"{model.name} {dataset} outdated", progress=progress)
 
 
 def run(model: ModelHandle, dataset: str, scale: str | OutdatedScale, root, *,

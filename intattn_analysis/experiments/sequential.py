@@ -30,7 +30,6 @@ and both train-alpha IntAttn-Edit rows, Fluency after rounds 10 and 20.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -38,20 +37,18 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..datasets import load_facts
-from ..editors import edit, editor
 from ..known import is_known
 from ..loading import ModelHandle
 from ..metrics import evaluate
 from ..reporting import MAIN_METRICS
-from ..targets import context_templates
-from .batches import _fact_rows, batch_key, facts_digest
-from .common import check_scale, dataset_batches, dataset_label, metric_columns
 from .batch_scaling import CONTRASTS, settings_for
-from .editors import _moments_for, _sample, _slug, method_key
-from .store import ResultStore, check_unique
+from .common import check_scale, dataset_batches, dataset_label, metric_columns
+from .runner import SecondMoments, Setting, Unit, run_sequence
 from .stats import paired_against, paired_contrasts, tidy_intervals
+from .store import ResultStore, check_unique
+from .units import batch_key, fact_rows, facts_digest, method_key, slug
 
-__all__ = ["NAME", "SCALES", "SequentialScale", "run", "run_sequences", "summarise", "tables"]
+__all__ = ["NAME", "SCALES", "SequentialScale", "round_units", "run", "run_sequences", "summarise", "tables"]
 
 NAME = "sequential"
 
@@ -95,6 +92,22 @@ def known_probe_facts(model: ModelHandle, edited: Sequence, n: int) -> list:
     return out
 
 
+def round_units(model: ModelHandle, rounds: Sequence[Sequence], name: str, method: str, hp, *, dataset: str,
+                known: Sequence = (), fluency_rounds: Sequence[int] = (), fluency_tokens: int = 50) -> list[Unit]:
+    """The unit of each round (numbered from 1) of one named (method, hparams): its key
+    names the edits so far and only its own evaluation (with or without Fluency), so
+    that the first rounds of a longer run are the units of a shorter one."""
+    eval_key = {"metrics": ["knowedit"], "fluency_tokens": fluency_tokens, "known": facts_digest(known)}
+    columns = {"model": model.name, "dataset": dataset, "setting": name, "method": method}
+    units = []
+    for r in range(1, len(rounds) + 1):
+        done = [fact for batch in rounds[:r] for fact in batch]
+        key = {**batch_key(model, dataset, r, done), "unit": "round", "rounds_of": len(rounds[0]),
+               **method_key(model, method, hp), "fluency": r in fluency_rounds, **eval_key}
+        units.append(Unit(key, f"{slug(name)}-r{r:03d}", {**columns, "round": r}))
+    return units
+
+
 def run_sequences(
     model: ModelHandle,
     rounds: Sequence[Sequence],
@@ -108,69 +121,36 @@ def run_sequences(
     moments: Mapping | None = None,
     progress: bool = True,
 ) -> int:
-    """Apply ``rounds`` one after another with each named (method, hparams), evaluating
-    after each round; one stored unit per (name, round). Rounds are numbered from 1.
-    Returns the number of units computed."""
+    """Apply ``rounds`` one after another with each named (method, hparams)
+    (:func:`.runner.run_sequence`), evaluating after each round every edit so far against
+    the unedited model, and the ``known`` facts; one stored unit per (name, round)
+    (:func:`round_units`). Returns the number of units computed."""
     rounds = [list(r) for r in rounds]
-    labels = {"model": model.name, "dataset": dataset}
-    # a round's key names only its own evaluation (with or without Fluency), so that the
-    # first rounds of a longer run are the units of a shorter one
-    eval_key = {"metrics": ["knowedit"], "fluency_tokens": fluency_tokens, "known": facts_digest(known)}
-    by_sample = None if moments is None else {_sample(hp): moments for _, hp in settings.values()}
-    pre = None
+    moments_of = SecondMoments(model, [Setting(n, m, hp) for n, (m, hp) in settings.items()], moments, progress)
+    pre: list = []
+
+    def evaluate_unedited() -> None:
+        if not pre:
+            pre.extend(evaluate(model, batch, metrics=("knowedit",), progress=False) for batch in rounds)
+
     computed = 0
-    for name, (method, hp) in settings.items():
-        spec = editor(method)
-        units = []
-        for r in range(1, len(rounds) + 1):
-            done = [fact for batch in rounds[:r] for fact in batch]
-            key = {**batch_key(model, dataset, r, done), "unit": "round", "rounds_of": len(rounds[0]),
-                   **method_key(model, method, hp), "fluency": r in fluency_rounds, **eval_key}
-            units.append((key, f"{_slug(name)}-r{r:03d}"))
-        stored = [store.has(key, label) for key, label in units]
-        if all(stored):
-            continue
-        first_missing = stored.index(False)
-        if pre is None:
-            pre = [evaluate(model, batch, metrics=("knowedit",), progress=False) for batch in rounds]
-            if by_sample is None:
-                by_sample = _moments_for(model, settings, progress)
-        templates = (context_templates(model, hp.n_context_templates, hp.context_template_length)
-                     if spec.uses_templates else None)
-        applied = []
-        state = None
-        bar = tqdm(range(len(rounds)), desc=f"{model.name} {name} rounds", disable=not progress)
-        try:
-            for r in bar:
-                start = time.perf_counter()
-                result = edit(model, rounds[r], method=method, hparams=hp, moments=by_sample.get(_sample(hp)),
-                              templates=templates, state=state if spec.carries_state else None,
-                              progress=False)
-                applied.append(result)
-                state = result.state
-                edit_seconds = time.perf_counter() - start
-                if r < first_missing or stored[r]:
-                    continue
-                metrics = ("knowedit", "fluency") if (r + 1) in fluency_rounds else ("knowedit",)
-                rows = []
-                for j, batch in enumerate(rounds[: r + 1]):
-                    post = evaluate(model, batch, pre=pre[j], metrics=metrics, fluency_tokens=fluency_tokens,
-                                    progress=False)
-                    rows += [{**row, "kind": "edit", "edited_in": j + 1} for row in _fact_rows(post)]
-                for i, fact in enumerate(known):
-                    rows.append({"kind": "known", "position": i, "fact_key": fact.key,
-                                 "Known kept": float(is_known(model, fact)[0])})
-                seconds = time.perf_counter() - start
-                rows = [{**row, "seconds": seconds, "edit_seconds": edit_seconds} for row in rows]
-                key, label = units[r]
-                store.write_unit(key, rows, label, {**labels, "setting": name, "method": method, "round": r + 1})
-                computed += 1
-                stored[r] = True
-                if all(stored):
-                    break
-        finally:
-            for result in reversed(applied):
-                result.restore()
+    for name, (method, hp) in tqdm(settings.items(), desc=f"{model.name} sequences", disable=not progress):
+        def measure_round(r: int) -> list[dict]:
+            metrics = ("knowedit", "fluency") if (r + 1) in fluency_rounds else ("knowedit",)
+            rows = []
+            for j, batch in enumerate(rounds[: r + 1]):
+                post = evaluate(model, batch, pre=pre[j], metrics=metrics, fluency_tokens=fluency_tokens,
+                                progress=False)
+                rows += [{**row, "kind": "edit", "edited_in": j + 1} for row in fact_rows(post)]
+            for i, fact in enumerate(known):
+                rows.append({"kind": "known", "position": i, "fact_key": fact.key,
+                             "Known kept": float(is_known(model, fact)[0])})
+            return rows
+
+        units = round_units(model, rounds, name, method, hp, dataset=dataset, known=known,
+                            fluency_rounds=fluency_rounds, fluency_tokens=fluency_tokens)
+        computed += run_sequence(model, rounds, Setting(name, method, hp), units, measure_round, store,
+                                 moments=moments_of, before=evaluate_unedited)
     return computed
 
 

@@ -1,21 +1,25 @@
-"""The grid syntax of ``scripts/tune_editor.py`` (the script itself runs models; its
-editing path is the ``editors`` experiment's, tested in test_experiments.py)."""
-
-import importlib.util
-from pathlib import Path
+"""The tuning experiment's grid syntax, stores and table (``intattn tune``; its editing
+path is the ``editors`` experiment's, tested in test_experiments.py)."""
 
 import pandas as pd
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "tune_editor.py"
+from intattn_analysis import cli
+from intattn_analysis.experiments import tuning
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tune_editor():
-    spec = importlib.util.spec_from_file_location("tune_editor", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tuning
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """``intattn tune`` with a model that is only its name (hparams_for takes a name):
+    argument errors must come before any work."""
+    import intattn_analysis.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda name, **kwargs: name)
 
 
 def test_grid_values_are_read_as_json_where_they_parse(tune_editor):
@@ -29,17 +33,13 @@ def test_layers_take_single_layers_and_ranges(tune_editor):
 
 @pytest.mark.parametrize("item", ["clamp_norm_factor", "clamp_norm_factor="])
 def test_a_grid_item_without_values_names_the_form(tune_editor, item):
-    with pytest.raises(SystemExit, match="NAME=VALUE"):
+    with pytest.raises(ValueError, match="NAME=VALUE"):
         tune_editor.parse_grid([item])
 
 
-def test_an_unknown_field_is_named_before_any_work(tune_editor, monkeypatch):
-    import intattn_analysis as ia
-
-    monkeypatch.setattr(tune_editor.torch, "set_num_threads", lambda n: None)  # this process keeps its own
-    monkeypatch.setattr(ia, "load_model", lambda name: name)  # hparams_for takes a model name
-    with pytest.raises(SystemExit, match=r"no field\(s\) \['clamp'\]"):
-        tune_editor.main(["pmet", "--grid", "clamp=1,4"])
+def test_an_unknown_field_is_named_before_any_work(no_model, capsys):
+    assert cli.main(["tune", "pmet", "--grid", "clamp=1,4"]) == 2
+    assert "no field(s) ['clamp']" in capsys.readouterr().err
 
 
 def test_a_grown_table_keeps_other_datasets_and_replaces_remeasured_rows(tune_editor):
@@ -97,14 +97,21 @@ def test_a_change_of_defaults_gets_its_own_store_and_keeps_the_old_rows(tune_edi
     assert sorted(again["mean"]) == [90.7, 93.1]
 
 
-def test_a_set_field_takes_one_value_that_both_hparams_have(tune_editor, monkeypatch):
-    import intattn_analysis as ia
+def test_a_set_field_takes_one_value_that_both_hparams_have(no_model, capsys):
+    assert cli.main(["tune", "pmet", "--set", "v_steps=20,40"]) == 2
+    assert "one value per field" in capsys.readouterr().err
+    assert cli.main(["tune", "pmet", "--set", "attn_targets=false"]) == 2
+    assert "do not both have field(s) ['attn_targets']" in capsys.readouterr().err
+    assert cli.main(["tune", "pmet", "--set", "v_steps"]) == 2
+    assert "--set 'v_steps'" in capsys.readouterr().err
 
-    monkeypatch.setattr(tune_editor.torch, "set_num_threads", lambda n: None)
-    monkeypatch.setattr(ia, "load_model", lambda name: name)
-    with pytest.raises(SystemExit, match="one value per field"):
-        tune_editor.main(["pmet", "--set", "v_steps=20,40"])
-    with pytest.raises(SystemExit, match=r"do not both have field\(s\) \['attn_targets'\]"):
-        tune_editor.main(["pmet", "--set", "attn_targets=false"])
-    with pytest.raises(SystemExit, match="--set 'v_steps'"):
-        tune_editor.main(["pmet", "--set", "v_steps"])
+
+def test_the_grid_is_memit_then_every_point_on_the_methods_defaults():
+    settings, memit, base = tuning.grid_settings("smollm2-135m", "pmet", {"clamp_norm_factor": [1, 4]},
+                                                 {"mom2_n_tokens": [20_000]})
+    assert list(settings) == ["MEMIT", "pmet clamp_norm_factor=1", "pmet clamp_norm_factor=4"]
+    assert settings["MEMIT"] == ("memit", memit) and memit.mom2_n_tokens == 20_000
+    assert [hp.clamp_norm_factor for _, hp in list(settings.values())[1:]] == [1, 4]
+    assert all(hp.mom2_n_tokens == 20_000 for _, hp in settings.values())
+    alone, _, _ = tuning.grid_settings("smollm2-135m", "rome", {"layers": [(3,)]}, each_alone=True)
+    assert list(alone) == ["MEMIT", "rome alone layers=3"]

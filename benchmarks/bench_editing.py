@@ -129,15 +129,15 @@ def dense_step_seconds_per_position(model, layer: int, rows: int = 64, width: in
                                     scored: int = 3, repeats: int = 3) -> float:
     """Seconds per position of a forward+backward from block ``layer + 1`` on a dense
     ``[rows, width]`` residual block, unembedding ``scored`` positions per row."""
-    from intattn_analysis.targets import _FINAL_NORM_HOOK, _resume
+    from intattn_analysis.model_access import FINAL_NORM_HOOK, resume
 
     scale = float(model.hf_model.get_input_embeddings().weight.std()) * 10
     x = (torch.randn(rows, width, model.d_model) * scale).requires_grad_(True)
-    hooks = [(_FINAL_NORM_HOOK, lambda y, hook=None: y[:, -scored:].contiguous())]
+    hooks = [(FINAL_NORM_HOOK, lambda y, hook=None: y[:, -scored:].contiguous())]
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        logits = _resume(model, x, layer + 1, hooks)
+        logits = resume(model, x, layer + 1, hooks)
         torch.log_softmax(logits.float(), dim=-1)[..., 0].sum().backward()
         best = min(best, time.perf_counter() - start)
         x.grad = None
@@ -147,12 +147,17 @@ def dense_step_seconds_per_position(model, layer: int, rows: int = 64, width: in
 @torch.no_grad()
 def solve_limit_seconds(model, facts, hp, templates, n_modules: int) -> float:
     """One forward of every key row to each edited layer, plus the dense solves."""
-    from intattn_analysis.targets import _resid_after, pad_rows, prompt_rows
+    from intattn_analysis.model_access import hook, read_hooks
+    from intattn_analysis.targets import pad_rows, prompt_rows
+
+    def resid_after(model, ids, layer):
+        name = hook("resid_post", layer)
+        return read_hooks(model, ids, [name])[name]
 
     ids = pad_rows(model, prompt_rows(model, facts, templates))
     seconds = 0.0
     for layer in hp.layers:
-        seconds += timed(_resid_after, model, ids, layer)[1]
+        seconds += timed(resid_after, model, ids, layer)[1]
     for dim in (model.hf_model.config.intermediate_size, model.d_model)[:n_modules]:
         a = torch.randn(dim, dim)
         a = a @ a.T + dim * torch.eye(dim)

@@ -7,7 +7,10 @@ model class, only the Hugging Face module path of each and the layout of its wei
 
 The TransformerLens ``TransformerBridge`` gives every supported architecture the same
 hook vocabulary, so hook names are not part of an entry: :data:`HOOKS` is the one table
-of names used everywhere in the package. Adding an architecture means adding one
+of names used everywhere in the package, and :data:`OPTIONAL_HOOKS` holds the few more
+that only some bridges have (the package checks for them before it uses them);
+:func:`hook` spells a name of either table, and :mod:`intattn_analysis.model_access`
+uses them to read and run a model. Adding an architecture means adding one
 :class:`ArchSpec` to :data:`ARCHITECTURES`; no algorithm looks at the model class.
 
 Two facts about an architecture change how an edit must be aimed:
@@ -30,10 +33,12 @@ from typing import Literal
 __all__ = [
     "ARCHITECTURES",
     "HOOKS",
+    "OPTIONAL_HOOKS",
     "ArchSpec",
     "LayerSpec",
     "UnknownArchitectureError",
     "arch_for",
+    "hook",
     "layer_indices",
 ]
 
@@ -54,13 +59,27 @@ HOOKS: dict[str, str] = {
     "mlp_value": "blocks.{l}.mlp.out.hook_out",  # down_proj output, before any post-norm
 }
 
+#: Hook names that not every bridge has; code that uses one looks it up in the bridge's
+#: ``hook_dict`` first and takes a slower path where it is missing. The attention keys
+#: (after the rotary embedding where the model has one, ``attn_rot_k``, else ``attn_k``)
+#: and values are ``[batch, pos, kv_heads, d_head]``; the final norm's output is what
+#: the unembedding reads.
+OPTIONAL_HOOKS: dict[str, str] = {
+    "attn_rot_k": "blocks.{l}.attn.hook_rot_k",
+    "attn_k": "blocks.{l}.attn.hook_k",
+    "attn_v": "blocks.{l}.attn.hook_v",
+    "final_norm": "ln_final.hook_out",
+}
+
 
 def hook(name: str, layer: int | None = None) -> str:
-    """The full hook name for ``name`` (a key of :data:`HOOKS`) at ``layer``."""
+    """The full hook name for ``name`` (a key of :data:`HOOKS` or :data:`OPTIONAL_HOOKS`)
+    at ``layer``."""
     try:
-        template = HOOKS[name]
+        template = HOOKS[name] if name in HOOKS else OPTIONAL_HOOKS[name]
     except KeyError:
-        raise KeyError(f"unknown hook {name!r}; known: {sorted(HOOKS)}") from None
+        known = sorted(HOOKS) + sorted(OPTIONAL_HOOKS)
+        raise KeyError(f"unknown hook {name!r}; known: {known}") from None
     if "{l}" in template:
         if layer is None:
             raise ValueError(f"hook {name!r} needs a layer")

@@ -11,6 +11,10 @@ Notebooks and commands name a benchmark file as ``"knowedit/ZsRE-test-all"`` (th
 
 Offline, with the file in none of the folders, it fails at once with an error that names
 all three. ``intattn data`` lists every file and where it was found.
+
+:class:`DatasetError`, the error of every benchmark file that cannot be found or read, is
+defined here, below :mod:`intattn_analysis.datasets`, which reads the files and raises it
+too (and from which it can be imported as well).
 """
 
 from __future__ import annotations
@@ -21,10 +25,46 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datasets import CHECKOUT_DATA, DatasetError
-from .loading import _sha256, cache_root, write_atomic
+from .loading import cache_root, file_sha256, write_atomic
 
-__all__ = ["BENCHMARKS", "Benchmark", "benchmark_status", "resolve_benchmark"]
+__all__ = [
+    "BENCHMARKS",
+    "CHECKOUT_DATA",
+    "Benchmark",
+    "DatasetError",
+    "benchmark_status",
+    "resolve_benchmark",
+]
+
+#: The checkout's data folder: ``shared/data`` beside the repository.
+CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class DatasetError(ValueError):
+    """A benchmark file or one of its records cannot be read.
+
+    ``path`` is the file (``None`` where no file is involved), ``index`` the record's
+    position in it counting from 0 (``None`` for whole-file problems), and ``field`` the
+    record's own field name, dotted for nested fields (``"requested_rewrite.subject"``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        index: int | None = None,
+        field: str | None = None,
+    ):
+        self.path = Path(path) if path is not None else None
+        self.index = index
+        self.field = field
+        where = [str(path)] if path is not None else []
+        if index is not None:
+            where.append(f"record {index}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(": ".join([*where, message]))
 
 
 @dataclass(frozen=True)
@@ -165,7 +205,7 @@ def benchmark_status() -> list[dict]:
             "name": benchmark.name,
             "found in": where,
             "path": str(path) if path else "",
-            "sha256 ok": (_sha256(path) == benchmark.sha256) if path else None,
+            "sha256 ok": (file_sha256(path) == benchmark.sha256) if path else None,
             "source": benchmark.source,
         })
     return rows

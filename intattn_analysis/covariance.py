@@ -18,9 +18,10 @@ IntAttn-Edit edits two maps per layer, so it needs two moments per layer:
 Collecting the statistics is the expensive part of every MEMIT-family method, so
 :func:`second_moments` collects every requested layer and both modules in **one**
 streaming pass over the corpus, and stops each forward as soon as the last needed key has
-been seen (a private exception raised from that hook), so layers above it and the
-unembedding never run. Padding is never counted: sequences are right-padded, which leaves
-every real position of a causal model unchanged, and only real positions enter the sums.
+been seen (:class:`~intattn_analysis.model_access.StopForward`, raised from that hook), so
+layers above it and the unembedding never run. Padding is never counted: sequences are
+right-padded, which leaves every real position of a causal model unchanged, and only real
+positions enter the sums.
 Each batch's ``kᵀk`` is computed in ``dtype`` (float32 by default, as ROME/MEMIT's
 ``mom2_dtype``) and summed over batches in float64 on the model's device; the result is
 the sum divided by the number of tokens counted.
@@ -66,6 +67,7 @@ from tqdm import tqdm
 from .architectures import MODULES
 from .corpus import CorpusError, ModelSamples, TextCorpus, resolve_corpus
 from .loading import ModelHandle, cache_root, warn_damaged, write_atomic
+from .model_access import StopForward
 
 __all__ = [
     "CACHE_FORMAT",
@@ -80,10 +82,6 @@ CACHE_FORMAT = 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 Pair = tuple[str, int]
-
-
-class _StopForward(Exception):
-    """Raised from the last needed key hook: the rest of the forward is not needed."""
 
 
 # =========================================================================== result
@@ -319,7 +317,7 @@ class _Collector:
                 self.sums[pair] = product
             self.fired.add(pair)
             if len(self.fired) == len(self.pairs):
-                raise _StopForward
+                raise StopForward  # the rest of the forward is not needed
 
         return accumulate
 
@@ -346,7 +344,7 @@ def _collect(
                 collector.start_batch(real)
                 try:
                     model.bridge(ids)
-                except _StopForward:
+                except StopForward:
                     pass
                 if len(collector.fired) != len(collector.pairs):
                     missing = sorted(set(collector.pairs) - collector.fired)

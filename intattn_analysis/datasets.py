@@ -55,6 +55,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
+from .benchmarks import CHECKOUT_DATA, DatasetError, lookup, resolve_benchmark
 from .facts import SUBJECT_SLOT, Fact, FactError, Probe
 
 __all__ = [
@@ -86,33 +87,6 @@ ERRATA: dict[tuple[str, str], str] = {
     ): "Prince Frederick Adolf",
     ("Raja Zarith Sofiah", "Who is Raja Zarith Sofia's father?"): "Raja Zarith Sofia",
 }
-
-
-class DatasetError(ValueError):
-    """A benchmark file or one of its records cannot be read.
-
-    ``path`` is the file (``None`` where no file is involved), ``index`` the record's
-    position in it counting from 0 (``None`` for whole-file problems), and ``field`` the
-    record's own field name, dotted for nested fields (``"requested_rewrite.subject"``).
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | Path | None = None,
-        index: int | None = None,
-        field: str | None = None,
-    ):
-        self.path = Path(path) if path is not None else None
-        self.index = index
-        self.field = field
-        where = [str(path)] if path is not None else []
-        if index is not None:
-            where.append(f"record {index}")
-        if field is not None:
-            where.append(f"field {field!r}")
-        super().__init__(": ".join([*where, message]))
 
 
 class DatasetWarning(UserWarning):
@@ -837,8 +811,6 @@ def load_facts(
         records = _read_builtin()
         fmt = fmt or FORMATS[BUILTIN]
     else:
-        from .benchmarks import lookup, resolve_benchmark
-
         if not Path(source).exists() and lookup(source) is not None:
             source = resolve_benchmark(source)  # a catalogue name, e.g. "knowedit/ZsRE-test-all"
         path = _resolve_path(Path(source), split)
@@ -940,10 +912,6 @@ def write_rome_counterfact(facts: Iterable[Fact], path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- helpers
-#: The checkout's data folder: ``shared/data`` beside the repository.
-CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 def benchmark_root() -> Path:
     """The folder of the public benchmark collection (it may not exist).
 
@@ -965,8 +933,6 @@ def benchmark_path(relative: str | Path = "") -> Path:
     downloaded where the network allows. A user with copies elsewhere passes their paths
     to :func:`load_facts` directly.
     """
-    from .benchmarks import lookup, resolve_benchmark
-
     path = benchmark_root() / relative
     if not path.exists() and lookup(str(relative)) is not None:
         return resolve_benchmark(str(relative))

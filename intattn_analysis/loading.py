@@ -177,7 +177,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of the file at ``path`` as a hex string, read ``chunk`` bytes at a time
+    (a multi-gigabyte checkpoint or benchmark file is never held in memory at once)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -209,7 +211,7 @@ def _converted_dir(embedded: EmbeddedModel) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded.locate()
-    target = cache_root() / "models" / f"{embedded.name}-{_sha256(gguf)[:16]}"
+    target = cache_root() / "models" / f"{embedded.name}-{file_sha256(gguf)[:16]}"
     if (target / "config.json").exists():
         problem = _checkpoint_problem(target)
         if problem is None:

@@ -100,6 +100,7 @@ from tqdm import tqdm
 
 from .facts import Fact
 from .loading import ModelHandle
+from .model_access import FINAL_NORM_HOOK, cache_keyword
 
 __all__ = [
     "METRICS",
@@ -234,10 +235,6 @@ def _same_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[i
     ]
 
 
-#: Where the final norm's output can be cut to the scored positions before unembedding.
-_FINAL_NORM_HOOK = "ln_final.hook_out"
-
-
 def _padded_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices sorted by length and cut into batches of at most ``batch_size``, so that
     each batch pads its rows to a length close to theirs."""
@@ -275,7 +272,7 @@ def score_answers(
     sequences = [c + a for c, a in zip(contexts, answers)]
     lengths = [len(s) for s in sequences]
     batches = (_padded_batches if padded else _same_length_batches)(lengths, batch_size)
-    cut = _FINAL_NORM_HOOK in model.bridge.hook_dict
+    cut = FINAL_NORM_HOOK in model.bridge.hook_dict
     pad = model.tokenizer.pad_token_id
     pad = int(pad if pad is not None else (model.tokenizer.eos_token_id or 0))
     scores: dict[tuple[str, str], AnswerScore] = {}
@@ -292,7 +289,7 @@ def score_answers(
             return y[entry_row.to(y.device), entry_pos.to(y.device)][None]
 
         if cut:
-            with model.bridge.hooks(fwd_hooks=[(_FINAL_NORM_HOOK, keep_answers)]):
+            with model.bridge.hooks(fwd_hooks=[(FINAL_NORM_HOOK, keep_answers)]):
                 logits = model.bridge(ids.to(model.device))[0]
         else:
             logits = model.bridge(ids.to(model.device))[entry_row, entry_pos]
@@ -435,8 +432,6 @@ def _cache_kwargs(model: ModelHandle, cache) -> dict:
     """The keyword arguments that hand ``cache`` to the Hugging Face model (``cache`` in
     recent versions, ``past_key_values`` before) and, as ``layer_past``, to the bridge's
     attention components, which read and extend it."""
-    from .tracing import cache_keyword
-
     return {cache_keyword(model): cache, "layer_past": cache, "use_cache": True}
 
 

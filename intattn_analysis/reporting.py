@@ -21,10 +21,10 @@ __all__ = ["MAIN_METRICS", "formatted", "main_table", "markdown_table", "record"
 #: The paper's four metrics, plus the rephrase accuracy KnowEdit reports beside them.
 MAIN_METRICS: tuple[str, ...] = ("Edit Succ.", "Rephrase", "Portability", "Locality", "Fluency")
 #: Metrics that are shares in [0, 1] (shown in percent); the others are shown as they are.
-_SHARES = {"Edit Succ.", "Rephrase", "Portability", "Locality", "Efficacy", "Paraphrase",
-           "Neighborhood", "Residue old top-1 pre", "Residue old top-1 post", "Known kept",
-           "Old top-1", "Old top-10", "New top-1", "Context old top-1", "Context new top-1",
-           "Control copy top-1"}
+SHARE_METRICS = {"Edit Succ.", "Rephrase", "Portability", "Locality", "Efficacy", "Paraphrase",
+                 "Neighborhood", "Residue old top-1 pre", "Residue old top-1 post", "Known kept",
+                 "Old top-1", "Old top-10", "New top-1", "Context old top-1", "Context new top-1",
+                 "Control copy top-1"}
 
 
 def record(evaluation, **labels) -> dict:
@@ -63,7 +63,7 @@ def formatted(table: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
     one batch)."""
     out = {}
     for metric in dict.fromkeys(table.columns.get_level_values(0)):
-        scale = 100.0 if metric in _SHARES else 1.0
+        scale = 100.0 if metric in SHARE_METRICS else 1.0
         cells = []
         for mean, std in zip(table[(metric, "mean")], table[(metric, "std")]):
             if np.isnan(mean):

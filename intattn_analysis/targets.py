@@ -61,7 +61,6 @@ import hashlib
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,6 +72,15 @@ from tqdm import tqdm
 from .architectures import hook
 from .facts import SUBJECT_SLOT, Fact
 from .loading import ModelHandle, cache_root, warn_damaged, write_json_atomic
+from .model_access import (
+    FINAL_NORM_HOOK,
+    key_value_hooks,
+    key_values,
+    padded_prefix_kwargs,
+    read_hooks,
+    resume,
+    resume_engine,
+)
 
 __all__ = [
     "CONTEXT_STARTS",
@@ -91,7 +99,6 @@ CONTEXT_STARTS: tuple[str, ...] = (
 )
 #: The prompt whose next-token distribution the KL term keeps (MEMIT's ``kl_prompts``).
 KL_PROMPT = "{} is a"
-_FINAL_NORM_HOOK = "ln_final.hook_out"
 #: Facts optimised together by :func:`compute_z` (a memory bound, see there).
 DEFAULT_Z_BATCH = 16
 #: Padded positions per forward when activations are read at the subject (memory and
@@ -267,37 +274,6 @@ def pad_rows(model: ModelHandle, rows: Sequence[Row]) -> Tensor:
     return ids.to(model.device)
 
 
-class _Stop(Exception):
-    """Raised by a hook once everything needed is read: ends the forward early."""
-
-
-@torch.no_grad()
-def _read_hooks(model: ModelHandle, ids: Tensor, names: Sequence[str], select=None) -> dict[str, Tensor]:
-    """``{name: select(activation)}`` for the hooks ``names`` in one forward of ``ids``,
-    stopped as soon as every hook has fired (``select`` defaults to the whole tensor)."""
-    out: dict[str, Tensor] = {}
-    wanted = set(names)
-
-    def reader(name: str):
-        def read(x: Tensor, hook=None) -> Tensor:
-            out[name] = (x if select is None else select(x)).detach().clone()
-            if len(out) == len(wanted):  # the rest of the forward is not needed
-                raise _Stop
-            return x
-
-        return read
-
-    try:
-        with model.bridge.hooks(fwd_hooks=[(n, reader(n)) for n in wanted]):
-            model.bridge(ids)
-    except _Stop:
-        pass
-    missing = wanted - set(out)
-    if missing:
-        raise RuntimeError(f"hooks {sorted(missing)} did not fire during the forward")
-    return out
-
-
 def read_at_subject(
     model: ModelHandle, rows: Sequence[Row], names: Sequence[str],
     max_tokens: int = READ_MAX_TOKENS,
@@ -322,7 +298,7 @@ def read_at_subject(
         ids = pad_rows(model, [cut[j] for j in group])
         index = torch.arange(len(group), device=ids.device)
         positions = torch.tensor([cut[j].subject_last for j in group], device=ids.device)
-        parts.append(_read_hooks(model, ids, names, lambda x: x[index, positions].flatten(1)))
+        parts.append(read_hooks(model, ids, names, lambda x: x[index, positions].flatten(1)))
     order = [j for group in groups for j in group]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
@@ -546,11 +522,10 @@ def length_groups(lengths: Sequence[int], overhead: int | None = None,
 
 
 def _suffix_engine(model: ModelHandle, ids: Tensor):
-    """The tracing engine of ``model`` if it can resume a forward with a key-value
-    prefix (checked once per model against a full forward), else ``None``."""
-    from .tracing import _engine_for
-
-    engine = _engine_for(model, ids[:1])
+    """The resume engine of ``model`` (:func:`~intattn_analysis.model_access.resume_engine`)
+    if it can resume a forward with a key-value prefix (checked once per model against a
+    full forward), else ``None``."""
+    engine = resume_engine(model, ids[:1])
     return engine if engine.prefix_cache else None
 
 
@@ -558,7 +533,7 @@ def _resid_after(model: ModelHandle, ids: Tensor, layer: int) -> Tensor:
     """The residual stream at the output of ``layer`` for every row (one forward that
     stops there)."""
     name = hook("resid_post", layer)
-    return _read_hooks(model, ids, [name])[name]
+    return read_hooks(model, ids, [name])[name]
 
 
 def _resid_and_kv(
@@ -567,57 +542,12 @@ def _resid_and_kv(
     """The residual stream at the output of ``layer`` and the attention keys and values
     ``[rows, pos, kv_heads, d_head]`` of blocks ``layer + 1 ..``, the ones a resumed
     forward reads (one forward, stopped after the last of them)."""
-    from .tracing import _VALUE_HOOK, _key_hook
-
     above = range(layer + 1, model.n_layers)
     resid = hook("resid_post", layer)
-    names = [resid, *(_key_hook(model, l) for l in above), *(_VALUE_HOOK.format(l=l) for l in above)]
-    out = _read_hooks(model, ids, names)
-    kv = [(out[_key_hook(model, l)], out[_VALUE_HOOK.format(l=l)]) for l in above]
+    names = [resid, *key_value_hooks(model, above)]
+    out = read_hooks(model, ids, names)
+    kv = key_values(model, out, above)
     return out[resid], kv
-
-
-def _padded_prefix(
-    model: ModelHandle, engine, kv, index: Tensor, first: Tensor, lengths: Tensor, t0: int, w: int
-) -> dict:
-    """Keyword arguments for a resumed forward whose row ``i`` continues after its own
-    ``first[i]`` stored positions (``kv``: the blocks above the edited layer, from
-    :func:`_resid_and_kv`): each row's keys and values sit at the right end of
-    ``t0`` slots, the slots before them masked out, and positions count on from
-    ``first[i]``."""
-    from transformers import DynamicCache
-
-    slot = torch.arange(t0, device=index.device)[None, :] - (t0 - first[:, None])  # [rows, t0]
-    real = slot >= 0
-    source = slot.clamp(min=0)
-    data = [
-        (k[index[:, None], source].transpose(1, 2), v[index[:, None], source].transpose(1, 2))
-        for k, v in kv
-    ]
-    # ``kv`` holds the blocks above the edited layer only; the skipped blocks below get
-    # a placeholder of the same length, never read, so that the cache has one entry per
-    # layer
-    data = [data[0]] * (model.n_layers - len(data)) + data
-    cache = DynamicCache(ddp_cache_data=data, config=model.hf_model.config)
-    suffix_real = torch.arange(w, device=index.device)[None, :] < lengths[:, None]
-    mask = torch.cat([real, suffix_real], dim=1).long()
-    positions = first[:, None] + torch.arange(w, device=index.device)[None, :]
-    return {engine.cache_kwarg: cache, "layer_past": cache, "attention_mask": mask,
-            "position_ids": positions}
-
-
-def _resume(model: ModelHandle, resid: Tensor, start: int, hooks: list, prefix: dict | None = None) -> Tensor:
-    """Run blocks ``start..`` (and the unembedding) on ``resid``; blocks below ``start``
-    are skipped rather than run and discarded. ``prefix`` holds the keyword arguments
-    that let the positions of ``resid`` attend to stored earlier positions."""
-    from .tracing import _blocks_skipped
-
-    with model.bridge.hooks(fwd_hooks=hooks):
-        if start >= model.n_layers:
-            # nothing left to run but the final norm and the unembedding
-            return model.bridge.unembed(model.bridge.ln_final(resid))
-        with _blocks_skipped(model.bridge, start):
-            return model.bridge(resid, start_at_layer=start, **(prefix or {}))
 
 
 def _losses(
@@ -804,7 +734,7 @@ def compute_z(
                              requires_grad=pmet and getattr(hparams, "attn_targets", True))
     learned = [delta] + ([delta_attn] if delta_attn.requires_grad else [])
     optimizer = torch.optim.Adam(learned, lr=hparams.v_lr)
-    cut = _FINAL_NORM_HOOK in model.bridge.hook_dict
+    cut = FINAL_NORM_HOOK in model.bridge.hook_dict
     # each row runs from the subject's last token (the whole row without the suffix path)
     # to its last scored position
     starts = [r.subject_last if engine is not None else 0 for r in rows]
@@ -851,11 +781,11 @@ def compute_z(
 
         prefix = None
         if t0 > 0 and read_layer + 1 < model.n_layers:
-            prefix = _padded_prefix(model, engine, kv, index, first, lengths, t0, w)
+            prefix = padded_prefix_kwargs(model, engine, kv, index, first, lengths, t0, w)
         if cut:
-            logits = _resume(model, x, read_layer + 1, hooks + [(_FINAL_NORM_HOOK, keep_scored)], prefix)[0]
+            logits = resume(model, x, read_layer + 1, hooks + [(FINAL_NORM_HOOK, keep_scored)], prefix)[0]
         else:
-            logits = _resume(model, x, read_layer + 1, hooks, prefix)[entry_row, entry_pos]
+            logits = resume(model, x, read_layer + 1, hooks, prefix)[entry_row, entry_pos]
         work["forwards"] += 1
         work["positions"] += len(members) * w
         work["needed_positions"] += int(lengths.sum())

@@ -53,25 +53,26 @@ every forward starts late and narrow:
 * with the unembedding applied to the last position only.
 
 :func:`trace` checks once per model that a resumed forward equals a full one and falls back
-to the plain path (with a warning) where it does not. The test suite compares the engine
-with ``tests/tracing_reference.py``, a one-site-per-forward implementation, to 1e-5.
+to the plain path (with a warning) where it does not
+(:func:`~intattn_analysis.model_access.resume_engine`). The resumed forward, the noise and
+the restores are those of :mod:`intattn_analysis.model_access`. The test suite compares the
+engine with :mod:`intattn_analysis.tracing_reference`, a one-site-per-forward
+implementation, to 1e-5.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import os
 import warnings
 import weakref
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -79,6 +80,16 @@ from torch import Tensor
 from .architectures import hook, layer_indices
 from .facts import SUBJECT_SLOT, Fact
 from .loading import ModelHandle, warn_damaged, write_json_atomic
+from .model_access import (
+    ResumeEngine,
+    cache_keyword,  # noqa: F401  (importable from here as well)
+    key_value_hooks,
+    key_values,
+    noise_hook,
+    overwrite_hook,
+    resume_engine,
+    resumed_logits,
+)
 from .predictions import first_answer_token
 
 __all__ = [
@@ -119,14 +130,6 @@ DEFAULT_TOKENS_PER_BATCH = 4096
 FORWARD_OVERHEAD_TOKENS = 64
 #: AIEs below this (after clipping at 0) count as no evidence in :func:`balance`.
 BALANCE_EPSILON = 1e-3
-
-# Bridge hook names the engine needs beyond the package vocabulary: the attention keys
-# (after rotary embedding where there is one) and values, whose prefix positions seed the
-# key/value cache of a resumed forward, and the final norm's output, cut to the last
-# position before the unembedding.
-_KEY_HOOKS = ("blocks.{l}.attn.hook_rot_k", "blocks.{l}.attn.hook_k")
-_VALUE_HOOK = "blocks.{l}.attn.hook_v"
-_FINAL_NORM_HOOK = "ln_final.hook_out"
 
 
 # =========================================================================== noise
@@ -429,28 +432,9 @@ def _prepare(model: ModelHandle, fact: Fact) -> _FactRun:
     )
 
 
-def _noise_hook(noise: Tensor, start: int, end: int):
-    """A ``hook_embed`` hook adding ``noise`` ([batch, end-start, d_model]) to the subject."""
-
-    def add_noise(x: Tensor, hook=None) -> Tensor:
-        x = x.clone()
-        x[:, start:end] += noise.to(x.device, x.dtype)
-        return x
-
-    return add_noise
-
-
 def _answer_probability(logits: Tensor, answer: int) -> Tensor:
     """``[batch]`` probability of ``answer`` at the last position of ``[batch, pos, vocab]``."""
     return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer]
-
-
-def _key_hook(model: ModelHandle, layer: int) -> str:
-    for template in _KEY_HOOKS:
-        name = template.format(l=layer)
-        if name in model.bridge.hook_dict:
-            return name
-    raise KeyError(f"no attention key hook among {_KEY_HOOKS} at layer {layer}")
 
 
 @torch.no_grad()
@@ -465,7 +449,7 @@ def _clean_run(model: ModelHandle, run: _FactRun, settings: _Settings) -> None:
 
 @torch.no_grad()
 def _corrupted_run(
-    model: ModelHandle, run: _FactRun, settings: _Settings, engine: "_Engine"
+    model: ModelHandle, run: _FactRun, settings: _Settings, engine: ResumeEngine
 ) -> None:
     start, end = run.span
     noise = noise_draws(
@@ -475,10 +459,9 @@ def _corrupted_run(
     if settings.severed:
         names |= {hook(KIND_HOOK[settings.severed], l) for l in range(model.n_layers)}
     if engine.prefix_cache:
-        names |= {_key_hook(model, l) for l in range(model.n_layers)}
-        names |= {_VALUE_HOOK.format(l=l) for l in range(model.n_layers)}
+        names |= set(key_value_hooks(model, range(model.n_layers)))
     ids = run.ids.expand(settings.samples, -1)
-    with model.bridge.hooks(fwd_hooks=[(hook("embed"), _noise_hook(noise, start, end))]):
+    with model.bridge.hooks(fwd_hooks=[(hook("embed"), noise_hook(noise, start, end))]):
         logits, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
     run.corrupted = {name: cache[name] for name in names}
     run.p_corrupted = _answer_probability(logits, run.answer)
@@ -497,160 +480,7 @@ def _sites(
     return sorted(sites, key=lambda s: (s.token, s.start, KINDS.index(s.kind), s.layer))
 
 
-# =========================================================================== engine
-@dataclass(frozen=True)
-class _Engine:
-    """Which shortcuts a model's bridge supports (checked once per model)."""
-
-    skip_blocks: bool
-    prefix_cache: bool
-    cache_kwarg: str  # the HF keyword for a key/value cache ("cache" or "past_key_values")
-    last_position_hook: bool
-
-
-_ENGINES: "weakref.WeakKeyDictionary[Any, _Engine]" = weakref.WeakKeyDictionary()
-
-
-@contextmanager
-def _blocks_skipped(bridge, below: int) -> Iterator[None]:
-    """Make blocks ``0 .. below-1`` return their input unchanged for the duration.
-
-    ``start_at_layer`` discards what those blocks compute; skipping them saves the work.
-    ``object.__setattr__`` puts the override on the bridge block itself (the bridge's own
-    ``__setattr__`` would forward it to the wrapped Hugging Face layer).
-    """
-    skipped = []
-    try:
-        for block in list(bridge.blocks)[:below]:
-            object.__setattr__(block, "forward", _pass_through)
-            skipped.append(block)
-        yield
-    finally:
-        for block in skipped:
-            object.__delattr__(block, "forward")
-
-
-def _pass_through(*args: Any, **kwargs: Any) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _keep_last_position(x: Tensor, hook=None) -> Tensor:
-    # The unembedding of one position; contiguous, since a strided input to a large
-    # matmul is an order of magnitude slower on CPU.
-    return x[:, -1:].contiguous()
-
-
-def _prefix_kwargs(
-    model: ModelHandle,
-    engine: _Engine,
-    kv: Sequence[tuple[Tensor, Tensor]],  # per layer [samples, pos, kv_heads, d_head]
-    rows: Tensor,  # [batch] noise sample of each row
-    t0: int,
-) -> dict:
-    """Keyword arguments that make a forward over positions ``t0..`` see ``kv[:, :t0]``.
-
-    The cache goes to the Hugging Face model (which derives position ids and the causal
-    mask from its length) and, as ``layer_past``, to the bridge's attention components,
-    which are the ones that read and extend it.
-    """
-    from transformers import DynamicCache
-
-    data = [(k[rows, :t0].transpose(1, 2), v[rows, :t0].transpose(1, 2)) for k, v in kv]
-    cache = DynamicCache(ddp_cache_data=data, config=model.hf_model.config)
-    return {engine.cache_kwarg: cache, "layer_past": cache}
-
-
-@torch.no_grad()
-def _resumed_logits(
-    model: ModelHandle,
-    engine: _Engine,
-    resid: Tensor,
-    start: int,
-    t0: int,
-    kv: Sequence[tuple[Tensor, Tensor]] | None,
-    rows: Tensor,
-    fwd_hooks: list,
-) -> Tensor:
-    """Logits ``[batch, pos', vocab]`` of a forward resumed at block ``start``, position ``t0``."""
-    kwargs = _prefix_kwargs(model, engine, kv, rows, t0) if t0 > 0 else {}
-    hooks = list(fwd_hooks)
-    if engine.last_position_hook:
-        hooks.append((_FINAL_NORM_HOOK, _keep_last_position))
-    with _blocks_skipped(model.bridge, start if engine.skip_blocks else 0):
-        with model.bridge.hooks(fwd_hooks=hooks):
-            return model.bridge(resid, start_at_layer=start, **kwargs)
-
-
-def cache_keyword(model: ModelHandle) -> str:
-    """The keyword under which the Hugging Face model takes a key-value cache: ``cache``
-    in recent versions of transformers, ``past_key_values`` before."""
-    parameters = inspect.signature(model.hf_model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-@torch.no_grad()
-def _engine_for(model: ModelHandle, ids: Tensor) -> _Engine:
-    """Check on ``ids`` which shortcuts give the same logits as a full forward."""
-    known = _ENGINES.get(model.bridge)
-    if known is not None:
-        return known
-    cache_kwarg = cache_keyword(model)
-    n_layers = model.n_layers
-    names = {hook("resid_pre", l) for l in range(n_layers)}
-    try:
-        names |= {_key_hook(model, l) for l in range(n_layers)}
-        names |= {_VALUE_HOOK.format(l=l) for l in range(n_layers)}
-        has_kv = all(n in model.bridge.hook_dict for n in names)
-    except KeyError:
-        has_kv = False
-    logits, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
-    reference = logits[:, -1]
-    kv = (
-        [(cache[_key_hook(model, l)], cache[_VALUE_HOOK.format(l=l)]) for l in range(n_layers)]
-        if has_kv
-        else None
-    )
-    last_hook = _FINAL_NORM_HOOK in model.bridge.hook_dict
-    candidates = [
-        _Engine(True, True, cache_kwarg, last_hook),
-        _Engine(True, False, cache_kwarg, last_hook),
-        _Engine(False, False, cache_kwarg, False),
-    ]
-    engine = next((e for e in candidates if _engine_works(model, e, cache, kv, reference)), None)
-    if engine is None:
-        raise RuntimeError(
-            f"tracing {model.name}: bridge(resid, start_at_layer=...) does not reproduce a full "
-            "forward; the batched engine cannot run on this model"
-        )
-    if engine != candidates[0]:
-        warnings.warn(
-            f"tracing {model.name}: the bridge does not support every shortcut of the batched "
-            f"engine (using skip_blocks={engine.skip_blocks}, prefix_cache={engine.prefix_cache}); "
-            "results are the same, only slower",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    _ENGINES[model.bridge] = engine
-    return engine
-
-
-def _engine_works(model: ModelHandle, engine: _Engine, cache, kv, reference: Tensor) -> bool:
-    """Whether a forward resumed at the middle layer and the last two positions (or all
-    positions, without the prefix cache) gives the full forward's last logits."""
-    n_tokens = cache[hook("resid_pre", 0)].shape[1]
-    start, t0 = model.n_layers // 2, max(n_tokens - 2, 0)
-    if engine.prefix_cache and (kv is None or t0 == 0):
-        return False
-    first = t0 if engine.prefix_cache else 0
-    rows = torch.zeros(1, dtype=torch.long, device=reference.device)
-    resid = cache[hook("resid_pre", start)][:, first:]
-    try:
-        out = _resumed_logits(model, engine, resid, start, first, kv, rows, [])
-    except Exception:  # a shortcut this bridge does not support: the caller tries the next
-        return False
-    return bool(torch.allclose(out[:, -1], reference, rtol=0, atol=1e-3))
-
-
+# =========================================================================== restores
 def _assignments(
     model: ModelHandle,
     run: _FactRun,
@@ -682,17 +512,8 @@ def _assignments(
     hooks = []
     for name, (batch_rows, positions, values) in plan.items():
         index = (torch.tensor(batch_rows, device=device), torch.tensor(positions, device=device))
-        hooks.append((name, _overwrite_hook(*index, torch.stack(values))))
+        hooks.append((name, overwrite_hook(*index, torch.stack(values))))
     return hooks
-
-
-def _overwrite_hook(rows: Tensor, positions: Tensor, values: Tensor):
-    def overwrite(x: Tensor, hook=None) -> Tensor:
-        x = x.clone()
-        x[rows, positions] = values.to(x.dtype)
-        return x
-
-    return overwrite
 
 
 def _schedule(
@@ -753,7 +574,7 @@ def _restored_probabilities(
     run: _FactRun,
     settings: _Settings,
     sites: list[Site],
-    engine: _Engine,
+    engine: ResumeEngine,
     batch_size: int,
 ) -> Tensor:
     """``[n_sites]`` p(answer | restored), averaged over the noise draws."""
@@ -761,10 +582,7 @@ def _restored_probabilities(
     totals = torch.zeros(len(sites), dtype=torch.float64)
     kv = None
     if engine.prefix_cache:
-        kv = [
-            (run.corrupted[_key_hook(model, l)], run.corrupted[_VALUE_HOOK.format(l=l)])
-            for l in range(model.n_layers)
-        ]
+        kv = key_values(model, run.corrupted, range(model.n_layers))
     for chunk in _schedule(sites, samples, batch_size, model.n_layers, run.n_tokens):
         chunk_sites = [sites[i] for i, _ in chunk]
         start = min(site.start for site in chunk_sites)
@@ -772,7 +590,7 @@ def _restored_probabilities(
         samples_idx = torch.tensor([s for _, s in chunk], device=run.ids.device)
         resid = run.corrupted[hook("resid_pre", start)][samples_idx, t0:]
         hooks = _assignments(model, run, settings, sites, chunk, t0)
-        logits = _resumed_logits(model, engine, resid, start, t0, kv, samples_idx, hooks)
+        logits = resumed_logits(model, engine, resid, start, t0, kv, samples_idx, hooks)
         probs = _answer_probability(logits, run.answer).double().cpu()
         totals.index_add_(0, torch.tensor([i for i, _ in chunk]), probs)
     return totals / samples
@@ -937,7 +755,7 @@ def _trace_fact(
         predicted = model.tokenizer.decode([run.top_token])
         expected = model.tokenizer.decode([run.answer])
         return [], f"top-1 prediction {predicted!r} is not the answer {expected!r}"
-    engine = _engine_for(model, run.ids)
+    engine = resume_engine(model, run.ids)
     _corrupted_run(model, run, settings, engine)
     sites = _sites(model, run, settings, missing)
     size = batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // run.n_tokens)

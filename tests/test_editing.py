@@ -25,7 +25,7 @@ from intattn_analysis.hparams import (
     hparams_for,
 )
 from intattn_analysis.known import greedy_continuation, starts_with_answer
-from intattn_analysis import targets as targets_module
+from intattn_analysis.model_access import read_hooks
 from intattn_analysis.targets import length_groups, prompt_rows, read_at_subject
 
 torch.set_num_threads(1)
@@ -188,7 +188,7 @@ def test_reads_at_the_subject_do_not_depend_on_grouping(smollm2):
     names = [hook("resid_post", 5), "blocks.3.attn.o.hook_in"]
     grouped = read_at_subject(smollm2, rows, names, max_tokens=40)  # several groups
     for j, row in enumerate(rows):
-        whole = targets_module._read_hooks(smollm2, torch.tensor([row.ids]), names)
+        whole = read_hooks(smollm2, torch.tensor([row.ids]), names)
         for name in names:
             a, b = grouped[name][j], whole[name][0, row.subject_last].flatten()
             assert torch.allclose(a, b, rtol=0, atol=1e-4 * float(b.norm())), (name, j)

@@ -148,7 +148,7 @@ def test_hooks_do_not_leak_after_an_exception(smollm2, monkeypatch):
 
         return fail
 
-    monkeypatch.setattr(tracing, "_overwrite_hook", failing_hook)
+    monkeypatch.setattr(tracing, "overwrite_hook", failing_hook)
     with pytest.raises(RuntimeError, match="boom mid-forward"):
         trace(smollm2, KNOWN[:1], layers=[20], tokens="last", samples=2, progress=False)
     assert lens_hooks(smollm2.bridge) == 0 and torch_hooks(smollm2.bridge) == before

@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..reporting import _SHARES
+from ..reporting import SHARE_METRICS
 
 __all__ = ["BOOTSTRAP_DRAWS", "formatted_intervals", "mean_interval", "paired_against", "paired_contrasts", "paired_difference",
            "scale_of", "tidy_intervals"]
@@ -51,7 +51,7 @@ BOOTSTRAP_DRAWS = 10_000
 def scale_of(metric: str) -> float:
     """100 for a share (shown in percent), 1 for anything else."""
     base = metric.split("/")[0]
-    return 100.0 if base in _SHARES else 1.0
+    return 100.0 if base in SHARE_METRICS else 1.0
 
 
 def _values(values) -> np.ndarray:

@@ -9,7 +9,8 @@ LLMs* (IntAttn-Edit, arXiv 2510.27400). Typical use::
 """
 
 from .architectures import ARCHITECTURES, HOOKS, ArchSpec, LayerSpec, UnknownArchitectureError
-from .editors import EDITORS, METHODS, EditError, EditResult, EditSequence, Editor, apply_deltas, edit, edit_sequence
+from .editors import (EDITORS, METHODS, EditError, EditResult, EditSequence, Editor, apply_deltas, edit, edit_sequence,
+                      register_editor, unregister_editor)
 from .datasets import DatasetError, DatasetWarning, benchmark_path, facts_table, load_facts
 from .benchmarks import BENCHMARKS, benchmark_status, resolve_benchmark
 from .facts import Fact, FactError, Probe, sample_by_relation
@@ -84,9 +85,11 @@ __all__ = [
     "load_facts",
     "load_model",
     "mark_known",
+    "register_editor",
     "sample_by_relation",
     "second_moments",
     "suggest_edit_layers",
     "top_predictions",
     "trace",
+    "unregister_editor",
 ]

@@ -24,9 +24,13 @@ settings for Llama-family models (EasyEdit's ``hparams/MEMIT/qwen2.5-7b.yaml`` a
 causal tracing (notebooks 01 and 02, :func:`intattn_analysis.balance`) and their edit
 layers and lambda from comparisons on ZsRE train records.
 
-Any other model gets :func:`generic_hparams` for the method (for the closed-form family:
-five consecutive layers starting at an eighth of the depth, MEMIT's layers 4-8 of 32, the
-Llama-family settings otherwise) and a :class:`GenericHparamsWarning` that names the rule.
+Any other model gets :func:`generic_hparams` for the method: the rule its editor declares
+(for the closed-form family: five consecutive layers starting at an eighth of the depth,
+MEMIT's layers 4-8 of 32, the Llama-family settings otherwise) and a
+:class:`GenericHparamsWarning` that names the rule. Each editor declares its dataclass,
+its defaults folder and its rule when it is registered (:func:`register_defaults`, called
+by :func:`intattn_analysis.register_editor`), so a method defined outside the package
+reads its own files the same way.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -48,6 +52,8 @@ __all__ = [
     "EditHparams",
     "FTHparams",
     "HPARAMS_TYPES",
+    "METHOD_DEFAULTS",
+    "MethodDefaults",
     "PMETHparams",
     "RomeHparams",
     "default_models",
@@ -58,6 +64,7 @@ __all__ = [
     "generic_hparams",
     "generic_layers",
     "hparams_for",
+    "register_defaults",
 ]
 
 #: How the residual still missing at the last edited layer is shared out: layer ``i`` of
@@ -394,18 +401,65 @@ class FTHparams:
         return cls(**record)
 
 
-#: Which dataclass each method's files hold.
-HPARAMS_TYPES: dict[str, type] = {
-    "memit": EditHparams, "intattn": EditHparams, "attn": EditHparams, "alphaedit": EditHparams,
-    "pmet": PMETHparams, "rome": RomeHparams, "ft-l": FTHparams, "ft-m": FTHparams,
-}
-
-
 # --------------------------------------------------------------------------- defaults
+@dataclass(frozen=True)
+class MethodDefaults:
+    """Where a method's defaults come from (declared by its editor, see
+    :class:`intattn_analysis.Editor`): the dataclass its files hold, the folder of its
+    ``<model>.json`` files, and the rule for a model without one.
+
+    Attributes:
+        hparams_type: the hyperparameter dataclass.
+        folder: the folder of ``<model>.json`` files (the model's name with ``/`` spelt
+            ``--``); default ``<package data>/hparams/<method>``.
+        generic: ``n_layers -> (hparams, rule)``: the settings for a model without a file,
+            from its depth, and one line naming the rule; ``None``: such a model has no
+            defaults (pass ``hparams=``).
+    """
+
+    hparams_type: type
+    folder: Path
+    generic: Callable[[int], tuple[Any, str]] | None = None
+
+
+#: Every method's defaults, by method name (filled as editors are registered).
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {}
+
+
+def register_defaults(method: str, hparams_type: type, *, folder: str | Path | None = None,
+                      generic: Callable[[int], tuple[Any, str]] | None = None) -> MethodDefaults:
+    """Declare where ``method``'s defaults come from (:class:`MethodDefaults`); called when
+    an editor is registered."""
+    entry = MethodDefaults(hparams_type, Path(folder) if folder is not None else defaults_dir() / method, generic)
+    METHOD_DEFAULTS[method] = entry
+    _read_defaults.cache_clear()
+    return entry
+
+
+class _HparamsTypes(Mapping):
+    """``{method: hparams dataclass}``, as registered (a live view of :data:`METHOD_DEFAULTS`)."""
+
+    def __getitem__(self, method: str) -> type:
+        return METHOD_DEFAULTS[method].hparams_type
+
+    def __iter__(self):
+        return iter(METHOD_DEFAULTS)
+
+    def __len__(self) -> int:
+        return len(METHOD_DEFAULTS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: Which dataclass each method's files hold.
+HPARAMS_TYPES: Mapping[str, type] = _HparamsTypes()
+
+
 def defaults_dir() -> Path:
-    """The folder of per-(method, model) defaults: ``<method>/<model>.json``, the model's
-    name with ``/`` spelt ``--``. Each file holds one hparams record with a ``source``
-    field saying where its values come from."""
+    """The folder of the package's per-(method, model) defaults: ``<method>/<model>.json``,
+    the model's name with ``/`` spelt ``--``. Each file holds one hparams record with a
+    ``source`` field saying where its values come from."""
     return Path(__file__).parent / "data" / "hparams"
 
 
@@ -413,12 +467,18 @@ def _file_name(name: str) -> str:
     return name.replace("/", "--") + ".json"
 
 
+def _folder(method: str) -> Path:
+    entry = METHOD_DEFAULTS.get(method)
+    return entry.folder if entry is not None else defaults_dir() / method
+
+
 @functools.lru_cache(maxsize=None)
 def _read_defaults(method: str, name: str):
-    path = defaults_dir() / method / _file_name(name)
+    path = _folder(method) / _file_name(name)
     if not path.exists():
         return None
-    cls = HPARAMS_TYPES.get(method, EditHparams)
+    entry = METHOD_DEFAULTS.get(method)
+    cls = entry.hparams_type if entry is not None else EditHparams
     try:
         record = json.loads(path.read_text())
         if not isinstance(record, dict):
@@ -432,7 +492,7 @@ def _read_defaults(method: str, name: str):
 
 def default_models(method: str = "intattn") -> list[str]:
     """The models that have a defaults file for ``method``."""
-    folder = defaults_dir() / method
+    folder = _folder(method)
     names = sorted(p.stem.replace("--", "/") for p in folder.glob("*.json")) if folder.is_dir() else []
     return names
 
@@ -460,33 +520,19 @@ def generic_layers(n_layers: int) -> tuple[int, ...]:
 
 
 def generic_hparams(n_layers: int, *, warn: bool = True, name: str = "model", method: str = "intattn"):
-    """The fallback for a model without a defaults file for ``method``.
-
-    The closed-form family: five consecutive layers from an eighth of the depth (MEMIT's
-    4-8 of 32), MEMIT's Llama-family settings, alpha :data:`GENERIC_ALPHA`; AlphaEdit
-    adds its reference projection settings. ROME: the second of those layers (EasyEdit's
-    layer 5 of 32 for Llama), with C⁻¹. FT-L / FT-M: the layer at 21/32 of the depth
-    (EasyEdit's Llama layer 21), lr 5e-4, 25 epochs, batch size 1; FT-L with ROME's L∞
-    box of 5e-4, FT-M without one.
-    """
-    layers = generic_layers(n_layers)
-    if method == "rome":
-        chosen = (layers[min(1, len(layers) - 1)],)
-        rule = f"layer {chosen[0]} (the second of MEMIT's generic block {list(layers)})"
-        hp = RomeHparams(layers=chosen, source="generic rule: " + rule)
-    elif method in ("ft-l", "ft-m"):
-        chosen = (min(round(n_layers * 21 / 32), n_layers - 1),)
-        rule = f"layer {chosen[0]} of {n_layers} (EasyEdit's Llama layer 21 of 32, same relative depth)"
-        hp = FTHparams(layers=chosen, objective="prompt_last" if method == "ft-l" else "target_new",
-                       norm_constraint=5e-4 if method == "ft-l" else None, source="generic rule: " + rule)
-    else:
-        rule = (
-            f"5 consecutive layers from round(n_layers/8) -> layers {list(layers)} of {n_layers}, "
-            f"alpha {GENERIC_ALPHA}, MEMIT's Llama-family settings otherwise"
-        )
-        extra = {"projection": "null_space"} if method == "alphaedit" else {}
-        cls = PMETHparams if method == "pmet" else EditHparams
-        hp = cls(layers=layers, alpha=GENERIC_ALPHA, source="generic rule: " + rule, **extra)
+    """The fallback for a model without a defaults file for ``method``: the rule its
+    editor declares (:attr:`MethodDefaults.generic`; each method's module documents its
+    own), with a :class:`GenericHparamsWarning` that names it."""
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    entry = METHOD_DEFAULTS.get(method)
+    if entry is None:
+        raise ValueError(f"unknown method {method!r}; methods with defaults: {sorted(METHOD_DEFAULTS)}")
+    if entry.generic is None:
+        raise ValueError(f"no {method} defaults for {name!r} in {entry.folder}, and the method has no generic "
+                         "rule; pass hparams= or write the file")
+    hp, rule = entry.generic(n_layers)
+    hp = hp.replace(source="generic rule: " + rule)
     message = (f"no {method} defaults for {name!r}; using the generic rule: {rule}. "
                "Pass hparams= or overrides to change it.")
     if warn:
@@ -498,15 +544,16 @@ def hparams_for(model: Any, method: str = "intattn", *, n_layers: int | None = N
     """Default hyperparameters of ``method`` for a model (a :class:`ModelHandle` or its
     name), from the data file ``<method>/<model>.json`` (:func:`defaults_dir`).
 
-    Each method reads its own dataclass (:data:`HPARAMS_TYPES`). A model without a file
-    gets :func:`generic_hparams`, which needs its depth: pass a handle, or ``n_layers=``
-    with a name.
+    Each method reads its own dataclass (:data:`HPARAMS_TYPES`), from the folder its
+    editor declares (:data:`METHOD_DEFAULTS`). A model without a file gets
+    :func:`generic_hparams`, which needs its depth: pass a handle, or ``n_layers=`` with a
+    name.
     """
     name = getattr(model, "name", model)
     if not isinstance(name, str):
         raise TypeError(f"model must be a ModelHandle or a model name, got {type(model).__name__}")
-    if method not in HPARAMS_TYPES:
-        raise ValueError(f"unknown method {method!r}; methods with defaults: {sorted(HPARAMS_TYPES)}")
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"unknown method {method!r}; methods with defaults: {sorted(METHOD_DEFAULTS)}")
     if n_layers is None and hasattr(model, "n_layers"):
         n_layers = int(model.n_layers)
     hp = _read_defaults(method, name)

@@ -11,9 +11,13 @@
 
 from . import methods  # noqa: F401  (registers the methods)
 from .api import EditSequence, edit, edit_sequence, resolve_hparams
-from .protocol import EDITORS, EditJob, Editor, editor, register
+from .protocol import EDITORS, EditJob, Editor, editor, register, unregister
 from .result import EditError, EditResult, apply_deltas
 from .solvers import null_space_projector, rank_one_update, solve_projected, solve_update
+
+#: Public names of :func:`register` and :func:`unregister` (``ia.register_editor``).
+register_editor = register
+unregister_editor = unregister
 
 #: The registered methods by name (the same dictionary as :data:`EDITORS`).
 METHODS = EDITORS
@@ -33,7 +37,10 @@ __all__ = [
     "null_space_projector",
     "rank_one_update",
     "register",
+    "register_editor",
     "resolve_hparams",
     "solve_projected",
     "solve_update",
+    "unregister",
+    "unregister_editor",
 ]

@@ -1,10 +1,14 @@
 """The editor protocol: what one editing method declares, and the job it is handed.
 
-A method is one module under :mod:`intattn_analysis.editors.methods` that registers an
-:class:`Editor` in :data:`EDITORS`. The editor says
+A method is one module under :mod:`intattn_analysis.editors.methods` (or a module of its
+user's, through ``ia.register_editor``) that registers an :class:`Editor` in
+:data:`EDITORS`; its defaults are data files beside it. The editor says
 
-* which hyperparameter dataclass it reads (``hparams_type``; its defaults per model are
-  data files read by :func:`intattn_analysis.hparams_for`);
+* who it is in tables (``label``) and whether the experiments comparing the family give
+  it a row (``compared``);
+* which hyperparameter dataclass it reads (``hparams_type``), where its defaults per
+  model live (``defaults_folder``, read by :func:`intattn_analysis.hparams_for`) and the
+  rule for a model without one (``generic``);
 * which matrices it may write for given hparams (``writes``), so that
   :func:`intattn_analysis.edit` can snapshot them before anything is written and restore
   them if anything fails;
@@ -26,15 +30,17 @@ calls ``apply``, settles the deltas and returns an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from torch import Tensor
 
 from ..facts import Fact
+from ..hparams import METHOD_DEFAULTS, register_defaults
 from ..loading import ModelHandle
 from .result import EditError, EditResult
 
-__all__ = ["EDITORS", "Editor", "EditJob", "editor", "register"]
+__all__ = ["EDITORS", "Editor", "EditJob", "editor", "register", "unregister"]
 
 Key = tuple[str, int]
 
@@ -112,6 +118,15 @@ class Editor:
         variant: ``(model, hparams) -> dict``: what else decides its deltas on this model
             besides the hyperparameters (a code path the architecture selects), for the
             keys of stored results; ``None`` (or an empty dict): nothing.
+        label: its name in tables (``"MEMIT"``); default :attr:`name`.
+        compared: whether the experiments that compare the family give it a row (the
+            ``editors`` experiment's main table, batch scaling, sequential editing);
+            ``False`` for ablations.
+        generic: ``n_layers -> (hparams, rule)``: the settings for a model without a
+            defaults file, from its depth, and one line naming the rule (``None``: such a
+            model needs ``hparams=``).
+        defaults_folder: where its ``<model>.json`` defaults files live; default the
+            package's ``data/hparams/<name>`` (:func:`intattn_analysis.hparams.defaults_dir`).
     """
 
     name: str
@@ -127,6 +142,15 @@ class Editor:
     description: str = ""
     reference: str = ""
     variant: Callable[[ModelHandle, Any], dict] | None = None
+    label: str = ""
+    compared: bool = True
+    generic: Callable[[int], tuple[Any, str]] | None = None
+    defaults_folder: str | Path | None = None
+
+    @property
+    def display(self) -> str:
+        """Its name in tables: :attr:`label`, else :attr:`name`."""
+        return self.label or self.name
 
     def variant_of(self, model: ModelHandle, hparams: Any) -> dict:
         """:attr:`variant` on ``model`` (empty where it has none)."""
@@ -142,11 +166,31 @@ EDITORS: dict[str, Editor] = {}
 
 
 def register(editor_: Editor) -> Editor:
-    """Add an editor to :data:`EDITORS` (a second editor of one name is an error)."""
+    """Add an editor to :data:`EDITORS`, with where its defaults come from
+    (:func:`intattn_analysis.hparams.register_defaults`); a second editor of one name is
+    an error. ``ia.register_editor`` is this function: a method defined outside the
+    package is registered the same way and then runs through ``ia.edit``,
+    ``ia.edit_sequence`` and the experiments like the package's own."""
+    if not isinstance(editor_, Editor):
+        raise TypeError(f"register takes an Editor, got {type(editor_).__name__}")
     if editor_.name in EDITORS and EDITORS[editor_.name] is not editor_:
-        raise ValueError(f"an editor named {editor_.name!r} is already registered")
+        raise ValueError(f"an editor named {editor_.name!r} is already registered; choose another name "
+                         "or unregister_editor it first")
+    labels = {e.display: e.name for e in EDITORS.values() if e.name != editor_.name}
+    if editor_.display in labels:
+        raise ValueError(f"the label {editor_.display!r} is already the label of {labels[editor_.display]!r}; "
+                         "give the editor another label")
+    register_defaults(editor_.name, editor_.hparams_type, folder=editor_.defaults_folder, generic=editor_.generic)
     EDITORS[editor_.name] = editor_
     return editor_
+
+
+def unregister(name: str) -> Editor:
+    """Remove a registered editor (and its defaults' declaration); returns it."""
+    if name not in EDITORS:
+        raise EditError(f"no editor named {name!r} is registered; known: {sorted(EDITORS)}")
+    METHOD_DEFAULTS.pop(name, None)
+    return EDITORS.pop(name)
 
 
 def editor(method: str | Editor) -> Editor:

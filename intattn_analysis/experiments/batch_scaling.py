@@ -9,11 +9,12 @@ batch size among the labels). The facts are the same at every size up to ``n_fac
 at size ``b`` is paired with itself at the smallest size on the same facts
 (:func:`summarise`'s ``scaling`` table), and each method with MEMIT at the same size.
 
-The methods:
+The methods (:data:`ROWS`): every row of the main table that writes its batch at once,
+so every compared editor, including those registered with ``ia.register_editor``:
 
 * ``ROME``: its batch written fact after fact, each rank-one update on the model as the
   earlier ones left it (as published; at size 1 this is ROME's single-edit protocol);
-* ``MEMIT``, ``PMET`` and ``AlphaEdit``, with the model's defaults;
+* ``MEMIT``, ``PMET``, ``AlphaEdit``, ``FT-L`` and ``FT-M``, with the model's defaults;
 * ``IntAttn-Edit, train alpha`` and ``IntAttn-Edit+NS, train alpha``: IntAttn-Edit
   (without and with AlphaEdit's null-space projection) at the alpha of estimator (e) of
   the ``alpha-estimators`` experiment: the per-layer alpha chosen on *train* records,
@@ -46,25 +47,47 @@ from ..reporting import MAIN_METRICS
 from ..batching import editable_batches
 from . import estimators
 from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
-from .editors import METHODS, method_settings, run_methods
+from .editors import ALONE_ROWS, METHODS, method_settings, run_methods
 from .stats import paired_against, paired_contrasts, tidy_intervals
 from .store import ResultStore, check_unique
 
-__all__ = ["CONTRASTS", "NAME", "ROWS", "SCALES", "ScalingScale", "run", "run_sizes", "settings_for", "summarise", "tables",
+__all__ = ["CONTRASTS", "NAME", "ROWS", "SCALES", "TRAIN_ALPHA", "ScalingRows", "ScalingScale", "run", "run_sizes", "settings_for", "summarise", "tables",
            "train_alpha"]
 
 NAME = "batch-scaling"
 
-#: ``{row name: row of the editors experiment}``; the IntAttn-Edit rows take the train alpha.
-ROWS: dict[str, str] = {
-    "ROME": "ROME",
-    "MEMIT": "MEMIT",
-    "PMET": "PMET",
-    "AlphaEdit": "AlphaEdit",
-    "IntAttn-Edit, train alpha": "IntAttn-Edit",
-    "IntAttn-Edit+NS, train alpha": "IntAttn-Edit+NS",
-}
-TRAIN_ALPHA_ROWS = ("IntAttn-Edit, train alpha", "IntAttn-Edit+NS, train alpha")
+#: The rows of the editors experiment that take the train alpha here, under these names
+#: (the traced alpha of the editors experiment is not chosen on train records).
+TRAIN_ALPHA: dict[str, str] = {"IntAttn-Edit": "IntAttn-Edit, train alpha",
+                               "IntAttn-Edit+NS": "IntAttn-Edit+NS, train alpha"}
+TRAIN_ALPHA_ROWS = tuple(TRAIN_ALPHA.values())
+
+
+class ScalingRows(Mapping):
+    """``{row name: row of the editors experiment}``: every row of the main table
+    (:data:`.editors.METHODS`, so every compared editor, the ones registered with
+    ``ia.register_editor`` included) that writes its batch at once, the IntAttn-Edit rows
+    at the train alpha (:data:`TRAIN_ALPHA`). Rows that edit each fact alone have no
+    batch size and are left out."""
+
+    def _rows(self) -> dict[str, str]:
+        return {TRAIN_ALPHA.get(row, row): row for row in METHODS if row not in ALONE_ROWS}
+
+    def __getitem__(self, row: str) -> str:
+        return self._rows()[row]
+
+    def __iter__(self):
+        return iter(self._rows())
+
+    def __len__(self) -> int:
+        return len(self._rows())
+
+    def __repr__(self) -> str:
+        return f"ScalingRows({self._rows()!r})"
+
+
+#: The rows of batch scaling (:class:`ScalingRows`), as registered now.
+ROWS: Mapping[str, str] = ScalingRows()
 #: ``(setting, baseline)`` pairs compared directly beside every row's MEMIT pairing: does
 #: the attention share add to the null-space projection, and what does the projection add
 #: to IntAttn-Edit at the same alpha.
@@ -80,7 +103,7 @@ class ScalingScale:
 
     sizes: tuple[int, ...]
     n_facts: int  # facts evaluated at every size below it (ceil(n_facts / size) batches)
-    methods: tuple[str, ...] = tuple(ROWS)
+    methods: tuple[str, ...] | None = None  # None: every row of ROWS as registered when run
     mom2_n_tokens: int | None = None  # None: each method's default
     fluency_tokens: int = 50
     metrics: tuple[str, ...] = ("knowedit", "residue", "fluency")
@@ -90,9 +113,14 @@ class ScalingScale:
             raise ValueError(f"sizes must be integers >= 1, got {self.sizes}")
         if list(self.sizes) != sorted(set(self.sizes)):
             raise ValueError(f"sizes must be increasing and distinct, got {self.sizes}")
-        unknown = [m for m in self.methods if m not in ROWS]
+        unknown = [m for m in self.methods or () if m not in ROWS]
         if unknown:
             raise ValueError(f"unknown rows {unknown}; rows: {list(ROWS)}")
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """The rows run: ``methods``, or every row of :data:`ROWS` as registered now."""
+        return tuple(self.methods) if self.methods is not None else tuple(ROWS)
 
     def n_batches(self, size: int) -> int:
         return max(1, math.ceil(self.n_facts / size))
@@ -105,17 +133,18 @@ SCALES: dict[str, ScalingScale] = {
 }
 
 
-def settings_for(model: ModelHandle, scale, scale_name: str, root, progress: bool = True):
-    """``{row name: (method, hparams)}`` for the rows ``scale.methods`` (names of
-    :data:`ROWS` or of the editors experiment's rows), with ``scale.mom2_n_tokens``; the
-    train-alpha rows at estimator (e)'s alpha, read from (or computed into) the
+def settings_for(model: ModelHandle, names: Sequence[str], mom2_n_tokens: int | None, scale_name: str, root,
+                 progress: bool = True) -> dict[str, tuple[str, Any]]:
+    """``{row name: (method, hparams)}`` for the rows ``names`` (names of :data:`ROWS` or
+    of the editors experiment's rows), with ``mom2_n_tokens`` (``None``: each method's
+    own); the train-alpha rows at estimator (e)'s alpha, read from (or computed into) the
     ``alpha-estimators`` store under ``root`` at the scale of the same name."""
-    unknown = [m for m in scale.methods if m not in ROWS and m not in METHODS]
+    unknown = [m for m in names if m not in ROWS and m not in METHODS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; rows: {sorted(set(ROWS) | set(METHODS))}")
-    base_names = [ROWS.get(m, m) for m in scale.methods]
-    base = method_settings(model, list(dict.fromkeys(base_names)), scale.mom2_n_tokens)
-    settings = {name: base[ROWS.get(name, name)] for name in scale.methods}
+    base_names = [ROWS.get(m, m) for m in names]
+    base = method_settings(model, list(dict.fromkeys(base_names)), mom2_n_tokens)
+    settings = {name: base[ROWS.get(name, name)] for name in names}
     if any(name in TRAIN_ALPHA_ROWS for name in settings):
         alpha = train_alpha(model, scale_name, root, progress)
         for name in TRAIN_ALPHA_ROWS:
@@ -146,7 +175,7 @@ def run(model: ModelHandle, dataset: str, scale: str | ScalingScale, root, *,
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     facts = dataset_facts(dataset)  # read before any work: a bad file fails here
-    settings = settings_for(model, scale, scale_name, root, progress)
+    settings = settings_for(model, scale.rows, scale.mom2_n_tokens, scale_name, root, progress)
     run_sizes(model, facts, scale, settings, store, dataset=dataset_label(dataset), shard=shard,
               progress=progress)
     return store

@@ -10,9 +10,10 @@ method) and each batch's pre-edit evaluation is a stored unit
 (:class:`~intattn_analysis.experiments.store.ResultStore`), so a killed run resumes and
 shards split the batches.
 
-The methods are :data:`METHODS`: ROME, FT-L, FT-M, PMET, AlphaEdit, MEMIT, IntAttn-Edit
-with the traced alpha, and IntAttn-Edit with the null-space projection (``intattn+ns``,
-a combination no published editor has). ROME has two rows: ``ROME`` writes the whole
+The methods are :data:`METHODS`, one row per registered editor of the family (MEMIT,
+IntAttn-Edit with the traced alpha, AlphaEdit, FT-L, FT-M, PMET, ROME, and any editor
+registered with ``ia.register_editor``), and IntAttn-Edit with the null-space projection
+(``IntAttn-Edit+NS``, a combination no published editor has). ROME has two rows: ``ROME`` writes the whole
 batch fact after fact and is evaluated once at the end (later rank-one updates overwrite
 earlier ones), ``ROME, each alone`` edits each fact alone on the unedited model, the
 protocol of ROME's paper and of EasyEdit's single edits (:data:`ALONE_ROWS`). :func:`summarise` gives each metric's mean and
@@ -31,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from ..editors import EDITORS
 from ..hparams import hparams_for
 from ..loading import ModelHandle
 from ..reporting import MAIN_METRICS
@@ -40,23 +42,14 @@ from .stats import paired_against, tidy_intervals
 from .store import ResultStore, check_unique
 from .units import batch_key, method_key, shard_batches, slug
 
-__all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "EditorsScale", "method_cells", "method_settings",
+__all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "VARIANT_ROWS", "EditorsScale", "FamilyRows", "method_cells", "method_settings",
            "relation_tables", "run", "run_methods", "summarise", "tables"]
 
 NAME = "editors"
 
-#: ``{row name: method}``: the rows of the main table.
-METHODS: dict[str, str] = {
-    "ROME": "rome",
-    "ROME, each alone": "rome",
-    "FT-L": "ft-l",
-    "FT-M": "ft-m",
-    "PMET": "pmet",
-    "AlphaEdit": "alphaedit",
-    "MEMIT": "memit",
-    "IntAttn-Edit": "intattn",
-    "IntAttn-Edit+NS": "intattn",
-}
+#: Rows beside the one of each editor: ``{row: the editor row it varies}``, each listed
+#: right after that row.
+VARIANT_ROWS: dict[str, str] = {"IntAttn-Edit+NS": "IntAttn-Edit", "ROME, each alone": "ROME"}
 #: Rows that take AlphaEdit's null-space projection (with AlphaEdit's settings for the model).
 NULL_SPACE_ROWS = ("IntAttn-Edit+NS",)
 #: Rows whose facts are each edited alone on the unedited model, evaluated, and restored
@@ -66,16 +59,55 @@ NULL_SPACE_ROWS = ("IntAttn-Edit+NS",)
 ALONE_ROWS = ("ROME, each alone",)
 
 
+class FamilyRows(Mapping):
+    """``{row name: method}``: the rows of the main table, read from the registry as it is
+    now: one row per registered editor that is compared
+    (:attr:`intattn_analysis.Editor.compared`), named by its label, in the order the
+    editors were registered, each followed by its :data:`VARIANT_ROWS`. An editor
+    registered with ``ia.register_editor`` gets its row without any change here."""
+
+    def _rows(self) -> dict[str, str]:
+        rows: dict[str, str] = {}
+        for spec in EDITORS.values():
+            if not spec.compared:
+                continue
+            rows[spec.display] = spec.name
+            rows.update({variant: spec.name for variant, base in VARIANT_ROWS.items() if base == spec.display})
+        return rows
+
+    def __getitem__(self, row: str) -> str:
+        return self._rows()[row]
+
+    def __iter__(self):
+        return iter(self._rows())
+
+    def __len__(self) -> int:
+        return len(self._rows())
+
+    def __repr__(self) -> str:
+        return f"FamilyRows({self._rows()!r})"
+
+
+#: ``{row name: method}``: the rows of the main table (:class:`FamilyRows`).
+METHODS: Mapping[str, str] = FamilyRows()
+
+
 @dataclass(frozen=True)
 class EditorsScale:
-    """How much of the comparison to run."""
+    """How much of the comparison to run (``methods``: rows of :data:`METHODS`; ``None``
+    for every row)."""
 
     batch_size: int
     n_batches: int
     mom2_n_tokens: int | None = None  # None: each method's default
     fluency_tokens: int = 50
     metrics: tuple[str, ...] = ("knowedit", "residue", "fluency")
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] | None = None
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """The rows run: ``methods``, or every row of :data:`METHODS` as registered now."""
+        return tuple(self.methods) if self.methods is not None else tuple(METHODS)
 
 
 SCALES: dict[str, EditorsScale] = {
@@ -180,7 +212,7 @@ def run(
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     batches = dataset_batches(dataset, scale.batch_size, scale.n_batches)
-    settings = method_settings(model, scale.methods, scale.mom2_n_tokens)
+    settings = method_settings(model, scale.rows, scale.mom2_n_tokens)
     run_methods(model, batches, settings, store, dataset=dataset_label(dataset), metrics=scale.metrics,
                 fluency_tokens=scale.fluency_tokens, shard=shard, progress=progress)
     return store

@@ -44,7 +44,7 @@ curves therefore show where the old answer still flows *and* where each method's
 acts; a positive effect at a module the method did not write (attention for MEMIT) is
 old knowledge flowing past the edit, which is the question the paper raises.
 
-Methods are those of the ``batch-scaling`` experiment (ROME, MEMIT, PMET, AlphaEdit and
+Methods are the rows of the ``batch-scaling`` experiment (every compared editor, with
 IntAttn-Edit without and with the null-space projection at the train-chosen alpha), with
 the model's defaults. Each (batch, setting, part) is a stored unit; a killed run resumes.
 Trace rows hold one list of per-layer effects per (fact, module, token), so that a batch
@@ -115,7 +115,7 @@ class OutdatedScale:
     n_batches: int
     n_traced: int  # the first n_traced facts of each batch are traced
     samples: int  # noise draws per traced fact
-    methods: tuple[str, ...] = tuple(ROWS)
+    methods: tuple[str, ...] | None = None  # None: every row of batch scaling as registered when run
     mom2_n_tokens: int | None = None
 
 
@@ -338,7 +338,8 @@ def run(model: ModelHandle, dataset: str, scale: str | OutdatedScale, root, *,
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     batches = known_batches(model, dataset, scale.batch_size, scale.n_batches, progress)
-    settings = settings_for(model, scale, scale_name, root, progress)
+    rows = scale.methods if scale.methods is not None else tuple(ROWS)
+    settings = settings_for(model, rows, scale.mom2_n_tokens, scale_name, root, progress)
     run_batches(model, batches, settings, store, dataset=dataset_label(dataset), n_traced=scale.n_traced,
                 samples=scale.samples, shard=shard, progress=progress)
     return store

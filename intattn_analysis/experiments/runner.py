@@ -45,7 +45,7 @@ from ..loading import ModelHandle
 from ..metrics import Evaluation, evaluate
 from .units import fact_rows
 
-__all__ = ["PRE_EDIT", "Cell", "EvaluationMeasure", "MemoryStore", "Outcome", "SecondMoments", "Setting", "Unit",
+__all__ = ["PRE_EDIT", "Cell", "EvaluationMeasure", "MemoryStore", "Outcome", "SharedMoments", "Setting", "Unit",
            "run_cells", "run_sequence"]
 
 
@@ -173,7 +173,7 @@ def _sample(hp) -> tuple | None:
     return (hp.mom2_n_tokens, hp.mom2_max_len, hp.mom2_dtype)
 
 
-class SecondMoments:
+class SharedMoments:
     """The second moments every setting of a run reads, computed once, when first asked
     for (one corpus pass per sample of ``(n_tokens, max_len, dtype)``, cached on disk by
     :func:`intattn_analysis.second_moments`), or the ``moments`` given for all of them."""
@@ -239,10 +239,10 @@ def run_cells(
     weights are restored before the next. Every row carries ``seconds``: the wall time of
     the unit (the edit with its targets, and the measurement); with ``edit_seconds`` the
     rows of edited settings also carry the edit's own seconds (``edit_seconds``).
-    ``moments`` serves every setting (default: :class:`SecondMoments`). ``outcomes``, if
+    ``moments`` serves every setting (default: :class:`SharedMoments`). ``outcomes``, if
     given, receives an :class:`Outcome` per computed unit as it is stored.
     """
-    moments_of = SecondMoments(model, [c.setting for c in cells], moments, progress)
+    moments_of = SharedMoments(model, [c.setting for c in cells], moments, progress)
     computed = 0
     bar = tqdm(total=len(cells), desc=desc or model.name, disable=not progress)
     try:
@@ -333,7 +333,7 @@ def run_sequence(
     measure_round: Callable[[int], list[dict]],
     store,
     *,
-    moments: SecondMoments,
+    moments: SharedMoments,
     before: Callable[[], None] | None = None,
 ) -> int:
     """Rounds of edits piling up on one model (:func:`intattn_analysis.edit_sequence`),

@@ -19,18 +19,20 @@ evaluation), so a run of 10 rounds is extended to 20 by running 20: the first 10
 from the store.
 
 The methods are rows of the ``editors`` experiment or of the ``batch-scaling`` one
-(:func:`intattn_analysis.experiments.batch_scaling.settings_for`: ROME fact after fact,
-PMET, and IntAttn-Edit without and with the null-space projection at the train-chosen
-alpha).
+(:func:`intattn_analysis.experiments.batch_scaling.settings_for`); by default
+(:func:`default_rows`) every row of batch scaling (every compared editor, ROME fact after
+fact, IntAttn-Edit without and with the null-space projection at the train-chosen alpha,
+and any editor registered with ``ia.register_editor``) and IntAttn-Edit at the traced
+alpha.
 
 Scales: ``ci``: 3 rounds of 2 ZsRE test edits, MEMIT, AlphaEdit and IntAttn-Edit, second
-moments from 20,000 tokens; ``paper``: 20 rounds of 10 with those three and ROME, PMET
-and both train-alpha IntAttn-Edit rows, Fluency after rounds 10 and 20.
+moments from 20,000 tokens; ``paper``: 20 rounds of 10 with every default row, Fluency
+after rounds 10 and 20.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -41,14 +43,14 @@ from ..known import is_known
 from ..loading import ModelHandle
 from ..metrics import evaluate
 from ..reporting import MAIN_METRICS
-from .batch_scaling import CONTRASTS, settings_for
+from .batch_scaling import CONTRASTS, ROWS, settings_for
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
-from .runner import SecondMoments, Setting, Unit, run_sequence
+from .runner import SharedMoments, Setting, Unit, run_sequence
 from .stats import paired_against, paired_contrasts, tidy_intervals
 from .store import ResultStore, check_unique
 from .units import batch_key, fact_rows, facts_digest, method_key, slug
 
-__all__ = ["NAME", "SCALES", "SequentialScale", "round_units", "run", "run_sequences", "summarise", "tables"]
+__all__ = ["NAME", "SCALES", "SequentialScale", "default_rows", "round_units", "run", "run_sequences", "summarise", "tables"]
 
 NAME = "sequential"
 
@@ -59,7 +61,7 @@ class SequentialScale:
 
     rounds: int
     batch_size: int
-    methods: tuple[str, ...] = ("MEMIT", "AlphaEdit", "IntAttn-Edit")
+    methods: tuple[str, ...] | None = ("MEMIT", "AlphaEdit", "IntAttn-Edit")  # None: default_rows()
     fluency_rounds: tuple[int, ...] = ()
     n_known: int = 50
     mom2_n_tokens: int | None = None
@@ -69,10 +71,14 @@ class SequentialScale:
 SCALES: dict[str, SequentialScale] = {
     "ci": SequentialScale(rounds=3, batch_size=2, fluency_rounds=(3,), n_known=8, mom2_n_tokens=20_000,
                           fluency_tokens=20),
-    "paper": SequentialScale(rounds=20, batch_size=10, fluency_rounds=(10, 20),
-                             methods=("MEMIT", "AlphaEdit", "IntAttn-Edit", "ROME", "PMET",
-                                      "IntAttn-Edit, train alpha", "IntAttn-Edit+NS, train alpha")),
+    "paper": SequentialScale(rounds=20, batch_size=10, fluency_rounds=(10, 20), methods=None),
 }
+
+
+def default_rows() -> tuple[str, ...]:
+    """IntAttn-Edit at the traced alpha, then every row of batch scaling
+    (:data:`.batch_scaling.ROWS`, as registered now)."""
+    return ("IntAttn-Edit", *ROWS)
 
 
 def known_probe_facts(model: ModelHandle, edited: Sequence, n: int) -> list:
@@ -126,7 +132,7 @@ def run_sequences(
     the unedited model, and the ``known`` facts; one stored unit per (name, round)
     (:func:`round_units`). Returns the number of units computed."""
     rounds = [list(r) for r in rounds]
-    moments_of = SecondMoments(model, [Setting(n, m, hp) for n, (m, hp) in settings.items()], moments, progress)
+    moments_of = SharedMoments(model, [Setting(n, m, hp) for n, (m, hp) in settings.items()], moments, progress)
     pre: list = []
 
     def evaluate_unedited() -> None:
@@ -163,11 +169,11 @@ def run(
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     rounds = dataset_batches(dataset, scale.batch_size, scale.rounds)
-    methods = list(scale.methods)
+    methods = list(scale.methods) if scale.methods is not None else list(default_rows())
     if shard is not None:
         index, count = shard
         methods = methods[index - 1::count]
-    settings = settings_for(model, replace(scale, methods=tuple(methods)), scale_name, root, progress)
+    settings = settings_for(model, methods, scale.mom2_n_tokens, scale_name, root, progress)
     known = known_probe_facts(model, [f for r in rounds for f in r], scale.n_known)
     run_sequences(model, rounds, settings, store, dataset=dataset_label(dataset), known=known,
                   fluency_rounds=scale.fluency_rounds, fluency_tokens=scale.fluency_tokens, progress=progress)

@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 from ...architectures import hook
 from ...facts import SUBJECT_SLOT
-from ...hparams import SPREADS, EditHparams, hparams_for
+from ...hparams import GENERIC_ALPHA, SPREADS, EditHparams, generic_layers, hparams_for
 from ...targets import context_weights, prompt_rows, read_at_subject
 from ..keys import key_hook, mean_over_contexts, module_space, post_norm, value_hook
 from ..protocol import EditJob, Editor, register
@@ -216,7 +216,23 @@ def _moments_needed(model, hp: EditHparams) -> list[tuple[str, int]]:
     return _writes(model, hp)
 
 
-def closed_form_editor(name: str, share: float | str, description: str, reference: str) -> Editor:
+def generic_rule(projection: str = "none", cls=EditHparams):
+    """The settings of a model without a defaults file: five consecutive layers from an
+    eighth of the depth (MEMIT's 4-8 of 32), alpha :data:`~intattn_analysis.hparams.GENERIC_ALPHA`,
+    MEMIT's Llama-family settings otherwise (AlphaEdit adds its reference projection)."""
+
+    def rule(n_layers: int):
+        layers = generic_layers(n_layers)
+        extra = {"projection": projection} if projection != "none" else {}
+        text = (f"5 consecutive layers from round(n_layers/8) -> layers {list(layers)} of {n_layers}, "
+                f"alpha {GENERIC_ALPHA}, MEMIT's Llama-family settings otherwise")
+        return cls(layers=layers, alpha=GENERIC_ALPHA, **extra), text
+
+    return rule
+
+
+def closed_form_editor(name: str, share: float | str, description: str, reference: str, *, label: str,
+                       compared: bool = True, projection: str = "none") -> Editor:
     """One member of the family: the loop with a fixed or balanced attention share."""
     return Editor(
         name=name,
@@ -230,23 +246,27 @@ def closed_form_editor(name: str, share: float | str, description: str, referenc
         prepare=_prepare(share),
         description=description,
         reference=reference,
+        label=label,
+        compared=compared,
+        generic=generic_rule(projection),
     )
 
 
 MEMIT = register(closed_form_editor(
     "memit", 0.0, "MEMIT: MLP down-projections only",
-    "Meng et al., ICLR 2023; kmeng01/memit memit_main.py",
+    "Meng et al., ICLR 2023; kmeng01/memit memit_main.py", label="MEMIT",
 ))
 INTATTN = register(closed_form_editor(
     "intattn", "alpha",
     "IntAttn-Edit: o_proj takes alpha_l of each layer's update, down_proj the rest",
-    "arXiv 2510.27400",
+    "arXiv 2510.27400", label="IntAttn-Edit",
 ))
 ATTN = register(closed_form_editor(
-    "attn", 1.0, "attention only (o_proj), an ablation", "this package",
+    "attn", 1.0, "attention only (o_proj), an ablation", "this package", label="Attention only", compared=False,
 ))
 ALPHAEDIT = register(closed_form_editor(
     "alphaedit", 0.0,
     "AlphaEdit: MEMIT's update projected onto the null space of the preserved keys",
-    "Fang et al., ICLR 2025; jianghoucheng/AlphaEdit AlphaEdit_main.py",
+    "Fang et al., ICLR 2025; jianghoucheng/AlphaEdit AlphaEdit_main.py", label="AlphaEdit",
+    projection="null_space",
 ))

@@ -159,15 +159,32 @@ def _prepare(objective: str):
     return prepare
 
 
+def _generic(objective: str):
+    """The layer at 21/32 of the depth (EasyEdit's Llama layer 21), lr 5e-4, 25 epochs,
+    batch size 1; FT-L with ROME's L-inf box of 5e-4, FT-M without one."""
+
+    def rule(n_layers: int):
+        chosen = (min(round(n_layers * 21 / 32), n_layers - 1),)
+        text = f"layer {chosen[0]} of {n_layers} (EasyEdit's Llama layer 21 of 32, same relative depth)"
+        box = 5e-4 if objective == "prompt_last" else None
+        return FTHparams(layers=chosen, objective=objective, norm_constraint=box), text
+
+    return rule
+
+
 FT_L = register(Editor(
     name="ft-l", hparams_type=FTHparams, apply=apply, writes=_writes, uses_templates=False,
     prepare=_prepare("prompt_last"),
     description="FT-L: fine-tune one MLP down-projection, target scored at the prompt's last token, L-inf box",
     reference="Meng et al. 2022 (ROME's FT baseline); kmeng01/rome baselines/ft/ft_main.py",
+    label="FT-L",
+    generic=_generic("prompt_last"),
 ))
 FT_M = register(Editor(
     name="ft-m", hparams_type=FTHparams, apply=apply, writes=_writes, uses_templates=False,
     prepare=_prepare("target_new"),
     description="FT-M: fine-tune one MLP down-projection on the target tokens (teacher forced, masked)",
     reference="EasyEdit easyeditor/models/ft/ft_main.py, objective_optimization target_new",
+    label="FT-M",
+    generic=_generic("target_new"),
 ))

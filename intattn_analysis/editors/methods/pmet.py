@@ -60,4 +60,6 @@ PMET = register(Editor(
     prepare=_prepare,
     description="PMET: attention and FFN targets optimised together, the FFN's written with a sqrt spread",
     reference="Li et al., AAAI 2024; EasyEdit easyeditor/models/pmet (pmet_main.py, compute_zs.py)",
+    label="PMET",
+    generic=closed_form.generic_rule(cls=PMETHparams),
 ))

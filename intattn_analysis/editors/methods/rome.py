@@ -44,7 +44,7 @@ import time
 from tqdm import tqdm
 
 from ...facts import SUBJECT_SLOT
-from ...hparams import RomeHparams
+from ...hparams import RomeHparams, generic_layers
 from ...targets import compute_z, prompt_rows, read_at_subject
 from ..keys import key_hook, post_norm
 from ..protocol import EditJob, Editor, register
@@ -106,6 +106,14 @@ def _variant(model, hp: RomeHparams) -> dict:
     return {} if site == "mlp_output" else {"v_site": site}
 
 
+def _generic(n_layers: int):
+    """The second of MEMIT's generic block of five layers (EasyEdit's layer 5 of 32 for
+    Llama), with C⁻¹."""
+    layers = generic_layers(n_layers)
+    chosen = (layers[min(1, len(layers) - 1)],)
+    return RomeHparams(layers=chosen), f"layer {chosen[0]} (the second of MEMIT's generic block {list(layers)})"
+
+
 ROME = register(Editor(
     name="rome",
     hparams_type=RomeHparams,
@@ -117,4 +125,6 @@ ROME = register(Editor(
     description="ROME: a rank-one update of one MLP down-projection, fact after fact",
     reference="Meng et al., NeurIPS 2022; kmeng01/rome rome/rome_main.py, compute_u.py, compute_v.py",
     variant=_variant,
+    label="ROME",
+    generic=_generic,
 ))

@@ -33,3 +33,47 @@ def test_each_experiments_units_are_the_rows_stored_before(computed, case):
     stored = json.loads(STORED.read_text())[case]
     found = differences(computed[case], stored, case)
     assert not found, f"{len(found)} differences, first: {found[:8]}"
+
+
+# ------------------------------------------------------------------ the paper store
+PAPER_STORE = Path(__file__).resolve().parents[1] / "figures" / "paper" / "store"
+
+
+def _missing(store_name: str, cells) -> list[str]:
+    from intattn_analysis.experiments.store import ResultStore
+
+    store = ResultStore(PAPER_STORE, store_name)
+    return [unit.label for cell in cells for unit in cell.units.values() if not store.has(unit.key, unit.label)]
+
+
+@pytest.mark.parametrize("model_fixture", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("dataset", ["zsre", "counterfact"])
+def test_the_editors_paper_units_are_found_in_the_committed_store(request, data_dir, model_fixture, dataset):
+    """The units ``intattn run editors --scale paper`` plans today are the committed
+    store's files, key for key: the run would compute nothing."""
+    from intattn_analysis.experiments import editors
+    from intattn_analysis.experiments.common import dataset_batches
+
+    model = request.getfixturevalue(model_fixture)
+    scale = editors.SCALES["paper"]
+    settings = editors.method_settings(model, scale.rows, scale.mom2_n_tokens)
+    cells = editors.method_cells(model, dataset_batches(dataset, scale.batch_size, scale.n_batches), settings,
+                                 dataset=dataset, metrics=scale.metrics, fluency_tokens=scale.fluency_tokens)
+    assert len(cells) == 1 + len(editors.METHODS)
+    assert _missing(editors.NAME, cells) == []
+
+
+def test_the_alpha_sweep_paper_units_are_found_in_the_committed_store(gemma3, data_dir):
+    """Gemma-3's alpha sweep on ZsRE (computed at the model's current defaults) is found
+    unit for unit."""
+    from intattn_analysis.experiments import alpha_sweep
+    from intattn_analysis.experiments.alpha_settings import alpha_cells
+    from intattn_analysis.experiments.common import dataset_batches
+    from intattn_analysis.hparams import hparams_for
+
+    scale = alpha_sweep.SCALES["paper"]
+    cells = alpha_cells(gemma3, dataset_batches("zsre", scale.batch_size, scale.n_batches),
+                        alpha_sweep.settings(gemma3, scale), hparams_for(gemma3), dataset="zsre",
+                        metrics=scale.metrics, fluency_tokens=scale.fluency_tokens)
+    assert len(cells) == 27
+    assert _missing(alpha_sweep.NAME, cells) == []

@@ -37,9 +37,9 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from tqdm import tqdm
 
-from ..covariance import second_moments
 from ..editors import edit, edit_sequence, editor
 from ..editors.api import batch_targets, resolve_hparams
+from ..editors.moments import corpus_sample, moments_for
 from ..facts import Fact
 from ..loading import ModelHandle
 from ..metrics import Evaluation, evaluate
@@ -166,17 +166,10 @@ class EvaluationMeasure:
 
 
 # =========================================================================== moments
-def _sample(hp) -> tuple | None:
-    """The corpus sample a method's second moments come from (``None``: it reads none)."""
-    if not hasattr(hp, "mom2_n_tokens"):
-        return None
-    return (hp.mom2_n_tokens, hp.mom2_max_len, hp.mom2_dtype)
-
-
 class SharedMoments:
     """The second moments every setting of a run reads, computed once, when first asked
-    for (one corpus pass per sample of ``(n_tokens, max_len, dtype)``, cached on disk by
-    :func:`intattn_analysis.second_moments`), or the ``moments`` given for all of them."""
+    for (one corpus pass per sample, :func:`intattn_analysis.editors.moments.moments_for`),
+    or the ``moments`` given for all of them."""
 
     def __init__(self, model: ModelHandle, settings: Sequence[Setting], moments: Mapping | None = None,
                  progress: bool = True) -> None:
@@ -192,7 +185,7 @@ class SharedMoments:
             return self.given
         if self._by_sample is None:
             self._by_sample = self._compute()
-        return self._by_sample.get(_sample(hp))
+        return self._by_sample.get(corpus_sample(hp))
 
     def _compute(self) -> dict:
         needed: dict[tuple, set] = {}
@@ -202,18 +195,11 @@ class SharedMoments:
             resolved, _ = resolve_hparams(self.model, spec, setting.hparams)  # the matrices written are known
             keys = spec.moments(self.model, resolved) if spec.moments is not None else []
             if keys:
-                sample = _sample(setting.hparams)
+                sample = corpus_sample(setting.hparams)
                 needed.setdefault(sample, set()).update(keys)
                 example.setdefault(sample, setting.hparams)
-        out = {}
-        for sample, keys in needed.items():
-            hp = example[sample]
-            layers = sorted({l for _, l in keys})
-            modules = tuple(m for m in ("mlp", "attn") if any(k[0] == m for k in keys))
-            out[sample] = second_moments(self.model, layers, modules=modules, n_tokens=hp.mom2_n_tokens,
-                                         max_len=hp.mom2_max_len, dtype=hp.torch_mom2_dtype,
-                                         progress=self.progress)
-        return out
+        return {sample: moments_for(self.model, keys, example[sample], progress=self.progress)
+                for sample, keys in needed.items()}
 
 
 # =========================================================================== batches

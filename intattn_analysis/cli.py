@@ -164,24 +164,45 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import warnings
-
+    """``intattn evaluate``: check the arguments, load the facts and the model, resolve
+    the hparams, then edit and score batch after batch and print the tables."""
     import pandas as pd
     import torch
 
-    from . import reporting
     from .covariance import second_moments
-    from .datasets import benchmark_path, load_facts
-    from .editing import METHODS
-    from .hparams import hparams_for
-    from .loading import load_model, write_atomic
-    from .runs import edit_batches, editable_batches
+    from .loading import load_model
 
     outputs = _check_evaluate_args(args)  # before any work
     if args.batches == 0:
         args.batches = None
     if args.threads:
         torch.set_num_threads(args.threads)
+    path, facts = _evaluate_facts(args)
+    batches = _evaluate_batches(args, facts)
+    model = load_model(args.model)
+    if args.layers is not None and max(args.layers) >= model.n_layers:
+        raise UsageError(f"--layers {max(args.layers)} is outside {model.name} (layers 0-{model.n_layers - 1})")
+    hp = _evaluate_hparams(args, model)
+    print(f"{model.name}: {len(batches)} batch(es) of {args.batch_size} from {path.name}; "
+          f"layers {list(hp.layers)}, lambda {hp.lambda_mlp:g}, {hp.mom2_n_tokens} corpus tokens, "
+          f"targets: {hp.v_steps} evaluations, stop on {hp.stop_on} < {hp.stop_loss:g}",
+          flush=True)
+    moments = second_moments(model, hp.layers, n_tokens=hp.mom2_n_tokens, max_len=hp.mom2_max_len,
+                             dtype=hp.torch_mom2_dtype, progress=True)
+    table, timings = _evaluate_each_batch(args, model, batches, hp, moments, path, outputs)
+    print(table.to_string())
+    timing = pd.concat(timings, ignore_index=True).groupby("method")[["targets_s", "solve", "total"]].mean()
+    print(timing.round(1).to_string())
+    return 0
+
+
+def _evaluate_facts(args: argparse.Namespace) -> tuple[Path, list]:
+    """The file ``--data`` names (``builtin``, a path, or a path inside the benchmark
+    collection) and its facts; what the loader warns about is printed as notes."""
+    import warnings
+
+    from .datasets import benchmark_path, load_facts
+
     if args.data == "builtin":
         path = Path("builtin")
     else:
@@ -193,6 +214,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         facts = load_facts("builtin" if args.data == "builtin" else path, strict=not args.lenient)
     for warning in caught:
         print(f"note: {warning.message}", file=sys.stderr)
+    return path, facts
+
+
+def _evaluate_batches(args: argparse.Namespace, facts: list) -> list:
+    """The batches ``--batch-size``, ``--batches`` and ``--offset`` choose from the
+    editable facts; the records left out (their new answer is the true one) are noted."""
+    from .runs import editable_batches
+
     try:
         batches, unchanged = editable_batches(facts, args.batch_size, args.batches, offset=args.offset)
     except ValueError as error:  # more batches or a larger offset than the file holds
@@ -200,9 +229,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     if unchanged:
         print(f"note: {len(unchanged)} record(s) left out: target_new equals target_true",
               file=sys.stderr)
-    model = load_model(args.model)
-    if args.layers is not None and max(args.layers) >= model.n_layers:
-        raise UsageError(f"--layers {max(args.layers)} is outside {model.name} (layers 0-{model.n_layers - 1})")
+    return batches
+
+
+def _evaluate_hparams(args: argparse.Namespace, model):
+    """The model's default hparams with the command line's changes. The changes apply
+    to the methods that share these hparams; the others keep their own defaults, which
+    a note says."""
+    from .editing import METHODS
+    from .hparams import hparams_for
+    from .runs import SHARED_HPARAMS_METHODS
+
     hp = hparams_for(model)
     changes = {}
     if args.layers:
@@ -228,22 +265,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.stop_on is not None:
         changes["stop_on"] = args.stop_on
     hp = hp.replace(**changes)
-    from .runs import SHARED_HPARAMS_METHODS
-
     own = [m for m in args.methods if m not in SHARED_HPARAMS_METHODS]
     if own and changes:
         print(f"note: {', '.join('--' + k.replace('_', '-') for k in changes)} apply to "
               f"{', '.join(SHARED_HPARAMS_METHODS)}; {', '.join(own)} run with their own defaults "
               "(ia.hparams_for(model, method))", file=sys.stderr)
-    print(f"{model.name}: {len(batches)} batch(es) of {args.batch_size} from {path.name}; "
-          f"layers {list(hp.layers)}, lambda {hp.lambda_mlp:g}, {hp.mom2_n_tokens} corpus tokens, "
-          f"targets: {hp.v_steps} evaluations, stop on {hp.stop_on} < {hp.stop_loss:g}",
-          flush=True)
-    moments = second_moments(model, hp.layers, n_tokens=hp.mom2_n_tokens, max_len=hp.mom2_max_len,
-                             dtype=hp.torch_mom2_dtype, progress=True)
+    return hp
+
+
+def _evaluate_each_batch(args: argparse.Namespace, model, batches: list, hp, moments, path: Path,
+                         outputs: list[Path] | None):
+    """Edit and score the batches one at a time, writing the tables so far after each
+    (``--out``), so that what is done is written before the next batch starts. Returns
+    the formatted main table and the timings of each batch's edits."""
+    import pandas as pd
+
+    from . import reporting
+    from .loading import write_atomic
+    from .runs import edit_batches
+
     records, per_fact, timings = [], [], []
     for b, batch in enumerate(batches):
-        # one batch at a time, so that what is done is written before the next one starts
         run = edit_batches(model, [batch], args.methods, hp, moments=moments, dataset=path.stem,
                            metrics=args.metrics, fluency_tokens=args.fluency_tokens)
         records.append(run.records.assign(batch=b))
@@ -260,10 +302,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             write_atomic(outputs[2], lambda staging: Path(staging).write_text(markdown))
             print(f"batch {b + 1}/{len(batches)} written to {', '.join(p.name for p in outputs)}",
                   flush=True)
-    print(table.to_string())
-    timing = pd.concat(timings, ignore_index=True).groupby("method")[["targets_s", "solve", "total"]].mean()
-    print(timing.round(1).to_string())
-    return 0
+    return table, timings
 
 
 #: Where ``intattn run`` stores results unless ``--out`` says otherwise.
@@ -393,32 +432,65 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .loading import EMBEDDED_MODELS
+    """Run one ``intattn`` command; an input error is printed as one line (exit code 2)
+    unless ``--debug`` asks for its traceback."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Exception as error:
+        if args.debug or not _is_input_error(error):
+            raise
+        print(f"intattn {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
+
+def _parser() -> argparse.ArgumentParser:
+    """The ``intattn`` parser: one subcommand each, all of them with ``--debug``."""
     parser = argparse.ArgumentParser(prog="intattn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="show an error's full traceback instead of one line")
+    for add_command in (_add_reproduce, _add_known, _add_models, _add_data, _add_evaluate, _add_run,
+                        _add_tune, _add_merge):
+        add_command(sub, common)
+    return parser
 
+
+def _add_reproduce(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn reproduce``: execute the notebooks in order."""
     reproduce = sub.add_parser("reproduce", help="execute the notebooks in order", parents=[common])
     reproduce.add_argument("--notebooks-dir", default=str(_repo_root() / "notebooks"))
     reproduce.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 01")
     reproduce.add_argument("--timeout", type=int, default=7200, help="seconds per cell")
     reproduce.set_defaults(run=_reproduce)
 
+
+def _add_known(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn known``: recompute which built-in facts each embedded model knows."""
+    from .loading import EMBEDDED_MODELS
+
     known = sub.add_parser("known", help="recompute the built-in facts' known flags", parents=[common])
     known.add_argument("--models", nargs="+", default=list(EMBEDDED_MODELS))
     known.add_argument("--write", action="store_true", help="store the flags in the package")
     known.set_defaults(run=_known)
 
+
+def _add_models(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn models``: list the embedded models and the supported architectures."""
     models = sub.add_parser("models", help="list embedded models and architectures", parents=[common])
     models.set_defaults(run=_models)
 
+
+def _add_data(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn data``: list the benchmark files and where each was found."""
     data = sub.add_parser("data", help="list the benchmark files: where each is, or missing",
                           parents=[common])
     data.set_defaults(run=_data)
 
+
+def _add_evaluate(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn evaluate``: edit batches of benchmark facts and print the main table."""
     evaluate = sub.add_parser(
         "evaluate", help="edit batches of benchmark facts and print the main-table metrics",
         parents=[common],
@@ -448,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--out", help="write OUT.csv, OUT_per_fact.csv and OUT.md (OUT without a suffix)")
     evaluate.set_defaults(run=_evaluate)
 
+
+def _add_run(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn run``: run or resume an experiment into a store and write its tables."""
     run = sub.add_parser("run", help="run or resume an experiment into a result store",
                          parents=[common])
     run.add_argument("experiment", help="localization, alpha-sweep, alpha-estimators, editors, sequential, "
@@ -464,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     run.set_defaults(run=_run)
 
+
+def _add_tune(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn tune``: a grid of one editor's settings on train records."""
     tune = sub.add_parser("tune", help="a grid of one editor's settings on train records, paired with MEMIT",
                           parents=[common])
     tune.add_argument("method", help="an editor name: rome, pmet, alphaedit, ft-l, ...")
@@ -480,19 +558,13 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     tune.set_defaults(run=_tune)
 
+
+def _add_merge(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn merge``: copy several shards' stores into one."""
     merge = sub.add_parser("merge", help="copy several shards' stores into one", parents=[common])
     merge.add_argument("sources", nargs="+", help="store folders written by the shards")
     merge.add_argument("--out", required=True, help="the merged store folder")
     merge.set_defaults(run=_merge)
-
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except Exception as error:
-        if args.debug or not _is_input_error(error):
-            raise
-        print(f"intattn {args.command}: error: {error}", file=sys.stderr)
-        return 2
 
 
 def _is_input_error(error: Exception) -> bool:

@@ -508,78 +508,20 @@ def load_model(
         trust_remote_code: passed to ``from_pretrained``.
     """
     # every argument is checked before anything is imported, hashed, converted or loaded
-    if isinstance(name, os.PathLike):
-        name = os.fspath(name)
-    if not isinstance(name, str) or not name.strip():
-        raise ModelLoadError(
-            f"name must be an embedded model ({', '.join(map(repr, EMBEDDED_MODELS))}), a "
-            f"Hugging Face hub id or a model directory, got {name!r}"
-        )
-    if device_map is not None and n_devices is not None:
-        raise ValueError("pass device_map or n_devices, not both")
-    if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int)
-                                  or n_devices < 1):
-        raise ModelLoadError(f"n_devices must be a positive integer, got {n_devices!r}")
+    name = _checked_name(name)
+    _check_sharding(device_map, n_devices)
     dtype = _dtype(dtype)
     max_memory = _max_memory(n_devices) if n_devices is not None else None
     sharded = device_map is not None or n_devices is not None
     device = None if sharded else torch.device(device) if device else default_device()
 
-    offline_only = False
-    local = None if name in EMBEDDED_MODELS else _local_source(name)
-    if name in EMBEDDED_MODELS:
-        try:
-            source = str(_converted_dir(EMBEDDED_MODELS[name]))
-        except OSError as error:
-            raise ModelLoadError(
-                f"could not convert the embedded model {name!r} into {cache_root() / 'models'} "
-                f"({type(error).__name__}: {error}); free disk space there or set INTATTN_CACHE"
-            ) from error
-        model_revision = Path(source).name.rsplit("-", 1)[-1]
-    elif local is not None:
-        source, model_revision = str(local), revision
-    else:
-        source, model_revision = name, revision
-        if not _hub_reachable():
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(name, "config.json", revision=revision)
-            if not isinstance(cached, str):
-                raise ModelLoadError(_offline_message(
-                    name, OSError("the hub cannot be reached and the model is not in the hub cache")))
-            offline_only = True  # load from the hub cache without a minute of retries
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens.model_bridge import TransformerBridge
-
-    load_kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code)
-    if offline_only:
-        load_kwargs["local_files_only"] = True
-    if revision is not None and name not in EMBEDDED_MODELS:
-        load_kwargs["revision"] = revision
-    if n_devices is not None:
-        load_kwargs.update(device_map="auto", max_memory=max_memory)
-    elif device_map is not None:
-        load_kwargs["device_map"] = device_map
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, **{k: v for k, v in load_kwargs.items()
-                       if k in ("revision", "trust_remote_code", "local_files_only")}
-        )
-        hf_model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
-    except OSError as error:
-        raise ModelLoadError(_offline_message(name, error)) from error
+    source = _resolve_source(name, revision)
+    load_kwargs = _from_pretrained_kwargs(name, source, dtype, revision, trust_remote_code, device_map,
+                                          n_devices, max_memory)
+    tokenizer, hf_model = _load_tokenizer_and_model(name, source, load_kwargs)
     spec = arch_for(hf_model)  # before booting: an unknown class fails fast and clearly
-    if not hf_model.config.architectures:
-        hf_model.config.architectures = [type(hf_model).__name__]
-    if not sharded:
-        hf_model.to(device)
-    hf_model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(
-            source, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype
-        )
-    bridge.eval()
+    _place_for_inference(hf_model, None if sharded else device)
+    bridge = _boot_bridge(source, hf_model, tokenizer, dtype)
     for parameter in hf_model.parameters():
         parameter.requires_grad_(False)
     return ModelHandle(
@@ -588,7 +530,127 @@ def load_model(
         hf_model=hf_model,
         tokenizer=tokenizer,
         spec=spec,
-        revision=model_revision,
+        revision=source.revision,
         device=next(hf_model.parameters()).device if sharded else device,
         dtype=dtype,
     )
+
+
+def _checked_name(name) -> str:
+    """``name`` as a string (a path-like object is accepted); anything else, or a blank
+    name, is a :class:`ModelLoadError` that lists what a name can be."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(
+            f"name must be an embedded model ({', '.join(map(repr, EMBEDDED_MODELS))}), a "
+            f"Hugging Face hub id or a model directory, got {name!r}"
+        )
+    return name
+
+
+def _check_sharding(device_map, n_devices) -> None:
+    """At most one of ``device_map`` and ``n_devices``, and ``n_devices`` a positive
+    integer."""
+    if device_map is not None and n_devices is not None:
+        raise ValueError("pass device_map or n_devices, not both")
+    if n_devices is not None and (isinstance(n_devices, bool) or not isinstance(n_devices, int)
+                                  or n_devices < 1):
+        raise ModelLoadError(f"n_devices must be a positive integer, got {n_devices!r}")
+
+
+@dataclass(frozen=True)
+class _ModelSource:
+    """Where ``from_pretrained`` reads a model: ``path`` (a converted embedded model, a
+    local directory or a hub id), the revision the handle reports (an embedded model's
+    is in its folder's name) and whether it must load from the hub cache alone (the hub
+    cannot be reached)."""
+
+    path: str
+    revision: str | None
+    offline_only: bool = False
+
+
+def _resolve_source(name: str, revision: str | None) -> _ModelSource:
+    """Where ``name`` loads from: an embedded model converted once into the cache, a
+    local directory, or the hub (from its cache alone when the hub cannot be reached; a
+    model in neither is a :class:`ModelLoadError`)."""
+    if name in EMBEDDED_MODELS:
+        try:
+            source = str(_converted_dir(EMBEDDED_MODELS[name]))
+        except OSError as error:
+            raise ModelLoadError(
+                f"could not convert the embedded model {name!r} into {cache_root() / 'models'} "
+                f"({type(error).__name__}: {error}); free disk space there or set INTATTN_CACHE"
+            ) from error
+        return _ModelSource(source, Path(source).name.rsplit("-", 1)[-1])
+    local = _local_source(name)
+    if local is not None:
+        return _ModelSource(str(local), revision)
+    if _hub_reachable():
+        return _ModelSource(name, revision)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if not isinstance(cached, str):
+        raise ModelLoadError(_offline_message(
+            name, OSError("the hub cannot be reached and the model is not in the hub cache")))
+    return _ModelSource(name, revision, offline_only=True)  # no minute of retries
+
+
+def _from_pretrained_kwargs(name: str, source: _ModelSource, dtype: torch.dtype, revision: str | None,
+                            trust_remote_code: bool, device_map, n_devices: int | None,
+                            max_memory: dict | None) -> dict:
+    """The keyword arguments of the model's ``from_pretrained`` (the tokenizer takes
+    the revision, remote-code and offline ones among them)."""
+    load_kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if source.offline_only:
+        load_kwargs["local_files_only"] = True
+    if revision is not None and name not in EMBEDDED_MODELS:
+        load_kwargs["revision"] = revision
+    if n_devices is not None:
+        load_kwargs.update(device_map="auto", max_memory=max_memory)
+    elif device_map is not None:
+        load_kwargs["device_map"] = device_map
+    return load_kwargs
+
+
+def _load_tokenizer_and_model(name: str, source: _ModelSource, load_kwargs: dict):
+    """The tokenizer and the Hugging Face model read from ``source``; a file that cannot
+    be read or fetched is a :class:`ModelLoadError` that names the models that load
+    offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.path, **{k: v for k, v in load_kwargs.items()
+                            if k in ("revision", "trust_remote_code", "local_files_only")}
+        )
+        hf_model = AutoModelForCausalLM.from_pretrained(source.path, **load_kwargs)
+    except OSError as error:
+        raise ModelLoadError(_offline_message(name, error)) from error
+    return tokenizer, hf_model
+
+
+def _place_for_inference(hf_model, device: torch.device | None) -> None:
+    """Name the model's class in its config where the checkpoint does not (the bridge
+    reads it), move the model to ``device`` (``None``: sharded, where it already is) and
+    put it in evaluation mode."""
+    if not hf_model.config.architectures:
+        hf_model.config.architectures = [type(hf_model).__name__]
+    if device is not None:
+        hf_model.to(device)
+    hf_model.eval()
+
+
+def _boot_bridge(source: _ModelSource, hf_model, tokenizer, dtype: torch.dtype):
+    """The TransformerLens bridge around the loaded model, in evaluation mode."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            source.path, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype
+        )
+    bridge.eval()
+    return bridge

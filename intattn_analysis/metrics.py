@@ -617,6 +617,53 @@ def evaluate(
     rows of a question-answering benchmark end after a token or two and leave the batch,
     so large batches cost little); results depend on either only through float rounding.
     """
+    facts, metrics = _check_evaluate_args(
+        facts, metrics, pre, fluency_tokens, batch_size, generation_batch_size
+    )
+    requests = _score_requests(facts, metrics)
+    scored = score_answers(
+        model, [(request.prompt, request.answer) for request in requests],
+        batch_size=batch_size, progress=progress,
+    )
+    generations = None
+    if "fluency" in metrics:
+        generations = greedy_generations(
+            model, [f.text for f in facts], fluency_tokens, batch_size=generation_batch_size,
+            progress=progress,
+        )
+    by_fact = _scores_by_fact(requests, scored, len(facts))
+    rows = []
+    locality_predictions = [] if "knowedit" in metrics else None
+    for i, fact in enumerate(facts):
+        row, predictions = _fact_row(fact, by_fact[i], metrics, pre, i, generations)
+        rows.append(row)
+        if locality_predictions is not None:
+            locality_predictions.append(predictions)
+    per_fact = _per_fact_table(rows, metrics)
+    summary, counts = _summary(per_fact, metrics, model.cache_id)
+    return Evaluation(
+        per_fact=per_fact,
+        summary=summary,
+        counts=counts,
+        answers=_answers_table(requests, scored),
+        model=model.cache_id,
+        metrics=metrics,
+        with_pre=pre is not None,
+        fingerprints=[_fingerprint(f) for f in facts],
+        locality_predictions=locality_predictions,
+    )
+
+
+def _check_evaluate_args(
+    facts: Sequence[Fact],
+    metrics: Sequence[str] | str,
+    pre: Evaluation | None,
+    fluency_tokens: int,
+    batch_size: int,
+    generation_batch_size: int,
+) -> tuple[list[Fact], tuple[str, ...]]:
+    """The facts as a list and the metric sets in their canonical order, after every
+    argument of :func:`evaluate` has been checked (before any forward)."""
     facts = _check_facts(facts)
     metrics = _metric_names(metrics)
     _check_batch_size(batch_size)
@@ -629,141 +676,201 @@ def evaluate(
         raise ValueError(f"fluency_tokens must be a positive integer, got {fluency_tokens!r}")
     if pre is not None:
         _check_pre(pre, facts, metrics)
+    return facts, metrics
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One (prompt, answer) pair to score for a fact: ``role`` says what the score
+    measures (``edit``, ``rephrase``, ``portability``, ``locality``, ``edit/true``,
+    ``rephrase/true``, ``neighborhood/true``, ``neighborhood/new``) and ``kind`` is the
+    probe's sub-type (empty for the fact's own prompts)."""
+
+    fact: int
+    role: str
+    kind: str
+    prompt: str
+    answer: str
+
+
+def _score_requests(facts: list[Fact], metrics: tuple[str, ...]) -> list[_Request]:
+    """Every (prompt, answer) pair the metric sets need, fact after fact."""
     knowedit = "knowedit" in metrics
-    fluency = "fluency" in metrics
     counterfact = "counterfact" in metrics
     residue = "residue" in metrics
-
-    # Every (fact, role, kind, prompt, answer) to score, then one batched pass over them.
-    requests: list[tuple[int, str, str, str, str]] = []
+    requests: list[_Request] = []
     for i, fact in enumerate(facts):
         new, true = fact.target_new, fact.target_true
         paraphrases = fact.paraphrase_texts
         if knowedit or counterfact:
-            requests.append((i, "edit", "", fact.text, new))
+            requests.append(_Request(i, "edit", "", fact.text, new))
         if knowedit:
-            requests += [(i, "rephrase", "", text, new) for text in paraphrases]
-            requests += [(i, "portability", p.kind, p.prompt, p.answer) for p in fact.portability]
-            requests += [(i, "locality", p.kind, p.prompt, p.answer) for p in fact.locality]
+            requests += [_Request(i, "rephrase", "", text, new) for text in paraphrases]
+            requests += [_Request(i, "portability", p.kind, p.prompt, p.answer) for p in fact.portability]
+            requests += [_Request(i, "locality", p.kind, p.prompt, p.answer) for p in fact.locality]
         if (counterfact or residue) and true is not None:
-            requests.append((i, "edit/true", "", fact.text, true))
+            requests.append(_Request(i, "edit/true", "", fact.text, true))
         if counterfact:
             if true is not None:
-                requests += [(i, "rephrase/true", "", text, true) for text in paraphrases]
-                requests += [(i, "rephrase", "", text, new) for text in paraphrases if not knowedit]
+                requests += [_Request(i, "rephrase/true", "", text, true) for text in paraphrases]
+                requests += [_Request(i, "rephrase", "", text, new) for text in paraphrases if not knowedit]
             for p in fact.neighborhood:
-                requests.append((i, "neighborhood/true", p.kind, p.prompt, p.answer))
-                requests.append((i, "neighborhood/new", p.kind, p.prompt, new))
-    scored = score_answers(
-        model, [(prompt, answer) for *_, prompt, answer in requests],
-        batch_size=batch_size, progress=progress,
-    )
-    answers = pd.DataFrame(
+                requests.append(_Request(i, "neighborhood/true", p.kind, p.prompt, p.answer))
+                requests.append(_Request(i, "neighborhood/new", p.kind, p.prompt, new))
+    return requests
+
+
+def _answers_table(requests: list[_Request], scored: list[AnswerScore]) -> pd.DataFrame:
+    """:attr:`Evaluation.answers`: one row per scored request."""
+    return pd.DataFrame(
         [
-            dict(fact=i, role=role, kind=kind, prompt=prompt, answer=answer,
+            dict(fact=r.fact, role=r.role, kind=r.kind, prompt=r.prompt, answer=r.answer,
                  accuracy=s.accuracy, nll=s.nll, predicted=s.predicted)
-            for (i, role, kind, prompt, answer), s in zip(requests, scored)
+            for r, s in zip(requests, scored)
         ],
         columns=["fact", "role", "kind", "prompt", "answer", "accuracy", "nll", "predicted"],
     )
-    lookup: dict[tuple[int, str], list[tuple[str, str, AnswerScore]]] = defaultdict(list)
-    for (i, role, kind, prompt, _), s in zip(requests, scored):
-        lookup[i, role].append((kind, prompt, s))
 
-    generations = None
-    if fluency:
-        generations = greedy_generations(
-            model, [f.text for f in facts], fluency_tokens, batch_size=generation_batch_size,
-            progress=progress,
+
+class _FactScores:
+    """The scored answers of one fact by role, each role's ``(kind, prompt, score)``
+    entries in the order they were requested; a role the fact has no request for has no
+    entries."""
+
+    def __init__(self) -> None:
+        self.by_role: dict[str, list[tuple[str, str, AnswerScore]]] = defaultdict(list)
+
+    def __getitem__(self, role: str) -> list[tuple[str, str, AnswerScore]]:
+        return self.by_role.get(role, [])
+
+    def first(self, role: str) -> AnswerScore | None:
+        """The score of the role's first request, or ``None`` where it has none."""
+        entries = self[role]
+        return entries[0][2] if entries else None
+
+
+def _scores_by_fact(requests: list[_Request], scored: list[AnswerScore], n_facts: int) -> list[_FactScores]:
+    """The scores sorted back to their facts, one :class:`_FactScores` per fact."""
+    by_fact = [_FactScores() for _ in range(n_facts)]
+    for request, score in zip(requests, scored):
+        by_fact[request.fact].by_role[request.role].append((request.kind, request.prompt, score))
+    return by_fact
+
+
+def _fact_row(
+    fact: Fact,
+    scores: _FactScores,
+    metrics: tuple[str, ...],
+    pre: Evaluation | None,
+    position: int,
+    generations: list[str] | None,
+) -> tuple[dict, list[tuple[int, ...]] | None]:
+    """One fact's row of :attr:`Evaluation.per_fact` (its metric columns and the raw
+    values behind them) and its locality predictions (``None`` without ``knowedit``).
+    ``position`` is the fact's place in the list, where ``pre`` holds its pre-edit
+    values."""
+    row: dict = {"case_id": fact.case_id, "key": fact.key, "subject": fact.subject}
+    edit_new = scores.first("edit") if ("knowedit" in metrics or "counterfact" in metrics) else None
+    edit_true = scores.first("edit/true")
+    predictions = None
+    if "knowedit" in metrics:
+        before = pre.locality_predictions[position] if pre is not None else None
+        columns, predictions = _knowedit_columns(edit_new, scores, before)
+        row.update(columns)
+    if "fluency" in metrics:
+        row["Fluency"] = n_gram_entropy(fact.text + generations[position])
+    if "counterfact" in metrics:
+        row.update(_counterfact_columns(edit_new, edit_true, scores))
+    if "residue" in metrics:
+        row.update(_residue_columns(edit_true, pre.per_fact.iloc[position] if pre is not None else None))
+    if "counterfact" in metrics or "residue" in metrics:
+        row["p_true"], row["old_top1"] = _old_answer(edit_true)
+    if edit_new is not None:
+        row["p_new"] = edit_new.probability
+    if "fluency" in metrics:
+        row["generation"] = generations[position]
+    return row, predictions
+
+
+def _knowedit_columns(
+    edit_new: AnswerScore, scores: _FactScores, before: list[tuple[int, ...]] | None
+) -> tuple[dict, list[tuple[int, ...]]]:
+    """KnowEdit's columns of one fact and its locality predictions. ``before`` holds the
+    pre-edit locality predictions; without them locality is not measured (NaN)."""
+    columns: dict = {
+        "Edit Succ.": edit_new.accuracy,
+        "Rephrase": _mean(s.accuracy for _, _, s in scores["rephrase"]),
+    }
+    overall, per_kind = _by_kind([(k, s.accuracy) for k, _, s in scores["portability"]])
+    columns["Portability"] = overall
+    columns.update({f"Portability/{k}": v for k, v in per_kind.items()})
+    predictions = [s.predicted for _, _, s in scores["locality"]]
+    if before is not None:
+        overall, per_kind = _by_kind([
+            (kind, float(np.mean(np.equal(after, old))))
+            for (kind, _, _), after, old in zip(scores["locality"], predictions, before)
+        ])
+    else:
+        overall, per_kind = math.nan, {}
+    columns["Locality"] = overall
+    columns.update({f"Locality/{k}": v for k, v in per_kind.items()})
+    return columns, predictions
+
+
+def _counterfact_columns(
+    edit_new: AnswerScore, edit_true: AnswerScore | None, scores: _FactScores
+) -> dict:
+    """CounterFact's columns of one fact (Efficacy and Paraphrase NaN without
+    ``target_true``)."""
+    columns: dict = {}
+    if edit_true is not None:
+        columns["Efficacy"] = float(edit_new.nll < edit_true.nll)
+        columns["Efficacy magnitude"] = edit_new.probability - edit_true.probability
+        pairs = list(zip(scores["rephrase"], scores["rephrase/true"]))
+        columns["Paraphrase"] = _mean(float(n.nll < t.nll) for (_, _, n), (_, _, t) in pairs)
+        columns["Paraphrase magnitude"] = _mean(
+            n.probability - t.probability for (_, _, n), (_, _, t) in pairs
         )
+    else:
+        columns.update({"Efficacy": math.nan, "Efficacy magnitude": math.nan,
+                        "Paraphrase": math.nan, "Paraphrase magnitude": math.nan})
+    pairs = list(zip(scores["neighborhood/true"], scores["neighborhood/new"]))
+    columns["Neighborhood"] = _mean(float(t.nll < n.nll) for (_, _, t), (_, _, n) in pairs)
+    columns["Neighborhood magnitude"] = _mean(
+        t.probability - n.probability for (_, _, t), (_, _, n) in pairs
+    )
+    return columns
 
-    rows = []
-    locality_predictions = [] if knowedit else None
-    for i, fact in enumerate(facts):
-        row: dict = {"case_id": fact.case_id, "key": fact.key, "subject": fact.subject}
-        edit_new = lookup[i, "edit"][0][2] if (knowedit or counterfact) else None
-        edit_true = lookup[i, "edit/true"][0][2] if lookup.get((i, "edit/true")) else None
-        if knowedit:
-            row["Edit Succ."] = edit_new.accuracy
-            row["Rephrase"] = _mean(s.accuracy for _, _, s in lookup[i, "rephrase"])
-            overall, per_kind = _by_kind([(k, s.accuracy) for k, _, s in lookup[i, "portability"]])
-            row["Portability"] = overall
-            row.update({f"Portability/{k}": v for k, v in per_kind.items()})
-            predictions = [s.predicted for _, _, s in lookup[i, "locality"]]
-            locality_predictions.append(predictions)
-            if pre is not None:
-                before = pre.locality_predictions[i]
-                overall, per_kind = _by_kind([
-                    (kind, float(np.mean(np.equal(after, old))))
-                    for (kind, _, _), after, old in zip(lookup[i, "locality"], predictions, before)
-                ])
-            else:
-                overall, per_kind = math.nan, {}
-            row["Locality"] = overall
-            row.update({f"Locality/{k}": v for k, v in per_kind.items()})
-        if fluency:
-            row["Fluency"] = n_gram_entropy(fact.text + generations[i])
-        if counterfact:
-            if edit_true is not None:
-                row["Efficacy"] = float(edit_new.nll < edit_true.nll)
-                row["Efficacy magnitude"] = edit_new.probability - edit_true.probability
-                pairs = list(zip(lookup[i, "rephrase"], lookup[i, "rephrase/true"]))
-                row["Paraphrase"] = _mean(float(n.nll < t.nll) for (_, _, n), (_, _, t) in pairs)
-                row["Paraphrase magnitude"] = _mean(
-                    n.probability - t.probability for (_, _, n), (_, _, t) in pairs
-                )
-            else:
-                row.update({"Efficacy": math.nan, "Efficacy magnitude": math.nan,
-                            "Paraphrase": math.nan, "Paraphrase magnitude": math.nan})
-            pairs = list(zip(lookup[i, "neighborhood/true"], lookup[i, "neighborhood/new"]))
-            row["Neighborhood"] = _mean(float(t.nll < n.nll) for (_, _, t), (_, _, n) in pairs)
-            row["Neighborhood magnitude"] = _mean(
-                t.probability - n.probability for (_, _, t), (_, _, n) in pairs
-            )
-        if residue:
-            p_true = edit_true.probability if edit_true is not None else math.nan
-            old_top1 = (
-                float(edit_true.predicted[0] == edit_true.answer_ids[0])
-                if edit_true is not None else math.nan
-            )
-            if pre is None:
-                row["Residue p(true) pre"], row["Residue p(true) post"] = p_true, math.nan
-                row["Residue old top-1 pre"], row["Residue old top-1 post"] = old_top1, math.nan
-            else:
-                before = pre.per_fact.iloc[i]
-                row["Residue p(true) pre"], row["Residue p(true) post"] = before["p_true"], p_true
-                row["Residue old top-1 pre"] = before["old_top1"]
-                row["Residue old top-1 post"] = old_top1
-        if counterfact or residue:
-            row["p_true"] = edit_true.probability if edit_true is not None else math.nan
-            row["old_top1"] = (
-                float(edit_true.predicted[0] == edit_true.answer_ids[0])
-                if edit_true is not None else math.nan
-            )
-        if edit_new is not None:
-            row["p_new"] = edit_new.probability
-        if fluency:
-            row["generation"] = generations[i]
-        rows.append(row)
 
+def _old_answer(edit_true: AnswerScore | None) -> tuple[float, float]:
+    """``p(target_true)`` after the edit prompt and whether the greedy first token is
+    still ``target_true``'s first (1.0 or 0.0); NaN for both without ``target_true``."""
+    if edit_true is None:
+        return math.nan, math.nan
+    return edit_true.probability, float(edit_true.predicted[0] == edit_true.answer_ids[0])
+
+
+def _residue_columns(edit_true: AnswerScore | None, before: pd.Series | None) -> dict:
+    """The residue columns of one fact. Without ``before`` (the fact's pre-edit row) the
+    current model is the baseline: its values fill the ``pre`` columns and ``post`` is
+    NaN; with it, ``pre`` is copied from it and ``post`` is the current model's."""
+    p_true, old_top1 = _old_answer(edit_true)
+    if before is None:
+        return {"Residue p(true) pre": p_true, "Residue p(true) post": math.nan,
+                "Residue old top-1 pre": old_top1, "Residue old top-1 post": math.nan}
+    return {"Residue p(true) pre": before["p_true"], "Residue p(true) post": p_true,
+            "Residue old top-1 pre": before["old_top1"], "Residue old top-1 post": old_top1}
+
+
+def _per_fact_table(rows: list[dict], metrics: tuple[str, ...]) -> pd.DataFrame:
+    """The fact rows as :attr:`Evaluation.per_fact`: identity columns, metric columns in
+    the papers' order, then the raw values."""
     per_fact = pd.DataFrame(rows)
     metric_columns = _ordered_metric_columns(per_fact.columns, metrics)
-    per_fact = per_fact[
+    return per_fact[
         ["case_id", "key", "subject", *metric_columns,
          *[c for c in ("p_new", "p_true", "old_top1", "generation") if c in per_fact.columns]]
     ]
-    summary, counts = _summary(per_fact, metrics, model.cache_id)
-    return Evaluation(
-        per_fact=per_fact,
-        summary=summary,
-        counts=counts,
-        answers=answers,
-        model=model.cache_id,
-        metrics=metrics,
-        with_pre=pre is not None,
-        fingerprints=[_fingerprint(f) for f in facts],
-        locality_predictions=locality_predictions,
-    )
 
 
 def _summary(per_fact: pd.DataFrame, metrics: tuple[str, ...], name: str) -> tuple[pd.Series, pd.Series]:

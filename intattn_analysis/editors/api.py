@@ -263,6 +263,51 @@ def edit(
         context manager to edit temporarily).
     """
     started = time.perf_counter()
+    plan = _plan_edit(model, facts, method, hparams, layers, alpha, targets, state, overrides)
+    spec, hp = plan.spec, plan.hparams
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    moments = _moments(model, plan.needed_moments(model), hp, moments, progress)
+    timings["moments"] = time.perf_counter() - t0
+    templates = _edit_templates(model, spec, hp, templates)
+    targets = _edit_targets(model, plan, templates, targets, z_batch_size, progress, timings)
+
+    result = EditResult(
+        model=model, method=spec.name, layers=tuple(hp.layers), alphas=dict(plan.alphas), hparams=hp,
+        timings=timings, z_diagnostics=list(targets.diagnostics) if targets is not None else [],
+        context_templates=templates,
+    )
+    job = EditJob(model=model, facts=plan.facts, hparams=hp, alphas=dict(plan.alphas), templates=templates,
+                  targets=targets, moments=moments, state=state, progress=progress, result=result,
+                  z_batch_size=z_batch_size)
+    applied = _apply_or_restore(spec, job, result, snapshot(model, plan.writes))
+    # methods that optimise their targets as they go (ROME) count them under "targets"
+    timings["solve"] = applied - (timings["targets"] if targets is None else 0.0)
+    timings["total"] = time.perf_counter() - started
+    return result
+
+
+@dataclass(frozen=True)
+class _EditPlan:
+    """What an edit runs with once its arguments are checked: the method, the facts,
+    the resolved hyperparameters, the attention share per layer, and the matrices the
+    method writes (snapshotted before it runs)."""
+
+    spec: Editor
+    facts: list[Fact]
+    hparams: Any
+    alphas: dict[int, float]
+    writes: list
+
+    def needed_moments(self, model: ModelHandle) -> list:
+        """The ``(module, layer)`` second moments the method reads."""
+        return list(self.spec.moments(model, self.hparams)) if self.spec.moments is not None else []
+
+
+def _plan_edit(model: ModelHandle, facts, method, hparams, layers, alpha, targets, state,
+               overrides: dict) -> _EditPlan:
+    """Resolve the method, the facts and the hyperparameters of :func:`edit`, and check
+    that ``targets=`` and ``state=`` suit the method."""
     spec = editor(method)
     facts = check_facts(facts)
     hp, alphas = resolve_hparams(model, spec, hparams, layers=layers, alpha=alpha, **overrides)
@@ -275,41 +320,47 @@ def edit(
         )
     if state is not None and not spec.carries_state:
         raise EditError(f"method {spec.name!r} carries no state between edits; pass state=None")
+    return _EditPlan(spec=spec, facts=facts, hparams=hp, alphas=alphas, writes=writes)
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    needed = list(spec.moments(model, hp)) if spec.moments is not None else []
-    moments = _moments(model, needed, hp, moments, progress)
-    timings["moments"] = time.perf_counter() - t0
 
+def _edit_templates(model: ModelHandle, spec: Editor, hp, templates) -> list[str]:
+    """The context prefixes of an edit: ``templates``, or the model's own for a method
+    that uses them; they must include the bare prompt."""
     if templates is None and spec.uses_templates:
         templates = context_templates(model, hp.n_context_templates, hp.context_template_length)
     templates = list(templates or [])
     if spec.uses_templates and SUBJECT_SLOT not in templates:
         raise EditError(f"templates must include the bare prompt {SUBJECT_SLOT!r} (the keys and targets "
                         f"are read there), got {templates}")
+    return templates
+
+
+def _edit_targets(model: ModelHandle, plan: _EditPlan, templates: list[str], targets: ZTargets | None,
+                  z_batch_size: int, progress: bool, timings: dict[str, float]) -> ZTargets | None:
+    """The shared targets of the batch, computed here or checked when given, with the
+    seconds spent on them in ``timings["targets"]``; ``None`` for a method that sets its
+    own targets or has none."""
+    spec, hp = plan.spec, plan.hparams
     t0 = time.perf_counter()
     timings["targets"] = 0.0
     if spec.targets in SHARED_TARGETS:
         if targets is None:
             try:
-                targets = compute_z(model, facts, hp, templates=templates, batch_size=z_batch_size,
+                targets = compute_z(model, plan.facts, hp, templates=templates, batch_size=z_batch_size,
                                     progress=progress, site=spec.targets)
             except ValueError as error:  # a fact, a layer or a setting the targets cannot take
                 raise EditError(str(error)) from None
         else:
-            check_targets(targets, facts, max(hp.layers), templates, spec.targets, model, hp)
+            check_targets(targets, plan.facts, max(hp.layers), templates, spec.targets, model, hp)
         timings["targets"] = time.perf_counter() - t0
+    return targets
 
-    result = EditResult(
-        model=model, method=spec.name, layers=tuple(hp.layers), alphas=dict(alphas), hparams=hp,
-        timings=timings, z_diagnostics=list(targets.diagnostics) if targets is not None else [],
-        context_templates=templates,
-    )
-    job = EditJob(model=model, facts=facts, hparams=hp, alphas=dict(alphas), templates=templates,
-                  targets=targets, moments=moments, state=state, progress=progress, result=result,
-                  z_batch_size=z_batch_size)
-    result._opened(snapshot(model, writes))
+
+def _apply_or_restore(spec: Editor, job: EditJob, result: EditResult, saved) -> float:
+    """Run the method on ``job`` with the weights it writes saved in ``saved``, and
+    return the seconds it took; if anything fails, the saved weights are put back
+    before the exception propagates."""
+    result._opened(saved)
     t0 = time.perf_counter()
     result._applying = True
     try:
@@ -320,10 +371,7 @@ def edit(
         result.restore()
         raise
     result._applying = False
-    # methods that optimise their targets as they go (ROME) count them under "targets"
-    timings["solve"] = time.perf_counter() - t0 - (timings["targets"] if targets is None else 0.0)
-    timings["total"] = time.perf_counter() - started
-    return result
+    return time.perf_counter() - t0
 
 
 # =========================================================================== sequences

@@ -21,11 +21,11 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import Tensor
 from tqdm import tqdm
 
-from ..architectures import MODULES
 from ..facts import SUBJECT_SLOT, Fact
 from ..hparams import hparams_for
 from ..loading import ModelHandle
 from ..targets import DEFAULT_Z_BATCH, ZTargets, compute_z, context_templates, target_settings
+from .moments import moments_for
 from .protocol import EditJob, Editor, editor
 from .result import EditError, EditResult, check_layers, snapshot
 
@@ -130,17 +130,12 @@ def resolve_hparams(
 
 
 def _moments(model, needed, hp, moments, progress: bool):
+    """The second moments of every matrix in ``needed``: ``moments`` checked, or gathered
+    from the corpus sample ``hp`` names (:func:`.moments.moments_for`) when it is ``None``."""
     if not needed:
         return {}
     if moments is None:
-        from ..covariance import second_moments
-
-        layers = sorted({l for _, l in needed})
-        modules = tuple(m for m in MODULES if any(k[0] == m for k in needed))
-        moments = second_moments(
-            model, layers, modules=modules, n_tokens=hp.mom2_n_tokens,
-            max_len=hp.mom2_max_len, dtype=hp.torch_mom2_dtype, progress=progress,
-        )
+        moments = moments_for(model, needed, hp, progress=progress)
     missing = [k for k in needed if k not in moments]
     if missing:
         raise EditError(

@@ -40,6 +40,7 @@ error.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import json
@@ -52,7 +53,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from .loading import EMBEDDED_MODELS, ModelHandle, write_atomic, write_json_atomic
+from .cache import CacheEntry, cache_entry, cache_key, entry_fields
+from .loading import EMBEDDED_MODELS, ModelHandle, write_atomic
 
 __all__ = [
     "HUB_DATASETS",
@@ -310,11 +312,12 @@ class ModelSamples:
                 f"max_len={max_len} leaves no room for sampled text after the tokenizer's "
                 f"{len(prefix)} special prefix token(s); use max_len > {len(prefix)}"
             )
-        path = None if cache_dir is None else self._cache_file(Path(cache_dir), model, max_len)
+        entry = None if cache_dir is None else self._cache_entry(Path(cache_dir), model, max_len)
         key = self._cache_key(model, max_len)
         rows: list[list[int]] = []
-        if path is not None:
-            rows = _read_samples(path, key) or []
+        if entry is not None:
+            stored = entry.read_json(_check_rows)
+            rows = [] if stored is None else stored["rows"]
         shipped = _read_samples(self.shipped_file(model, max_len), key) or []
         if sum(len(r) for r in shipped) >= min(n_tokens, sum(len(r) for r in rows) + 1):
             rows = shipped  # the shipped text wins over this machine's when it is enough
@@ -322,8 +325,8 @@ class ModelSamples:
         if have < n_tokens:
             for batch_rows in self._sample(model, max_len, prefix, n_tokens, rows, progress):
                 rows = rows + batch_rows
-                if path is not None:  # after every batch: an interrupted run keeps its work
-                    write_json_atomic(path, {"key": key, "rows": rows})
+                if entry is not None:  # after every batch: an interrupted run keeps its work
+                    entry.write_json({"rows": rows})
         return _take(rows, n_tokens)
 
     def ship(
@@ -366,26 +369,35 @@ class ModelSamples:
         return path, count, len(kept)
 
     # ------------------------------------------------------------------ internals
-    def _cache_key(self, model: ModelHandle, max_len: int) -> dict:
-        return {
-            "format": _SAMPLES_FORMAT,
-            "model": model.state_id,
-            "dtype": str(model.dtype),
-            "corpus": self.corpus_id,
-            "max_len": max_len,
-        }
+    def _fields(self, max_len: int) -> dict:
+        return {"format": _SAMPLES_FORMAT, "corpus": self.corpus_id, "max_len": max_len}
 
-    def _file_name(self, model: ModelHandle, max_len: int) -> str:
-        key = json.dumps(self._cache_key(model, max_len), sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return f"samples-seed{self.seed}-batch{self.batch}-len{max_len}-{digest}.json"
+    def _cache_key(self, model: ModelHandle, max_len: int) -> dict:
+        """The fields of these samples' cache entry, the model's state and dtype included
+        (the key stored in the entry and in a shipped file)."""
+        return entry_fields(model, self._fields(max_len))
+
+    def _cache_entry(self, cache_dir: Path, model: ModelHandle, max_len: int) -> CacheEntry:
+        return cache_entry(cache_dir, model, self._label(max_len), self._fields(max_len),
+                           what="corpus samples")
+
+    def _label(self, max_len: int) -> str:
+        return f"samples-seed{self.seed}-batch{self.batch}-len{max_len}"
 
     def _cache_file(self, cache_dir: Path, model: ModelHandle, max_len: int) -> Path:
-        return cache_dir / model.cache_folder / self._file_name(model, max_len)
+        return self._cache_entry(cache_dir, model, max_len).path
 
     def shipped_file(self, model: ModelHandle, max_len: int) -> Path:
-        """Where the package would ship these samples (it may not): see :data:`SHIPPED_SAMPLES`."""
-        return SHIPPED_SAMPLES / f"{model.cache_folder}--{self._file_name(model, max_len)}.gz"
+        """Where the package ships these samples, or would ship them (see
+        :data:`SHIPPED_SAMPLES`): the shipped file named
+        ``<model cache folder>--<label>-<16 hex digits>.json.gz`` whose stored key is
+        these samples' key, else that name with the digits of the cache key."""
+        key = self._cache_key(model, max_len)
+        prefix = f"{model.cache_folder}--{self._label(max_len)}-"
+        for candidate in sorted(SHIPPED_SAMPLES.glob(glob.escape(prefix) + "*.json.gz")):
+            if _read_samples(candidate, key) is not None:
+                return candidate
+        return SHIPPED_SAMPLES / f"{prefix}{cache_key(key)}.json.gz"
 
     def _sample(
         self,
@@ -496,8 +508,18 @@ def _bridge_sampler(
 # =========================================================================== disk
 
 
+def _check_rows(stored: dict) -> None:
+    """Refuses stored samples that are not rows of token ids."""
+    rows = stored["rows"]
+    if not isinstance(rows, list) or not all(
+        isinstance(r, list) and all(isinstance(t, int) for t in r) for r in rows
+    ):
+        raise ValueError("'rows' is not a list of token id lists")
+
+
 def _read_samples(path: Path, key: dict) -> list[list[int]] | None:
-    """The rows stored at ``path`` (plain or gzipped JSON) if its key is ``key``, else None."""
+    """The rows stored at ``path`` (plain or gzipped JSON) if its key is ``key``, else None
+    (a shipped file for another key, or none: nothing to warn about)."""
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt") as fh:

@@ -53,8 +53,6 @@ For a ``d``-dimensional key ``C`` has rank at most the number of tokens counted:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -66,7 +64,8 @@ from tqdm import tqdm
 
 from .architectures import MODULES
 from .corpus import CorpusError, ModelSamples, TextCorpus, resolve_corpus
-from .loading import ModelHandle, cache_root, warn_damaged, write_atomic
+from .cache import CacheEntry, cache_entry, kind_folder
+from .loading import ModelHandle
 from .model_access import StopForward
 
 __all__ = [
@@ -197,21 +196,27 @@ def _pairs(model: ModelHandle, layers: Any, modules: Any) -> list[Pair]:
 
 
 # =========================================================================== cache
-def _cache_key(
-    model: ModelHandle, pair: Pair, corpus_id: str, n_tokens: int, max_len: int, dtype: torch.dtype
-) -> dict[str, Any]:
+def _cache_entry(
+    folder: str | os.PathLike, model: ModelHandle, pair: Pair, corpus_id: str, n_tokens: int,
+    max_len: int, dtype: torch.dtype,
+) -> CacheEntry:
+    """The cache entry of one moment: keyed on the model (state and dtype, added by
+    :func:`~intattn_analysis.cache.cache_entry`), module, layer, corpus, ``n_tokens``,
+    ``max_len`` and the dtype of the products. The label spells the settings out for a
+    reader of the folder."""
     module, layer = pair
-    return {
+    fields = {
         "format": CACHE_FORMAT,
-        "model": model.state_id,
-        "model_dtype": str(model.dtype),
         "module": module,
         "layer": layer,
         "corpus": corpus_id,
         "n_tokens": n_tokens,
         "max_len": max_len,
-        "dtype": str(dtype),
+        "product_dtype": str(dtype),
     }
+    label = (f"mom2-{module}-layer{layer}-{corpus_id}-n{n_tokens}-len{max_len}-"
+             f"{str(dtype).replace('torch.', '')}")
+    return cache_entry(folder, model, label, fields, what="second moment", suffix="safetensors")
 
 
 def cache_file(
@@ -224,51 +229,36 @@ def cache_file(
     max_len: int,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """The file that holds (or would hold) one cached moment.
+    """The file that holds (or would hold) one cached moment (the layout is that of
+    :mod:`intattn_analysis.cache`).
 
-    The name spells out the settings for a reader of the folder; the hash at its end
-    covers the full key (:func:`_cache_key`), so no setting can be silently left out.
+    The name spells out the settings for a reader of the folder; the key at its end
+    covers them all, and the model's state and dtype, so no setting can be silently left
+    out.
     """
-    key = _cache_key(model, (module, layer), corpus_id, n_tokens, max_len, dtype)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    corpus_slug = "".join(c if c.isalnum() or c in "-." else "_" for c in corpus_id)
-    name = (
-        f"mom2-{module}-layer{layer}-{corpus_slug}-n{n_tokens}-len{max_len}-"
-        f"{str(dtype).replace('torch.', '')}-{digest}.safetensors"
-    )
-    return Path(cache_dir) / model.cache_folder / name
+    return _cache_entry(cache_dir, model, (module, layer), corpus_id, n_tokens, max_len, dtype).path
 
 
-def _write_atomic(path: Path, moment: Tensor, key: dict, counted: int) -> None:
+def _write_cached(entry: CacheEntry, moment: Tensor, counted: int) -> None:
     """Save one moment so that a reader sees the whole file or none of it."""
-    from safetensors.torch import save_file
-
-    metadata = {"key": json.dumps(key, sort_keys=True), "n_tokens_counted": str(counted)}
-    tensors = {"mom2": moment.detach().cpu().contiguous()}
-    write_atomic(path, lambda staging: save_file(tensors, staging, metadata=metadata))
+    entry.write_tensors({"mom2": moment}, {"n_tokens_counted": str(counted)})
 
 
-def _read_cached(path: Path, key: dict, device: torch.device, d_in: int) -> tuple[Tensor, int] | None:
-    """The cached moment and its token count, or ``None`` when the file is missing, names
-    another key, or is damaged (unreadable, truncated, of the wrong shape, not finite); a
-    damaged file is reported with a warning, and the caller recomputes and replaces it."""
-    from safetensors import SafetensorError, safe_open
+def _read_cached(entry: CacheEntry, device: torch.device, d_in: int) -> tuple[Tensor, int] | None:
+    """The cached moment and its token count, or ``None`` when there is no entry or it is
+    damaged (unreadable, truncated, another key's, of the wrong shape, not finite); a
+    damaged entry is reported with a warning, and the caller recomputes and replaces it."""
 
-    if not path.exists():
-        return None
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            metadata = fh.metadata() or {}
-            if json.loads(metadata.get("key", "null")) != key:
-                return None
-            moment = fh.get_tensor("mom2").clone()  # a copy, not a view of the file
-            counted = int(metadata["n_tokens_counted"])
+    def check(tensors: dict, metadata: dict) -> None:
+        moment, counted = tensors["mom2"], int(metadata["n_tokens_counted"])
         if tuple(moment.shape) != (d_in, d_in) or not bool(torch.isfinite(moment).all()) or counted < 1:
             raise ValueError(f"shape {tuple(moment.shape)}, {counted} tokens")
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
-        warn_damaged(path, "second moment", error)
+
+    stored = entry.read_tensors(check)
+    if stored is None:
         return None
-    return moment.to(device), counted
+    tensors, metadata = stored
+    return tensors["mom2"].to(device), int(metadata["n_tokens_counted"])
 
 
 # =========================================================================== collection
@@ -388,7 +378,7 @@ def _sequences(
 
 def moments_cache_dir() -> Path:
     """The default folder of cached second moments: ``cache_root() / "moments"``."""
-    return cache_root() / "moments"
+    return kind_folder("moments")
 
 
 def corpus_cache_dir(moments_dir: Path | None = None) -> Path:
@@ -452,14 +442,11 @@ def second_moments(
 
     moments: dict[Pair, Tensor] = {}
     counted: int | None = None
-    files: dict[Pair, Path] = {}
+    entries: dict[Pair, CacheEntry] = {}
     if folder is not None:
         for pair in pairs:
-            files[pair] = cache_file(folder, model, *pair, corpus_id, n_tokens, max_len, dtype)
-            hit = _read_cached(
-                files[pair], _cache_key(model, pair, corpus_id, n_tokens, max_len, dtype),
-                model.device, model.key_dim(*pair),
-            )
+            entries[pair] = _cache_entry(folder, model, pair, corpus_id, n_tokens, max_len, dtype)
+            hit = _read_cached(entries[pair], model.device, model.key_dim(*pair))
             if hit is not None:
                 moments[pair], counted = hit
     missing = [p for p in pairs if p not in moments]
@@ -487,8 +474,7 @@ def second_moments(
             for pair in group:
                 moments[pair] = sums[pair] / counted
                 if folder is not None:
-                    key = _cache_key(model, pair, corpus_id, n_tokens, max_len, dtype)
-                    _write_atomic(files[pair], moments[pair], key, counted)
+                    _write_cached(entries[pair], moments[pair], counted)
         seconds = time.perf_counter() - started
 
     return SecondMoments(

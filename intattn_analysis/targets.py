@@ -57,8 +57,6 @@ Departures from the reference code (kmeng01/memit ``compute_z.py``), on purpose:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -71,7 +69,8 @@ from tqdm import tqdm
 
 from .architectures import hook
 from .facts import SUBJECT_SLOT, Fact
-from .loading import ModelHandle, cache_root, warn_damaged, write_json_atomic
+from .cache import CacheEntry, cache_entry, entry_fields, kind_folder
+from .loading import ModelHandle
 from .model_access import (
     FINAL_NORM_HOOK,
     key_value_hooks,
@@ -104,7 +103,9 @@ DEFAULT_Z_BATCH = 16
 #: Padded positions per forward when activations are read at the subject (memory and
 #: speed only: every row's result is the same in any grouping, up to float rounding).
 READ_MAX_TOKENS = 8192
-_TEMPLATES: dict[tuple[str, int, int], list[str]] = {}
+#: Version of the cached context prefixes; bump it when their generation changes.
+TEMPLATES_CACHE_FORMAT = 1
+_TEMPLATES: dict[tuple[str, str, int, int], list[str]] = {}
 
 
 # =========================================================================== contexts
@@ -112,8 +113,9 @@ def context_templates(model: ModelHandle, n: int = 5, length: int = 10) -> list[
     """``["{}"]`` plus ``n`` prefixes ``"<greedy text>. {}"`` of about ``length`` tokens.
 
     Generated greedily from :data:`CONTEXT_STARTS` by the model as it is now, then cached
-    in memory and on disk (``<cache root>/context_templates``) under the model's
-    ``state_id``: an edited model writes its own prefixes. A sequence of edits that
+    in memory and on disk (``<cache root>/context_templates``, the layout of
+    :mod:`intattn_analysis.cache`) under the model's ``state_id`` and dtype: an edited
+    model writes its own prefixes. A sequence of edits that
     should keep the unedited model's prefixes passes them explicitly (as
     :func:`intattn_analysis.edit_sequence` does).
     """
@@ -122,19 +124,19 @@ def context_templates(model: ModelHandle, n: int = 5, length: int = 10) -> list[
             f"n_context_templates must be in [0, {len(CONTEXT_STARTS)}] (one per start word "
             f"of CONTEXT_STARTS), got {n}"
         )
-    key = (model.state_id, n, length)
+    key = (model.state_id, str(model.dtype), n, length)
     if key in _TEMPLATES:
         return list(_TEMPLATES[key])
-    path = cache_root() / "context_templates" / f"{model.state_id}-n{n}-len{length}.json"
-    templates = None
-    if path.exists():
-        try:
-            templates = json.loads(path.read_text())
-        except (OSError, ValueError):
-            templates = None
-        if not _valid_templates(templates, n):
-            warn_damaged(path, "context prefixes", "not the bare prompt and prefixes", stacklevel=2)
-            templates = None
+    fields = {"format": TEMPLATES_CACHE_FORMAT, "starts": list(CONTEXT_STARTS[:n]), "length": length}
+    entry = cache_entry(kind_folder("context_templates"), model, f"templates-n{n}-len{length}", fields,
+                        what="context prefixes")
+
+    def check(stored: dict) -> None:
+        if not _valid_templates(stored["templates"], n):
+            raise ValueError("not the bare prompt and prefixes")
+
+    stored = entry.read_json(check)
+    templates = None if stored is None else stored["templates"]
     if templates is None:
         from .known import greedy_continuation
 
@@ -143,7 +145,7 @@ def context_templates(model: ModelHandle, n: int = 5, length: int = 10) -> list[
             text = start + greedy_continuation(model, start, max(length - 1, 1))
             text = " ".join(text.replace("{", " ").replace("}", " ").split())
             templates.append(text + ". " + SUBJECT_SLOT)
-        _write_json_atomic(path, templates)
+        _write_entry(entry, {"templates": templates})
     _TEMPLATES[key] = list(templates)
     return list(templates)
 
@@ -181,9 +183,9 @@ def context_weights(templates: Sequence[str]) -> list[float]:
     return weights
 
 
-def _write_json_atomic(path, payload: Any) -> None:
+def _write_entry(entry: CacheEntry, payload: dict) -> None:
     try:
-        write_json_atomic(path, payload)
+        entry.write_json(payload)
     except OSError:  # a read-only cache only costs a regeneration next time
         pass
 
@@ -320,24 +322,32 @@ def target_key(model: ModelHandle, fact: Fact, hparams, layer: int, templates: S
                site: str = "residual") -> dict:
     """Everything one fact's ``z*`` depends on: the model's weights (its ``state_id``,
     which names the edits applied to it, and dtype), the fact's content, the layer and
-    site, the context prefixes, the KL prompt and the target hyperparameters. (The site
-    enters the key only when it is not the residual, so that keys written before sites
-    existed still match.)"""
-    extra = {} if site == "residual" else {"site": site}
+    site, the context prefixes, the KL prompt and the target hyperparameters; the fields
+    of the fact's cache entry (:mod:`intattn_analysis.cache`)."""
+    return entry_fields(model, _target_fields(fact, hparams, layer, templates, site))
+
+
+def _target_fields(fact: Fact, hparams, layer: int, templates: Sequence[str], site: str) -> dict:
     return {
         "format": TARGETS_CACHE_FORMAT,
-        "model": model.state_id,
-        "model_dtype": str(model.dtype),
         "fact": fact.key,
         "subject": fact.subject,
         "prompt": fact.prompt,
         "target_new": fact.target_new,
         "layer": int(layer),
+        "site": site,
         "templates": list(templates),
         "kl_prompt": KL_PROMPT,
         **{name: getattr(hparams, name) for name in TARGET_FIELDS},
-        **extra,
     }
+
+
+def _target_entry(cache_dir: Path, model: ModelHandle, fact: Fact, hparams, layer: int,
+                  templates: Sequence[str], site: str) -> CacheEntry:
+    """Where one fact's target is cached: under the model's :attr:`~ModelHandle.cache_folder`
+    (the weights file, edited or not: the key tells edited states apart)."""
+    fields = _target_fields(fact, hparams, layer, templates, site)
+    return cache_entry(cache_dir, model, f"z-layer{int(layer)}-{fact.key}", fields, what="target")
 
 
 def _state_of(model: ModelHandle) -> str:
@@ -359,26 +369,13 @@ def target_settings(hparams) -> dict:
     return out
 
 
-def _target_file(cache_dir: Path, model: ModelHandle, key: dict) -> Path:
-    """Where one fact's target is cached: under the model's :attr:`~ModelHandle.cache_folder`
-    (the weights file, edited or not: the key's digest tells edited states apart)."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir / model.cache_folder / f"z-layer{key['layer']}-{key['fact']}-{digest}.json"
+def _read_target(entry: CacheEntry, d_model: int) -> dict | None:
+    """One fact's cached target, or ``None``: no entry, or an entry that cannot be read, is
+    another key's or holds something else than a target (``[]``, ``null``, vectors of the
+    wrong length or with non-finite entries), which is reported with a warning; the caller
+    recomputes and replaces it."""
 
-
-def _read_target(path: Path, key: dict, d_model: int) -> dict | None:
-    """One fact's cached target, or ``None``: no file, or a file for another key (a
-    different format version). A file that cannot be read or holds something else than a
-    target (``[]``, ``null``, vectors of the wrong length or with non-finite entries) is
-    reported with a warning, and the caller recomputes and replaces it."""
-    if not path.exists():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-        if not isinstance(stored, dict):
-            raise ValueError(f"a {type(stored).__name__}, not a target record")
-        if stored.get("key") != key:
-            return None
+    def check(stored: dict) -> None:
         for name in ("z", "h", "delta"):
             vector = stored[name]
             if not (isinstance(vector, list) and len(vector) == d_model
@@ -386,20 +383,18 @@ def _read_target(path: Path, key: dict, d_model: int) -> dict | None:
                 raise ValueError(f"{name!r} is not {d_model} finite numbers")
         if not isinstance(stored["diagnostics"], dict):
             raise ValueError("'diagnostics' is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        warn_damaged(path, "target", error, stacklevel=4)
-        return None
-    return stored
+
+    return entry.read_json(check)
 
 
 def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cache_dir,
               suffix=True, site="residual") -> "ZTargets":
     """:func:`compute_z` through the per-fact cache (``layer`` and ``templates`` resolved)."""
     start_time = time.perf_counter()
-    keys = [target_key(model, fact, hparams, layer, templates, site) for fact in facts]
+    entries = [_target_entry(cache_dir, model, fact, hparams, layer, templates, site) for fact in facts]
     found: dict[int, dict] = {}
-    for i, key in enumerate(keys):
-        stored = _read_target(_target_file(cache_dir, model, key), key, model.d_model)
+    for i, entry in enumerate(entries):
+        stored = _read_target(entry, model.d_model)
         if stored is not None:
             found[i] = stored
     missing = [i for i in range(len(facts)) if i not in found]
@@ -415,11 +410,10 @@ def _cached_z(model, facts, hparams, layer, templates, batch_size, progress, cac
             work[name] = work.get(name, 0) + value
         for j, i in enumerate(chunk):
             found[i] = {
-                "key": keys[i],
                 "z": fresh.z[j].tolist(), "h": fresh.h[j].tolist(), "delta": fresh.delta[j].tolist(),
                 "diagnostics": fresh.diagnostics[j],
             }
-            _write_json_atomic(_target_file(cache_dir, model, keys[i]), found[i])
+            _write_entry(entries[i], found[i])
 
     def stack(name: str) -> Tensor:
         return torch.tensor([found[i][name] for i in range(len(facts))], dtype=torch.float32,

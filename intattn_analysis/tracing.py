@@ -63,7 +63,6 @@ implementation, to 1e-5.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -79,7 +78,8 @@ from torch import Tensor
 
 from .architectures import hook, layer_indices
 from .facts import SUBJECT_SLOT, Fact
-from .loading import ModelHandle, warn_damaged, write_json_atomic
+from .cache import CacheEntry, cache_entry
+from .loading import ModelHandle, write_json_atomic
 from .model_access import (
     ResumeEngine,
     cache_keyword,  # noqa: F401  (importable from here as well)
@@ -597,37 +597,30 @@ def _restored_probabilities(
 
 
 # =========================================================================== disk cache
-def _cache_file(
+def _cache_entry(
     cache_dir: Path, model: ModelHandle, fact: Fact, kind: str, settings: _Settings
-) -> Path:
+) -> CacheEntry:
+    """The cache entry of one fact's rows of one kind: keyed on the model (state and
+    dtype, added by :func:`~intattn_analysis.cache.cache_entry`), the fact's content, the
+    kind and every setting of the trace."""
     described = settings.describe()
     described.pop("kinds")
-    key = {
-        "format": CACHE_FORMAT,
-        "model": model.state_id,
-        "dtype": str(model.dtype),
-        "fact": fact.key,
-        "kind": kind,
-        **described,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir) / model.cache_folder
-    return folder / f"trace-{fact.key}-{kind}-{digest}.json"
+    fields = {"format": CACHE_FORMAT, "fact": fact.key, "kind": kind, **described}
+    return cache_entry(cache_dir, model, f"trace-{fact.key}-{kind}", fields, what="trace")
 
 
 _write_atomic = write_json_atomic
 
 
-def _read_cached(path: Path, fact: Fact, kind: str) -> list[dict] | None:
-    """The cached rows of one fact and kind, or ``None`` when there are none; a file that
-    cannot be read or holds something else than this fact's rows of this kind (truncated
-    JSON, ``[]``, ``null``, rows without their columns or with non-finite numbers) is
-    reported with a warning, and the caller recomputes and replaces it."""
-    if not path.exists():
-        return None
-    try:
-        with open(path) as fh:
-            rows = json.load(fh)["rows"]
+def _read_cached(entry: CacheEntry, fact: Fact, kind: str) -> list[dict] | None:
+    """The cached rows of one fact and kind, or ``None`` when there are none; an entry that
+    cannot be read, is another key's or holds something else than this fact's rows of
+    this kind (truncated JSON, ``[]``, ``null``, rows without their columns or with
+    non-finite numbers) is reported with a warning, and the caller recomputes and
+    replaces it."""
+
+    def check(stored: dict) -> None:
+        rows = stored["rows"]
         if not isinstance(rows, list) or not rows:
             raise ValueError(f"rows is {type(rows).__name__} of length {len(rows) if isinstance(rows, list) else '-'}")
         for row in rows:
@@ -638,10 +631,9 @@ def _read_cached(path: Path, fact: Fact, kind: str) -> list[dict] | None:
             if not all(isinstance(row[c], (int, float)) and math.isfinite(row[c])
                        for c in ("p_clean", "p_corrupted", "p_restored", "ie", "layer", "token")):
                 raise ValueError("a row holds a non-number")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        warn_damaged(path, "trace", error, stacklevel=4)
-        return None
-    return rows
+
+    stored = entry.read_json(check)
+    return None if stored is None else stored["rows"]
 
 
 # =========================================================================== trace
@@ -741,10 +733,10 @@ def _trace_fact(
     """The rows of one fact, from the disk cache where possible; or the reason it is skipped."""
     if fact.target_true is None:
         return [], "no target_true"
-    files = {}
+    entries = {}
     if cache_dir is not None:
-        files = {k: _cache_file(Path(cache_dir), model, fact, k, settings) for k in settings.kinds}
-    cached = {k: _read_cached(path, fact, k) for k, path in files.items()}
+        entries = {k: _cache_entry(Path(cache_dir), model, fact, k, settings) for k in settings.kinds}
+    cached = {k: _read_cached(entry, fact, k) for k, entry in entries.items()}
     missing = [k for k in settings.kinds if cached.get(k) is None]
     if not missing:
         return [row for k in settings.kinds for row in cached[k]], None
@@ -763,8 +755,8 @@ def _trace_fact(
     computed = _rows(model, run, settings, sites, p_restored)
     for kind in missing:
         cached[kind] = [row for row in computed if row["kind"] == kind]
-        if kind in files:
-            _write_atomic(files[kind], {"format": CACHE_FORMAT, "rows": cached[kind]})
+        if kind in entries:
+            entries[kind].write_json({"rows": cached[kind]})
     return [row for k in settings.kinds for row in cached[k]], None
 
 

@@ -537,7 +537,7 @@ def test_context_prefix_cache_serves_an_edited_model_its_own_prefixes(tiny, tmp_
     with _small_edit(tiny):
         edited = context_templates(tiny, 2, 4)
     assert context_templates(tiny, 2, 4) == plain
-    assert len(list((tmp_path / "context_templates").glob("*.json"))) == 2
+    assert len(list((tmp_path / "context_templates").rglob("templates-*.json"))) == 2
     assert edited[0] == "{}"
 
 

@@ -284,7 +284,7 @@ def test_damaged_context_prefixes_are_written_again(tiny_llama, tmp_path, monkey
     monkeypatch.setenv("INTATTN_CACHE", str(tmp_path))
     monkeypatch.setattr(targets, "_TEMPLATES", {})
     first = targets.context_templates(tiny_llama, 1, 3)
-    (path,) = (tmp_path / "context_templates").glob("*.json")
+    (path,) = (tmp_path / "context_templates").rglob("templates-*.json")
     path.write_text(content)
     monkeypatch.setattr(targets, "_TEMPLATES", {})
     with pytest.warns(UserWarning, match="context prefixes .* is damaged"):
@@ -297,22 +297,26 @@ def test_a_damaged_trace_file_is_reported(tmp_path, content):
     import json
 
     from intattn_analysis import tracing
+    from intattn_analysis.cache import CacheEntry
 
     fact = ia.Fact.from_text("w10 w11 w20", "w10", "w40", target_true="w50")
     row = {"fact": fact.key, "subject": "w10", "kind": "mlp", "token": 0, "token_text": "w10",
            "token_class": "subject_first", "layer": 1, "p_clean": 0.5, "p_corrupted": 0.1,
            "p_restored": 0.3, "ie": 0.2, "severed": "none"}
-    path = tmp_path / "trace.json"
-    path.write_text(json.dumps({"rows": [row]}))
-    assert tracing._read_cached(path, fact, "mlp") == [row]
+    entry = CacheEntry(tmp_path / "trace.json", {"fact": fact.key, "kind": "mlp"}, "trace")
+    entry.write_json({"rows": [row]})
+    assert tracing._read_cached(entry, fact, "mlp") == [row]
     if content == "OTHER_FACT":
-        content = json.dumps({"rows": [dict(row, fact="another")]})
+        content = json.dumps({"key": entry.fields, "rows": [dict(row, fact="another")]})
     elif content == "NAN":
-        content = json.dumps({"rows": [dict(row, ie=float("nan"))]})
-    path.write_text(content)
+        content = json.dumps({"key": entry.fields, "rows": [dict(row, ie=float("nan"))]})
+    elif content.startswith("{"):
+        content = json.dumps({"key": entry.fields, **json.loads(content)})
+    entry.path.write_text(content)
     with pytest.warns(UserWarning, match="cached trace .* is damaged"):
-        assert tracing._read_cached(path, fact, "mlp") is None
-    assert tracing._read_cached(tmp_path / "absent.json", fact, "mlp") is None
+        assert tracing._read_cached(entry, fact, "mlp") is None
+    absent = CacheEntry(tmp_path / "absent.json", entry.fields, "trace")
+    assert tracing._read_cached(absent, fact, "mlp") is None
 
 
 def test_staging_files_of_a_killed_writer_are_removed(tmp_path):

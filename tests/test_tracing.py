@@ -428,7 +428,7 @@ def test_cache_resumes_an_interrupted_run(smollm2, tmp_path, monkeypatch):
 
 def test_cache_key_covers_every_setting(smollm2, tmp_path):
     base = tracing._settings(smollm2, ("resid",), "all", None, 10, 10, 3.0, None, 0)
-    path = tracing._cache_file(tmp_path, smollm2, KNOWN[0], "resid", base)
+    path = tracing._cache_entry(tmp_path, smollm2, KNOWN[0], "resid", base).path
     variants = [
         dict(tokens="last"), dict(layers=[1]), dict(window=5), dict(samples=3),
         dict(noise=Noise(3.0, relative=False)), dict(severed="mlp"), dict(seed=1),
@@ -437,6 +437,6 @@ def test_cache_key_covers_every_setting(smollm2, tmp_path):
         args = dict(kinds=("resid",), tokens="all", layers=None, window=10, samples=10, noise=3.0,
                     severed=None, seed=0) | change
         other = tracing._settings(smollm2, *args.values())
-        assert tracing._cache_file(tmp_path, smollm2, KNOWN[0], "resid", other) != path, change
-    assert tracing._cache_file(tmp_path, smollm2, KNOWN[1], "resid", base) != path
-    assert tracing._cache_file(tmp_path, smollm2, KNOWN[0], "mlp", base) != path
+        assert tracing._cache_entry(tmp_path, smollm2, KNOWN[0], "resid", other).path != path, change
+    assert tracing._cache_entry(tmp_path, smollm2, KNOWN[1], "resid", base).path != path
+    assert tracing._cache_entry(tmp_path, smollm2, KNOWN[0], "mlp", base).path != path

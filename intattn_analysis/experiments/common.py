@@ -11,12 +11,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..covariance import second_moments
+from ..architectures import MODULES
+from ..batching import editable_batches
+from ..cache import kind_folder
 from ..datasets import benchmark_path, load_facts
+from ..editors.moments import moments_for
 from ..facts import Fact
 from ..hparams import EditHparams
-from ..loading import ModelHandle, cache_root
-from ..batching import editable_batches
+from ..loading import ModelHandle
 
 __all__ = ["DATASETS", "dataset_facts", "dataset_label", "edit_moments", "parse_shard",
            "targets_cache"]
@@ -69,15 +71,15 @@ def dataset_batches(dataset: str, batch_size: int, n_batches: int | None,
 
 
 def edit_moments(model: ModelHandle, hparams: EditHparams, progress: bool = True):
-    """The corpus second moments of both modules at the edited layers (cached on disk)."""
-    return second_moments(model, list(hparams.layers), modules=("mlp", "attn"),
-                          n_tokens=hparams.mom2_n_tokens, max_len=hparams.mom2_max_len,
-                          dtype=hparams.torch_mom2_dtype, progress=progress)
+    """The corpus second moments of both modules at the edited layers (cached on disk;
+    :func:`intattn_analysis.editors.moments.moments_for`)."""
+    return moments_for(model, [(m, l) for m in MODULES for l in hparams.layers], hparams, progress=progress)
 
 
 def targets_cache() -> Path:
-    """Where targets are cached (shared with ``intattn evaluate`` and notebook 03)."""
-    return cache_root() / "targets"
+    """Where targets are cached (shared with ``intattn evaluate`` and notebook 03): the
+    folder of the kind ``targets`` (:func:`intattn_analysis.cache.kind_folder`)."""
+    return kind_folder("targets")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

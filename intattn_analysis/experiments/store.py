@@ -24,7 +24,6 @@ labels such as the setting ``"0"`` as text) and a folder of them is a table.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from ..cache import canonical_json, entry_name, json_default
 from ..loading import write_atomic
 
 __all__ = ["KEY_FIELD", "STORE_FORMAT", "MissingResultsError", "ResultStore", "StoreError", "StoreWarning", "check_unique",
@@ -61,29 +61,14 @@ class StoreWarning(UserWarning):
     """Two copies of one unit differ (see :func:`merge_stores`)."""
 
 
-def _canonical(key: Mapping[str, Any]) -> str:
-    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, tuple):
-        return list(value)
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    raise TypeError(f"cannot store a {type(value).__name__} in a unit key: {value!r}")
-
-
 def unit_id(key: Mapping[str, Any], label: str = "") -> str:
     """The file name stem of a unit: a readable label and 16 hex digits of the key's hash.
 
     The hash covers the canonical JSON of the whole key (sorted fields), so two processes
-    that build the same key name the same file.
+    that build the same key name the same file; it is the disk cache's key recipe
+    (:func:`intattn_analysis.cache.entry_name`).
     """
-    digest = hashlib.sha256(_canonical(key).encode()).hexdigest()[:16]
-    label = "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-")
-    return f"{label}-{digest}" if label else digest
+    return entry_name(key, label)
 
 
 def _clean(value: Any) -> Any:
@@ -136,7 +121,7 @@ class ResultStore:
             if path.exists():
                 rows = _read_lines(path)
                 stored = rows[0].get(KEY_FIELD) if rows else None
-                if stored != json.loads(_canonical(key)):
+                if stored != json.loads(canonical_json(key)):
                     raise StoreError(
                         f"{path} does not hold the unit it is named for (its key differs); "
                         "remove the file so that the unit is computed again"
@@ -153,7 +138,7 @@ class ResultStore:
         if not rows:
             raise ValueError(f"unit {label or key!r} has no rows; a unit stores at least one")
         uid = unit_id(key, label)
-        key_json = json.loads(_canonical(key))
+        key_json = json.loads(canonical_json(key))
         reserved = {KEY_FIELD, *UNIT_COLUMNS} & {k for row in rows for k in row}
         if reserved:
             raise ValueError(f"rows may not use the store's own column names {sorted(reserved)}; "
@@ -164,7 +149,7 @@ class ResultStore:
                       **{k: _clean(v) for k, v in row.items()}}
             if i == 0:  # the key once per file: it identifies the unit, not a row
                 record[KEY_FIELD] = key_json
-            lines.append(json.dumps(record, default=_json_default, allow_nan=False))
+            lines.append(json.dumps(record, default=json_default, allow_nan=False))
         path = self._paths(uid)[0]
         text = "\n".join(lines) + "\n"
         write_atomic(path, lambda staging: Path(staging).write_text(text))

@@ -84,11 +84,14 @@ from .model_access import (
 __all__ = [
     "CONTEXT_STARTS",
     "KL_PROMPT",
+    "TARGET_SITES",
+    "TargetSite",
     "ZTargets",
     "compute_z",
     "context_templates",
     "context_weights",
     "length_groups",
+    "register_target_site",
     "target_key",
 ]
 
@@ -311,8 +314,61 @@ def read_at_subject(
 # =========================================================================== cache
 #: Version of the cached target files; bump it when the optimisation changes.
 TARGETS_CACHE_FORMAT = 2
-#: What a target can be set for (see :func:`compute_z`).
-TARGET_SITES = ("residual", "mlp_output", "mlp_value", "pmet")
+
+
+@dataclass(frozen=True)
+class TargetSite:
+    """Where a target is set, as :func:`compute_z` reads it.
+
+    Attributes:
+        name: the site's name (``compute_z(site=name)``, ``Editor.targets``).
+        deltas: one ``(read, inject)`` pair per optimised delta, the target's own first:
+            ``read`` is the hook kind (:data:`intattn_analysis.architectures.HOOKS`) whose
+            output at the subject's last token is the delta's ``h`` (``None``: the
+            residual stream after the layer), ``inject`` the hook kind of the layer where
+            the delta is added (``None``: added to the residual stream after the layer).
+            A site that injects inside the layer starts its steps at the layer itself.
+        learned: ``hparams -> flags``: which deltas are optimised (default: all); the
+            others stay zero.
+        cached: whether targets at this site may be cached on disk (per fact).
+        shared: whether they are computed once for a batch before anything is written,
+            so that the methods compared on a batch can share them
+            (:func:`intattn_analysis.editors.api.batch_targets`); a site whose targets
+            are set fact after fact on the model as the earlier facts left it (ROME's) is
+            not.
+    """
+
+    name: str
+    deltas: tuple[tuple[str | None, str | None], ...]
+    learned: Any = None
+    cached: bool = True
+    shared: bool = False
+
+    @property
+    def inside(self) -> bool:
+        """Whether a delta is injected inside the layer (its steps start at the layer)."""
+        return any(inject is not None for _, inject in self.deltas)
+
+
+#: What a target can be set for, by name (see :func:`compute_z`, :func:`register_target_site`).
+TARGET_SITES: dict[str, TargetSite] = {}
+
+
+def register_target_site(site: TargetSite) -> TargetSite:
+    """Declare a site :func:`compute_z` can set targets for (a second site of one name
+    is an error)."""
+    if site.name in TARGET_SITES and TARGET_SITES[site.name] != site:
+        raise ValueError(f"a target site named {site.name!r} is already registered")
+    TARGET_SITES[site.name] = site
+    return site
+
+
+#: MEMIT's ``z*``: the residual stream after the layer (shared by the closed-form family).
+RESIDUAL = register_target_site(TargetSite("residual", ((None, None),), shared=True))
+#: ROME's ``v*``: the MLP output of the layer, its delta added to the residual stream.
+MLP_OUTPUT = register_target_site(TargetSite("mlp_output", (("mlp_out", None),)))
+#: ROME's ``v*`` on post-norm models: the down-projection's output before the MLP's norm.
+MLP_VALUE = register_target_site(TargetSite("mlp_value", (("mlp_value", "mlp_value"),)))
 #: The hyperparameters a target depends on (the solve's settings do not enter).
 TARGET_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss",
                  "stop_on", "kl_position")
@@ -630,13 +686,12 @@ def compute_z(
     without a post-norm the two sites name the same vector. Its steps start at ``layer``
     itself, which must therefore be at least 1.
 
-    ``"pmet"`` (PMET's targets): two deltas, added at the subject's last token to the
-    attention output and to the MLP output *of* ``layer`` (hooks ``attn_out`` and
-    ``mlp_out``), optimised together (the attention delta only while
-    ``hparams.attn_targets`` is true); each is clamped and decayed relative to its own
-    module's output, the loss is otherwise the same. ``z`` is the MLP output target and
-    ``attn_delta`` the attention one. Its steps start at ``layer`` itself (the attention
-    delta passes through the layer's MLP), so ``layer`` must be at least 1.
+    Other sites are declared where the method that reads them lives
+    (:func:`register_target_site`): ``"pmet"``, PMET's two deltas at the attention and
+    MLP outputs of ``layer``, is declared in :mod:`intattn_analysis.editors.methods.pmet`.
+    Every delta of a site is clamped and decayed relative to its own ``h``; ``z`` is the
+    first delta's target, and a second delta's ``h`` and ``δ`` are ``attn_h`` and
+    ``attn_delta``.
 
     ``suffix`` (default) runs each step only on the positions from the subject's last
     token on, reading the earlier positions' stored keys and values; ``False`` runs whole
@@ -644,192 +699,281 @@ def compute_z(
     of 0.9999); where the bridge cannot resume a forward with a key-value prefix, whole
     rows are run anyway.
     """
+    start_time = time.perf_counter()
+    spec, facts, layer = _check_z_request(facts, hparams, layer, batch_size, site, cache_dir)
+    if templates is None:
+        templates = context_templates(model, hparams.n_context_templates, hparams.context_template_length)
+    templates = list(templates)
+    if cache_dir is not None:
+        return _cached_z(model, facts, hparams, layer, templates, batch_size, progress, Path(cache_dir), suffix,
+                         site)
+    if len(facts) > batch_size:
+        return _z_in_batches(model, facts, hparams, layer, templates, batch_size, progress, suffix, site,
+                             start_time)
+    problem = _target_problem(model, facts, hparams, layer, templates, spec, suffix)
+    deltas, learned = _new_deltas(problem, spec, hparams)
+    run = _optimise(problem, hparams, deltas, learned, progress)
+    deltas = [d.detach() for d in deltas]
+    h, delta = problem.h[0], deltas[0]
+    second = len(deltas) > 1
+    return ZTargets(
+        z=(h + delta).detach(),
+        h=h,
+        delta=delta,
+        layer=layer,
+        context_templates=templates,
+        diagnostics=_diagnostics(facts, problem, deltas, run),
+        seconds=time.perf_counter() - start_time,
+        work=problem.work,
+        site=site,
+        attn_h=problem.h[1] if second else None,
+        attn_delta=deltas[1] if second else None,
+        model_state=_state_of(model),
+        settings=target_settings(hparams),
+    )
+
+
+def _check_z_request(facts, hparams, layer, batch_size, site, cache_dir) -> tuple["TargetSite", list, int]:
+    """The site's declaration, the facts as a list and the layer, once the request is
+    checked (clear errors for a bad batch size, site, cache request, empty batch or a
+    layer the site cannot start at)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if site not in TARGET_SITES:
-        raise ValueError(f"site must be one of {TARGET_SITES}, got {site!r}")
-    if site == "pmet" and cache_dir is not None:
-        raise ValueError("PMET's targets (site='pmet') are not cached; pass cache_dir=None")
-    start_time = time.perf_counter()
+        raise ValueError(f"site must be one of {tuple(TARGET_SITES)}, got {site!r}")
+    spec = TARGET_SITES[site]
+    if not spec.cached and cache_dir is not None:
+        raise ValueError(f"targets at site {site!r} are not cached; pass cache_dir=None")
     facts = list(facts)
     if not facts:
         raise ValueError("facts is empty; pass at least one Fact")
     layer = max(hparams.layers) if layer is None else int(layer)
-    if site in ("pmet", "mlp_value") and layer < 1:
+    if spec.inside and layer < 1:
         raise ValueError(f"targets at site {site!r} start their steps at the layer itself, from the "
                          "residual stream before it: the layer must be at least 1")
-    if templates is None:
-        templates = context_templates(
-            model, hparams.n_context_templates, hparams.context_template_length
-        )
-    templates = list(templates)
-    if cache_dir is not None:
-        return _cached_z(model, facts, hparams, layer, templates, batch_size, progress,
-                         Path(cache_dir), suffix, site)
-    if len(facts) > batch_size:
-        chunks = [facts[i : i + batch_size] for i in range(0, len(facts), batch_size)]
-        parts = [
-            compute_z(model, chunk, hparams, layer=layer, templates=templates,
-                      batch_size=batch_size, progress=progress, suffix=suffix, site=site)
-            for chunk in tqdm(chunks, desc="z* batches", disable=not progress or len(chunks) < 2)
-        ]
-        return ZTargets(
-            z=torch.cat([p.z for p in parts]),
-            h=torch.cat([p.h for p in parts]),
-            delta=torch.cat([p.delta for p in parts]),
-            layer=layer,
-            context_templates=templates,
-            diagnostics=[d for p in parts for d in p.diagnostics],
-            seconds=time.perf_counter() - start_time,
-            work={k: sum(p.work.get(k, 0) for p in parts) for k in parts[0].work},
-            site=site,
-            attn_h=torch.cat([p.attn_h for p in parts]) if site == "pmet" else None,
-            attn_delta=torch.cat([p.attn_delta for p in parts]) if site == "pmet" else None,
-            model_state=_state_of(model),
-            settings=target_settings(hparams),
-        )
+    return spec, facts, layer
+
+
+def _z_in_batches(model, facts, hparams, layer, templates, batch_size, progress, suffix, site,
+                  start_time) -> ZTargets:
+    """:func:`compute_z` of ``batch_size`` facts at a time, the parts joined in order."""
+    chunks = [facts[i : i + batch_size] for i in range(0, len(facts), batch_size)]
+    parts = [
+        compute_z(model, chunk, hparams, layer=layer, templates=templates,
+                  batch_size=batch_size, progress=progress, suffix=suffix, site=site)
+        for chunk in tqdm(chunks, desc="z* batches", disable=not progress or len(chunks) < 2)
+    ]
+    second = parts[0].attn_h is not None
+    return ZTargets(
+        z=torch.cat([p.z for p in parts]),
+        h=torch.cat([p.h for p in parts]),
+        delta=torch.cat([p.delta for p in parts]),
+        layer=layer,
+        context_templates=templates,
+        diagnostics=[d for p in parts for d in p.diagnostics],
+        seconds=time.perf_counter() - start_time,
+        work={k: sum(p.work.get(k, 0) for p in parts) for k in parts[0].work},
+        site=site,
+        attn_h=torch.cat([p.attn_h for p in parts]) if second else None,
+        attn_delta=torch.cat([p.attn_delta for p in parts]) if second else None,
+        model_state=_state_of(model),
+        settings=target_settings(hparams),
+    )
+
+
+@dataclass
+class _TargetProblem:
+    """What every step of one batch's optimisation reads: the training rows, the stored
+    residual stream (and keys and values) at the layer the steps start after, each row's
+    positions to run, and each delta's ``h``; ``work`` counts what the steps ran."""
+
+    model: ModelHandle
+    spec: "TargetSite"
+    layer: int
+    read_layer: int  # the steps start at block read_layer + 1
+    rows: list
+    subject_pos: Tensor
+    row_fact: Tensor
+    resid: Tensor
+    kv: Any
+    engine: Any
+    starts: list[int]
+    ends: list[int]
+    h: list  # per delta: its module's output at the subject (or the residual state)
+    cut: bool  # the final norm's output can be cut to the scored positions
+    kl_init: Tensor | None = None
+    work: dict = field(default_factory=lambda: {"forwards": 0, "positions": 0, "needed_positions": 0})
+
+    @property
+    def n_facts(self) -> int:
+        return len(self.h[0])
+
+
+def _target_problem(model, facts, hparams, layer, templates, spec, suffix) -> _TargetProblem:
+    """The rows of the batch and everything that does not depend on the deltas.
+
+    Layers below the steps do not depend on the deltas: they run once, keeping the
+    residual stream at the output of ``read_layer`` for every row (and, for the suffix
+    path, the keys and values of the blocks above), and every step starts at block
+    ``read_layer + 1``. A site that injects inside the layer starts its steps at the layer
+    itself, from the residual stream before it."""
     rows = _training_rows(model, facts, templates, hparams.kl_position)
     ids = pad_rows(model, rows)
     device = ids.device
-    n_facts, d_model = len(facts), model.d_model
     subject_pos = torch.tensor([r.subject_last for r in rows], device=device)
     row_fact = torch.tensor([r.fact_index for r in rows], device=device)
     if SUBJECT_SLOT not in templates:
         raise ValueError(f"templates must include the bare prompt '{{}}', got {templates}")
     bare = templates.index(SUBJECT_SLOT)  # h is read in the bare prompt, as MEMIT does
-    bare_rows = torch.tensor([i * len(templates) + bare for i in range(n_facts)], device=device)
-
-    # Layers 0..L do not depend on delta: run them once, keep the residual stream at the
-    # output of L for every row (and, for the suffix path, the keys and values of the
-    # blocks above), and start every optimisation step at block L+1.
-    # PMET injects into the attention and MLP outputs *of* the layer, so its steps start
-    # at the layer itself, from the residual stream before it
-    pmet = site == "pmet"
-    inside = site in ("pmet", "mlp_value")  # injected inside the layer, not after it
-    read_layer = layer - 1 if inside else layer
+    bare_rows = torch.tensor([i * len(templates) + bare for i in range(len(facts))], device=device)
+    read_layer = layer - 1 if spec.inside else layer
     engine = _suffix_engine(model, ids) if suffix else None
     if engine is not None:
         resid, kv = _resid_and_kv(model, ids, read_layer)
     else:
         resid, kv = _resid_after(model, ids, read_layer), None
-    h = resid[bare_rows, subject_pos[bare_rows]].float().clone()
-    h_attn = None
-    if site in ("mlp_output", "mlp_value", "pmet"):  # the module outputs there (ROME's target_init)
-        bare = [rows[int(j)] for j in bare_rows]
-        output = hook("mlp_value" if site == "mlp_value" else "mlp_out", layer)
-        names = [output] + ([hook("attn_out", layer)] if pmet else [])
-        outputs = read_at_subject(model, bare, names)
-        h = outputs[output].float().clone()
-        if pmet:
-            h_attn = outputs[hook("attn_out", layer)].float().clone()
-    delta = torch.zeros(n_facts, d_model, device=device, dtype=torch.float32, requires_grad=True)
-    # PMET's attention delta is optimised only when its attention targets are on
-    delta_attn = torch.zeros(n_facts, d_model, device=device, dtype=torch.float32,
-                             requires_grad=pmet and getattr(hparams, "attn_targets", True))
-    learned = [delta] + ([delta_attn] if delta_attn.requires_grad else [])
+    h = [resid[bare_rows, subject_pos[bare_rows]].float().clone()]
+    read = [kind for kind, _ in spec.deltas if kind is not None]
+    if read:  # the module outputs at the subject (ROME's target_init)
+        outputs = read_at_subject(model, [rows[int(j)] for j in bare_rows], [hook(k, layer) for k in read])
+        h = [outputs[hook(kind, layer)].float().clone() if kind is not None else h[0] for kind, _ in spec.deltas]
+    # each row runs from the subject's last token (the whole row without the suffix
+    # path) to its last scored position
+    return _TargetProblem(
+        model=model, spec=spec, layer=layer, read_layer=read_layer, rows=rows, subject_pos=subject_pos,
+        row_fact=row_fact, resid=resid, kv=kv, engine=engine,
+        starts=[r.subject_last if engine is not None else 0 for r in rows],
+        ends=[max(r.scored) + 1 for r in rows], h=h, cut=FINAL_NORM_HOOK in model.bridge.hook_dict,
+    )
+
+
+def _new_deltas(problem: _TargetProblem, spec: "TargetSite", hparams) -> tuple[list[Tensor], list[Tensor]]:
+    """The site's deltas, zero, and those of them that are optimised (a site may leave
+    one at zero, as PMET without attention targets does)."""
+    flags = spec.learned(hparams) if spec.learned is not None else (True,) * len(spec.deltas)
+    device = problem.resid.device
+    deltas = [torch.zeros(problem.n_facts, problem.model.d_model, device=device, dtype=torch.float32,
+                          requires_grad=bool(flag)) for flag in flags]
+    return deltas, [d for d in deltas if d.requires_grad]
+
+
+def _group_logits(problem: _TargetProblem, deltas: Sequence[Tensor], members: list[int]) -> Tensor:
+    """Logits ``[entries, vocab]`` at the scored positions of rows ``members`` (one
+    forward), with each row's fact deltas added at its subject position.
+
+    Each row runs its own positions ``starts .. ends``: the suffixes are right-padded to
+    the longest, and the stored keys and values of each row's earlier positions are
+    left-padded to the longest prefix, the pads masked out of attention."""
+    p, model, rows = problem, problem.model, problem.rows
+    device = p.resid.device
+    index = torch.tensor(members, device=device)
+    first = torch.tensor([p.starts[j] for j in members], device=device)
+    lengths = torch.tensor([p.ends[j] - p.starts[j] for j in members], device=device)
+    t0, w = int(first.max()), int(lengths.max())
+    take = (first[:, None] + torch.arange(w, device=device)).clamp(max=p.resid.shape[1] - 1)
+    x = p.resid[index[:, None], take]
+    local = torch.arange(len(members), device=device)
+    at = p.subject_pos[index] - first
+
+    def injection(d: Tensor):
+        def inject(y: Tensor, hook=None) -> Tensor:
+            add = torch.zeros_like(y)
+            add[local, at] = d[p.row_fact[index]].to(y.dtype)
+            return y + add
+        return inject
+
+    hooks = []
+    for (_, at_hook), d in zip(p.spec.deltas, deltas):
+        if at_hook is None:  # added to the residual stream after the layer
+            x = injection(d)(x)
+        else:
+            hooks.append((hook(at_hook, p.layer), injection(d)))
+    entry_row = torch.tensor([k for k, j in enumerate(members) for _ in rows[j].scored], device=device)
+    entry_pos = torch.tensor([q - p.starts[j] for j in members for q in rows[j].scored], device=device)
+
+    def keep_scored(y: Tensor, hook=None) -> Tensor:
+        return y[entry_row, entry_pos][None]
+
+    prefix = None
+    if t0 > 0 and p.read_layer + 1 < model.n_layers:
+        prefix = padded_prefix_kwargs(model, p.engine, p.kv, index, first, lengths, t0, w)
+    if p.cut:
+        logits = resume(model, x, p.read_layer + 1, hooks + [(FINAL_NORM_HOOK, keep_scored)], prefix)[0]
+    else:
+        logits = resume(model, x, p.read_layer + 1, hooks, prefix)[entry_row, entry_pos]
+    p.work["forwards"] += 1
+    p.work["positions"] += len(members) * w
+    p.work["needed_positions"] += int(lengths.sum())
+    return logits
+
+
+def _batch_losses(problem: _TargetProblem, deltas: Sequence[Tensor], active: list[int]
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """NLL and KL of the facts ``active`` (in that order), and their KL log-probs. Rows
+    of similar lengths share a forward (:func:`length_groups`)."""
+    p = problem
+    wanted = set(active)
+    chosen = [j for j, r in enumerate(p.rows) if r.fact_index in wanted]
+    groups = length_groups([p.ends[j] - p.starts[j] for j in chosen])
+    parts = {}
+    for group in groups:
+        logits = _group_logits(p, deltas, [chosen[k] for k in group])
+        sizes = [len(p.rows[chosen[k]].scored) for k in group]
+        parts.update(zip(group, torch.split(logits, sizes)))
+    logits = torch.cat([parts[k] for k in range(len(chosen))])
+    local_fact = {f: i for i, f in enumerate(active)}
+    sub_rows = [p.rows[j] for j in chosen]
+    sub_fact = torch.tensor([local_fact[r.fact_index] for r in sub_rows], device=p.resid.device)
+    init = None if p.kl_init is None else p.kl_init[active]
+    return _losses(logits, sub_rows, sub_fact, len(active), init)
+
+
+def _site_decay(problem: _TargetProblem, deltas: Sequence[Tensor], facts=slice(None)) -> Tensor:
+    """The weight decay of every delta of the site, each relative to its own ``h``."""
+    decay = _decay(deltas[0][facts], problem.h[0][facts])
+    for d, h in zip(deltas[1:], problem.h[1:]):
+        decay = decay + _decay(d[facts], h[facts])
+    return decay
+
+
+@dataclass
+class _Optimisation:
+    """Each fact's loss and NLL at its first and last evaluation, and its steps taken."""
+
+    loss_first: Tensor
+    nll_first: Tensor
+    loss_final: Tensor
+    nll_final: Tensor
+    steps: list[int]
+
+
+def _optimise(problem: _TargetProblem, hparams, deltas: list[Tensor], learned: list[Tensor],
+              progress: bool) -> _Optimisation:
+    """Adam on the learned deltas, MEMIT's stop rule per fact.
+
+    Each fact stops on its own once its loss is below ``stop_loss`` (MEMIT's per-request
+    rule): its deltas are frozen and its rows leave the batch, so the result for a fact
+    does not depend on which other facts share the batch. As in MEMIT the loss is
+    evaluated ``v_steps`` times and the last evaluation takes no step. A fact's final loss
+    is that of its last evaluation: its deltas do not move after it (it met the stop
+    rule, or it was the evaluation without a step)."""
+    p, n_facts = problem, problem.n_facts
+    device = p.resid.device
     optimizer = torch.optim.Adam(learned, lr=hparams.v_lr)
-    cut = FINAL_NORM_HOOK in model.bridge.hook_dict
-    # each row runs from the subject's last token (the whole row without the suffix path)
-    # to its last scored position
-    starts = [r.subject_last if engine is not None else 0 for r in rows]
-    ends = [max(r.scored) + 1 for r in rows]
-    work = {"forwards": 0, "positions": 0, "needed_positions": 0}
-
-    def group_logits(members: list[int]) -> Tensor:
-        """Logits ``[entries, vocab]`` at the scored positions of rows ``members`` (one
-        forward), with each row's fact delta added at its subject position.
-
-        Each row runs its own positions ``starts .. ends``: the suffixes are right-padded
-        to the longest, and the stored keys and values of each row's earlier positions
-        are left-padded to the longest prefix, the pads masked out of attention."""
-        index = torch.tensor(members, device=device)
-        first = torch.tensor([starts[j] for j in members], device=device)
-        lengths = torch.tensor([ends[j] - starts[j] for j in members], device=device)
-        t0, w = int(first.max()), int(lengths.max())
-        take = (first[:, None] + torch.arange(w, device=device)).clamp(max=resid.shape[1] - 1)
-        x = resid[index[:, None], take]
-        local = torch.arange(len(members), device=device)
-        at = subject_pos[index] - first
-
-        def injection(d: Tensor):
-            def inject(y: Tensor, hook=None) -> Tensor:
-                add = torch.zeros_like(y)
-                add[local, at] = d[row_fact[index]].to(y.dtype)
-                return y + add
-            return inject
-
-        if pmet:
-            hooks = [(hook("attn_out", layer), injection(delta_attn)),
-                     (hook("mlp_out", layer), injection(delta))]
-        elif inside:
-            hooks = [(hook("mlp_value", layer), injection(delta))]
-        else:
-            x, hooks = injection(delta)(x), []
-        entry_row = torch.tensor([k for k, j in enumerate(members) for _ in rows[j].scored],
-                                 device=device)
-        entry_pos = torch.tensor([p - starts[j] for j in members for p in rows[j].scored],
-                                 device=device)
-
-        def keep_scored(y: Tensor, hook=None) -> Tensor:
-            return y[entry_row, entry_pos][None]
-
-        prefix = None
-        if t0 > 0 and read_layer + 1 < model.n_layers:
-            prefix = padded_prefix_kwargs(model, engine, kv, index, first, lengths, t0, w)
-        if cut:
-            logits = resume(model, x, read_layer + 1, hooks + [(FINAL_NORM_HOOK, keep_scored)], prefix)[0]
-        else:
-            logits = resume(model, x, read_layer + 1, hooks, prefix)[entry_row, entry_pos]
-        work["forwards"] += 1
-        work["positions"] += len(members) * w
-        work["needed_positions"] += int(lengths.sum())
-        return logits
-
-    def forward(members: list[int]) -> Tensor:
-        """Logits at the scored positions of rows ``members``, row after row in that
-        order; rows of similar lengths share a forward (:func:`length_groups`)."""
-        groups = length_groups([ends[j] - starts[j] for j in members])
-        parts = {}
-        for group in groups:
-            logits = group_logits([members[k] for k in group])
-            sizes = [len(rows[members[k]].scored) for k in group]
-            parts.update(zip(group, torch.split(logits, sizes)))
-        return torch.cat([parts[k] for k in range(len(members))])
-
-    def losses(active: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """NLL and KL of the facts ``active`` (in that order), and their KL log-probs."""
-        wanted = set(active)
-        chosen = [j for j, r in enumerate(rows) if r.fact_index in wanted]
-        local_fact = {f: i for i, f in enumerate(active)}
-        sub_rows = [rows[j] for j in chosen]
-        sub_fact = torch.tensor([local_fact[r.fact_index] for r in sub_rows], device=device)
-        logits = forward(chosen)
-        init = None if kl_init is None else kl_init[active]
-        return _losses(logits, sub_rows, sub_fact, len(active), init)
-
-    # Each fact stops on its own once its loss is below stop_loss (MEMIT's per-request
-    # rule): its delta is frozen and its rows leave the batch, so the result for a fact
-    # does not depend on which other facts share the batch. As in MEMIT the loss is
-    # evaluated v_steps times and the last evaluation takes no step.
-    # A fact's final loss is that of its last evaluation: its delta does not move after
-    # it (it met the stop rule, or it was the evaluation without a step).
-    kl_init = None
+    learned_h = [h for d, h in zip(deltas, p.h) if d.requires_grad]
     nll_first = loss_first = None
     nll_final = torch.zeros(n_facts, device=device)
     loss_final = torch.zeros(n_facts, device=device)
     active = list(range(n_facts))
     steps = [0] * n_facts
-    bar = tqdm(range(hparams.v_steps), desc=f"z* at layer {layer}", disable=not progress)
+    bar = tqdm(range(hparams.v_steps), desc=f"z* at layer {p.layer}", disable=not progress)
     for step in bar:
         optimizer.zero_grad()
         with torch.enable_grad():
-            nll, kl, kl_lp = losses(active)
-            if kl_init is None:
-                kl_init = kl_lp.detach()
-            decay = _decay(delta[active], h[active])
-            if pmet:  # PMET decays both deltas, each relative to its own module's output
-                decay = decay + _decay(delta_attn[active], h_attn[active])
-            loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * decay
+            nll, kl, kl_lp = _batch_losses(p, deltas, active)
+            if p.kl_init is None:
+                p.kl_init = kl_lp.detach()
+            loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * _site_decay(p, deltas, active)
             if nll_first is None:
                 nll_first, loss_first = nll.detach().clone(), loss.detach().clone()
             nll_final[active], loss_final[active] = nll.detach(), loss.detach()
@@ -840,64 +984,61 @@ def compute_z(
             loss[keep].sum().backward()
         if not all(torch.isfinite(d.grad).all() for d in learned):
             raise FloatingPointError(
-                f"the target optimisation at layer {layer} produced a non-finite gradient at "
+                f"the target optimisation at layer {p.layer} produced a non-finite gradient at "
                 f"step {step}; lower v_lr (now {hparams.v_lr})"
             )
         active = [active[i] for i in keep]
-        frozen = [d.detach().clone() for d in learned]
-        optimizer.step()
-        with torch.no_grad():
-            moving = torch.zeros(n_facts, dtype=torch.bool, device=device)
-            moving[active] = True
-            for d, before, base in zip(learned, frozen, (h, h_attn)):
-                # Adam's momentum would move a frozen delta even with a zero gradient
-                d.copy_(torch.where(moving[:, None], d, before))
-                limit = hparams.clamp_norm_factor * base.norm(dim=-1)
-                norm = d.norm(dim=-1)
-                d.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-12), 1.0)[:, None])
+        _step_and_clamp(optimizer, learned, learned_h, active, n_facts, hparams.clamp_norm_factor)
         for i in active:
             steps[i] += 1
         bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}", active=len(active))
-
     if nll_first is None:  # v_steps == 0: no evaluation yet, and the KL is 0
         with torch.no_grad():
-            nll_final, _, _ = losses(list(range(n_facts)))
-            decay = _decay(delta, h) + (_decay(delta_attn, h_attn) if pmet else 0.0)
-            loss_final = nll_final + hparams.v_weight_decay * decay
+            nll_final, _, _ = _batch_losses(p, deltas, list(range(n_facts)))
+            loss_final = nll_final + hparams.v_weight_decay * _site_decay(p, deltas)
         nll_first, loss_first = nll_final, loss_final
-    first = (loss_first, nll_first)
-    delta = delta.detach()
-    delta_attn = delta_attn.detach()
-    diagnostics = []
+    return _Optimisation(loss_first, nll_first, loss_final, nll_final, steps)
+
+
+def _step_and_clamp(optimizer, learned: list[Tensor], learned_h: list[Tensor], active: list[int], n_facts: int,
+                    clamp_norm_factor: float) -> None:
+    """One Adam step for the facts still ``active`` (Adam's momentum would move a frozen
+    delta even with a zero gradient, so the others are put back), then each delta's norm
+    clipped to ``clamp_norm_factor`` times its ``h``'s."""
+    frozen = [d.detach().clone() for d in learned]
+    optimizer.step()
+    with torch.no_grad():
+        moving = torch.zeros(n_facts, dtype=torch.bool, device=learned[0].device)
+        moving[active] = True
+        for d, before, base in zip(learned, frozen, learned_h):
+            d.copy_(torch.where(moving[:, None], d, before))
+            limit = clamp_norm_factor * base.norm(dim=-1)
+            norm = d.norm(dim=-1)
+            d.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-12), 1.0)[:, None])
+
+
+def _diagnostics(facts, problem: _TargetProblem, deltas: Sequence[Tensor], run: _Optimisation) -> list[dict]:
+    """One dict per fact: its losses and NLL first and last, the target's probability
+    before and after, the norms of its deltas and ``h``, and its steps."""
+    out = []
+    h, delta = problem.h[0], deltas[0]
     for i, fact in enumerate(facts):
-        diagnostics.append({
+        out.append({
             "fact": fact.key,
             "subject": fact.subject,
             "target_new": fact.target_new,
-            "loss_initial": float(first[0][i]),
-            "loss_final": float(loss_final[i]),
-            "nll_initial": float(first[1][i]),
-            "nll_final": float(nll_final[i]),
-            "p_target_before": float(torch.exp(-first[1][i])),
-            "p_target_after": float(torch.exp(-nll_final[i])),
+            "loss_initial": float(run.loss_first[i]),
+            "loss_final": float(run.loss_final[i]),
+            "nll_initial": float(run.nll_first[i]),
+            "nll_final": float(run.nll_final[i]),
+            "p_target_before": float(torch.exp(-run.nll_first[i])),
+            "p_target_after": float(torch.exp(-run.nll_final[i])),
             "delta_norm": float(delta[i].norm()),
             "h_norm": float(h[i].norm()),
-            "steps": steps[i],
-            **({"attn_delta_norm": float(delta_attn[i].norm()), "attn_h_norm": float(h_attn[i].norm())}
-               if pmet else {}),
+            "steps": run.steps[i],
+            **({"attn_delta_norm": float(deltas[1][i].norm()), "attn_h_norm": float(problem.h[1][i].norm())}
+               if len(deltas) > 1 else {}),
         })
-    return ZTargets(
-        z=(h + delta).detach(),
-        h=h,
-        delta=delta,
-        layer=layer,
-        context_templates=templates,
-        diagnostics=diagnostics,
-        seconds=time.perf_counter() - start_time,
-        work=work,
-        site=site,
-        attn_h=h_attn,
-        attn_delta=delta_attn if pmet else None,
-        model_state=_state_of(model),
-        settings=target_settings(hparams),
-    )
+    return out
+
+

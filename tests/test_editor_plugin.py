@@ -137,3 +137,27 @@ def test_registration_names_clashes_and_unregistering_removes_the_row(tiny_llama
     assert "Nudge" not in editors.METHODS and "nudge" not in ia.EDITORS
     with pytest.raises(ValueError, match="unknown method 'nudge'"):
         ia.hparams_for(tiny_llama, "nudge")
+
+
+
+def test_a_target_site_declared_outside_the_package_is_optimised(tiny_llama):
+    """A site is one declaration: here a delta added to the attention output of the layer,
+    with ``h`` read there. compute_z optimises it like the package's own sites."""
+    from intattn_analysis.hparams import EditHparams
+    from intattn_analysis.targets import TARGET_SITES, TargetSite, register_target_site
+
+    site = register_target_site(TargetSite("attn_output", deltas=(("attn_out", "attn_out"),), cached=False))
+    try:
+        hp = EditHparams(layers=(1,), n_context_templates=2, context_template_length=3, v_steps=8)
+        targets = ia.compute_z(tiny_llama, FACTS, hp, site="attn_output", progress=False)
+        plain = ia.compute_z(tiny_llama, FACTS, hp, progress=False)
+        assert site.inside and targets.site == "attn_output" and targets.attn_h is None
+        assert not torch.allclose(targets.h, plain.h)  # h is the attention output, not the residual
+        for row in targets.diagnostics:
+            assert row["nll_final"] < row["nll_initial"]
+        with pytest.raises(ValueError, match="not cached"):
+            ia.compute_z(tiny_llama, FACTS, hp, site="attn_output", cache_dir="unused", progress=False)
+    finally:
+        TARGET_SITES.pop("attn_output")
+    with pytest.raises(ValueError, match="site must be one of"):
+        ia.compute_z(tiny_llama, FACTS, hp, site="attn_output", progress=False)

@@ -24,17 +24,23 @@ from tqdm import tqdm
 from ..facts import SUBJECT_SLOT, Fact
 from ..hparams import hparams_for
 from ..loading import ModelHandle
-from ..targets import DEFAULT_Z_BATCH, ZTargets, compute_z, context_templates, target_settings
+from ..targets import DEFAULT_Z_BATCH, TARGET_SITES, ZTargets, compute_z, context_templates, target_settings
 from .moments import moments_for
 from .protocol import EditJob, Editor, editor
 from .result import EditError, EditResult, check_layers, snapshot
 
-__all__ = ["SHARED_TARGETS", "EditSequence", "batch_targets", "edit", "edit_sequence", "resolve_hparams"]
+__all__ = ["EditSequence", "shares_targets", "batch_targets", "edit", "edit_sequence", "resolve_hparams"]
 
-#: Target kinds computed once for a whole batch before anything is written, so that they
-#: can be shared by the methods compared on it (ROME's are set fact after fact, on the
-#: model as the earlier facts left it).
-SHARED_TARGETS = ("residual", "pmet")
+def shares_targets(spec: Editor) -> bool:
+    """Whether ``spec``'s targets are computed once for a whole batch before anything is
+    written, so that the methods compared on it can share them (its site's
+    :attr:`~intattn_analysis.targets.TargetSite.shared`; ROME's are set fact after fact, on
+    the model as the earlier facts left it)."""
+    return spec.targets is not None and TARGET_SITES[spec.targets].shared
+
+
+def _shared_sites() -> str:
+    return ", ".join(name for name, site in TARGET_SITES.items() if site.shared)
 
 
 # =========================================================================== inputs
@@ -156,16 +162,16 @@ def batch_targets(model: ModelHandle, facts: Sequence[Fact], method: str | Edito
     """The targets ``method`` can take for a batch, computed once per batch for every
     method that agrees on them: ``shared`` (one dict per batch) holds them under their
     site, last layer, context prefixes and target settings. ``None`` for methods that set
-    their own (ROME) or have none (fine-tuning). ``cache_dir`` caches residual targets on
-    disk (PMET's are not cached)."""
+    their own (ROME) or have none (fine-tuning). ``cache_dir`` caches the targets of a site
+    that may be cached (residual targets; PMET's are not cached)."""
     spec = editor(method)
-    if spec.targets not in SHARED_TARGETS:
+    if not shares_targets(spec):
         return None
     key = (spec.targets, max(hparams.layers), hparams.n_context_templates, hparams.context_template_length,
            tuple(sorted(target_settings(hparams).items())))
     if key not in shared:
         shared[key] = compute_z(model, facts, hparams, progress=False, site=spec.targets,
-                                cache_dir=cache_dir if spec.targets == "residual" else None)
+                                cache_dir=cache_dir if TARGET_SITES[spec.targets].cached else None)
     return shared[key]
 
 
@@ -307,11 +313,11 @@ def _plan_edit(model: ModelHandle, facts, method, hparams, layers, alpha, target
     facts = check_facts(facts)
     hp, alphas = resolve_hparams(model, spec, hparams, layers=layers, alpha=alpha, **overrides)
     writes = list(spec.writes(model, hp))
-    if targets is not None and spec.targets not in SHARED_TARGETS:
+    if targets is not None and not shares_targets(spec):
         raise EditError(
             f"method {spec.name!r} computes its own targets "
             f"({spec.targets or 'it has none'}); pass targets= only to methods whose targets "
-            f"are computed once for the batch ({', '.join(SHARED_TARGETS)} targets)"
+            f"are computed once for the batch ({_shared_sites()} targets)"
         )
     if state is not None and not spec.carries_state:
         raise EditError(f"method {spec.name!r} carries no state between edits; pass state=None")
@@ -338,7 +344,7 @@ def _edit_targets(model: ModelHandle, plan: _EditPlan, templates: list[str], tar
     spec, hp = plan.spec, plan.hparams
     t0 = time.perf_counter()
     timings["targets"] = 0.0
-    if spec.targets in SHARED_TARGETS:
+    if shares_targets(spec):
         if targets is None:
             try:
                 targets = compute_z(model, plan.facts, hp, templates=templates, batch_size=z_batch_size,

@@ -38,18 +38,13 @@ from torch import Tensor
 from ..facts import Fact
 from ..hparams import METHOD_DEFAULTS, register_defaults
 from ..loading import ModelHandle
+from ..targets import TARGET_SITES
 from .result import EditError, EditResult
 
 __all__ = ["EDITORS", "Editor", "EditJob", "editor", "register", "unregister"]
 
 Key = tuple[str, int]
 
-#: Target kinds: ``"residual"`` (MEMIT's ``z*`` at the output of the last edited layer,
-#: shared by the closed-form family), ``"mlp_output"`` (ROME's ``v*``, set fact after fact
-#: on the model as the earlier facts left it, at the down-projection's output before the
-#: MLP's post-norm where the model has one) and ``"pmet"`` (PMET's attention and FFN
-#: outputs, optimised together).
-TARGET_KINDS = ("residual", "mlp_output", "pmet")
 
 
 @dataclass
@@ -104,10 +99,12 @@ class Editor:
         writes: ``(model, hparams) -> [(module, layer)]``: every matrix it may write.
         moments: ``(model, hparams) -> [(module, layer)]``: the second moments it reads
             (``None``: none).
-        targets: the kind of target it optimises (:data:`TARGET_KINDS`), or ``None``.
-            Kinds in :data:`intattn_analysis.editors.api.SHARED_TARGETS` are computed once
-            for the batch before anything is written, so they can be passed in and shared
-            by the methods compared on a batch; ROME sets its own fact after fact.
+        targets: the site of the targets it optimises (a name of
+            :data:`intattn_analysis.targets.TARGET_SITES`, declared with
+            :func:`~intattn_analysis.targets.register_target_site`), or ``None``. Targets
+            of a shared site are computed once for the batch before anything is written,
+            so they can be passed in and shared by the methods compared on a batch; ROME
+            sets its own fact after fact.
         uses_templates: whether it reads context prefixes.
         reads_alpha: whether IntAttn-Edit's balance factor applies to it.
         carries_state: whether one edit of a sequence hands state to the next.
@@ -157,8 +154,9 @@ class Editor:
         return dict(self.variant(model, hparams)) if self.variant is not None else {}
 
     def __post_init__(self) -> None:
-        if self.targets is not None and self.targets not in TARGET_KINDS:
-            raise ValueError(f"targets must be one of {TARGET_KINDS} or None, got {self.targets!r}")
+        if self.targets is not None and self.targets not in TARGET_SITES:
+            raise ValueError(f"targets must be a registered target site ({sorted(TARGET_SITES)}) or None, "
+                             f"got {self.targets!r}; declare a new one with register_target_site")
 
 
 #: Every registered method, by name.

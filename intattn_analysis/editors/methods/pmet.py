@@ -1,9 +1,12 @@
 """PMET (Li et al., AAAI 2024): precise targets for the FFN, written with MEMIT's solve.
 
 PMET optimises two deltas together at the subject's last token of the last edited layer
-``L``: one added to the attention output and one to the FFN output
-(:func:`intattn_analysis.targets.compute_z` with ``site="pmet"``; each clamped and decayed
-relative to its own module's output). Only the FFN target is written: for each edited
+``L``: one added to the attention output and one to the FFN output, both *of* ``L``
+(:data:`PMET_TARGETS`, the site ``"pmet"`` of :func:`intattn_analysis.targets.compute_z`;
+each clamped and decayed relative to its own module's output, the attention delta
+optimised only while ``hparams.attn_targets`` is true). Its steps start at ``L`` itself
+(the attention delta passes through the layer's MLP), so ``L`` must be at least 1. Its
+targets are computed once for a batch and shared, and not cached on disk. Only the FFN target is written: for each edited
 layer ``l`` in ascending order, the residual ``R = (z*_FFN − m_L) / sqrt(L − i)``, where
 ``m_L`` is the FFN output of ``L`` at the subject's last token of the bare prompt, read
 again after the earlier layers were written, goes into the down-projection of ``l`` by
@@ -29,11 +32,18 @@ other members do (a combination no published editor has); its defaults leave it 
 from __future__ import annotations
 
 from ...hparams import PMETHparams
+from ...targets import TargetSite, register_target_site
 from ..protocol import Editor, register
 from ..result import EditError
 from . import closed_form
 
-__all__ = ["PMET"]
+__all__ = ["PMET", "PMET_TARGETS"]
+
+#: PMET's targets: the FFN output's delta (the target written) and the attention output's.
+PMET_TARGETS = register_target_site(TargetSite(
+    "pmet", deltas=(("mlp_out", "mlp_out"), ("attn_out", "attn_out")),
+    learned=lambda hp: (True, getattr(hp, "attn_targets", True)), cached=False, shared=True,
+))
 
 
 def _writes(model, hp: PMETHparams) -> list[tuple[str, int]]:

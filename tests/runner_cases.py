@@ -37,6 +37,14 @@ ALIASED = [
                       locality=[("w37 w38 w39", "w46")]),
     ia.Fact.from_text("w30 w12 w13 w23 w24", "w12 w13", "w41", target_true="w51"),
 ]
+#: The prompts of :data:`FACTS` with the tiny model's own greedy answers as ``target_true``
+#: (what causal tracing needs: facts the model knows).
+KNOWN = [
+    ia.Fact.from_text("w10 w11 w20 w21 w22", "w10 w11", "w40", target_true="w7"),
+    ia.Fact.from_text("w30 w12 w13 w23 w24", "w12 w13", "w41", target_true="w70"),
+    ia.Fact.from_text("w14 w25 w26 w27", "w14", "w42 w43", target_true="w46"),
+    ia.Fact.from_text("w15 w16 w28 w29", "w15 w16", "w44", target_true="w43"),
+]
 #: Columns that measure the run, not its result.
 TIMING_COLUMNS = ("seconds", "edit_seconds", "targets_s", "moments", "targets", "solve", "total")
 
@@ -171,6 +179,8 @@ def row_sets(model, root) -> dict[str, Any]:
                          progress=False)
     out["outdated"] = store_rows(store, model)
 
+    out["localization"] = localization_rows(model, root)
+
     run = runs.edit_batches(model, [FACTS[:2], FACTS[2:]], ["memit", "intattn", "rome"],
                             {"memit": hp, "intattn": hp.replace(alpha=0.5), "rome": rows["ROME"][1]},
                             moments=moments, dataset="hand", metrics=("knowedit", "counterfact", "residue", "fluency"),
@@ -180,3 +190,21 @@ def row_sets(model, root) -> dict[str, Any]:
         "timings": sorted(run.timings.columns.tolist()), "targets": [t.diagnostics for t in run.targets],
     }, default=str))
     return out
+
+
+def localization_rows(model, root) -> dict[str, dict]:
+    """The localization experiment's four variants on :data:`KNOWN` (traced as the facts
+    the model knows), two noise draws each, windows of 2 layers."""
+    from intattn_analysis.experiments import localization
+    from intattn_analysis.experiments.store import ResultStore
+
+    chosen = localization._facts
+    localization._facts = lambda model, dataset, n_facts: list(KNOWN)
+    localization.WINDOWS[model.name] = 2
+    try:
+        localization.run(model, "builtin", localization.LocalizationScale(n_facts=None, samples=2), root,
+                         progress=False)
+    finally:
+        localization._facts = chosen
+        del localization.WINDOWS[model.name]
+    return store_rows(ResultStore(root, localization.NAME), model)

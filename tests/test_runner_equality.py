@@ -28,7 +28,7 @@ def computed(tiny_llama, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["alpha-settings", "editors", "batch-scaling", "sequential", "outdated",
-                                  "edit_batches"])
+                                  "localization", "edit_batches"])
 def test_each_experiments_units_are_the_rows_stored_before(computed, case):
     stored = json.loads(STORED.read_text())[case]
     found = differences(computed[case], stored, case)

@@ -24,16 +24,19 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..known import known_facts
+from ..cache import kind_folder
 from ..datasets import load_facts
-from ..loading import ModelHandle, cache_root
+from ..known import known_facts
+from ..loading import ModelHandle
 from ..localization import early_attention_finding
 from ..tracing import COLUMNS, TraceResult, trace
 from .common import check_scale
+from .runner import PRE_EDIT, Cell, Unit, run_cells
 from .store import STORE_FORMAT, MissingResultsError, ResultStore
 from .units import facts_digest, shard_batches
 
-__all__ = ["NAME", "SCALES", "VARIANTS", "LocalizationScale", "run", "summarise", "traces"]
+__all__ = ["NAME", "SCALES", "VARIANTS", "LocalizationScale", "TraceMeasure", "run", "summarise", "trace_cells",
+           "traces"]
 
 NAME = "localization"
 
@@ -70,36 +73,65 @@ def _facts(model: ModelHandle, dataset: str, n_facts: int | None):
     return known if n_facts is None else known[:n_facts]
 
 
+@dataclass(frozen=True)
+class TraceMeasure:
+    """Causal traces of the unedited model (:func:`intattn_analysis.trace`), one part per
+    variant of :data:`VARIANTS`: the trace's rows, and a row per fact it left out with the
+    reason."""
+
+    scale: LocalizationScale
+    window: int
+
+    def wants_pre(self, cells, missing) -> bool:
+        return False
+
+    def pre(self, model, facts):
+        return None
+
+    def rows(self, model, facts, part, pre, setting):
+        kinds, tokens, severed = VARIANTS[part]
+        result = trace(model, list(facts), kinds=kinds, tokens=list(tokens), window=self.window,
+                       samples=self.scale.samples, noise=self.scale.noise, severed=severed, seed=self.scale.seed,
+                       cache_dir=kind_folder("traces"), progress=False)
+        rows = result.to_dataframe().to_dict(orient="records")
+        rows += [{"fact": f.key, "subject": f.subject, "skip_reason": reason}
+                 for f, reason in zip(result.skipped, result.skip_reasons)]
+        return rows, None
+
+
+def trace_cells(model: ModelHandle, facts, scale: LocalizationScale, *, dataset: str, window: int,
+                variants=tuple(VARIANTS), shard=None) -> list[Cell]:
+    """One unit per (variant, chunk of :data:`CHUNK` facts) of this shard (label
+    ``<variant>-c000``), variant by variant, so that a run stopped early has whole
+    variants (``modules`` first). Rows carry ``model``, ``variant``, ``chunk``,
+    ``window`` and ``samples``."""
+    chunks = [facts[i:i + CHUNK] for i in range(0, len(facts), CHUNK)]
+    cells = []
+    for variant in variants:
+        kinds, tokens, severed = VARIANTS[variant]
+        for c in shard_batches(len(chunks), shard):
+            chunk = chunks[c]
+            key = {"format": STORE_FORMAT, "model": model.state_id, "model_dtype": str(model.dtype),
+                   "dataset": dataset, "chunk": c, "facts": facts_digest(chunk), "variant": variant,
+                   "kinds": list(kinds), "tokens": list(tokens), "severed": severed,
+                   "window": window, "samples": scale.samples, "noise": scale.noise, "seed": scale.seed}
+            unit = Unit(key, f"{variant}-c{c:03d}", {"model": model.name, "variant": variant, "chunk": c,
+                                                    "window": window, "samples": scale.samples})
+            # every cell is a batch of its own: traces share nothing across units
+            cells.append(Cell(len(cells), chunk, PRE_EDIT, {variant: unit}))
+    return cells
+
+
 def run(model: ModelHandle, dataset: str, scale, root, *, shard=None, progress: bool = True,
         variants=tuple(VARIANTS)) -> ResultStore:
-    """Trace (or resume tracing) this shard's chunks of facts in each variant."""
-    from tqdm import tqdm
-
+    """Trace (or resume tracing) this shard's chunks of facts in each variant
+    (:func:`trace_cells`, :func:`.runner.run_cells`)."""
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     facts = _facts(model, dataset, scale.n_facts)
     window = WINDOWS.get(model.name, DEFAULT_WINDOW)
-    chunks = [facts[i:i + CHUNK] for i in range(0, len(facts), CHUNK)]
-    # variant by variant, so that a run stopped early has whole variants (modules first)
-    units = [(c, v) for v in variants for c in shard_batches(len(chunks), shard)]
-    for c, variant in tqdm(units, desc=f"tracing {model.name}", disable=not progress):
-        kinds, tokens, severed = VARIANTS[variant]
-        chunk = chunks[c]
-        key = {"format": STORE_FORMAT, "model": model.state_id, "model_dtype": str(model.dtype),
-               "dataset": dataset, "chunk": c, "facts": facts_digest(chunk), "variant": variant,
-               "kinds": list(kinds), "tokens": list(tokens), "severed": severed,
-               "window": window, "samples": scale.samples, "noise": scale.noise, "seed": scale.seed}
-        label = f"{variant}-c{c:03d}"
-        if store.has(key, label):
-            continue
-        result = trace(model, chunk, kinds=kinds, tokens=list(tokens), window=window,
-                       samples=scale.samples, noise=scale.noise, severed=severed, seed=scale.seed,
-                       cache_dir=cache_root() / "traces", progress=False)
-        rows = result.to_dataframe().to_dict(orient="records")
-        rows += [{"fact": f.key, "subject": f.subject, "skip_reason": reason}
-                 for f, reason in zip(result.skipped, result.skip_reasons)]
-        store.write_unit(key, rows, label, {"model": model.name, "variant": variant, "chunk": c,
-                                            "window": window, "samples": scale.samples})
+    cells = trace_cells(model, facts, scale, dataset=dataset, window=window, variants=variants, shard=shard)
+    run_cells(model, cells, TraceMeasure(scale, window), store, desc=f"tracing {model.name}", progress=progress)
     return store
 
 

@@ -69,7 +69,8 @@ from tqdm import tqdm
 
 from ..facts import Fact, sample_by_relation
 from ..known import is_known
-from ..loading import ModelHandle, cache_root
+from ..cache import kind_folder
+from ..loading import ModelHandle
 from ..metrics import Evaluation, evaluate, score_answers
 from ..reporting import MAIN_METRICS
 from ..tracing import trace
@@ -250,7 +251,7 @@ def trace_rows(model: ModelHandle, facts: Sequence[Fact], samples: int, window: 
     if window is None:
         window = min(localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW), model.n_layers)
     result = trace(model, list(facts), kinds=TRACE_KINDS, tokens=TRACE_TOKENS, window=window, samples=samples,
-                   noise=TRACE_NOISE, seed=TRACE_SEED, answered_only=False, cache_dir=cache_root() / "traces",
+                   noise=TRACE_NOISE, seed=TRACE_SEED, answered_only=False, cache_dir=kind_folder("traces"),
                    progress=False)
     table = result.to_dataframe()
     position = {f.key: i for i, f in enumerate(facts)}

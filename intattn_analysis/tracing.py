@@ -77,8 +77,9 @@ import torch
 from torch import Tensor
 
 from .architectures import hook, layer_indices
-from .facts import SUBJECT_SLOT, Fact
 from .cache import CacheEntry, cache_entry
+from .facts import SUBJECT_SLOT, Fact
+from .intervals import normal_interval
 from .loading import ModelHandle, write_json_atomic
 from .model_access import (
     ResumeEngine,
@@ -843,7 +844,8 @@ class TraceResult:
 
         IEs are first averaged within each fact (a fact with several middle subject
         tokens counts once), then over facts: ``aie`` is the mean, ``ci_low`` /
-        ``ci_high`` are ``aie -/+ 1.96 * sem``; with one fact the interval is NaN.
+        ``ci_high`` are ``aie -/+ 1.96 * sem`` (:func:`intattn_analysis.intervals.normal_interval`);
+        with one fact the interval is NaN.
         ``by`` is ``"token_class"`` or ``"token"`` (the position, meaningful for facts
         sharing a template).
         """
@@ -853,8 +855,7 @@ class TraceResult:
         per_fact = self.table.groupby(["fact", *keys], sort=False)["ie"].mean().reset_index()
         out = per_fact.groupby(keys, sort=False)["ie"].agg(aie="mean", sem="sem", n_facts="count")
         out = out.reset_index()
-        out["ci_low"] = out["aie"] - 1.96 * out["sem"]
-        out["ci_high"] = out["aie"] + 1.96 * out["sem"]
+        out["ci_low"], out["ci_high"] = normal_interval(out["aie"], out["sem"])
         order = {"kind": KINDS.index, "token_class": TOKEN_CLASSES.index}
         out = out.sort_values(
             keys, key=lambda col: col.map(order[col.name]) if col.name in order else col

@@ -7,8 +7,8 @@ facts that never meet the stop rule, and then edits with MEMIT at each lambda an
 the KnowEdit metrics in percent with 95% intervals over the facts, and each setting's
 difference from the first (the reference rule) at the same lambda, paired over the same
 facts. The intervals are the package's percentile bootstrap over facts
-(:func:`~intattn_analysis.experiments.stats.mean_interval` and
-:func:`~intattn_analysis.experiments.stats.paired_difference`: 10,000 seeded draws, so a
+(:func:`~intattn_analysis.intervals.mean_interval` and
+:func:`~intattn_analysis.intervals.paired_difference`: 10,000 seeded draws, so a
 rerun prints the same ends); each is given by its two ends, ``95% low`` and ``95% high``,
 since a bootstrap interval need not be symmetric about the mean. The table is also
 written to ``figures/target_rules.csv``.
@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 import intattn_analysis as ia
-from intattn_analysis.experiments.stats import mean_interval, paired_difference, scale_of
+from intattn_analysis.intervals import mean_interval, paired_difference, scale_of
 from intattn_analysis.loading import cache_root
 from intattn_analysis.plots import figures_dir
 

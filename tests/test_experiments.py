@@ -21,7 +21,8 @@ import torch
 
 import intattn_analysis as ia
 from intattn_analysis import cli
-from intattn_analysis.experiments import alpha_sweep, stats
+from intattn_analysis import intervals as stats
+from intattn_analysis.experiments import alpha_sweep
 from intattn_analysis.experiments.alpha_settings import run_alpha_settings
 from intattn_analysis.experiments.units import alpha_label, shard_batches
 from intattn_analysis.experiments.store import (ResultStore, StoreError, StoreWarning, check_unique,

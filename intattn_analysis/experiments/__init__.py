@@ -35,7 +35,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import alpha_sweep, batch_scaling, editors, estimators, localization, outdated, sequential
-from .stats import mean_interval, paired_difference, tidy_intervals
+from ..intervals import mean_interval, paired_difference, tidy_intervals
 from .store import ResultStore, StoreError, merge_stores
 
 __all__ = ["EXPERIMENTS", "ResultStore", "StoreError", "mean_interval", "merge_stores",

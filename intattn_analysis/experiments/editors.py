@@ -38,7 +38,7 @@ from ..loading import ModelHandle
 from ..reporting import MAIN_METRICS
 from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
 from .runner import PRE_EDIT, Cell, EvaluationMeasure, Setting, Unit, run_cells
-from .stats import paired_against, tidy_intervals
+from ..intervals import paired_against, tidy_intervals
 from .store import ResultStore, check_unique
 from .units import batch_key, method_key, shard_batches, slug
 

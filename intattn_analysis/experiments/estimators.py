@@ -45,7 +45,7 @@ from ..tracing import balance
 from . import alpha_sweep, localization
 from .alpha_settings import run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
-from .stats import tidy_intervals
+from ..intervals import tidy_intervals
 from .store import MissingResultsError, ResultStore, check_unique
 from .units import alpha_label
 

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 
 from ..facts import Fact
-from .stats import paired_against, tidy_intervals
+from ..intervals import paired_against, tidy_intervals
 
 __all__ = ["MIN_FACTS", "OTHER", "by_relation", "relation_labels"]
 

@@ -46,7 +46,7 @@ from ..reporting import MAIN_METRICS
 from .batch_scaling import CONTRASTS, ROWS, settings_for
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
 from .runner import SharedMoments, Setting, Unit, run_sequence
-from .stats import paired_against, paired_contrasts, tidy_intervals
+from ..intervals import paired_against, paired_contrasts, tidy_intervals
 from .store import ResultStore, check_unique
 from .units import batch_key, fact_rows, facts_digest, method_key, slug
 

@@ -1,4 +1,14 @@
-"""Intervals over facts: means with bootstrap confidence intervals, paired comparisons.
+"""Intervals over facts: every confidence interval the package reports is computed here.
+
+Two estimators, each used where it was chosen and documented:
+
+* the percentile bootstrap over facts of the experiments' tables (below);
+* :func:`normal_interval`, ``mean ± 1.96 · sem`` over facts, the interval of causal
+  tracing's average indirect effects
+  (:meth:`intattn_analysis.TraceResult.average_indirect_effect`), whose per-fact effects
+  are averages over noise draws.
+
+Means with bootstrap confidence intervals, and paired comparisons:
 
 A metric of an editing run is a mean over facts, and with a batch of 10 one fact moves it
 by 10 points. Every number this package reports at scale therefore comes with an
@@ -38,14 +48,25 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..reporting import SHARE_METRICS
+from .reporting import SHARE_METRICS
 
-__all__ = ["BOOTSTRAP_DRAWS", "formatted_intervals", "mean_interval", "paired_against", "paired_contrasts", "paired_difference",
-           "scale_of", "tidy_intervals"]
+__all__ = ["BOOTSTRAP_DRAWS", "NORMAL_Z", "formatted_intervals", "mean_interval", "normal_interval", "paired_against",
+           "paired_contrasts", "paired_difference", "scale_of", "tidy_intervals"]
 
 #: Bootstrap resamples behind every interval. With 10,000 the interval's ends move by
 #: well under a tenth of their width between seeds.
 BOOTSTRAP_DRAWS = 10_000
+
+
+#: The normal quantile of a two-sided 95% interval.
+NORMAL_Z = 1.96
+
+
+def normal_interval(mean, sem):
+    """``(mean - 1.96 sem, mean + 1.96 sem)``: the normal-approximation 95% interval of a
+    mean with standard error ``sem`` (numbers, arrays or pandas Series alike; NaN where
+    ``sem`` is, as with one fact)."""
+    return mean - NORMAL_Z * sem, mean + NORMAL_Z * sem
 
 
 def scale_of(metric: str) -> float:

@@ -21,11 +21,11 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from ..hparams import hparams_for
+from ..intervals import paired_difference, scale_of, tidy_intervals
 from ..loading import ModelHandle
 from ..reporting import MAIN_METRICS
 from .alpha_settings import run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
-from ..intervals import paired_difference, scale_of, tidy_intervals
 from .store import ResultStore, check_unique
 
 __all__ = ["BEST_CRITERION", "NAME", "SCALES", "SweepScale", "best_range", "criterion_per_fact",

@@ -42,13 +42,13 @@ import pandas as pd
 
 from ..facts import Fact
 from ..hparams import hparams_for
+from ..intervals import paired_against, paired_contrasts, tidy_intervals
 from ..loading import ModelHandle
 from ..reporting import MAIN_METRICS
 from ..batching import editable_batches
 from . import estimators
 from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
 from .editors import ALONE_ROWS, METHODS, method_settings, run_methods
-from ..intervals import paired_against, paired_contrasts, tidy_intervals
 from .store import ResultStore, check_unique
 
 __all__ = ["CONTRASTS", "NAME", "ROWS", "SCALES", "TRAIN_ALPHA", "ScalingRows", "ScalingScale", "run", "run_sizes", "settings_for", "summarise", "tables",

@@ -34,11 +34,11 @@ import pandas as pd
 
 from ..editors import EDITORS
 from ..hparams import hparams_for
+from ..intervals import paired_against, tidy_intervals
 from ..loading import ModelHandle
 from ..reporting import MAIN_METRICS
 from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
 from .runner import PRE_EDIT, Cell, EvaluationMeasure, Setting, Unit, run_cells
-from ..intervals import paired_against, tidy_intervals
 from .store import ResultStore, check_unique
 from .units import batch_key, method_key, shard_batches, slug
 

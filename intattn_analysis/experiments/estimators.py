@@ -38,6 +38,7 @@ from ..architectures import hook
 from ..datasets import load_facts
 from ..facts import SUBJECT_SLOT
 from ..hparams import EditHparams, hparams_for
+from ..intervals import tidy_intervals
 from ..known import known_facts
 from ..loading import ModelHandle
 from ..targets import prompt_rows, read_at_subject
@@ -45,7 +46,6 @@ from ..tracing import balance
 from . import alpha_sweep, localization
 from .alpha_settings import run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
-from ..intervals import tidy_intervals
 from .store import MissingResultsError, ResultStore, check_unique
 from .units import alpha_label
 

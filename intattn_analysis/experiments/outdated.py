@@ -68,6 +68,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..facts import Fact, sample_by_relation
+from ..intervals import paired_against, paired_difference, tidy_intervals
 from ..known import is_known
 from ..cache import kind_folder
 from ..loading import ModelHandle
@@ -79,7 +80,6 @@ from .batch_scaling import ROWS, settings_for
 from .common import check_scale, dataset_facts, dataset_label, metric_columns, targets_cache
 from .relations import by_relation, relation_labels
 from .runner import PRE_EDIT, Cell, Setting, Unit, run_cells
-from ..intervals import paired_against, paired_difference, tidy_intervals
 from .store import ResultStore, check_unique
 from .units import batch_key, method_key, shard_batches, slug
 

@@ -39,6 +39,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..datasets import load_facts
+from ..intervals import paired_against, paired_contrasts, tidy_intervals
 from ..known import is_known
 from ..loading import ModelHandle
 from ..metrics import evaluate
@@ -46,7 +47,6 @@ from ..reporting import MAIN_METRICS
 from .batch_scaling import CONTRASTS, ROWS, settings_for
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
 from .runner import SharedMoments, Setting, Unit, run_sequence
-from ..intervals import paired_against, paired_contrasts, tidy_intervals
 from .store import ResultStore, check_unique
 from .units import batch_key, fact_rows, facts_digest, method_key, slug
 

@@ -700,7 +700,7 @@ def compute_z(
     rows are run anyway.
     """
     start_time = time.perf_counter()
-    spec, facts, layer = _check_z_request(facts, hparams, layer, batch_size, site, cache_dir)
+    spec, facts, layer = _check_z_request(model, facts, hparams, layer, batch_size, site, cache_dir)
     if templates is None:
         templates = context_templates(model, hparams.n_context_templates, hparams.context_template_length)
     templates = list(templates)
@@ -733,10 +733,10 @@ def compute_z(
     )
 
 
-def _check_z_request(facts, hparams, layer, batch_size, site, cache_dir) -> tuple["TargetSite", list, int]:
+def _check_z_request(model, facts, hparams, layer, batch_size, site, cache_dir) -> tuple["TargetSite", list, int]:
     """The site's declaration, the facts as a list and the layer, once the request is
-    checked (clear errors for a bad batch size, site, cache request, empty batch or a
-    layer the site cannot start at)."""
+    checked (clear errors for a bad batch size, site, cache request, empty batch, a layer
+    the model lacks or one the site cannot start at)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if site not in TARGET_SITES:
@@ -748,6 +748,9 @@ def _check_z_request(facts, hparams, layer, batch_size, site, cache_dir) -> tupl
     if not facts:
         raise ValueError("facts is empty; pass at least one Fact")
     layer = max(hparams.layers) if layer is None else int(layer)
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"layer {layer} is outside the model's layers 0..{model.n_layers - 1}; "
+                         "give hparams whose layers the model has")
     if spec.inside and layer < 1:
         raise ValueError(f"targets at site {site!r} start their steps at the layer itself, from the "
                          "residual stream before it: the layer must be at least 1")

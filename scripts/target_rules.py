@@ -6,12 +6,9 @@ targets (cached per fact under ``<cache root>/targets``, so a rerun resumes), co
 facts that never meet the stop rule, and then edits with MEMIT at each lambda and prints
 the KnowEdit metrics in percent with 95% intervals over the facts, and each setting's
 difference from the first (the reference rule) at the same lambda, paired over the same
-facts. The intervals are the package's percentile bootstrap over facts
-(:func:`~intattn_analysis.intervals.mean_interval` and
-:func:`~intattn_analysis.intervals.paired_difference`: 10,000 seeded draws, so a
-rerun prints the same ends); each is given by its two ends, ``95% low`` and ``95% high``,
-since a bootstrap interval need not be symmetric about the mean. The table is also
-written to ``figures/target_rules.csv``.
+facts. The intervals are normal approximations, ``mean ± 1.96 sem`` over facts
+(:func:`~intattn_analysis.intervals.normal_interval`), given by their half-width
+(``±95%``). The table is also written to ``figures/target_rules.csv``.
 
     python scripts/target_rules.py                       # SmolLM2, 100 train records
     python scripts/target_rules.py --facts 50 --lambdas 250 1000
@@ -27,7 +24,7 @@ import pandas as pd
 import torch
 
 import intattn_analysis as ia
-from intattn_analysis.intervals import mean_interval, paired_difference, scale_of
+from intattn_analysis.intervals import normal_interval
 from intattn_analysis.loading import cache_root
 from intattn_analysis.plots import figures_dir
 
@@ -41,6 +38,17 @@ SETTINGS = {
     "NLL < 0.05, 25 evaluations": {**REFERENCE, "stop_on": "nll"},
     "loss < 0.05, 40 evaluations": {**REFERENCE, "v_steps": 40},
 }
+
+
+def mean_and_half_width(values: pd.Series) -> tuple[float, float]:
+    """The mean over facts, in points, and the half-width of its 95% interval
+    (:func:`~intattn_analysis.intervals.normal_interval`); facts without a value are
+    left out."""
+    values = values.dropna().astype(float)
+    mean = values.mean()
+    sem = values.sem() if len(values) > 1 else 0.0
+    low, high = normal_interval(mean, sem)
+    return 100 * mean, 100 * (high - low) / 2
 
 
 def main(argv=None) -> int:
@@ -95,15 +103,12 @@ def main(argv=None) -> int:
             per_fact = post.per_fact[["Edit Succ.", "Rephrase", "Locality"]].astype(float)
             first.setdefault(lam, per_fact)
             for metric in per_fact:
-                scale = scale_of(metric)
-                mean, low, high, _ = mean_interval(per_fact[metric])
-                row[metric] = round(mean * scale, 1)
-                row[f"{metric} 95% low"] = round(low * scale, 1)
-                row[f"{metric} 95% high"] = round(high * scale, 1)
-                paired = paired_difference(per_fact[metric], first[lam][metric])
-                row[f"{metric} vs first"] = round(paired["diff"] * scale, 1)
-                row[f"{metric} vs first 95% low"] = round(paired["ci_low"] * scale, 1)
-                row[f"{metric} vs first 95% high"] = round(paired["ci_high"] * scale, 1)
+                mean, half = mean_and_half_width(per_fact[metric])
+                row[metric] = round(mean, 1)
+                row[f"{metric} ±95%"] = round(half, 1)
+                diff, half = mean_and_half_width(per_fact[metric] - first[lam][metric])
+                row[f"{metric} vs first"] = round(diff, 1)
+                row[f"{metric} vs first ±95%"] = round(half, 1)
             rows.append(row)
             print(pd.DataFrame([row]).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)

@@ -2,15 +2,16 @@
 
 Every experiment's unit loop on a tiny random Llama with hand-made facts: the alpha
 settings of the sweep and the estimators, the editor family (with ROME each alone),
-batch scaling, sequential rounds, outdated knowledge (survival and traces), and the
-in-memory runs of ``intattn evaluate`` and notebook 03. The rows were stored by the
-unit loops as they were before the runner was one runner; ``test_runner_equality.py``
-runs the same units through today's runner and compares.
+batch scaling, sequential rounds, outdated knowledge (survival and traces), the
+localization experiment's traces, and the in-memory runs of ``intattn evaluate`` and notebook 03. ``data/runner_rows.json`` holds
+what the experiments' code at commit fe02946 (the code that wrote the committed store)
+gave for them; ``test_runner_equality.py`` runs the same units through today's code and
+compares.
 
-A row set is ``{unit label: {"key": key, "rows": rows}}``: the key exactly as it was
-stored (with the model's temporary directory replaced by ``<model>``, since the tiny
-model lives in a fresh folder each session) and the rows without the columns that time
-the run.
+A row set is ``{unit label: {"key": key, "rows": rows, "timing_columns": names}}``: the
+key exactly as it was stored (with the model's temporary directory replaced by
+``<model>``, since the tiny model lives in a fresh folder each run), the rows without the
+columns that time the run, and the names of those columns.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def store_rows(store, model) -> dict[str, dict]:
         key = records[0]["unit_key"]
         label = path.stem.rsplit("-", 1)[0]
         rows = [{k: v for k, v in r.items() if k not in ("unit_key", "unit", *TIMING_COLUMNS)} for r in records]
-        out[label] = {"key": normalise(key, model), "rows": normalise(rows, model)}
+        timed = sorted({k for r in records for k in r if k in TIMING_COLUMNS})
+        out[label] = {"key": normalise(key, model), "rows": normalise(rows, model), "timing_columns": timed}
     return out
 
 

@@ -743,3 +743,22 @@ def test_metrics_by_relation_pool_small_relations_and_pair_within_each():
     assert paired.loc["big", "diff"] == pytest.approx(100 * (np.mean([0.75, 1.0] * 3) - 0.625))
     with pytest.raises(ValueError, match="no relation label"):
         by_relation(frame, {}, ["Edit Succ."])
+
+
+def test_a_failing_setting_keeps_what_the_settings_before_it_computed(tiny_llama, setting):
+    """With the second moments gathered by the run (``moments=None``), a method whose
+    hparams cannot be resolved fails at its own turn, with its own error: the rows of the
+    methods before it are kept, and the weights are the model's own."""
+    from intattn_analysis import runs
+
+    hp, _ = setting
+    hp = hp.replace(mom2_n_tokens=300, mom2_max_len=16)
+    before = {k: v.clone() for k, v in tiny_llama.hf_model.state_dict().items()}
+    with pytest.raises(ia.EditError, match="layer") as caught:
+        runs.edit_batches(tiny_llama, [FACTS[:2]], ["memit", "intattn"],
+                          {"memit": hp, "intattn": hp.replace(layers=(tiny_llama.n_layers,))},
+                          metrics=("knowedit",), targets_cache=False, progress=False)
+    assert list(caught.value.partial_run.records["method"]) == ["pre-edit", "memit"]
+    assert tiny_llama.open_edits == 0
+    after = tiny_llama.hf_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -1,8 +1,9 @@
-"""Every experiment's units, run through the one runner, give the rows the separate unit
-loops gave before it (``tests/data/runner_rows.json``, see ``runner_cases.py``).
+"""Every experiment's units, run through the runner, give the rows the code that wrote the
+committed store gave (``tests/data/runner_rows.json``, see ``runner_cases.py``).
 
 The comparison covers each unit's key (exactly, so the stores already written are read
-as they are, not recomputed), its file label, its row labels and every value; floats to
+as they are, not recomputed), its file label, its row labels, the names of its timing
+columns and every value; floats to
 1e-6 relative, since the stored rows were made on one machine and another CPU may round
 float32 sums differently in the last bits. The in-memory runs of ``intattn evaluate``
 and notebook 03 (``ia.edit_batches``) are compared by their tables.
@@ -77,3 +78,19 @@ def test_the_alpha_sweep_paper_units_are_found_in_the_committed_store(gemma3, da
                         metrics=scale.metrics, fluency_tokens=scale.fluency_tokens)
     assert len(cells) == 27
     assert _missing(alpha_sweep.NAME, cells) == []
+
+
+def test_every_experiments_default_rows_are_the_committed_stores():
+    """The rows each experiment runs by default at paper scale are the settings its
+    committed store holds: a paper-scale run adds no row of its own accord."""
+    from intattn_analysis.experiments import batch_scaling, editors, outdated, sequential
+
+    def stored(experiment: str) -> set[str]:
+        paths = (PAPER_STORE / experiment).glob("*.jsonl")
+        return {json.loads(path.open().readline())["setting"] for path in paths} - {"pre-edit"}
+
+    assert set(editors.SCALES["paper"].rows) == stored(editors.NAME)
+    assert set(batch_scaling.SCALES["paper"].rows) == stored(batch_scaling.NAME)
+    assert set(outdated.SCALES["paper"].rows) == stored(outdated.NAME)
+    assert set(sequential.default_rows()) == stored(sequential.NAME)
+    assert sequential.SCALES["paper"].methods is None  # the paper scale runs the default rows

@@ -167,6 +167,7 @@ def batch_targets(model: ModelHandle, facts: Sequence[Fact], method: str | Edito
     spec = editor(method)
     if not shares_targets(spec):
         return None
+    check_layers(model, list(hparams.layers))  # a layer the model lacks is named before any work
     key = (spec.targets, max(hparams.layers), hparams.n_context_templates, hparams.context_template_length,
            tuple(sorted(target_settings(hparams).items())))
     if key not in shared:

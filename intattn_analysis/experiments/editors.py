@@ -42,7 +42,8 @@ from .runner import PRE_EDIT, Cell, EvaluationMeasure, Setting, Unit, run_cells
 from .store import ResultStore, check_unique
 from .units import batch_key, method_key, shard_batches, slug
 
-__all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "VARIANT_ROWS", "EditorsScale", "FamilyRows", "method_cells", "method_settings",
+__all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "VARIANT_ROWS", "EditorsScale", "FamilyRows",
+           "method_key", "method_cells", "method_settings",
            "relation_tables", "run", "run_methods", "summarise", "tables"]
 
 NAME = "editors"

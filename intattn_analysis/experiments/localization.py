@@ -81,6 +81,7 @@ class TraceMeasure:
 
     scale: LocalizationScale
     window: int
+    timed = False  # trace rows are read back as traces; they carry no timing
 
     def wants_pre(self, cells, missing) -> bool:
         return False

@@ -44,9 +44,9 @@ curves therefore show where the old answer still flows *and* where each method's
 acts; a positive effect at a module the method did not write (attention for MEMIT) is
 old knowledge flowing past the edit, which is the question the paper raises.
 
-Methods are the rows of the ``batch-scaling`` experiment (every compared editor, with
-IntAttn-Edit without and with the null-space projection at the train-chosen alpha), with
-the model's defaults. Each (batch, setting, part) is a stored unit; a killed run resumes.
+Methods are the rows of the ``batch-scaling`` experiment (every compared editor but the
+fine-tuning baselines, with IntAttn-Edit without and with the null-space projection at the
+train-chosen alpha), with the model's defaults. Each (batch, setting, part) is a stored unit; a killed run resumes.
 Trace rows hold one list of per-layer effects per (fact, module, token), so that a batch
 of 100 traced facts stays a small file.
 
@@ -118,6 +118,11 @@ class OutdatedScale:
     samples: int  # noise draws per traced fact
     methods: tuple[str, ...] | None = None  # None: every row of batch scaling as registered when run
     mom2_n_tokens: int | None = None
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """The rows run: ``methods``, or every row of batch scaling as registered now."""
+        return tuple(self.methods) if self.methods is not None else tuple(ROWS)
 
 
 SCALES: dict[str, OutdatedScale] = {
@@ -273,6 +278,7 @@ class OldAnswerMeasure:
     n_traced: int
     samples: int
     window: int
+    edit_in_seconds = False  # each part's seconds time its own measurement
 
     def wants_pre(self, cells, missing) -> bool:
         """The unedited model's KnowEdit evaluation is needed by an edited survival part."""
@@ -339,8 +345,7 @@ def run(model: ModelHandle, dataset: str, scale: str | OutdatedScale, root, *,
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     batches = known_batches(model, dataset, scale.batch_size, scale.n_batches, progress)
-    rows = scale.methods if scale.methods is not None else tuple(ROWS)
-    settings = settings_for(model, rows, scale.mom2_n_tokens, scale_name, root, progress)
+    settings = settings_for(model, scale.rows, scale.mom2_n_tokens, scale_name, root, progress)
     run_batches(model, batches, settings, store, dataset=dataset_label(dataset), n_traced=scale.n_traced,
                 samples=scale.samples, shard=shard, progress=progress)
     return store

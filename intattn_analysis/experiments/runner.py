@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from tqdm import tqdm
 
-from ..editors import edit, edit_sequence, editor
+from ..editors import EditError, edit, edit_sequence, editor
 from ..editors.api import batch_targets, resolve_hparams
 from ..editors.moments import corpus_sample, moments_for
 from ..facts import Fact
@@ -122,7 +122,18 @@ class Outcome:
 
 
 class Measure(Protocol):
-    """What is measured on a model state (the unedited model or a batch written)."""
+    """What is measured on a model state (the unedited model or a batch written).
+
+    Besides the three methods, a measure may set these attributes (read with defaults):
+
+    * ``timed`` (default ``True``): whether its rows carry ``seconds``;
+    * ``pre_rows`` (default ``False``): whether the unedited model's rows are its
+      :meth:`pre` measurement itself, so that their ``seconds`` are that measurement's;
+    * ``edit_in_seconds`` (default ``True``): whether an edited unit's ``seconds`` count
+      the edit (with its targets) besides the measurement;
+    * ``select(pre, positions)``: the unedited measurement of some facts of the batch,
+      needed by settings that edit each fact alone.
+    """
 
     def wants_pre(self, cells: Sequence[Cell], missing: Mapping[int, list[str]]) -> bool:
         """Whether the unedited model's measurement of the batch is needed, given the
@@ -144,6 +155,7 @@ class EvaluationMeasure:
 
     metrics: tuple[str, ...] = ("knowedit", "residue", "fluency")
     fluency_tokens: int = 50
+    pre_rows = True
 
     def wants_pre(self, cells, missing) -> bool:
         return True
@@ -192,7 +204,11 @@ class SharedMoments:
         example: dict[tuple, Any] = {}
         for setting in self.settings:
             spec = editor(setting.method)
-            resolved, _ = resolve_hparams(self.model, spec, setting.hparams)  # the matrices written are known
+            try:
+                resolved, _ = resolve_hparams(self.model, spec, setting.hparams)  # the matrices written are known
+            except EditError:
+                continue  # its edit fails with this error when its turn comes, after the settings before it
+
             keys = spec.moments(self.model, resolved) if spec.moments is not None else []
             if keys:
                 sample = corpus_sample(setting.hparams)
@@ -222,9 +238,12 @@ def run_cells(
     with anything missing, the unedited model is measured first where ``measure`` needs
     it; then each setting writes the batch (targets shared within the batch, cached on
     disk under ``targets_cache``), its missing parts are measured and stored, and the
-    weights are restored before the next. Every row carries ``seconds``: the wall time of
-    the unit (the edit with its targets, and the measurement); with ``edit_seconds`` the
-    rows of edited settings also carry the edit's own seconds (``edit_seconds``).
+    weights are restored before the next. Every row of a timed measure carries
+    ``seconds``: the wall time of the unit's measurement (for the unedited rows of a
+    measure whose rows are its unedited measurement, that measurement; for an edited unit,
+    with the edit and its targets where the measure counts them, in the cell's first
+    part); with ``edit_seconds`` the rows of edited settings also carry the edit's own
+    seconds (``edit_seconds``).
     ``moments`` serves every setting (default: :class:`SharedMoments`). ``outcomes``, if
     given, receives an :class:`Outcome` per computed unit as it is stored.
     """
@@ -264,8 +283,13 @@ def _run_cell(model, cell, parts, measure, store, facts, pre, pre_seconds, share
     """The missing ``parts`` of one cell, each stored as soon as it is measured."""
     setting = cell.setting
     if not setting.edits:
-        return [_store(store, cell, part, *measure.rows(model, facts, part, pre, setting), seconds=pre_seconds)
-                for part in parts]
+        done = []
+        for part in parts:
+            start = time.perf_counter()
+            rows, evaluation = measure.rows(model, facts, part, pre, setting)
+            seconds = time.perf_counter() - start + (pre_seconds if getattr(measure, "pre_rows", False) else 0.0)
+            done.append(_store(store, cell, part, rows, evaluation, measure, seconds=seconds))
+        return done
     if setting.alone:
         return [_run_alone(model, cell, part, measure, store, facts, pre, moments_of, edit_seconds, progress)
                 for part in parts]
@@ -274,13 +298,14 @@ def _run_cell(model, cell, parts, measure, store, facts, pre, pre_seconds, share
     done = []
     with edit(model, facts, method=setting.method, hparams=setting.hparams,
               moments=moments_of.for_hparams(setting.hparams), targets=targets, progress=False) as result:
-        edit_time = time.perf_counter() - start
+        edit_time = time.perf_counter() - start if getattr(measure, "edit_in_seconds", True) else 0.0
         for part in parts:
             begin = time.perf_counter()
             rows, evaluation = measure.rows(model, facts, part, pre, setting)
             extra = {"edit_seconds": result.timings.get("total", float("nan"))} if edit_seconds else {}
-            done.append(_store(store, cell, part, rows, evaluation, seconds=edit_time + time.perf_counter() - begin,
-                               extra=extra, targets=targets, timings=dict(result.timings)))
+            done.append(_store(store, cell, part, rows, evaluation, measure,
+                               seconds=edit_time + time.perf_counter() - begin, extra=extra, targets=targets,
+                               timings=dict(result.timings)))
             edit_time = 0.0  # the edit is counted once, in the first part
     return done
 
@@ -289,6 +314,9 @@ def _run_alone(model, cell, part, measure, store, facts, pre, moments_of, edit_s
     """Each fact of the batch edited alone on the unedited model, measured against its
     own pre-edit values, and restored before the next."""
     setting = cell.setting
+    if not hasattr(measure, "select"):
+        raise TypeError(f"setting {setting.name!r} edits each fact alone, which needs a measure with "
+                        f"select(pre, positions); {type(measure).__name__} has none")
     start = time.perf_counter()
     rows, seconds = [], 0.0
     for i, fact in enumerate(tqdm(facts, desc=f"{setting.method}, each fact alone", leave=False,
@@ -299,13 +327,14 @@ def _run_alone(model, cell, part, measure, store, facts, pre, moments_of, edit_s
         seconds += result.timings.get("total", float("nan"))
         rows.append({**fact_rows_[0], "position": i})
     extra = {"edit_seconds": seconds} if edit_seconds else {}
-    return _store(store, cell, part, rows, None, seconds=time.perf_counter() - start, extra=extra)
+    return _store(store, cell, part, rows, None, measure, seconds=time.perf_counter() - start, extra=extra)
 
 
-def _store(store, cell: Cell, part: str, rows: list[dict], evaluation, *, seconds: float,
+def _store(store, cell: Cell, part: str, rows: list[dict], evaluation, measure, *, seconds: float,
            extra: Mapping | None = None, targets=None, timings: Mapping | None = None) -> Outcome:
     unit = cell.units[part]
-    stamped = [{**row, "seconds": seconds, **(extra or {})} for row in rows]
+    timing = {"seconds": seconds} if getattr(measure, "timed", True) else {}
+    stamped = [{**row, **timing, **(extra or {})} for row in rows]
     store.write_unit(unit.key, stamped, unit.label, dict(unit.labels))
     return Outcome(cell, part, stamped, evaluation, targets, dict(timings or {}))
 

@@ -20,10 +20,10 @@ from the store.
 
 The methods are rows of the ``editors`` experiment or of the ``batch-scaling`` one
 (:func:`intattn_analysis.experiments.batch_scaling.settings_for`); by default
-(:func:`default_rows`) every row of batch scaling (every compared editor, ROME fact after
-fact, IntAttn-Edit without and with the null-space projection at the train-chosen alpha,
-and any editor registered with ``ia.register_editor``) and IntAttn-Edit at the traced
-alpha.
+(:func:`default_rows`) every row of batch scaling (every compared editor but the
+fine-tuning baselines: ROME fact after fact, PMET, AlphaEdit, MEMIT, IntAttn-Edit without
+and with the null-space projection at the train-chosen alpha, and any editor registered
+with ``ia.register_editor``) and IntAttn-Edit at the traced alpha.
 
 Scales: ``ci``: 3 rounds of 2 ZsRE test edits, MEMIT, AlphaEdit and IntAttn-Edit, second
 moments from 20,000 tokens; ``paper``: 20 rounds of 10 with every default row, Fluency

@@ -49,7 +49,7 @@ from ..reporting import MAIN_METRICS
 from ..batching import editable_batches
 from . import estimators
 from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
-from .editors import ALONE_ROWS, METHODS, method_settings, run_methods
+from .editors import ALONE_ROWS, METHODS, RegistryView, method_settings, run_methods
 from .store import ResultStore, check_unique
 
 __all__ = ["CONTRASTS", "LEFT_OUT", "NAME", "ROWS", "SCALES", "TRAIN_ALPHA", "ScalingRows", "ScalingScale", "run", "run_sizes", "settings_for", "summarise", "tables",
@@ -72,7 +72,7 @@ TRAIN_ALPHA_ROWS = tuple(TRAIN_ALPHA.values())
 LEFT_OUT: tuple[str, ...] = ("FT-L", "FT-M")
 
 
-class ScalingRows(Mapping):
+class ScalingRows(RegistryView):
     """``{row name: row of the editors experiment}``: every row of the main table
     (:data:`.editors.METHODS`, so every compared editor, the ones registered with
     ``ia.register_editor`` included) that writes its batch at once, the IntAttn-Edit rows
@@ -81,18 +81,6 @@ class ScalingRows(Mapping):
 
     def _rows(self) -> dict[str, str]:
         return {TRAIN_ALPHA.get(row, row): row for row in METHODS if row not in (*ALONE_ROWS, *LEFT_OUT)}
-
-    def __getitem__(self, row: str) -> str:
-        return self._rows()[row]
-
-    def __iter__(self):
-        return iter(self._rows())
-
-    def __len__(self) -> int:
-        return len(self._rows())
-
-    def __repr__(self) -> str:
-        return f"ScalingRows({self._rows()!r})"
 
 
 #: The rows of batch scaling (:class:`ScalingRows`), as registered now.

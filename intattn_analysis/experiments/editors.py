@@ -60,7 +60,27 @@ NULL_SPACE_ROWS = ("IntAttn-Edit+NS",)
 ALONE_ROWS = ("ROME, each alone",)
 
 
-class FamilyRows(Mapping):
+class RegistryView(Mapping):
+    """A read-only mapping recomputed from the editor registry on every access
+    (subclasses give :meth:`_rows`), so that editors registered later are seen."""
+
+    def _rows(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def __getitem__(self, row: str) -> str:
+        return self._rows()[row]
+
+    def __iter__(self):
+        return iter(self._rows())
+
+    def __len__(self) -> int:
+        return len(self._rows())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._rows()!r})"
+
+
+class FamilyRows(RegistryView):
     """``{row name: method}``: the rows of the main table, read from the registry as it is
     now: one row per registered editor that is compared
     (:attr:`intattn_analysis.Editor.compared`), named by its label, in the order the
@@ -75,18 +95,6 @@ class FamilyRows(Mapping):
             rows[spec.display] = spec.name
             rows.update({variant: spec.name for variant, base in VARIANT_ROWS.items() if base == spec.display})
         return rows
-
-    def __getitem__(self, row: str) -> str:
-        return self._rows()[row]
-
-    def __iter__(self):
-        return iter(self._rows())
-
-    def __len__(self) -> int:
-        return len(self._rows())
-
-    def __repr__(self) -> str:
-        return f"FamilyRows({self._rows()!r})"
 
 
 #: ``{row name: method}``: the rows of the main table (:class:`FamilyRows`).

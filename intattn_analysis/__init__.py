@@ -24,7 +24,8 @@ from .localization import (
     layer_ranges,
     suggest_edit_layers,
 )
-from .metrics import METRICS, Evaluation, evaluate
+from .answers import GenerationSettings
+from .metrics import METRICS, PROTOCOLS, Evaluation, Evaluations, evaluate
 from .targets import ZTargets, compute_z
 from .predictions import answer_probability, top_predictions
 from .runs import BatchRun, edit_batches, editable_batches
@@ -52,6 +53,9 @@ __all__ = [
     "ArchSpec",
     "DatasetError",
     "Evaluation",
+    "Evaluations",
+    "GenerationSettings",
+    "PROTOCOLS",
     "Fact",
     "FactError",
     "LayerSpec",

@@ -144,6 +144,10 @@ def _check_evaluate_args(args: argparse.Namespace) -> list[Path] | None:
         raise UsageError(f"--alpha must lie in [0, 1] (0: MLP only, 1: attention only), got {args.alpha}")
     if args.lambda_ is not None and not args.lambda_ >= 0:
         raise UsageError(f"--lambda must be >= 0, got {args.lambda_}")
+    _generation_settings(args)
+    if args.protocol == "generation" and "counterfact" in args.metrics:
+        raise UsageError("--metrics: 'counterfact' compares answer probabilities and has no generation form; "
+                         "leave it out or use --protocol both")
     return _output_files(args.out) if args.out else None
 
 
@@ -282,18 +286,17 @@ def _evaluate_each_batch(args: argparse.Namespace, model, batches: list, hp, mom
 
     from . import reporting
     from .loading import write_atomic
-    from .runs import edit_batches
+    from .runs import BatchRun, edit_batches
 
     records, per_fact, timings = [], [], []
     for b, batch in enumerate(batches):
         run = edit_batches(model, [batch], args.methods, hp, moments=moments, dataset=path.stem,
-                           metrics=args.metrics, fluency_tokens=args.fluency_tokens)
+                           metrics=args.metrics, fluency_tokens=args.fluency_tokens, protocol=args.protocol,
+                           generation=_generation_settings(args))
         records.append(run.records.assign(batch=b))
         per_fact.append(run.per_fact.assign(batch=b))
         timings.append(run.timings.assign(batch=b))
-        table = reporting.formatted(reporting.main_table(
-            pd.concat(records, ignore_index=True),
-            metrics=[m for m in reporting.MAIN_METRICS if m in run.records.columns]))
+        table = reporting.formatted(BatchRun(pd.concat(records, ignore_index=True), run.timings).table())
         if outputs:  # each file whole or not at all, so a killed run keeps the finished batches
             frames = (pd.concat(records, ignore_index=True), pd.concat(per_fact, ignore_index=True))
             for frame, target in zip(frames, outputs):
@@ -303,6 +306,32 @@ def _evaluate_each_batch(args: argparse.Namespace, model, batches: list, hp, mom
             print(f"batch {b + 1}/{len(batches)} written to {', '.join(p.name for p in outputs)}",
                   flush=True)
     return table, timings
+
+
+def _generation_settings(args: argparse.Namespace):
+    """The generation protocol's settings from ``--prompt-form`` and ``--max-new-tokens``."""
+    from .answers import GenerationSettings
+
+    try:
+        return GenerationSettings(max_new_tokens=args.max_new_tokens, prompt_form=args.prompt_form)
+    except ValueError as error:
+        raise UsageError(str(error).replace("GenerationSettings.max_new_tokens", "--max-new-tokens")
+                         .replace("GenerationSettings.prompt_form", "--prompt-form")) from None
+
+
+def _add_protocol_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--protocol``, ``--prompt-form`` and ``--max-new-tokens``."""
+    from .answers import PROMPT_FORMS
+    from .metrics import PROTOCOLS
+
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=default,
+                        help="how answers are judged: teacher-forced token accuracy, free generation "
+                             "to a natural stop, or both" + ("" if default else " (default: the scale's)"))
+    parser.add_argument("--prompt-form", choices=PROMPT_FORMS, default="plain",
+                        help="the generation protocol's prompt: as it is, in a Q:/A: frame, or as a "
+                             "chat user turn (instruction models)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="the generation protocol's cap on new tokens per answer")
 
 
 #: Where ``intattn run`` stores results unless ``--out`` says otherwise.
@@ -366,6 +395,7 @@ def _run(args: argparse.Namespace) -> int:
         from .experiments.common import dataset_facts
 
         dataset_facts(args.dataset)  # the file must be there and readable before any work
+    protocol = _run_protocol(args, module)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.tables_only:
@@ -373,7 +403,7 @@ def _run(args: argparse.Namespace) -> int:
 
         model = load_model(args.model)
         started = time.perf_counter()
-        module.run(model, args.dataset, args.scale, out, shard=shard, progress=True)
+        module.run(model, args.dataset, args.scale, out, shard=shard, progress=True, **protocol)
         print(f"{args.experiment}: {model.name} / {args.dataset} / {args.scale}"
               f"{f' / shard {args.shard}' if shard else ''} done in "
               f"{time.perf_counter() - started:.0f} s; store: {out}", flush=True)
@@ -394,6 +424,23 @@ def _run(args: argparse.Namespace) -> int:
             if frame is not None and not frame.empty and key != "intervals":
                 print(f"\n{args.experiment}: {key}\n{frame.to_string(index=False)}")
     return 0
+
+
+def _run_protocol(args: argparse.Namespace, module) -> dict:
+    """The protocol keywords of the experiment's ``run`` (none where ``--protocol`` is not
+    given); an experiment without the generation protocol yet is refused by name."""
+    import inspect
+
+    if args.protocol is None:
+        return {}
+    if "protocol" not in inspect.signature(module.run).parameters:
+        raise UsageError(f"--protocol: the {args.experiment} experiment measures teacher-forced metrics only so "
+                         "far; leave --protocol out")
+    generation = _generation_settings(args)
+    keywords = {"protocol": args.protocol}
+    if "generation" in inspect.signature(module.run).parameters:
+        keywords["generation"] = generation
+    return keywords
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -514,6 +561,7 @@ def _add_evaluate(sub, common: argparse.ArgumentParser) -> None:
                           help="what must fall below stop_loss to end a fact's target optimisation "
                                "(loss: MEMIT's rule, the default; nll: the NLL alone)")
     evaluate.add_argument("--fluency-tokens", type=int, default=50)
+    _add_protocol_options(evaluate, "teacher-forced")
     evaluate.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     evaluate.add_argument("--lenient", action="store_true",
                           help="skip (and list) malformed records instead of stopping")
@@ -537,6 +585,7 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("--tables-only", action="store_true",
                      help="only summarise what the store holds")
     run.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    _add_protocol_options(run, None)
     run.set_defaults(run=_run)
 
 

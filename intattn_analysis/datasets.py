@@ -33,7 +33,8 @@ Rules shared by all formats:
 * Paraphrases and rephrase prompts get ``{}`` in place of the first verbatim occurrence of
   the subject; one that names the subject differently is kept as plain text.
 * An answer given as a list (of strings, or of lists of aliases) is reduced to its first
-  non-empty string. A probe whose answer is empty (``""``, ``[]``, ``[[]]``) cannot be
+  non-empty string; a probe keeps the others as :attr:`~intattn_analysis.Probe.aliases`
+  (read only by the generation protocol). A probe whose answer is empty (``""``, ``[]``, ``[[]]``) cannot be
   scored; it is dropped, with one warning per file giving the count. An empty true answer
   of the edit itself gives ``target_true=None`` (``Fact`` allows that); an empty new target
   is an error.
@@ -232,6 +233,23 @@ def _first_string(value: Any, where: str) -> str | None:
     raise FactError(where, f"must be a string or a list of strings, got {value!r}")
 
 
+def _all_strings(value: Any) -> list[str]:
+    """Every non-empty string of a string, a list of strings or a list of alias lists,
+    in order, each once."""
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    out: list[str] = []
+    for item in value if isinstance(value, list) else []:
+        out += [s for s in _all_strings(item) if s not in out]
+    return out
+
+
+def _aliases(value: Any, answer: str) -> tuple[str, ...]:
+    """The other answers a ground truth accepts besides ``answer``: the rest of its alias
+    lists, and any further answers it lists."""
+    return tuple(s for s in _all_strings(value) if s != answer)
+
+
 def _slot(subject: str, text: str) -> str | None:
     """``text`` with ``{}`` in place of the subject's first occurrence as a whole word (not
     inside a longer word: "Java" in "JavaScript" does not count); ``None`` without one."""
@@ -321,12 +339,12 @@ def _knowedit_probes(record: Mapping[str, Any], key: str, notes: _Notes) -> list
             if not isinstance(item, Mapping):
                 raise FactError(where, f"must be a {{prompt, ground_truth}} object, got {item!r}")
             prompt = _text(item, "prompt", f"{where}.prompt")
-            answer = _first_string(_get(item, "ground_truth", f"{where}.ground_truth"),
-                                   f"{where}.ground_truth")
+            truth = _get(item, "ground_truth", f"{where}.ground_truth")
+            answer = _first_string(truth, f"{where}.ground_truth")
             if answer is None:
                 notes.dropped_probes += 1
                 continue
-            probes.append(Probe(prompt, answer, kind))
+            probes.append(Probe(prompt, answer, kind, _aliases(truth, answer)))
     return probes
 
 
@@ -517,7 +535,8 @@ def _mquake_rewrite_list(record: Mapping[str, Any]) -> list:
 
 def _mquake_probes(record: Mapping[str, Any]) -> list[Probe]:
     new_answer = _text(record, "new_answer")
-    probes = [Probe(q, new_answer, "multi_hop") for q in _texts(record, "questions")]
+    aliases = _aliases(record.get("new_answer_alias") or [], new_answer)
+    probes = [Probe(q, new_answer, "multi_hop", aliases) for q in _texts(record, "questions")]
     hops = record.get("new_single_hops") or []
     if not isinstance(hops, list):
         raise FactError("new_single_hops", f"must be a list, got {type(hops).__name__}")
@@ -525,8 +544,9 @@ def _mquake_probes(record: Mapping[str, Any]) -> list[Probe]:
         where = f"new_single_hops[{j}]"
         if not isinstance(hop, Mapping):
             raise FactError(where, f"must be a JSON object, got {type(hop).__name__}")
-        probes.append(Probe(_text(hop, "cloze", f"{where}.cloze"),
-                            _text(hop, "answer", f"{where}.answer"), "single_hop"))
+        answer = _text(hop, "answer", f"{where}.answer")
+        probes.append(Probe(_text(hop, "cloze", f"{where}.cloze"), answer, "single_hop",
+                            _aliases(hop.get("answer_alias") or [], answer)))
     return probes
 
 
@@ -543,7 +563,8 @@ def _from_mquake(record: Mapping[str, Any], index: int, notes: _Notes) -> Fact:
     portability probes answered by ``new_answer``, kind ``"multi_hop"`` (they hold only
     once *all* the case's rewrites are applied: see :func:`mquake_rewrites`). Each of
     ``new_single_hops`` becomes a portability probe from its ``cloze`` (the completion
-    form of its question) to its ``answer``, kind ``"single_hop"``. Answer aliases, the
+    form of its question) to its ``answer``, kind ``"single_hop"``. The answers' aliases
+    (``new_answer_alias``, each hop's ``answer_alias``) become the probes' aliases; the
     unedited ``single_hops`` and ``orig`` are not kept.
     """
     rewrites = _mquake_rewrite_list(record)

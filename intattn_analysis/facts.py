@@ -38,25 +38,41 @@ class FactError(ValueError):
 
 
 class Probe(NamedTuple):
-    """A prompt with the answer expected after it; ``kind`` is the benchmark's sub-type."""
+    """A prompt with the answer expected after it; ``kind`` is the benchmark's sub-type.
+
+    ``aliases`` are other spellings of the answer that the benchmark accepts (KnowEdit's
+    WikiData_counterfact lists them, MQuAKE too). Teacher-forced metrics score ``answer``
+    alone, as KnowEdit does; the generation protocol accepts a generated answer that
+    matches any of them (:mod:`intattn_analysis.answers`).
+    """
 
     prompt: str
     answer: str
     kind: str = ""
+    aliases: tuple[str, ...] = ()
 
 
 def _probe(value: Any, field_name: str, index: int) -> Probe:
     if isinstance(value, Probe):
         probe = value
     elif isinstance(value, Mapping):
-        probe = Probe(value.get("prompt"), value.get("answer"), value.get("kind", "") or "")
-    elif isinstance(value, (tuple, list)) and len(value) in (2, 3):
+        probe = Probe(value.get("prompt"), value.get("answer"), value.get("kind", "") or "",
+                      value.get("aliases") or ())
+    elif isinstance(value, (tuple, list)) and len(value) in (2, 3, 4):
         probe = Probe(*value)
     else:
         raise FactError(
             f"{field_name}[{index}]",
-            f"expected (prompt, answer) or (prompt, answer, kind), got {value!r}",
+            f"expected (prompt, answer), (prompt, answer, kind) or (prompt, answer, kind, aliases), "
+            f"got {value!r}",
         )
+    aliases = probe.aliases
+    if isinstance(aliases, str) or not isinstance(aliases, (tuple, list)):
+        raise FactError(f"{field_name}[{index}].aliases", f"must be a list of strings, got {aliases!r}")
+    for j, alias in enumerate(aliases):
+        if not isinstance(alias, str) or not alias.strip():
+            raise FactError(f"{field_name}[{index}].aliases[{j}]", f"must be a non-empty string, got {alias!r}")
+    probe = probe._replace(aliases=tuple(aliases))
     for part in ("prompt", "answer"):
         text = getattr(probe, part)
         if not isinstance(text, str) or not text.strip():
@@ -204,7 +220,7 @@ class Fact:
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
         for name in ("neighborhood", "portability", "locality"):
-            record[name] = [list(p) for p in getattr(self, name)]
+            record[name] = [list(p[:3]) + ([list(p.aliases)] if p.aliases else []) for p in getattr(self, name)]
         record["paraphrases"] = list(self.paraphrases)
         return record
 

@@ -91,21 +91,25 @@ import re
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .answers import GenerationSettings, answer_text, match_answer, normalize_answer, render_prompts, stopped
 from .facts import Fact
 from .loading import ModelHandle
 from .model_access import FINAL_NORM_HOOK, cache_keyword
 
 __all__ = [
+    "GENERATION_METRICS",
     "METRICS",
+    "PROTOCOLS",
     "AnswerScore",
     "Evaluation",
+    "Evaluations",
     "answer_token_ids",
     "evaluate",
     "greedy_generations",
@@ -116,10 +120,16 @@ __all__ = [
 
 #: The metric sets :func:`evaluate` knows, in the order their columns appear.
 METRICS = ("knowedit", "counterfact", "residue", "fluency")
+#: The evaluation protocols (:func:`evaluate`'s ``protocol``).
+PROTOCOLS = ("teacher-forced", "generation", "both")
+#: The metric sets with a generation form (the others are the same under both protocols).
+GENERATION_METRICS = ("knowedit", "residue", "fluency")
 
 # The columns of each metric set, in order (sub-type columns are added after their parent).
 _COLUMNS = {
-    "knowedit": ["Edit Succ.", "Rephrase", "Portability", "Locality"],
+    # the prefix and F1 columns are the generation protocol's (its exact match is the headline)
+    "knowedit": ["Edit Succ.", "Edit Succ. prefix", "Edit Succ. F1", "Rephrase", "Rephrase prefix", "Rephrase F1",
+                 "Portability", "Portability prefix", "Portability F1", "Locality"],
     "counterfact": [
         "Efficacy", "Paraphrase", "Neighborhood",
         "Efficacy magnitude", "Paraphrase magnitude", "Neighborhood magnitude",
@@ -322,6 +332,7 @@ def greedy_generations(
     batch_size: int = 128,
     progress: bool = True,
     kv_cache: bool = True,
+    stop: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """The greedy continuation of each text, the same as
     :func:`~intattn_analysis.known.greedy_continuation` gives one at a time.
@@ -339,7 +350,9 @@ def greedy_generations(
 
     A row stops at the end-of-sequence token, which is then dropped from the decoded text
     with the other special tokens, and leaves the batch (and its keys and values the
-    cache).
+    cache). ``stop``, if given, is asked after every step with each row's decoded text so
+    far, and a row for which it says ``True`` stops there too (the generation protocol's
+    natural end, :func:`intattn_analysis.answers.stopped`).
     """
     _check_batch_size(batch_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -349,6 +362,7 @@ def greedy_generations(
         return []
     encoded = model.tokenize(texts)
     eos = model.tokenizer.eos_token_id
+    ends = _Ends(model.tokenizer, eos, stop)
     generated: list[list[int]] = [[] for _ in texts]
     lengths = [len(e) for e in encoded]
     if kv_cache:
@@ -357,33 +371,46 @@ def greedy_generations(
         batches = _same_length_batches(lengths, batch_size)
     for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
         if kv_cache:
-            tokens = _decode_cached(model, [encoded[i] for i in batch], max_new_tokens, eos)
+            tokens = _decode_cached(model, [encoded[i] for i in batch], max_new_tokens, ends)
         else:
             ids = torch.tensor([encoded[i] for i in batch], device=model.device)
-            tokens = _decode_uncached(model, ids, max_new_tokens, eos)
+            tokens = _decode_uncached(model, ids, max_new_tokens, ends)
         for index, row in zip(batch, tokens):
             generated[index] = row
     return [model.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in generated]
 
 
-def _record(next_tokens: torch.Tensor, alive: list[int], out: list[list[int]], eos) -> list[int]:
+class _Ends:
+    """When a row of a greedy decoding is finished: at the end-of-sequence token, or
+    where ``stop`` says so of its decoded text."""
+
+    def __init__(self, tokenizer, eos: int | None, stop: Callable[[str], bool] | None) -> None:
+        self.tokenizer, self.eos, self.stop = tokenizer, eos, stop
+
+    def done(self, tokens: list[int]) -> bool:
+        if self.eos is not None and tokens[-1] == self.eos:
+            return True
+        return self.stop is not None and self.stop(self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def _record(next_tokens: torch.Tensor, alive: list[int], out: list[list[int]], ends: _Ends) -> list[int]:
     """Append each row's token to its prompt's output (``alive[row]`` is the prompt of
-    batch row ``row``) and return the rows that have not written the end of sequence."""
+    batch row ``row``) and return the rows that are not finished."""
     keep = []
     for row, (index, token) in enumerate(zip(alive, next_tokens.tolist())):
         out[index].append(int(token))
-        if eos is None or token != eos:
+        if not ends.done(out[index]):
             keep.append(row)
     return keep
 
 
-def _decode_uncached(model: ModelHandle, ids: torch.Tensor, steps: int, eos) -> list[list[int]]:
+def _decode_uncached(model: ModelHandle, ids: torch.Tensor, steps: int, ends: _Ends) -> list[list[int]]:
     """Greedy tokens of each row, each step a forward over the whole sequence so far."""
     out: list[list[int]] = [[] for _ in range(len(ids))]
     alive = list(range(len(ids)))
     for _ in range(steps):
         next_tokens = model.bridge(ids)[:, -1].argmax(dim=-1)
-        keep = _record(next_tokens, alive, out, eos)
+        keep = _record(next_tokens, alive, out, ends)
         if not keep:
             break
         ids = torch.cat([ids, next_tokens[:, None]], dim=1)
@@ -393,13 +420,13 @@ def _decode_uncached(model: ModelHandle, ids: torch.Tensor, steps: int, eos) -> 
     return out
 
 
-def _decode_cached(model: ModelHandle, prompts: Sequence[Sequence[int]], steps: int, eos) -> list[list[int]]:
+def _decode_cached(model: ModelHandle, prompts: Sequence[Sequence[int]], steps: int, ends: _Ends) -> list[list[int]]:
     """Greedy tokens of each prompt: the prompts left-padded and masked in one forward,
     then one token per row per step, the earlier keys and values read from the cache."""
     from transformers import DynamicCache
 
     pad = model.tokenizer.pad_token_id
-    pad = int(pad if pad is not None else (eos if eos is not None else 0))
+    pad = int(pad if pad is not None else (ends.eos if ends.eos is not None else 0))
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -415,7 +442,7 @@ def _decode_cached(model: ModelHandle, prompts: Sequence[Sequence[int]], steps: 
         kwargs = {"attention_mask": mask} if not bool(mask.all()) else {}
         logits = model.bridge(step_ids, **_cache_kwargs(model, cache), **kwargs)
         next_tokens = logits[:, -1].argmax(dim=-1)
-        keep = _record(next_tokens, alive, out, eos)
+        keep = _record(next_tokens, alive, out, ends)
         if not keep:
             break
         step_ids = next_tokens[:, None]
@@ -467,8 +494,10 @@ class Evaluation:
         metrics: the metric sets computed.
         with_pre: whether a pre-edit evaluation was given.
         fingerprints: per fact, its key and locality probes; ``pre`` must match them.
-        locality_predictions: per fact, per locality probe, the model's teacher-forced
-            argmax tokens (what a later evaluation compares with).
+        locality_predictions: per fact, per locality probe, what a later evaluation
+            compares with: the model's teacher-forced argmax tokens, or under the
+            generation protocol its normalised answer.
+        protocol: ``"teacher-forced"`` or ``"generation"``.
     """
 
     per_fact: pd.DataFrame
@@ -479,7 +508,8 @@ class Evaluation:
     metrics: tuple[str, ...]
     with_pre: bool
     fingerprints: list[tuple] = field(repr=False)
-    locality_predictions: list[list[tuple[int, ...]]] | None = field(repr=False, default=None)
+    locality_predictions: list[list] | None = field(repr=False, default=None)
+    protocol: str = "teacher-forced"
 
     def table(self) -> pd.DataFrame:
         """The summary with its counts, one row per metric."""
@@ -507,13 +537,61 @@ class Evaluation:
             fingerprints=[self.fingerprints[i] for i in positions],
             locality_predictions=(None if self.locality_predictions is None
                                   else [self.locality_predictions[i] for i in positions]),
+            protocol=self.protocol,
         )
 
     def __repr__(self) -> str:
         return (
             f"Evaluation(model={self.model!r}, facts={len(self.per_fact)}, "
-            f"with_pre={self.with_pre})\n{self.table().to_string()}"
+            f"with_pre={self.with_pre}, protocol={self.protocol!r})\n{self.table().to_string()}"
         )
+
+
+class Evaluations(Mapping):
+    """The result of :func:`evaluate` with ``protocol="both"``: ``{protocol: Evaluation}``
+    for ``"teacher-forced"`` and ``"generation"``, measured on the same model state.
+
+    ``per_fact`` and ``table()`` put the two side by side: ``per_fact`` is the two
+    protocols' rows one after the other, with a ``protocol`` column first; ``table()``
+    has one row per metric and a ``mean`` and ``n`` column per protocol.
+    """
+
+    protocol = "both"
+
+    def __init__(self, parts: Mapping[str, Evaluation]) -> None:
+        self.parts = dict(parts)
+
+    def __getitem__(self, protocol: str) -> Evaluation:
+        if protocol not in self.parts:
+            raise KeyError(f"no {protocol!r} evaluation here; the protocols are {list(self.parts)}")
+        return self.parts[protocol]
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    @property
+    def model(self) -> str:
+        return next(iter(self.parts.values())).model
+
+    @property
+    def per_fact(self) -> pd.DataFrame:
+        return pd.concat([e.per_fact.assign(protocol=p)[["protocol", *e.per_fact.columns]]
+                          for p, e in self.parts.items()], ignore_index=True)
+
+    def table(self) -> pd.DataFrame:
+        """Each metric's mean and count under each protocol (NaN where a protocol has no
+        such metric)."""
+        return pd.concat({p: e.table() for p, e in self.parts.items()}, axis=1)
+
+    def select(self, positions: Sequence[int]) -> "Evaluations":
+        """Both protocols' evaluations of the facts at ``positions`` (:meth:`Evaluation.select`)."""
+        return Evaluations({p: e.select(positions) for p, e in self.parts.items()})
+
+    def __repr__(self) -> str:
+        return f"Evaluations(model={self.model!r}, protocols={list(self.parts)})\n{self.table().to_string()}"
 
 
 def _metric_names(metrics: Iterable[str] | str) -> tuple[str, ...]:
@@ -546,10 +624,16 @@ def _check_facts(facts: Sequence[Fact]) -> list[Fact]:
     return facts
 
 
-def _check_pre(pre: Evaluation, facts: list[Fact], metrics: tuple[str, ...]) -> None:
+def _check_pre(pre: Evaluation, facts: list[Fact], metrics: tuple[str, ...],
+               protocol: str = "teacher-forced") -> None:
     if not isinstance(pre, Evaluation):
         raise TypeError(
             f"pre must be an Evaluation returned by evaluate(), got {type(pre).__name__}"
+        )
+    if pre.protocol != protocol:
+        raise ValueError(
+            f"pre was computed under protocol={pre.protocol!r}, but this evaluation is {protocol!r}; "
+            f"compute pre with protocol={protocol!r} or 'both'"
         )
     if len(pre.fingerprints) != len(facts):
         raise ValueError(
@@ -598,28 +682,70 @@ def evaluate(
     model: ModelHandle,
     facts: Sequence[Fact],
     *,
-    pre: Evaluation | None = None,
+    pre: "Evaluation | Evaluations | None" = None,
     metrics: Sequence[str] | str = METRICS,
+    protocol: str = "teacher-forced",
+    generation: GenerationSettings | None = None,
     fluency_tokens: int = 50,
     batch_size: int = 32,
     generation_batch_size: int = 128,
     progress: bool = True,
-) -> Evaluation:
+) -> "Evaluation | Evaluations":
     """Score ``model`` on ``facts`` with the metric sets in ``metrics`` (see the module docstring).
 
-    ``pre`` is the evaluation of the same facts, in the same order, before the edit: its
-    pre-edit locality predictions and residue values are reused (nothing of the pre-edit
-    model is recomputed), and a ``pre`` computed on other facts, or without a metric set
-    that needs it, raises ``ValueError``. ``fluency_tokens`` is the length of the greedy
-    generations scored for fluency. All teacher-forced scoring is one deduplicated pass in
-    padded batches of ``batch_size`` sequences (:func:`score_answers`), and generation
-    decodes ``generation_batch_size`` prompts at a time (:func:`greedy_generations`; most
-    rows of a question-answering benchmark end after a token or two and leave the batch,
-    so large batches cost little); results depend on either only through float rounding.
+    ``protocol`` says how an answer is judged:
+
+    * ``"teacher-forced"`` (default): the KnowEdit metrics as the papers compute them.
+    * ``"generation"``: the model answers each probe by greedy decoding to a natural stop
+      (:mod:`intattn_analysis.answers`, with ``generation``'s prompt form and cap), and
+      the answer is scored against the target and its aliases: ``Edit Succ.``,
+      ``Rephrase`` and ``Portability`` hold the normalised exact match, and ``... prefix``
+      and ``... F1`` columns whether the answer begins with the target and its token F1.
+      ``Locality`` is the share of locality probes whose normalised answer is the
+      unedited model's. ``Residue old top-1`` is whether the answer to the edit prompt
+      begins with ``target_true``; ``Residue p(true)`` is not measured (a probability has
+      no generation form). ``answer`` holds the answer to the edit prompt, and
+      ``answers`` (per fact, per role) every answer; :attr:`Evaluation.answers` has one
+      row per probe with its generated text and scores. ``"counterfact"`` compares
+      probabilities and is refused here.
+    * ``"both"``: an :class:`Evaluations` with both, from one model state. The metric sets
+      without a generation form (``counterfact``) and those the same under both
+      (``fluency``) are computed in the teacher-forced part only.
+
+    ``pre`` is the evaluation of the same facts, in the same order, before the edit, under
+    the same protocol (an :class:`Evaluations` serves either): its pre-edit locality
+    predictions and residue values are reused (nothing of the pre-edit model is
+    recomputed), and a ``pre`` computed on other facts, under another protocol, or without
+    a metric set that needs it, raises ``ValueError``. ``fluency_tokens`` is the length of
+    the greedy generations scored for fluency. All teacher-forced scoring is one
+    deduplicated pass in padded batches of ``batch_size`` sequences
+    (:func:`score_answers`), and generation decodes ``generation_batch_size`` prompts at a
+    time (:func:`greedy_generations`; most rows of a question-answering benchmark end
+    after a few tokens and leave the batch, so large batches cost little); results depend
+    on either only through float rounding.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    if generation is not None and not isinstance(generation, GenerationSettings):
+        raise TypeError(f"generation must be a GenerationSettings, got {type(generation).__name__}")
+    generation = generation or GenerationSettings()
+    options = dict(fluency_tokens=fluency_tokens, batch_size=batch_size,
+                   generation_batch_size=generation_batch_size, progress=progress)
+    if protocol == "both":
+        names = _metric_names(metrics)
+        generated = tuple(m for m in names if m in GENERATION_METRICS and m != "fluency")
+        parts = {"teacher-forced": evaluate(model, facts, pre=_protocol_part(pre, "teacher-forced"), metrics=names,
+                                            **options)}
+        if generated:
+            parts["generation"] = evaluate(model, facts, pre=_protocol_part(pre, "generation"), metrics=generated,
+                                           protocol="generation", generation=generation, **options)
+        return Evaluations(parts)
+    pre = _protocol_part(pre, protocol)
     facts, metrics = _check_evaluate_args(
-        facts, metrics, pre, fluency_tokens, batch_size, generation_batch_size
+        facts, metrics, pre, fluency_tokens, batch_size, generation_batch_size, protocol
     )
+    if protocol == "generation":
+        return _evaluate_generation(model, facts, pre, metrics, generation, **options)
     requests = _score_requests(facts, metrics)
     scored = score_answers(
         model, [(request.prompt, request.answer) for request in requests],
@@ -654,6 +780,16 @@ def evaluate(
     )
 
 
+def _protocol_part(pre, protocol: str):
+    """The part of ``pre`` for ``protocol`` (``pre`` itself where it is one evaluation)."""
+    if isinstance(pre, Evaluations):
+        if protocol not in pre:
+            raise ValueError(f"pre holds no {protocol!r} evaluation (it holds {list(pre)}); compute pre with "
+                             f"protocol={protocol!r} or 'both'")
+        return pre[protocol]
+    return pre
+
+
 def _check_evaluate_args(
     facts: Sequence[Fact],
     metrics: Sequence[str] | str,
@@ -661,11 +797,15 @@ def _check_evaluate_args(
     fluency_tokens: int,
     batch_size: int,
     generation_batch_size: int,
+    protocol: str = "teacher-forced",
 ) -> tuple[list[Fact], tuple[str, ...]]:
     """The facts as a list and the metric sets in their canonical order, after every
     argument of :func:`evaluate` has been checked (before any forward)."""
     facts = _check_facts(facts)
     metrics = _metric_names(metrics)
+    if protocol == "generation" and "counterfact" in metrics:
+        raise ValueError("metrics include 'counterfact', which compares answer probabilities and has no "
+                         "generation form; leave it out, or use protocol='teacher-forced' or 'both'")
     _check_batch_size(batch_size)
     _check_batch_size(generation_batch_size)
     if "fluency" in metrics and (
@@ -675,7 +815,7 @@ def _check_evaluate_args(
     ):
         raise ValueError(f"fluency_tokens must be a positive integer, got {fluency_tokens!r}")
     if pre is not None:
-        _check_pre(pre, facts, metrics)
+        _check_pre(pre, facts, metrics, protocol)
     return facts, metrics
 
 
@@ -862,6 +1002,125 @@ def _residue_columns(edit_true: AnswerScore | None, before: pd.Series | None) ->
             "Residue old top-1 pre": before["old_top1"], "Residue old top-1 post": old_top1}
 
 
+# --------------------------------------------------------------------------- generation
+@dataclass(frozen=True)
+class _Question:
+    """One probe the generation protocol asks: as :class:`_Request`, with the answer's
+    aliases."""
+
+    fact: int
+    role: str
+    kind: str
+    prompt: str
+    answer: str
+    aliases: tuple[str, ...] = ()
+
+
+def _generation_questions(facts: list[Fact], metrics: tuple[str, ...]) -> list[_Question]:
+    """Every probe the generation protocol asks for the metric sets, fact after fact
+    (``edit/true`` reuses the edit prompt's answer, scored against ``target_true``)."""
+    questions: list[_Question] = []
+    for i, fact in enumerate(facts):
+        if "knowedit" in metrics:
+            questions.append(_Question(i, "edit", "", fact.text, fact.target_new))
+            questions += [_Question(i, "rephrase", "", text, fact.target_new) for text in fact.paraphrase_texts]
+            questions += [_Question(i, "portability", p.kind, p.prompt, p.answer, p.aliases)
+                          for p in fact.portability]
+            questions += [_Question(i, "locality", p.kind, p.prompt, p.answer, p.aliases) for p in fact.locality]
+        if "residue" in metrics and fact.target_true is not None:
+            questions.append(_Question(i, "edit/true", "", fact.text, fact.target_true))
+    return questions
+
+
+def _evaluate_generation(model: ModelHandle, facts: list[Fact], pre: Evaluation | None, metrics: tuple[str, ...],
+                         settings: GenerationSettings, *, fluency_tokens: int, batch_size: int,
+                         generation_batch_size: int, progress: bool) -> Evaluation:
+    """:func:`evaluate` under the generation protocol: each distinct prompt answered once."""
+    questions = _generation_questions(facts, metrics)
+    prompts = list(dict.fromkeys(q.prompt for q in questions))
+    continuations = greedy_generations(
+        model, render_prompts(model.tokenizer, prompts, settings.prompt_form), settings.max_new_tokens,
+        batch_size=generation_batch_size, progress=progress, stop=stopped,
+    ) if prompts else []
+    generated = dict(zip(prompts, continuations))
+    fluency = greedy_generations(model, [f.text for f in facts], fluency_tokens, batch_size=generation_batch_size,
+                                 progress=progress) if "fluency" in metrics else None
+    by_fact: list[dict[str, list]] = [defaultdict(list) for _ in facts]
+    table = []
+    for q in questions:
+        text = answer_text(generated[q.prompt])
+        match = match_answer(text, (q.answer, *q.aliases))
+        by_fact[q.fact][q.role].append((q.kind, text, match))
+        table.append(dict(fact=q.fact, role=q.role, kind=q.kind, prompt=q.prompt, answer=q.answer,
+                          aliases=list(q.aliases), generated=generated[q.prompt], answer_text=text,
+                          exact=match.exact, prefix=match.prefix, f1=match.f1))
+    rows, locality = [], ([] if "knowedit" in metrics else None)
+    for i, fact in enumerate(facts):
+        roles = by_fact[i]
+        row: dict = {"case_id": fact.case_id, "key": fact.key, "subject": fact.subject}
+        if "knowedit" in metrics:
+            columns, answers = _generation_knowedit(roles, pre.locality_predictions[i] if pre is not None else None)
+            row.update(columns)
+            locality.append(answers)
+        if fluency is not None:
+            row["Fluency"] = n_gram_entropy(fact.text + fluency[i])
+        if "residue" in metrics:
+            row.update(_generation_residue(roles, pre.per_fact.iloc[i] if pre is not None else None))
+        if roles.get("edit") or roles.get("edit/true"):
+            row["answer"] = (roles.get("edit") or roles.get("edit/true"))[0][1]
+        row["answers"] = {role: [text for _, text, _ in entries] for role, entries in roles.items()
+                          if role != "edit/true"}
+        if fluency is not None:
+            row["generation"] = fluency[i]
+        rows.append(row)
+    per_fact = _per_fact_table(rows, metrics)
+    summary, counts = _summary(per_fact, metrics, model.cache_id)
+    return Evaluation(
+        per_fact=per_fact, summary=summary, counts=counts,
+        answers=pd.DataFrame(table, columns=["fact", "role", "kind", "prompt", "answer", "aliases", "generated",
+                                             "answer_text", "exact", "prefix", "f1"]),
+        model=model.cache_id, metrics=metrics, with_pre=pre is not None,
+        fingerprints=[_fingerprint(f) for f in facts], locality_predictions=locality, protocol="generation",
+    )
+
+
+def _generation_knowedit(roles: Mapping[str, list], before: list[str] | None) -> tuple[dict, list[str]]:
+    """KnowEdit's columns of one fact under generation, and its normalised locality
+    answers. ``before`` holds the unedited model's; without them locality is NaN."""
+    columns: dict = {}
+    for name, role in (("Edit Succ.", "edit"), ("Rephrase", "rephrase")):
+        entries = roles.get(role, [])
+        columns[name] = _mean(m.exact for _, _, m in entries)
+        columns[f"{name} prefix"] = _mean(m.prefix for _, _, m in entries)
+        columns[f"{name} F1"] = _mean(m.f1 for _, _, m in entries)
+    portability = roles.get("portability", [])
+    overall, per_kind = _by_kind([(k, m.exact) for k, _, m in portability])
+    columns["Portability"] = overall
+    columns.update({f"Portability/{k}": v for k, v in per_kind.items()})
+    columns["Portability prefix"] = _by_kind([(k, m.prefix) for k, _, m in portability])[0]
+    columns["Portability F1"] = _by_kind([(k, m.f1) for k, _, m in portability])[0]
+    answers = [normalize_answer(text) for _, text, _ in roles.get("locality", [])]
+    if before is not None:
+        overall, per_kind = _by_kind([(kind, float(now == old))
+                                      for (kind, _, _), now, old in zip(roles.get("locality", []), answers, before)])
+    else:
+        overall, per_kind = math.nan, {}
+    columns["Locality"] = overall
+    columns.update({f"Locality/{k}": v for k, v in per_kind.items()})
+    return columns, answers
+
+
+def _generation_residue(roles: Mapping[str, list], before: pd.Series | None) -> dict:
+    """The residue columns of one fact under generation: whether the answer to the edit
+    prompt begins with ``target_true`` (NaN without one), before and after, as
+    :func:`_residue_columns` has them; ``old_top1`` is the current model's value."""
+    entries = roles.get("edit/true", [])
+    old = entries[0][2].prefix if entries else math.nan
+    if before is None:
+        return {"Residue old top-1 pre": old, "Residue old top-1 post": math.nan, "old_top1": old}
+    return {"Residue old top-1 pre": before["old_top1"], "Residue old top-1 post": old, "old_top1": old}
+
+
 def _per_fact_table(rows: list[dict], metrics: tuple[str, ...]) -> pd.DataFrame:
     """The fact rows as :attr:`Evaluation.per_fact`: identity columns, metric columns in
     the papers' order, then the raw values."""
@@ -869,7 +1128,7 @@ def _per_fact_table(rows: list[dict], metrics: tuple[str, ...]) -> pd.DataFrame:
     metric_columns = _ordered_metric_columns(per_fact.columns, metrics)
     return per_fact[
         ["case_id", "key", "subject", *metric_columns,
-         *[c for c in ("p_new", "p_true", "old_top1", "generation") if c in per_fact.columns]]
+         *[c for c in ("p_new", "p_true", "old_top1", "answer", "answers", "generation") if c in per_fact.columns]]
     ]
 
 

@@ -16,12 +16,16 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["MAIN_METRICS", "formatted", "main_table", "markdown_table", "record"]
+__all__ = ["GENERATION_SCORES", "MAIN_METRICS", "formatted", "main_table", "markdown_table", "record"]
 
 #: The paper's four metrics, plus the rephrase accuracy KnowEdit reports beside them.
 MAIN_METRICS: tuple[str, ...] = ("Edit Succ.", "Rephrase", "Portability", "Locality", "Fluency")
+#: The generation protocol's other two scores of the main metrics (its exact match fills
+#: the main metrics' columns; :mod:`intattn_analysis.answers`).
+GENERATION_SCORES: tuple[str, ...] = ("Edit Succ. prefix", "Edit Succ. F1", "Rephrase prefix", "Rephrase F1",
+                                      "Portability prefix", "Portability F1")
 #: Metrics that are shares in [0, 1] (shown in percent); the others are shown as they are.
-SHARE_METRICS = {"Edit Succ.", "Rephrase", "Portability", "Locality", "Efficacy", "Paraphrase",
+SHARE_METRICS = {"Edit Succ.", "Rephrase", "Portability", "Locality", *GENERATION_SCORES, "Efficacy", "Paraphrase",
                  "Neighborhood", "Residue old top-1 pre", "Residue old top-1 post", "Known kept",
                  "Old top-1", "Old top-10", "New top-1", "Context old top-1", "Context new top-1",
                  "Control copy top-1"}

@@ -21,7 +21,9 @@ from . import reporting
 from .batching import editable_batches
 from .editors import editor
 from .experiments.editors import method_cells
+from .answers import GenerationSettings
 from .experiments.runner import EvaluationMeasure, MemoryStore, run_cells
+from .experiments.units import GENERATION_PART, part_protocol
 from .facts import Fact
 from .hparams import EditHparams, hparams_for
 from .loading import ModelHandle, cache_root
@@ -48,8 +50,11 @@ class BatchRun:
     per_fact: pd.DataFrame | None = None
 
     def table(self, metrics: Sequence[str] = reporting.MAIN_METRICS) -> pd.DataFrame:
-        """Mean, std and batch count per (model, dataset, method)."""
-        return reporting.main_table(self.records, metrics=metrics)
+        """Mean, std and batch count per (model, dataset, method), and per protocol where
+        the run measured the generation protocol."""
+        by = ("model", "dataset", "protocol", "method") if "protocol" in self.records.columns else \
+            ("model", "dataset", "method")
+        return reporting.main_table(self.records, metrics=[m for m in metrics if m in self.records.columns], by=by)
 
 
 def edit_batches(
@@ -62,6 +67,8 @@ def edit_batches(
     dataset: str = "",
     metrics: Sequence[str] = ("knowedit", "counterfact", "residue", "fluency"),
     fluency_tokens: int = 50,
+    protocol: str = "teacher-forced",
+    generation: GenerationSettings | None = None,
     targets_cache: str | Path | None | bool = True,
     progress: bool = True,
 ) -> BatchRun:
@@ -84,6 +91,11 @@ def edit_batches(
     method, so methods and batches do not see each other's edits. Every method name is
     checked before anything runs. If a batch fails, the exception carries the rows
     recorded before the failure as ``error.partial_run`` (a :class:`BatchRun`).
+
+    ``protocol`` (``"teacher-forced"``, ``"generation"`` or ``"both"``) and
+    ``generation`` are :func:`intattn_analysis.evaluate`'s; each batch is edited once and
+    measured under each protocol. Under any protocol other than ``"teacher-forced"`` the
+    records and per-fact rows carry a ``protocol`` column.
     """
     if targets_cache is True:
         targets_cache = cache_root() / "targets"
@@ -96,31 +108,35 @@ def edit_batches(
     for method in methods:
         editor(method)  # an unknown name is an EditError naming the known ones
     settings = {method: (method, _method_hparams(model, method, hparams)) for method in methods}
+    generation = generation or GenerationSettings()
     cells = method_cells(model, [list(b) for b in batches], settings, dataset=dataset, metrics=tuple(metrics),
-                         fluency_tokens=fluency_tokens, alone=())
+                         fluency_tokens=fluency_tokens, alone=(), protocol=protocol, generation=generation)
+    measure = EvaluationMeasure(tuple(metrics), fluency_tokens, protocol, generation)
     outcomes: list = []
     try:
-        run_cells(model, cells, EvaluationMeasure(tuple(metrics), fluency_tokens), MemoryStore(), moments=moments,
+        run_cells(model, cells, measure, MemoryStore(), moments=moments,
                   targets_cache=targets_cache, outcomes=outcomes, desc=f"{model.name} {dataset}".strip(),
                   progress=progress)
     except BaseException as error:
         # what finished is not lost: it travels with the exception
-        error.partial_run = _batch_run(outcomes, model.name, dataset)  # type: ignore[attr-defined]
+        error.partial_run = _batch_run(outcomes, model.name, dataset, protocol)  # type: ignore[attr-defined]
         raise
-    return _batch_run(outcomes, model.name, dataset)
+    return _batch_run(outcomes, model.name, dataset, protocol)
 
 
-def _batch_run(outcomes, model_name: str, dataset: str) -> BatchRun:
+def _batch_run(outcomes, model_name: str, dataset: str, protocol: str = "teacher-forced") -> BatchRun:
     """The tables of a :class:`BatchRun` from the runner's outcomes, in the order run."""
     records, timings, per_fact, targets_of = [], [], [], []
     for outcome in outcomes:
         setting = outcome.cell.setting
         labels = {"model": model_name, "dataset": dataset, "batch": outcome.cell.batch}
+        if protocol != "teacher-forced":
+            labels["protocol"] = part_protocol(outcome.part)
         method = setting.method if setting.edits else "pre-edit"
         records.append(reporting.record(outcome.evaluation, **labels, method=method))
         per_fact.append(outcome.evaluation.per_fact.assign(**labels, method=method))
-        if not setting.edits:
-            continue
+        if not setting.edits or (protocol == "both" and outcome.part == GENERATION_PART):
+            continue  # one timing row per edit
         targets = outcome.targets
         if targets is not None and not any(targets is known for known in targets_of):
             targets_of.append(targets)

@@ -144,13 +144,15 @@ def test_knowedit_wiki_counterfact(data_dir):
     assert fact.paraphrases == ()
     assert fact.portability[0] == Probe(
         "The name of the currency in the country of citizenship of Leonardo DiCaprio is",
-        "Syrian pound", "Reasoning")
+        "Syrian pound", "Reasoning", ("SYP", "LS", "Syrian lira"))
     assert {p.kind for p in fact.portability} == {"Reasoning", "Subject_Aliasing"}
     assert {p.kind for p in fact.locality} == {"Relation_Specificity", "Forgetfulness"}
     # Record 43's alias list starts with an empty list: the first string is taken.
-    assert Probe("The name of the award Abdul Rashid Dostum won is",
-                 "Hero of the Democratic Republic of Afghanistan",
-                 "Relation_Specificity") in facts[43].locality
+    # Its other answers become the probe's aliases.
+    award = [p for p in facts[43].locality if p.prompt == "The name of the award Abdul Rashid Dostum won is"]
+    assert [p[:3] for p in award] == [("The name of the award Abdul Rashid Dostum won is",
+                                       "Hero of the Democratic Republic of Afghanistan", "Relation_Specificity")]
+    assert award[0].aliases == ("Order of the Star", "Order of the Red Banner", "Order of friendship of peoples")
     # One of record 14's five Logical_Generalization probes has no answer ([[]]): dropped.
     generalization = [p.prompt for p in facts[14].portability if p.kind == "Logical_Generalization"]
     assert len(generalization) == 4
@@ -224,8 +226,10 @@ def test_mquake(data_dir):
     multi = [p for p in fact.portability if p.kind == "multi_hop"]
     single = [p for p in fact.portability if p.kind == "single_hop"]
     assert len(multi) == 3 and {p.answer for p in multi} == {"Arabic"}
-    assert single[0] == Probe("Hey Jude was performed by", "Madonna", "single_hop")
-    assert single[-1] == Probe("The official language of Australia is", "Arabic", "single_hop")
+    assert single[0] == Probe("Hey Jude was performed by", "Madonna", "single_hop",
+                             ("Madonna Ciccone", "Madonna Louise Ciccone", "Madonna Louise Veronica Ciccone"))
+    assert single[-1][:3] == ("The official language of Australia is", "Arabic", "single_hop")
+    assert set(single[-1].aliases) == {"ar", "Arabian language", "Arabic language"}
 
 
 def test_mquake_rewrites(data_dir):

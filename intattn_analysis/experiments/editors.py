@@ -27,23 +27,24 @@ paper's batches), with the models' own settings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from ..answers import GenerationSettings
 from ..editors import EDITORS
 from ..hparams import hparams_for
 from ..intervals import paired_against, tidy_intervals
 from ..loading import ModelHandle
-from ..reporting import MAIN_METRICS
+from ..reporting import GENERATION_SCORES, MAIN_METRICS
 from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
 from .runner import PRE_EDIT, Cell, EvaluationMeasure, Setting, Unit, run_cells
 from .store import ResultStore, check_unique
-from .units import batch_key, method_key, shard_batches, slug
+from .units import batch_key, method_key, protocol_units, shard_batches, slug, with_protocol
 
 __all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "VARIANT_ROWS", "EditorsScale", "FamilyRows",
-           "method_key", "method_cells", "method_settings",
+           "method_key", "method_cells", "method_settings", "protocol_gaps",
            "relation_tables", "run", "run_methods", "summarise", "tables"]
 
 NAME = "editors"
@@ -112,6 +113,8 @@ class EditorsScale:
     fluency_tokens: int = 50
     metrics: tuple[str, ...] = ("knowedit", "residue", "fluency")
     methods: tuple[str, ...] | None = None
+    protocol: str = "teacher-forced"
+    generation: GenerationSettings = GenerationSettings()
 
     @property
     def rows(self) -> tuple[str, ...]:
@@ -157,6 +160,8 @@ def method_cells(
     alone: Sequence[str] = ALONE_ROWS,
     labels: Mapping[str, Any] | None = None,
     label_prefix: str = "",
+    protocol: str = "teacher-forced",
+    generation: GenerationSettings | None = None,
 ) -> list[Cell]:
     """The units of each batch of this shard: ``pre-edit`` (label ``b000-pre``), then each
     named (method, hparams) (``b000-<method>-<row>``). The rows named in ``alone`` edit
@@ -164,7 +169,9 @@ def method_cells(
     ``dataset``, ``batch``, ``setting`` (the row name, ``"pre-edit"`` for the unedited
     model), ``method`` and ``labels``. ``labels`` are another experiment's grouping (such
     as the batch size); they enter every unit's key too, and ``label_prefix`` starts every
-    unit's file label."""
+    unit's file label. Under ``protocol`` ``"generation"`` or ``"both"`` each cell also
+    (or only) has a generation unit (:func:`.units.protocol_units`)."""
+    generation = generation or GenerationSettings()
     extra = dict(labels or {})
     eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens, **extra}
     columns = {"model": model.name, "dataset": dataset, **extra}
@@ -174,13 +181,14 @@ def method_cells(
         bkey = batch_key(model, dataset, b, facts)
         pre = Unit({**bkey, "unit": "pre-edit", **eval_key}, f"{label_prefix}b{b:03d}-pre",
                    {**columns, "batch": b, "setting": "pre-edit", "method": None})
-        cells.append(Cell(b, facts, PRE_EDIT, {"": pre}))
+        cells.append(Cell(b, facts, PRE_EDIT, protocol_units(pre, protocol, generation, facts)))
         for name, (method, hp) in settings.items():
-            protocol = {"protocol": "each alone"} if name in alone else {}
-            unit = Unit({**bkey, "unit": "edit", **method_key(model, method, hp), **protocol, **eval_key},
+            each_alone = {"protocol": "each alone"} if name in alone else {}
+            unit = Unit({**bkey, "unit": "edit", **method_key(model, method, hp), **each_alone, **eval_key},
                         f"{label_prefix}b{b:03d}-{method}-{slug(name)}",
                         {**columns, "batch": b, "setting": name, "method": method})
-            cells.append(Cell(b, facts, Setting(name, method, hp, alone=name in alone), {"": unit}))
+            cells.append(Cell(b, facts, Setting(name, method, hp, alone=name in alone),
+                              protocol_units(unit, protocol, generation, facts)))
     return cells
 
 
@@ -198,62 +206,103 @@ def run_methods(
     alone: Sequence[str] = ALONE_ROWS,
     labels: Mapping[str, Any] | None = None,
     label_prefix: str = "",
+    protocol: str = "teacher-forced",
+    generation: GenerationSettings | None = None,
     progress: bool = True,
 ) -> int:
     """Evaluate each named (method, hparams) on each batch of this shard
     (:func:`method_cells`, :func:`.runner.run_cells`); returns the number of units
     computed. ``moments`` (``{(module, layer): E[k kᵀ]}``) serves every method; default:
     each method's own sample, computed once (cached on disk). Edited rows carry
-    ``edit_seconds`` beside ``seconds``."""
+    ``edit_seconds`` beside ``seconds``. ``protocol`` and ``generation`` choose the
+    evaluation protocol (:func:`intattn_analysis.evaluate`); a batch whose teacher-forced
+    units are stored is edited again only for its missing generation units (its targets
+    come from the cache)."""
     metrics = tuple(metrics)
+    generation = generation or GenerationSettings()
     cells = method_cells(model, batches, settings, dataset=dataset, metrics=metrics, fluency_tokens=fluency_tokens,
-                         shard=shard, alone=alone, labels=labels, label_prefix=label_prefix)
-    return run_cells(model, cells, EvaluationMeasure(metrics, fluency_tokens), store, moments=moments,
+                         shard=shard, alone=alone, labels=labels, label_prefix=label_prefix, protocol=protocol,
+                         generation=generation)
+    return run_cells(model, cells, EvaluationMeasure(metrics, fluency_tokens, protocol, generation), store,
+                     moments=moments,
                      targets_cache=targets_cache(), edit_seconds=True, desc=f"{model.name} {dataset} editors",
                      progress=progress)
 
 
 def run(
     model: ModelHandle, dataset: str, scale: str | EditorsScale, root, *,
-    shard: tuple[int, int] | None = None, progress: bool = True,
+    shard: tuple[int, int] | None = None, protocol: str | None = None,
+    generation: GenerationSettings | None = None, progress: bool = True,
 ) -> ResultStore:
-    """Run (or resume) the comparison's units of this shard; returns the store."""
+    """Run (or resume) the comparison's units of this shard; returns the store.
+    ``protocol`` and ``generation`` override the scale's evaluation protocol."""
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
+    if protocol is not None:
+        scale = replace(scale, protocol=protocol)
+    if generation is not None:
+        scale = replace(scale, generation=generation)
     store = ResultStore(root, NAME)
     batches = dataset_batches(dataset, scale.batch_size, scale.n_batches)
     settings = method_settings(model, scale.rows, scale.mom2_n_tokens)
     run_methods(model, batches, settings, store, dataset=dataset_label(dataset), metrics=scale.metrics,
-                fluency_tokens=scale.fluency_tokens, shard=shard, progress=progress)
+                fluency_tokens=scale.fluency_tokens, shard=shard, protocol=scale.protocol,
+                generation=scale.generation, progress=progress)
     return store
 
 
 def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
-    """The main table from whatever the store holds.
+    """The main table from whatever the store holds, under each evaluation protocol it
+    holds (``protocol``: ``teacher-forced`` or ``generation``).
 
     Returns:
-        ``intervals``: one row per (model, dataset, setting, metric) with ``mean``,
-        ``ci_low``, ``ci_high`` (percent for shares) and ``n_edits``;
-        ``paired``: per (model, dataset, setting other than ``baseline``, metric), the
-        mean per-fact difference from ``baseline`` on the same facts, its 95% interval
-        and p-value;
+        ``intervals``: one row per (model, dataset, protocol, setting, metric) with
+        ``mean``, ``ci_low``, ``ci_high`` (percent for shares) and ``n_edits``;
+        ``paired``: per (model, dataset, protocol, setting other than ``baseline``,
+        metric), the mean per-fact difference from ``baseline`` on the same facts, its 95%
+        interval and p-value;
+        ``protocols``: per (model, dataset, setting, metric) measured under both
+        protocols, the per-fact difference generation minus teacher-forced on the same
+        facts (:func:`protocol_gaps`);
         ``seconds``: mean seconds per batch edit (the edit alone, then with its
-        evaluation) per (model, dataset, setting).
+        evaluation) per (model, dataset, setting), from the teacher-forced units.
     """
     rows = store.rows()
     if rows.empty:
         raise ValueError(f"{store!r} holds no results yet; run the experiment first")
-    check_unique(rows, ["model", "dataset", "setting", "batch", "position"])
-    metrics = metric_columns(rows, MAIN_METRICS)
-    intervals = tidy_intervals(rows, ["model", "dataset", "setting"], metrics)
+    rows = with_protocol(rows)
+    check_unique(rows, ["model", "dataset", "protocol", "setting", "batch", "position"])
+    metrics = metric_columns(rows, MAIN_METRICS + GENERATION_SCORES)
+    intervals = tidy_intervals(rows, ["model", "dataset", "protocol", "setting"], metrics)
     edited = rows[rows["setting"] != "pre-edit"]
-    paired = paired_against(edited, metrics, baseline, groups=["model", "dataset"], on=["batch", "position"])
-    seconds = (edited.groupby(["model", "dataset", "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
+    paired = paired_against(edited, metrics, baseline, groups=["model", "dataset", "protocol"],
+                            on=["batch", "position"])
+    forced = edited[edited["protocol"] == "teacher-forced"]
+    seconds = (forced.groupby(["model", "dataset", "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
                .first().groupby(["model", "dataset", "setting"], sort=False).mean().reset_index())
-    return {"intervals": intervals, "paired": pd.DataFrame(paired), "seconds": seconds}
+    return {"intervals": intervals, "paired": pd.DataFrame(paired), "protocols": protocol_gaps(rows, metrics),
+            "seconds": seconds}
+
+
+def protocol_gaps(rows: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Per (model, dataset, setting, metric) measured under both protocols: the mean
+    per-fact difference generation minus teacher-forced on the same facts, its 95%
+    interval and p-value (:func:`intattn_analysis.intervals.paired_against`, in percent
+    points for shares). Empty where no setting has both."""
+    rows = with_protocol(rows)
+    if set(rows["protocol"]) != {"teacher-forced", "generation"}:
+        return pd.DataFrame(columns=["model", "dataset", "setting", "metric", "diff", "ci_low", "ci_high",
+                                     "p_value", "n_edits"])
+    swapped = rows.rename(columns={"setting": "row", "protocol": "setting"})
+    gaps = pd.DataFrame(paired_against(swapped, metrics, "teacher-forced", groups=["model", "dataset", "row"],
+                                       on=["batch", "position"]))
+    if gaps.empty:
+        return gaps
+    return (gaps.drop(columns=["setting", "baseline"]).rename(columns={"row": "setting"})
+            [["model", "dataset", "setting", "metric", "diff", "ci_low", "ci_high", "p_value", "n_edits"]])
 
 
 def relation_tables(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
-    """The main metrics split by relation (:func:`.relations.by_relation`), each dataset's
+    """The main metrics (teacher-forced) split by relation (:func:`.relations.by_relation`), each dataset's
     facts read by its stored name (:func:`.common.dataset_facts`): ``relations`` (means
     with intervals) and ``relations_paired`` (each method minus ``baseline`` on the same
     facts of each relation). A dataset that cannot be read by its name (a file given by
@@ -264,6 +313,9 @@ def relation_tables(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd
     from .relations import by_relation, relation_labels
 
     rows = store.rows()
+    if not rows.empty:
+        rows = with_protocol(rows)
+        rows = rows[rows["protocol"] == "teacher-forced"]  # the relation split is of teacher-forced metrics
     labels: dict[str, str] = {}
     kept = []
     for dataset in rows["dataset"].unique() if not rows.empty else []:

@@ -42,8 +42,9 @@ from ..editors.api import batch_targets, resolve_hparams
 from ..editors.moments import corpus_sample, moments_for
 from ..facts import Fact
 from ..loading import ModelHandle
+from ..answers import GenerationSettings
 from ..metrics import Evaluation, evaluate
-from .units import fact_rows
+from .units import fact_rows, generation_metrics, part_protocol, protocols_of
 
 __all__ = ["PRE_EDIT", "Cell", "EvaluationMeasure", "MemoryStore", "Outcome", "SharedMoments", "Setting", "Unit",
            "run_cells", "run_sequence"]
@@ -151,30 +152,42 @@ class Measure(Protocol):
 class EvaluationMeasure:
     """The per-fact metrics of :func:`intattn_analysis.evaluate` (:func:`.units.fact_rows`),
     edited settings against the unedited model's evaluation of the same batch; the
-    pre-edit rows are that evaluation itself."""
+    pre-edit rows are that evaluation itself.
+
+    Under ``protocol="both"`` or ``"generation"`` the cells carry a
+    :data:`.units.GENERATION_PART` (:func:`.units.protocol_units`), measured under the
+    generation protocol with ``generation``'s settings and the metric sets that have a
+    generation form other than fluency (:func:`.units.generation_metrics`); the other
+    part is the teacher-forced one."""
 
     metrics: tuple[str, ...] = ("knowedit", "residue", "fluency")
     fluency_tokens: int = 50
+    protocol: str = "teacher-forced"
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     pre_rows = True
 
     def wants_pre(self, cells, missing) -> bool:
         return True
 
-    def pre(self, model, facts) -> Evaluation:
-        return evaluate(model, list(facts), metrics=self.metrics, fluency_tokens=self.fluency_tokens,
-                        progress=False)
+    def _evaluate(self, model, facts, protocol: str, pre=None) -> Evaluation:
+        metrics = generation_metrics(self.metrics) if protocol == "generation" else self.metrics
+        return evaluate(model, list(facts), pre=pre, metrics=metrics, protocol=protocol, generation=self.generation,
+                        fluency_tokens=self.fluency_tokens, progress=False)
+
+    def pre(self, model, facts) -> dict[str, Evaluation]:
+        return {protocol: self._evaluate(model, facts, protocol) for protocol in protocols_of(self.protocol)}
 
     def rows(self, model, facts, part, pre, setting):
+        protocol = part_protocol(part)
         if not setting.edits:
-            return fact_rows(pre), pre
-        post = evaluate(model, list(facts), pre=pre, metrics=self.metrics, fluency_tokens=self.fluency_tokens,
-                        progress=False)
+            return fact_rows(pre[protocol]), pre[protocol]
+        post = self._evaluate(model, facts, protocol, pre[protocol])
         return fact_rows(post), post
 
-    def select(self, pre: Evaluation, positions: Sequence[int]) -> Evaluation:
+    def select(self, pre: Mapping[str, Evaluation], positions: Sequence[int]) -> dict[str, Evaluation]:
         """The unedited model's evaluation of some facts of the batch (for settings that
         edit each fact alone)."""
-        return pre.select(positions)
+        return {protocol: evaluation.select(positions) for protocol, evaluation in pre.items()}
 
 
 # =========================================================================== moments
@@ -291,8 +304,7 @@ def _run_cell(model, cell, parts, measure, store, facts, pre, pre_seconds, share
             done.append(_store(store, cell, part, rows, evaluation, measure, seconds=seconds))
         return done
     if setting.alone:
-        return [_run_alone(model, cell, part, measure, store, facts, pre, moments_of, edit_seconds, progress)
-                for part in parts]
+        return _run_alone(model, cell, parts, measure, store, facts, pre, moments_of, edit_seconds, progress)
     start = time.perf_counter()
     targets = batch_targets(model, facts, setting.method, setting.hparams, shared, targets_cache)
     done = []
@@ -310,24 +322,32 @@ def _run_cell(model, cell, parts, measure, store, facts, pre, pre_seconds, share
     return done
 
 
-def _run_alone(model, cell, part, measure, store, facts, pre, moments_of, edit_seconds, progress) -> Outcome:
-    """Each fact of the batch edited alone on the unedited model, measured against its
-    own pre-edit values, and restored before the next."""
+def _run_alone(model, cell, parts, measure, store, facts, pre, moments_of, edit_seconds, progress) -> list[Outcome]:
+    """Each fact of the batch edited alone on the unedited model, its parts measured
+    against its own pre-edit values, and restored before the next."""
     setting = cell.setting
     if not hasattr(measure, "select"):
         raise TypeError(f"setting {setting.name!r} edits each fact alone, which needs a measure with "
                         f"select(pre, positions); {type(measure).__name__} has none")
-    start = time.perf_counter()
-    rows, seconds = [], 0.0
+    rows: dict[str, list[dict]] = {part: [] for part in parts}
+    seconds = {part: 0.0 for part in parts}
+    edit_total = 0.0
     for i, fact in enumerate(tqdm(facts, desc=f"{setting.method}, each fact alone", leave=False,
                                   disable=not progress)):
+        start = time.perf_counter()
         with edit(model, [fact], method=setting.method, hparams=setting.hparams,
                   moments=moments_of.for_hparams(setting.hparams), progress=False) as result:
-            fact_rows_, _ = measure.rows(model, [fact], part, measure.select(pre, [i]), setting)
-        seconds += result.timings.get("total", float("nan"))
-        rows.append({**fact_rows_[0], "position": i})
-    extra = {"edit_seconds": seconds} if edit_seconds else {}
-    return _store(store, cell, part, rows, None, measure, seconds=time.perf_counter() - start, extra=extra)
+            edit_time = time.perf_counter() - start  # counted once, in the first part
+            for part in parts:
+                begin = time.perf_counter()
+                fact_rows_, _ = measure.rows(model, [fact], part, measure.select(pre, [i]), setting)
+                seconds[part] += edit_time + time.perf_counter() - begin
+                edit_time = 0.0
+                rows[part].append({**fact_rows_[0], "position": i})
+        edit_total += result.timings.get("total", float("nan"))
+    extra = {"edit_seconds": edit_total} if edit_seconds else {}
+    return [_store(store, cell, part, rows[part], None, measure, seconds=seconds[part], extra=extra)
+            for part in parts]
 
 
 def _store(store, cell: Cell, part: str, rows: list[dict], evaluation, measure, *, seconds: float,

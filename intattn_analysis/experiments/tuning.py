@@ -129,9 +129,9 @@ def run(model: ModelHandle, method: str, *, dataset: str = "zsre-train", facts: 
     editors.run_methods(model, batches, settings, store, dataset=label, alone=alone, progress=progress)
     summary = editors.summarise(store)
     names = list(settings)
-    intervals = summary["intervals"]
+    intervals = summary["intervals"].query("protocol == 'teacher-forced'").drop(columns="protocol")  # tuned as scored
     intervals = intervals[intervals["setting"].isin(names) & (intervals["dataset"] == label)]
-    paired = summary["paired"]
+    paired = summary["paired"].query("protocol == 'teacher-forced'").drop(columns="protocol")
     paired = paired[paired["setting"].isin(names) & (paired["dataset"] == label)]
     table = intervals.merge(paired[["setting", "metric", "diff", "ci_low", "ci_high"]],
                             on=["setting", "metric"], how="left", suffixes=("", "_vs_memit"))

@@ -22,21 +22,33 @@ from ..facts import Fact
 from ..loading import ModelHandle
 from .store import STORE_FORMAT
 
-__all__ = ["alpha_label", "alpha_value", "batch_key", "fact_rows", "facts_digest", "method_key",
-           "shard_batches", "slug"]
+__all__ = ["GENERATION_PART", "aliases_digest", "alpha_label", "alpha_value", "batch_key", "fact_rows",
+           "facts_digest", "generation_metrics", "method_key", "part_protocol", "protocol_units", "protocols_of",
+           "shard_batches", "slug", "with_protocol"]
 
 
 def facts_digest(facts: Sequence[Fact]) -> str:
     """A hash of everything in the facts: subject, prompt, answers, every probe (rephrases,
     portability, locality, neighbourhood), relation and record id; not the ``known``
-    flags, which describe models, not the facts."""
+    flags, which describe models, not the facts, and not the probes' aliases, which only
+    the generation protocol reads (its units add :func:`aliases_digest`)."""
     payload = []
     for fact in facts:
         record = dataclasses.asdict(fact)
         record.pop("known", None)
+        for name in ("neighborhood", "portability", "locality"):
+            record[name] = [[p.prompt, p.answer, p.kind] for p in getattr(fact, name)]
         payload.append(record)
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def aliases_digest(facts: Sequence[Fact]) -> str:
+    """A hash of the probes' aliases (what the generation protocol scores besides the
+    answers that :func:`facts_digest` covers)."""
+    payload = [[list(p.aliases) for name in ("portability", "locality", "neighborhood") for p in getattr(f, name)]
+               for f in facts]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def batch_key(model: ModelHandle, dataset: str, batch: int, facts: Sequence[Fact]) -> dict[str, Any]:
@@ -96,3 +108,64 @@ def fact_rows(evaluation) -> list[dict]:
     frame = frame.rename(columns={"key": "fact_key"})
     frame.insert(0, "position", range(len(frame)))
     return frame.to_dict(orient="records")
+
+
+# --------------------------------------------------------------------------- protocols
+#: The part of a cell measured under the generation protocol (the teacher-forced part is
+#: the cell's usual part, so that its units keep the keys they had before the generation
+#: protocol existed).
+GENERATION_PART = "generation"
+
+
+def protocols_of(protocol: str) -> tuple[str, ...]:
+    """The single protocols that ``protocol`` (``"teacher-forced"``, ``"generation"`` or
+    ``"both"``) measures."""
+    from ..metrics import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    return ("teacher-forced", "generation") if protocol == "both" else (protocol,)
+
+
+def part_protocol(part: str) -> str:
+    """The protocol a cell's part is measured under."""
+    return "generation" if part == GENERATION_PART else "teacher-forced"
+
+
+def generation_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    """The metric sets measured in a generation part: those with a generation form, less
+    fluency (the same greedy continuation under both protocols, stored once with the
+    teacher-forced part)."""
+    return tuple(m for m in metrics if m in ("knowedit", "residue"))
+
+
+def protocol_units(unit, protocol: str, generation, facts: Sequence[Fact], part: str = "") -> dict:
+    """``{part: unit}`` for one teacher-forced unit under ``protocol``: the unit itself
+    where the teacher-forced protocol is measured, and a generation unit where the
+    generation protocol is: the same key with the protocol's settings
+    (:meth:`~intattn_analysis.answers.GenerationSettings.key`) and the probes' aliases,
+    the label ending ``-gen``, and rows labelled ``protocol: generation`` and the
+    ``prompt_form`` (teacher-forced
+    rows carry no ``protocol`` column; :func:`with_protocol` fills it in)."""
+    units = {}
+    protocols = protocols_of(protocol)
+    if "teacher-forced" in protocols:
+        units[part] = unit
+    if "generation" in protocols:
+        key = {**unit.key, "evaluation": "generation", "generation": generation.key(), "aliases": aliases_digest(facts)}
+        units[GENERATION_PART] = dataclasses.replace(unit, key=key, label=f"{unit.label}-gen",
+                                                     labels={**unit.labels, "protocol": "generation",
+                                                             "prompt_form": generation.prompt_form})
+    return units
+
+
+def with_protocol(rows):
+    """``rows`` (a store's table) with a ``protocol`` column, ``"teacher-forced"`` where a
+    row has none (every row stored before the generation protocol, and every
+    teacher-forced row since)."""
+    rows = rows.copy()
+    if "protocol" not in rows.columns:
+        rows["protocol"] = "teacher-forced"
+    else:
+        rows["protocol"] = rows["protocol"].fillna("teacher-forced")
+    return rows

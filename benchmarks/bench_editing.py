@@ -18,7 +18,11 @@ On one batch of edits (KnowEdit ZsRE test records by default) the script times
 4. **evaluation** (KnowEdit metrics and Fluency, 50 greedy tokens): this code against
    the baseline commit's ``evaluate`` on the unedited model, with the metrics compared;
    the limit is a plain forward over the same rows (every scored sequence once, and every
-   prompt with its generated tokens once);
+   prompt with its generated tokens once); then the **generation protocol** (KnowEdit
+   metrics from greedy answers to a natural stop, ``ia.evaluate(protocol="generation")``),
+   whose limit is a plain forward per generated token: every probe's prompt with the
+   tokens it generated, run once, so that each generated token costs one position of
+   one forward and nothing else (no sequential steps, no cache, no stop checks);
 5. **IntAttn-Edit vs MEMIT** solve time on the same batch and targets (``--alpha``),
    and both edits' KnowEdit metrics.
 
@@ -336,9 +340,53 @@ def _evaluation(args, model, facts, lines, line, memory, report=True) -> int:
         print(f"evaluation vs {args.baseline}: per-fact {', '.join(exact)} identical: {same}; "
               f"generations identical: {gens} of {len(facts)}")
 
+    with peak_rss(memory, "evaluation, generation"):
+        generated, generated_s = timed(metrics_now.evaluate, model, facts, metrics=("knowedit",),
+                                       protocol="generation", progress=False)
+    limit = generation_limit_seconds(model, generated.answers)
+    line("evaluation, generation protocol (greedy answers to a natural stop)", generated_s, limit,
+         vs_new=generated_s / now_s)
+    tokens = generation_tokens(model, generated.answers)
+    print(f"generation protocol: {tokens['prompts']} distinct prompts, {tokens['generated']} generated tokens "
+          f"({tokens['generated'] / tokens['prompts']:.1f} per prompt, cap "
+          f"{ia.GenerationSettings().max_new_tokens})")
+
     if report:
         _report(lines, memory)
     return 0
+
+
+def _generated_rows(model, answers: pd.DataFrame) -> list[list[int]]:
+    """Each distinct prompt's tokens followed by the tokens it generated."""
+    unique = answers.drop_duplicates("prompt")
+    return [model.tokenize(prompt)[0] + model.tokenize(generated)[0][len(model.tokenize("")[0]):]
+            for prompt, generated in zip(unique["prompt"], unique["generated"])]
+
+
+def generation_tokens(model, answers: pd.DataFrame) -> dict:
+    """How many distinct prompts the generation protocol asked, and how many tokens it
+    generated (re-tokenized from the decoded text: the count a forward would see)."""
+    unique = answers.drop_duplicates("prompt")
+    empty = len(model.tokenize("")[0])
+    return {"prompts": len(unique),
+            "generated": sum(len(model.tokenize(g)[0]) - empty for g in unique["generated"])}
+
+
+@torch.no_grad()
+def generation_limit_seconds(model, answers: pd.DataFrame, batch_size: int = 64) -> float:
+    """A plain bridge forward over every distinct prompt followed by its generated tokens,
+    each sequence once, right-padded in batches of ``batch_size``: one forward position
+    per generated token, the floor of any decoding loop."""
+    sequences = sorted(_generated_rows(model, answers), key=len)
+    pad = model.tokenizer.pad_token_id or 0
+    start = time.perf_counter()
+    for k in range(0, len(sequences), batch_size):
+        chunk = sequences[k : k + batch_size]
+        ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
+        for row, s in enumerate(chunk):
+            ids[row, : len(s)] = torch.tensor(s)
+        model.bridge(ids)
+    return time.perf_counter() - start
 
 
 def _report(lines, memory) -> int:

@@ -386,6 +386,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     if args.scale not in module.SCALES:
         raise UsageError(f"--scale must be one of {sorted(module.SCALES)}, got {args.scale!r}")
+    protocol = _run_protocol(args, module)
     out = Path(args.out) if args.out else _default_out(args.scale)
     _output_files(str(out / "probe"))  # a writable folder, before any work
     if args.experiment == "localization" and args.dataset != "builtin" and not args.tables_only:
@@ -395,7 +396,6 @@ def _run(args: argparse.Namespace) -> int:
         from .experiments.common import dataset_facts
 
         dataset_facts(args.dataset)  # the file must be there and readable before any work
-    protocol = _run_protocol(args, module)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.tables_only:

@@ -51,7 +51,7 @@ import pandas as pd
 from .reporting import SHARE_METRICS
 
 __all__ = ["BOOTSTRAP_DRAWS", "NORMAL_Z", "formatted_intervals", "mean_interval", "normal_interval", "paired_against",
-           "paired_contrasts", "paired_difference", "scale_of", "tidy_intervals"]
+           "holm", "paired_contrasts", "paired_difference", "scale_of", "tidy_intervals"]
 
 #: Bootstrap resamples behind every interval. With 10,000 the interval's ends move by
 #: well under a tenth of their width between seeds.
@@ -193,6 +193,24 @@ def paired_contrasts(
     return out
 
 
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (Holm 1979): the adjusted
+    p-value of the ``k``-th smallest of ``m`` is the running maximum of
+    ``(m - j) * p_(j)`` over ``j <= k`` (0-based), capped at 1. Rejecting where the
+    adjusted value is below ``alpha`` controls the family-wise error rate at ``alpha``.
+    NaN p-values stay NaN and do not count in ``m``."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for j, index in enumerate(order):
+        running = max(running, min(1.0, (m - j) * p[index]))
+        out[index] = running
+    return out
+
+
 def tidy_intervals(
     per_fact: pd.DataFrame, by: Sequence[str], metrics: Sequence[str], level: float = 0.95,
     draws: int = BOOTSTRAP_DRAWS, seed: int = 0,
@@ -227,6 +245,11 @@ def formatted_intervals(table: pd.DataFrame, index: Sequence[str], value: str = 
             return f"{row[value]:.{digits}f}"
         return f"{row[value]:.{digits}f} [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
 
+    repeated = table.duplicated([*index, "metric"])
+    if repeated.any():
+        others = [c for c in ("protocol", "setting", "dataset", "model") if c in table.columns and c not in index]
+        raise ValueError(f"index {list(index)} does not identify the rows: {int(repeated.sum())} repeat a "
+                         f"(row, metric); add the column that tells them apart to index ({others})")
     frame = table.assign(text=table.apply(cell, axis=1))
     order = list(dict.fromkeys(frame["metric"]))
     out = frame.pivot_table(index=list(index), columns="metric", values="text", aggfunc="first", sort=False)

@@ -111,6 +111,7 @@ __all__ = [
     "Evaluation",
     "Evaluations",
     "answer_token_ids",
+    "ask",
     "evaluate",
     "greedy_generations",
     "n_gram_entropy",
@@ -1032,17 +1033,31 @@ def _generation_questions(facts: list[Fact], metrics: tuple[str, ...]) -> list[_
     return questions
 
 
+def ask(model: ModelHandle, prompts: Sequence[str], generation: GenerationSettings | None = None, *,
+        batch_size: int = 128, progress: bool = True) -> list[str]:
+    """The generation protocol's raw continuation of each prompt (greedy, in
+    ``generation``'s prompt form, decoded until the natural stop or the cap; each distinct
+    prompt once); :func:`intattn_analysis.answers.answer_text` cuts the answer from it."""
+    generation = generation or GenerationSettings()
+    prompts = list(prompts)
+    unique = list(dict.fromkeys(prompts))
+    if not unique:
+        return []
+    continuations = greedy_generations(
+        model, render_prompts(model.tokenizer, unique, generation.prompt_form), generation.max_new_tokens,
+        batch_size=batch_size, progress=progress, stop=stopped,
+    )
+    by_prompt = dict(zip(unique, continuations))
+    return [by_prompt[p] for p in prompts]
+
+
 def _evaluate_generation(model: ModelHandle, facts: list[Fact], pre: Evaluation | None, metrics: tuple[str, ...],
                          settings: GenerationSettings, *, fluency_tokens: int, batch_size: int,
                          generation_batch_size: int, progress: bool) -> Evaluation:
     """:func:`evaluate` under the generation protocol: each distinct prompt answered once."""
     questions = _generation_questions(facts, metrics)
     prompts = list(dict.fromkeys(q.prompt for q in questions))
-    continuations = greedy_generations(
-        model, render_prompts(model.tokenizer, prompts, settings.prompt_form), settings.max_new_tokens,
-        batch_size=generation_batch_size, progress=progress, stop=stopped,
-    ) if prompts else []
-    generated = dict(zip(prompts, continuations))
+    generated = dict(zip(prompts, ask(model, prompts, settings, batch_size=generation_batch_size, progress=progress)))
     fluency = greedy_generations(model, [f.text for f in facts], fluency_tokens, batch_size=generation_batch_size,
                                  progress=progress) if "fluency" in metrics else None
     by_fact: list[dict[str, list]] = [defaultdict(list) for _ in facts]

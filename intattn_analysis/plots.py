@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from .facts import Fact
 
@@ -403,5 +404,42 @@ def plot_outdated_flow(aie, settings: Sequence[str] | None = None, label: str = 
             if i == len(tokens) - 1:
                 ax.set_xlabel("layer (window centre)")
     axes[0][0].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_protocols(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", "Portability", "Locality"),
+                   label: str = "") -> plt.Figure:
+    """Each editor's metric under teacher forcing and under generation, side by side with
+    their 95% intervals, one panel per metric (one model and dataset).
+
+    ``intervals`` is a tidy interval table with a ``protocol`` column
+    (:func:`intattn_analysis.experiments.editors.summarise`); the unedited model is shown
+    as the first group.
+    """
+    protocols = ("teacher-forced", "generation")
+    if "protocol" not in intervals.columns or not set(protocols) <= set(intervals["protocol"]):
+        raise ValueError("intervals must hold rows of both protocols (a run with protocol='both')")
+    if intervals[["model", "dataset"]].drop_duplicates().shape[0] != 1:
+        raise ValueError("intervals must be of one model and one dataset; select them first")
+    metrics = [m for m in metrics if (intervals["metric"] == m).any()]
+    settings = list(dict.fromkeys(intervals["setting"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.4), squeeze=False, sharey=True)
+    width = 0.4
+    for ax, metric in zip(axes[0], metrics):
+        for k, protocol in enumerate(protocols):
+            part = (intervals[(intervals["metric"] == metric) & (intervals["protocol"] == protocol)]
+                    .set_index("setting").reindex(settings))
+            x = np.arange(len(settings)) + (k - 0.5) * width
+            error = np.vstack([part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]])
+            ax.bar(x, part["mean"], width, yerr=error, capsize=2, label=protocol,
+                   color=("#4C72B0", "#DD8452")[k], error_kw={"lw": 0.8})
+        ax.set_xticks(np.arange(len(settings)), settings, rotation=60, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("percent of edits")
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    model, dataset = intervals[["model", "dataset"]].iloc[0]
+    fig.suptitle(f"{model} / {dataset}: teacher-forced vs generation" + (f" ({label})" if label else ""), fontsize=10)
     fig.tight_layout()
     return fig

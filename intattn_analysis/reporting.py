@@ -28,7 +28,8 @@ GENERATION_SCORES: tuple[str, ...] = ("Edit Succ. prefix", "Edit Succ. F1", "Rep
 SHARE_METRICS = {"Edit Succ.", "Rephrase", "Portability", "Locality", *GENERATION_SCORES, "Efficacy", "Paraphrase",
                  "Neighborhood", "Residue old top-1 pre", "Residue old top-1 post", "Known kept",
                  "Old top-1", "Old top-10", "New top-1", "Context old top-1", "Context new top-1",
-                 "Control copy top-1"}
+                 "Control copy top-1", "Old answer", "New answer", "Context old answer", "Context new answer",
+                 "Control copy answer"}
 
 
 def record(evaluation, **labels) -> dict:

@@ -8,6 +8,8 @@ tables split every number by ``protocol``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 
@@ -101,3 +103,108 @@ def test_a_teacher_forced_store_gets_the_protocol_column(tiny_llama, tmp_path):
     assert set(tables["intervals"]["protocol"]) == {"teacher-forced"}
     assert tables["protocols"].empty
     assert isinstance(tables["protocols"], pd.DataFrame)
+
+
+def test_outdated_asks_the_old_answer_under_generation(tiny_llama, tmp_path):
+    """Part (d): an ``answers`` unit per model state beside the survival and trace units
+    (which keep their keys), each row what :func:`outdated.answer_rows` gives on the model
+    in that state."""
+    from intattn_analysis.experiments import outdated
+
+    hp, moments = tiny_setting(tiny_llama)
+    settings = {"MEMIT": ("memit", hp.replace(alpha=0.0))}
+
+    def run(root, protocol):
+        store = ResultStore(root, outdated.NAME)
+        n = outdated.run_batches(tiny_llama, [ALIASED], settings, store, dataset="hand", n_traced=1, samples=2,
+                                 moments=moments, protocol=protocol, generation=SHORT, progress=False)
+        return store, n
+
+    forced, n_forced = run(tmp_path / "forced", "teacher-forced")
+    both, n_both = run(tmp_path / "both", "both")
+    assert (n_forced, n_both) == (4, 6)
+    want, got = store_rows(forced, tiny_llama), store_rows(both, tiny_llama)
+    assert {label: got[label] for label in want} == want
+    rows = both.rows()
+    answers = rows[rows["part"] == "answers"].set_index(["setting", "position"])
+    assert set(answers["protocol"]) == {"generation"}
+    pre = ia.evaluate(tiny_llama, ALIASED, metrics=("knowedit",), protocol="generation", generation=SHORT,
+                      progress=False)
+    expected = {"pre-edit": outdated.answer_rows(tiny_llama, ALIASED, generation=SHORT)}
+    with ia.edit(tiny_llama, ALIASED, method="memit", hparams=settings["MEMIT"][1], moments=moments, progress=False):
+        expected["MEMIT"] = outdated.answer_rows(tiny_llama, ALIASED, pre=pre, generation=SHORT)
+    for name, rows_ in expected.items():
+        for row in rows_:
+            for metric in (*outdated.ANSWER_METRICS, "Edit Succ.", "Locality", "answer", "context answer"):
+                got_, want_ = answers.loc[(name, row["position"]), metric], row[metric]
+                assert got_ == want_ or (pd.isna(got_) and pd.isna(want_)), (name, metric)
+    tables = outdated.summarise(both)
+    assert {"answers", "answers_paired", "answers_returned"} <= set(tables)
+    assert "Context old answer" in set(tables["answers"]["metric"])
+
+
+def test_batch_scaling_tables_split_by_protocol(tiny_llama, tmp_path):
+    from intattn_analysis.experiments import batch_scaling
+
+    hp, moments = tiny_setting(tiny_llama)
+    settings = {"MEMIT": ("memit", hp.replace(alpha=0.0)), "AlphaEdit": family(hp)["AlphaEdit"]}
+    scale = batch_scaling.ScalingScale(sizes=(1, 2), n_facts=2, methods=("MEMIT", "AlphaEdit"), metrics=("knowedit",),
+                                       protocol="both", generation=SHORT)
+    store = ResultStore(tmp_path, batch_scaling.NAME)
+    assert batch_scaling.run_sizes(tiny_llama, FACTS, scale, settings, store, dataset="hand", moments=moments,
+                                   progress=False) == 2 * (2 * 3 + 3)
+    tables = batch_scaling.summarise(store)
+    for name in ("intervals", "paired", "scaling"):
+        assert set(tables[name]["protocol"]) == {"teacher-forced", "generation"}, name
+    assert "protocol" not in tables["seconds"].columns
+    # the teacher-forced part is what a teacher-forced run gives
+    only = ResultStore(tmp_path / "forced", batch_scaling.NAME)
+    batch_scaling.run_sizes(tiny_llama, FACTS, replace(scale, protocol="teacher-forced"), settings, only,
+                            dataset="hand", moments=moments, progress=False)
+    want = batch_scaling.summarise(only)["intervals"]
+    got = tables["intervals"][tables["intervals"]["protocol"] == "teacher-forced"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want)
+
+
+def test_sequential_rounds_measured_under_both_protocols(tiny_llama, tmp_path):
+    """Each round gets a generation unit beside its teacher-forced one (which keeps its key
+    and rows); a run that has the teacher-forced rounds replays them to add only the
+    generation units; the generation rows of a round hold every edit so far."""
+    from intattn_analysis.experiments import sequential
+
+    hp, moments = tiny_setting(tiny_llama)
+    settings = {"MEMIT": ("memit", hp.replace(alpha=0.0))}
+    rounds = [FACTS[:1], FACTS[1:2], FACTS[2:3]]
+
+    def run(root, protocol):
+        store = ResultStore(root, sequential.NAME)
+        n = sequential.run_sequences(tiny_llama, rounds, settings, store, dataset="hand", moments=moments,
+                                     known=FACTS[3:], fluency_rounds=(3,), fluency_tokens=3, protocol=protocol,
+                                     generation=SHORT, progress=False)
+        return store, n
+
+    forced, n_forced = run(tmp_path / "forced", "teacher-forced")
+    both, n_both = run(tmp_path / "both", "both")
+    assert (n_forced, n_both) == (3, 6)
+    want, got = store_rows(forced, tiny_llama), store_rows(both, tiny_llama)
+    assert {label: got[label] for label in want} == want
+    _, added = run(tmp_path / "forced", "both")
+    assert added == 3
+    assert store_rows(forced, tiny_llama) == got
+    rows = both.rows()
+    generated = rows[rows["protocol"] == "generation"]
+    assert sorted(generated[generated["round"] == 3]["edited_in"]) == [1, 2, 3]
+    assert set(generated["kind"]) == {"edit"}  # Known kept is measured once, teacher-forced
+    tables = sequential.summarise(both)
+    assert set(tables["intervals"]["protocol"]) == {"teacher-forced", "generation"}
+
+
+def test_the_protocol_options_are_checked_by_name(capsys):
+    from intattn_analysis import cli
+
+    assert cli.main(["run", "alpha-sweep", "--protocol", "both"]) == 2
+    assert "--protocol: the alpha-sweep experiment measures teacher-forced metrics only" in capsys.readouterr().err
+    assert cli.main(["run", "editors", "--protocol", "both", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be a positive integer" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--protocol", "generation", "--metrics", "knowedit", "counterfact"]) == 2
+    assert "'counterfact' compares answer probabilities" in capsys.readouterr().err

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from ..answers import GenerationSettings
 from ..facts import Fact
 from ..hparams import EditHparams
 from ..loading import ModelHandle
 from .runner import PRE_EDIT, Cell, EvaluationMeasure, Setting, Unit, run_cells
-from .units import alpha_label, alpha_value, batch_key, shard_batches
+from .units import alpha_label, alpha_value, batch_key, protocol_units, shard_batches
 
 __all__ = ["alpha_cells", "run_alpha_settings"]
 
@@ -41,11 +42,15 @@ def alpha_cells(
     fluency_tokens: int,
     shard: tuple[int, int] | None = None,
     labels: Mapping[str, Any] | None = None,
+    protocol: str = "teacher-forced",
+    generation: GenerationSettings | None = None,
 ) -> list[Cell]:
     """The units of each batch of this shard: ``pre-edit`` (label ``b000-pre``), then
     each named alpha (``b000-<name>``). Rows carry ``model``, ``dataset``, ``batch``,
     ``setting``, ``alpha`` (the alpha's label; ``None`` before the edit) and ``labels``;
-    ``labels`` do not enter the keys."""
+    ``labels`` do not enter the keys. Under ``protocol`` ``"generation"`` or ``"both"``
+    each cell also (or only) has a generation unit (:func:`.units.protocol_units`)."""
+    generation = generation or GenerationSettings()
     base = {k: v for k, v in hparams.effective_dict().items() if k not in _SOLVE_ONLY}
     eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens}
     columns = {"model": model.name, "dataset": dataset, **(labels or {})}
@@ -55,12 +60,13 @@ def alpha_cells(
         bkey = batch_key(model, dataset, b, facts)
         pre = Unit({**bkey, "unit": "pre-edit", **eval_key}, f"b{b:03d}-pre",
                    {**columns, "batch": b, "setting": "pre-edit", "alpha": None})
-        cells.append(Cell(b, facts, PRE_EDIT, {"": pre}))
+        cells.append(Cell(b, facts, PRE_EDIT, protocol_units(pre, protocol, generation, facts)))
         for name, alpha in settings.items():
             unit = Unit({**bkey, "unit": "edit", "method": "intattn", "hparams": base, "alpha": alpha_value(alpha),
                          **eval_key}, f"b{b:03d}-{name}",
                         {**columns, "batch": b, "setting": name, "alpha": alpha_label(alpha)})
-            cells.append(Cell(b, facts, Setting(name, "intattn", hparams.replace(alpha=alpha)), {"": unit}))
+            cells.append(Cell(b, facts, Setting(name, "intattn", hparams.replace(alpha=alpha)),
+                              protocol_units(unit, protocol, generation, facts)))
     return cells
 
 
@@ -78,6 +84,8 @@ def run_alpha_settings(
     shard: tuple[int, int] | None = None,
     targets_cache=None,
     labels: Mapping[str, Any] | None = None,
+    protocol: str = "teacher-forced",
+    generation: GenerationSettings | None = None,
     progress: bool = True,
 ) -> int:
     """Evaluate IntAttn-Edit with each named alpha setting on each batch of this shard
@@ -92,10 +100,14 @@ def run_alpha_settings(
         store: where units are read and written.
         dataset: the dataset's name, a label and part of every key.
         labels: extra columns for every row (the estimators' ``split``).
+        protocol, generation: the evaluation protocol (:func:`intattn_analysis.evaluate`).
     """
+    generation = generation or GenerationSettings()
     if not settings:
         raise ValueError("settings is empty; name at least one alpha setting")
     cells = alpha_cells(model, batches, settings, hparams, dataset=dataset, metrics=tuple(metrics),
-                        fluency_tokens=fluency_tokens, shard=shard, labels=labels)
-    return run_cells(model, cells, EvaluationMeasure(tuple(metrics), fluency_tokens), store, moments=moments,
+                        fluency_tokens=fluency_tokens, shard=shard, labels=labels, protocol=protocol,
+                        generation=generation)
+    measure = EvaluationMeasure(tuple(metrics), fluency_tokens, protocol, generation)
+    return run_cells(model, cells, measure, store, moments=moments,
                      targets_cache=targets_cache, desc=f"{model.name} {dataset}", progress=progress)

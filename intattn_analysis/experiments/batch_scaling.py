@@ -36,21 +36,23 @@ method, the editors experiment's metrics.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from ..answers import GenerationSettings
 from ..facts import Fact
 from ..hparams import hparams_for
 from ..intervals import paired_against, paired_contrasts, tidy_intervals
 from ..loading import ModelHandle
-from ..reporting import MAIN_METRICS
+from ..reporting import GENERATION_SCORES, MAIN_METRICS
 from ..batching import editable_batches
 from . import estimators
 from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
 from .editors import ALONE_ROWS, METHODS, RegistryView, method_settings, run_methods
 from .store import ResultStore, check_unique
+from .units import with_protocol
 
 __all__ = ["CONTRASTS", "LEFT_OUT", "NAME", "ROWS", "SCALES", "TRAIN_ALPHA", "ScalingRows", "ScalingScale", "run", "run_sizes", "settings_for", "summarise", "tables",
            "train_alpha"]
@@ -104,6 +106,8 @@ class ScalingScale:
     mom2_n_tokens: int | None = None  # None: each method's default
     fluency_tokens: int = 50
     metrics: tuple[str, ...] = ("knowedit", "residue", "fluency")
+    protocol: str = "teacher-forced"
+    generation: GenerationSettings = GenerationSettings()
 
     def __post_init__(self):
         if not self.sizes or any(not isinstance(s, int) or s < 1 for s in self.sizes):
@@ -165,11 +169,17 @@ def train_alpha(model: ModelHandle, scale_name: str, root, progress: bool = True
 
 
 def run(model: ModelHandle, dataset: str, scale: str | ScalingScale, root, *,
-        shard: tuple[int, int] | None = None, progress: bool = True) -> ResultStore:
+        shard: tuple[int, int] | None = None, protocol: str | None = None,
+        generation: GenerationSettings | None = None, progress: bool = True) -> ResultStore:
     """Run (or resume) every size's units of this shard; returns the store. A
-    :class:`ScalingScale` passed directly takes the train alpha of the ``ci`` scale."""
+    :class:`ScalingScale` passed directly takes the train alpha of the ``ci`` scale.
+    ``protocol`` and ``generation`` override the scale's evaluation protocol."""
     scale_name = scale if isinstance(scale, str) else "ci"
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
+    if protocol is not None:
+        scale = replace(scale, protocol=protocol)
+    if generation is not None:
+        scale = replace(scale, generation=generation)
     store = ResultStore(root, NAME)
     facts = dataset_facts(dataset)  # read before any work: a bad file fails here
     settings = settings_for(model, scale.rows, scale.mom2_n_tokens, scale_name, root, progress)
@@ -191,7 +201,8 @@ def run_sizes(model: ModelHandle, facts: Sequence[Fact], scale: ScalingScale,
         batches, _ = editable_batches(facts, size, scale.n_batches(size))
         computed += run_methods(model, batches, settings, store, dataset=dataset, metrics=scale.metrics,
                                 fluency_tokens=scale.fluency_tokens, shard=shard, moments=moments, alone=(),
-                                labels={"batch_size": size}, label_prefix=f"s{size:04d}-", progress=progress)
+                                labels={"batch_size": size}, label_prefix=f"s{size:04d}-", protocol=scale.protocol,
+                                generation=scale.generation, progress=progress)
     return computed
 
 
@@ -199,8 +210,11 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
               contrasts: Sequence[tuple[str, str]] = CONTRASTS) -> dict[str, pd.DataFrame]:
     """The tables from whatever the store holds.
 
+    Every table but ``seconds`` is split by evaluation ``protocol`` (teacher-forced rows
+    of stores written before the generation protocol count as such).
+
     Returns:
-        ``intervals``: per (model, dataset, batch size, setting, metric), the mean over
+        ``intervals``: per (model, dataset, protocol, batch size, setting, metric), the mean over
         the facts evaluated at *every* size (the first ``n_facts``, one population for
         the curve) with its 95% interval (percent for shares) and ``n_edits``;
         ``intervals_all``: the same over every fact evaluated at each size (size 500:
@@ -212,40 +226,45 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
         ``scaling``: each method at each batch size minus the same method at the smallest
         size, on the facts both evaluated (the first ``n_facts``): how much it loses as
         the batch grows;
-        ``seconds``: mean seconds per batch (the edit alone, and with its evaluation).
+        ``seconds``: mean seconds per batch (the edit alone, and with its teacher-forced
+        evaluation).
     """
     rows = store.rows()
     if rows.empty:
         raise ValueError(f"{store!r} holds no results yet; run the experiment first")
-    check_unique(rows, ["model", "dataset", "batch_size", "setting", "batch", "position"])
-    metrics = metric_columns(rows, MAIN_METRICS)
-    groups = ["model", "dataset", "batch_size"]
+    rows = with_protocol(rows)
+    check_unique(rows, ["model", "dataset", "protocol", "batch_size", "setting", "batch", "position"])
+    metrics = metric_columns(rows, MAIN_METRICS + GENERATION_SCORES)
+    groups = ["model", "dataset", "protocol", "batch_size"]
     # the facts every size evaluated (the first n_facts): one population across sizes
-    sizes = rows.groupby(["model", "dataset"])["batch_size"].transform("nunique")
-    seen = rows.groupby(["model", "dataset", "fact_key"])["batch_size"].transform("nunique")
+    sizes = rows.groupby(["model", "dataset", "protocol"])["batch_size"].transform("nunique")
+    seen = rows.groupby(["model", "dataset", "protocol", "fact_key"])["batch_size"].transform("nunique")
     common = rows[seen == sizes]
     intervals = tidy_intervals(common, [*groups, "setting"], metrics)
     intervals_all = tidy_intervals(rows, [*groups, "setting"], metrics)
     edited = rows[rows["setting"] != "pre-edit"]
     paired = pd.DataFrame(paired_against(edited, metrics, baseline, groups=groups, on=["batch", "position"]))
     contrasted = pd.DataFrame(paired_contrasts(edited, metrics, contrasts, groups=groups, on=["batch", "position"]))
-    smallest = edited.groupby(["model", "dataset"])["batch_size"].transform("min")
+    smallest = edited.groupby(["model", "dataset", "protocol"])["batch_size"].transform("min")
     by_size = edited.rename(columns={"setting": "row"}).assign(
         setting=edited["batch_size"].map(lambda s: f"size {s}"), baseline_size=smallest)
     scaling = []
-    for (model, dataset), group in by_size.groupby(["model", "dataset"], sort=False):
+    for _, group in by_size.groupby(["model", "dataset", "protocol"], sort=False):
         base = f"size {int(group['baseline_size'].iloc[0])}"
-        for entry in paired_against(group, metrics, base, groups=["model", "dataset", "row"], on=["fact_key"]):
+        for entry in paired_against(group, metrics, base, groups=["model", "dataset", "protocol", "row"],
+                                    on=["fact_key"]):
             entry["batch_size"] = int(entry.pop("setting").split()[1])
             scaling.append(entry)
     scaling = pd.DataFrame(scaling)
     if not scaling.empty:
         scaling = scaling.rename(columns={"row": "setting", "baseline": "baseline_size"})
         scaling["baseline_size"] = scaling["baseline_size"].str.split().str[1].astype(int)
-        first = ["model", "dataset", "setting", "batch_size", "baseline_size"]
+        first = ["model", "dataset", "protocol", "setting", "batch_size", "baseline_size"]
         scaling = scaling[first + [c for c in scaling.columns if c not in first]]
-    seconds = (edited.groupby([*groups, "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
-               .first().groupby([*groups, "setting"], sort=False).mean().reset_index())
+    forced = edited[edited["protocol"] == "teacher-forced"]
+    timed = ["model", "dataset", "batch_size"]
+    seconds = (forced.groupby([*timed, "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
+               .first().groupby([*timed, "setting"], sort=False).mean().reset_index())
     return {"intervals": intervals, "intervals_all": intervals_all, "paired": paired, "contrasts": contrasted,
             "scaling": scaling, "seconds": seconds}
 

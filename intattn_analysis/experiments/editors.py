@@ -44,7 +44,7 @@ from .store import ResultStore, check_unique
 from .units import batch_key, method_key, protocol_units, shard_batches, slug, with_protocol
 
 __all__ = ["ALONE_ROWS", "METHODS", "NAME", "NULL_SPACE_ROWS", "SCALES", "VARIANT_ROWS", "EditorsScale", "FamilyRows",
-           "method_key", "method_cells", "method_settings", "protocol_gaps",
+           "method_key", "method_cells", "method_settings", "protocol_gaps", "protocol_tables",
            "relation_tables", "run", "run_methods", "summarise", "tables"]
 
 NAME = "editors"
@@ -333,8 +333,23 @@ def relation_tables(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd
     return {"relations": out["intervals"], "relations_paired": out["paired"]}
 
 
+def protocol_tables(store: ResultStore, summary: Mapping[str, pd.DataFrame], baseline: str = "MEMIT"
+                    ) -> dict[str, pd.DataFrame]:
+    """Where the store holds both protocols: ``verdicts`` (each editor against
+    ``baseline`` under each protocol, Holm-corrected, :func:`.protocols.verdicts`) and
+    ``rankings`` (by Edit Succ., :func:`.protocols.rankings`); nothing otherwise."""
+    from .protocols import rankings, verdicts
+
+    if summary["protocols"].empty:
+        return {}
+    rows = store.rows()
+    metrics = metric_columns(rows, MAIN_METRICS)
+    return {"verdicts": verdicts(rows, metrics, baseline), "rankings": rankings(summary["intervals"])}
+
+
 def tables(root) -> dict[str, pd.DataFrame]:
-    """:func:`summarise` and :func:`relation_tables` of the store under ``root`` (what
-    ``intattn run`` writes as CSVs)."""
+    """:func:`summarise`, :func:`protocol_tables` and :func:`relation_tables` of the store
+    under ``root`` (what ``intattn run`` writes as CSVs)."""
     store = ResultStore(root, NAME)
-    return {**summarise(store), **relation_tables(store)}
+    summary = summarise(store)
+    return {**summary, **protocol_tables(store, summary), **relation_tables(store)}

@@ -35,6 +35,17 @@ begins with ``target_true``: only knowledge that was there can survive), each me
     the old answer from the plain prompt (a subset that differs between methods; the
     paired table compares the unconditional rates on the same facts).
 
+(d) **what the model says** (``part="answers"``, under the generation protocol, with
+    ``protocol="both"`` or ``"generation"``): (a) and (c) asked rather than scored
+    (:func:`answer_rows`): the model answers each probe by greedy decoding to a natural
+    stop (:mod:`intattn_analysis.answers`), and ``Old answer/<probe>``, ``New
+    answer/<probe>``, ``Context old answer``, ``Context new answer`` and ``Control copy
+    answer`` are 1 when the answer begins with the old answer, the new one, or the other
+    fact's old answer (the copying control); the KnowEdit metrics beside them are the
+    generation protocol's. This is the superficial-editing probe of Xie et al. (arXiv
+    2505.12636) under generation: a context that cites the old answer, and how often it
+    comes back.
+
 Reading (b). After a successful edit ``p(target_true)`` is small in the clean run, so
 every effect on it is small in absolute terms; the ``flow`` table sets the clean and
 corrupted probabilities beside the effects. The noise on the subject also blurs the
@@ -60,19 +71,20 @@ experiment's).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..answers import GenerationSettings, answer_text, match_answer
 from ..facts import Fact, sample_by_relation
 from ..intervals import paired_against, paired_difference, tidy_intervals
 from ..known import is_known
 from ..cache import kind_folder
 from ..loading import ModelHandle
-from ..metrics import Evaluation, evaluate, score_answers
+from ..metrics import Evaluation, ask, evaluate, score_answers
 from ..reporting import MAIN_METRICS
 from ..tracing import trace
 from . import localization
@@ -81,10 +93,10 @@ from .common import check_scale, dataset_facts, dataset_label, metric_columns, t
 from .relations import by_relation, relation_labels
 from .runner import PRE_EDIT, Cell, Setting, Unit, run_cells
 from .store import ResultStore, check_unique
-from .units import batch_key, method_key, shard_batches, slug
+from .units import batch_key, method_key, protocols_of, shard_batches, slug
 
-__all__ = ["ALIAS_KIND", "CONTEXT", "NAME", "OutdatedScale", "PROBES", "SCALES", "SURVIVAL_METRICS",
-           "OldAnswerMeasure", "context_prompt", "known_batches", "outdated_cells", "run", "run_batches", "summarise", "survival_rows", "tables",
+__all__ = ["ALIAS_KIND", "ANSWER_METRICS", "CONTEXT", "NAME", "OutdatedScale", "PROBES", "SCALES", "SURVIVAL_METRICS",
+           "OldAnswerMeasure", "answer_rows", "context_prompt", "known_batches", "outdated_cells", "run", "run_batches", "summarise", "survival_rows", "tables",
            "trace_rows"]
 
 NAME = "outdated"
@@ -100,6 +112,13 @@ SURVIVAL_METRICS = (
     *[f"{m}/{p}" for p in PROBES for m in ("Old top-1", "Old top-10", "Old p", "Old log rank", "New top-1")],
     "Context old top-1", "Context old p", "Context new top-1", "Control copy top-1",
 )
+#: Part (d)'s metrics, in column order.
+ANSWER_METRICS = (
+    *[f"{m}/{p}" for p in PROBES for m in ("Old answer", "New answer")],
+    "Context old answer", "Context new answer", "Control copy answer",
+)
+#: Version of the answer rows; bump it when what they measure changes.
+ANSWERS_FORMAT = 1
 TRACE_KINDS = ("attn", "mlp")
 TRACE_TOKENS = ("subject_last", "last")
 TRACE_NOISE = 3.0  # times the embeddings' std, as the localization experiment
@@ -118,6 +137,8 @@ class OutdatedScale:
     samples: int  # noise draws per traced fact
     methods: tuple[str, ...] | None = None  # None: every row of batch scaling as registered when run
     mom2_n_tokens: int | None = None
+    protocol: str = "teacher-forced"  # "both" or "generation": part (d) too
+    generation: GenerationSettings = GenerationSettings()
 
     @property
     def rows(self) -> tuple[str, ...]:
@@ -235,6 +256,44 @@ def survival_rows(model: ModelHandle, facts: Sequence[Fact], pre: Evaluation | N
     return rows
 
 
+def answer_rows(model: ModelHandle, facts: Sequence[Fact], pre: Evaluation | None = None,
+                generation: GenerationSettings | None = None) -> list[dict]:
+    """Part (d) on the model as it is: (a) and (c) asked under the generation protocol,
+    with its KnowEdit metrics (against ``pre``, the unedited model's generation-protocol
+    evaluation; without it Locality is NaN), one row per fact, and the answers to the
+    edit prompt and to the context (``answer``, ``context answer``)."""
+    generation = generation or GenerationSettings()
+    main = evaluate(model, list(facts), pre=pre, metrics=("knowedit",), protocol="generation",
+                    generation=generation, progress=False).per_fact
+    labels = relation_labels(facts)
+    others = distractors(facts)
+    prompts = []
+    for fact, other in zip(facts, others):
+        prompts += [p for group in _probe_prompts(fact).values() for p in group] + [context_prompt(fact)]
+        if other is not None:
+            prompts.append(context_prompt(fact, other))
+    said = {p: answer_text(a) for p, a in zip(prompts, ask(model, prompts, generation, progress=False))}
+
+    def begins(prompt: str, answer: str) -> float:
+        return match_answer(said[prompt], [answer]).prefix
+
+    rows = []
+    for position, (fact, other) in enumerate(zip(facts, others)):
+        row: dict[str, Any] = {"position": position, "fact_key": fact.key, "subject": fact.subject,
+                               "relation": labels[fact.key]}
+        row.update({m: float(main.iloc[position][m]) for m in MAIN_METRICS if m in main.columns})
+        for probe, group in _probe_prompts(fact).items():
+            row[f"Old answer/{probe}"] = _mean(begins(p, fact.target_true) for p in group)
+            row[f"New answer/{probe}"] = _mean(begins(p, fact.target_new) for p in group)
+        context = context_prompt(fact)
+        row["Context old answer"] = begins(context, fact.target_true)
+        row["Context new answer"] = begins(context, fact.target_new)
+        row["Control copy answer"] = begins(context_prompt(fact, other), other) if other is not None else math.nan
+        row["answer"], row["context answer"] = said[fact.text], said[context]
+        rows.append(row)
+    return rows
+
+
 def _top(score, k: int = 1) -> float:
     """1 when the answer's first token is among the model's ``k`` first choices."""
     return math.nan if score.first_rank is None else float(score.first_rank < k)
@@ -278,34 +337,53 @@ class OldAnswerMeasure:
     n_traced: int
     samples: int
     window: int
+    generation: GenerationSettings | None = None  # part (d)'s settings, where it is measured
     edit_in_seconds = False  # each part's seconds time its own measurement
 
     def wants_pre(self, cells, missing) -> bool:
-        """The unedited model's KnowEdit evaluation is needed by an edited survival part."""
-        return any(cell.setting.edits and "survival" in missing[i] for i, cell in enumerate(cells))
+        """The unedited model's KnowEdit evaluation is needed by an edited survival or
+        answers part."""
+        return any(cell.setting.edits and {"survival", "answers"} & set(missing[i]) for i, cell in enumerate(cells))
 
-    def pre(self, model, facts):
-        return evaluate(model, list(facts), metrics=("knowedit",), progress=False)
+    def pre(self, model, facts) -> dict[str, Evaluation]:
+        out = {"teacher-forced": evaluate(model, list(facts), metrics=("knowedit",), progress=False)}
+        if self.generation is not None:
+            out["generation"] = evaluate(model, list(facts), metrics=("knowedit",), protocol="generation",
+                                         generation=self.generation, progress=False)
+        return out
 
     def rows(self, model, facts, part, pre, setting):
         if part == "survival":
-            return survival_rows(model, facts, pre=pre if setting.edits else None), None
+            return survival_rows(model, facts, pre=pre["teacher-forced"] if setting.edits else None), None
+        if part == "answers":
+            return answer_rows(model, facts, pre=pre["generation"] if setting.edits else None,
+                               generation=self.generation), None
         return trace_rows(model, list(facts)[: self.n_traced], self.samples, window=self.window), None
 
 
 def outdated_cells(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings: Mapping[str, tuple[str, Any]],
                    *, dataset: str, n_traced: int, samples: int, window: int,
-                   shard: tuple[int, int] | None = None) -> list[Cell]:
+                   shard: tuple[int, int] | None = None, protocol: str = "teacher-forced",
+                   generation: GenerationSettings | None = None) -> list[Cell]:
     """For each batch of this shard, the unedited model (``pre-edit``) and each named
     (method, hparams) with the batch written, each with a ``survival`` and a ``trace``
-    unit (label ``b000-<setting>-<part>``)."""
+    unit (label ``b000-<setting>-<part>``), and under ``protocol`` ``"both"`` or
+    ``"generation"`` an ``answers`` unit (part (d); ``"generation"`` alone measures only
+    it)."""
+    generation = generation or GenerationSettings()
+    protocols = protocols_of(protocol)
+    parts = (("survival", "trace") if "teacher-forced" in protocols else ()) + \
+        (("answers",) if "generation" in protocols else ())
     part_keys = {
         "survival": {"format": SURVIVAL_FORMAT, "context": CONTEXT, "alias_kind": ALIAS_KIND,
                      "metrics": ["knowedit"]},
         "trace": {"n_traced": n_traced, "samples": samples, "kinds": list(TRACE_KINDS),
                   "tokens": list(TRACE_TOKENS), "window": window, "noise": TRACE_NOISE, "seed": TRACE_SEED,
                   "answered_only": False},
+        "answers": {"format": ANSWERS_FORMAT, "context": CONTEXT, "alias_kind": ALIAS_KIND, "metrics": ["knowedit"],
+                    "evaluation": "generation", "generation": generation.key()},
     }
+    part_labels = {"answers": {"protocol": "generation", "prompt_form": generation.prompt_form}}
     named = {"pre-edit": PRE_EDIT, **{name: Setting(name, m, hp) for name, (m, hp) in settings.items()}}
     cells = []
     for b in shard_batches(len(batches), shard):
@@ -316,8 +394,8 @@ def outdated_cells(model: ModelHandle, batches: Sequence[Sequence[Fact]], settin
                      else {"unit": "pre-edit"})
             columns = {"model": model.name, "dataset": dataset, "batch": b, "setting": name, "method": setting.method}
             units = {part: Unit({**bkey, **which, "part": part, **part_keys[part]}, f"b{b:03d}-{slug(name)}-{part}",
-                                {**columns, "part": part})
-                     for part in ("survival", "trace")}
+                                {**columns, "part": part, **part_labels.get(part, {})})
+                     for part in parts}
             cells.append(Cell(b, facts, setting, units))
     return cells
 
@@ -325,6 +403,7 @@ def outdated_cells(model: ModelHandle, batches: Sequence[Sequence[Fact]], settin
 def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings: Mapping[str, tuple[str, Any]],
                 store: ResultStore, *, dataset: str, n_traced: int, samples: int,
                 shard: tuple[int, int] | None = None, moments: Mapping | None = None,
+                protocol: str = "teacher-forced", generation: GenerationSettings | None = None,
                 progress: bool = True) -> int:
     """For each batch, the unedited model (``pre-edit``) and each named (method,
     hparams) with the batch written: a survival unit and a trace unit (the first
@@ -332,22 +411,31 @@ def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings:
     restored after each method; ``shard`` splits the batches. Returns the number of
     units computed."""
     window = min(localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW), model.n_layers)
+    generation = generation or GenerationSettings()
     cells = outdated_cells(model, batches, settings, dataset=dataset, n_traced=n_traced, samples=samples,
-                           window=window, shard=shard)
-    return run_cells(model, cells, OldAnswerMeasure(n_traced, samples, window), store, moments=moments,
+                           window=window, shard=shard, protocol=protocol, generation=generation)
+    measured = generation if "generation" in protocols_of(protocol) else None
+    return run_cells(model, cells, OldAnswerMeasure(n_traced, samples, window, measured), store, moments=moments,
                      targets_cache=targets_cache(), desc=f"{model.name} {dataset} outdated", progress=progress)
 
 
 def run(model: ModelHandle, dataset: str, scale: str | OutdatedScale, root, *,
-        shard: tuple[int, int] | None = None, progress: bool = True) -> ResultStore:
-    """Run (or resume) this shard's batches; returns the store."""
+        shard: tuple[int, int] | None = None, protocol: str | None = None,
+        generation: GenerationSettings | None = None, progress: bool = True) -> ResultStore:
+    """Run (or resume) this shard's batches; returns the store. ``protocol`` and
+    ``generation`` override the scale's."""
     scale_name = scale if isinstance(scale, str) else "ci"
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
+    if protocol is not None:
+        scale = replace(scale, protocol=protocol)
+    if generation is not None:
+        scale = replace(scale, generation=generation)
     store = ResultStore(root, NAME)
     batches = known_batches(model, dataset, scale.batch_size, scale.n_batches, progress)
     settings = settings_for(model, scale.rows, scale.mom2_n_tokens, scale_name, root, progress)
     run_batches(model, batches, settings, store, dataset=dataset_label(dataset), n_traced=scale.n_traced,
-                samples=scale.samples, shard=shard, progress=progress)
+                samples=scale.samples, shard=shard, protocol=scale.protocol, generation=scale.generation,
+                progress=progress)
     return store
 
 
@@ -378,6 +466,10 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         ``aie_paired``: per layer, each edited setting minus the unedited model and minus
         ``baseline`` on the same facts (``baseline`` column), with intervals: the layers
         where a method leaves more (or less) of the old answer's flow;
+        ``answers``, ``answers_paired``: part (d) (under generation) as ``intervals`` and
+        ``paired`` are for (a) and (c); ``answers_returned``: among the facts whose
+        answer to the plain prompt no longer begins with the old answer, how often the
+        context brings it back, beside the copying control on the same facts;
         ``flow``: per fact, module and token class, the mean effect over layers (the
         windows overlap, so this is a smoothed summary of the curve, not a sum of
         separate contributions); its mean per setting with interval, the mean clean and
@@ -403,6 +495,17 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
                             [*metric_columns(survival, MAIN_METRICS), "Old top-1/prompt", "Context old top-1"],
                             baseline=baseline)
         out["relations"], out["relations_paired"] = split["intervals"], split["paired"]
+    answered = rows[rows["part"] == "answers"]
+    if not answered.empty:
+        check_unique(answered, ["model", "dataset", "setting", "batch", "position"])
+        metrics = [m for m in (*MAIN_METRICS, *ANSWER_METRICS) if m in answered.columns and answered[m].notna().any()]
+        out["answers"] = tidy_intervals(answered, ["model", "dataset", "setting"], metrics)
+        edited = answered[answered["setting"] != "pre-edit"]
+        out["answers_paired"] = pd.DataFrame(paired_against(edited, metrics, baseline, groups=["model", "dataset"],
+                                                            on=["batch", "position"]))
+        gone = answered[answered["Old answer/prompt"] == 0]
+        out["answers_returned"] = tidy_intervals(gone, ["model", "dataset", "setting"],
+                                                 ["Context old answer", "Control copy answer"])
     traced = rows[rows["part"] == "trace"]
     if not traced.empty:
         check_unique(traced, ["model", "dataset", "setting", "batch", "position", "module", "token_class"])

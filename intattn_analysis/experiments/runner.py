@@ -364,44 +364,49 @@ def run_sequence(
     model: ModelHandle,
     rounds: Sequence[Sequence[Fact]],
     setting: Setting,
-    units: Sequence[Unit],
-    measure_round: Callable[[int], list[dict]],
+    units: Sequence[Unit | Mapping[str, Unit]],
+    measure_round: Callable[..., list[dict]],
     store,
     *,
     moments: SharedMoments,
     before: Callable[[], None] | None = None,
 ) -> int:
     """Rounds of edits piling up on one model (:func:`intattn_analysis.edit_sequence`),
-    with ``units[r]`` measured by ``measure_round(r)`` after round ``r`` (0-based) is
-    applied; returns how many units were computed.
+    with ``units[r]`` measured after round ``r`` (0-based) is applied; returns how many
+    units were computed.
 
-    Rounds already stored are applied again without being measured (the edits are
-    deterministic), and the sequence stops after the last missing round. ``before`` is
-    called once, on the unedited model, before the first round is applied (where a
-    measurement needs the unedited model's values). Every edit is undone at the end, and
-    if anything fails. Every row carries ``seconds`` (the round's edit and its
-    measurement) and ``edit_seconds`` (the edit alone).
+    ``units[r]`` is one unit, measured by ``measure_round(r)``, or ``{part: unit}``, each
+    part measured by ``measure_round(r, part)`` (the protocols of
+    :func:`.units.protocol_units`). Rounds already stored are applied again without being
+    measured (the edits are deterministic), and the sequence stops after the last missing
+    round. ``before`` is called once, on the unedited model, before the first round is
+    applied (where a measurement needs the unedited model's values). Every edit is undone
+    at the end, and if anything fails. Every row carries ``seconds`` (the round's edit,
+    counted in its first part, and the part's measurement) and ``edit_seconds`` (the edit
+    alone).
     """
-    stored = [store.has(unit.key, unit.label) for unit in units]
-    if all(stored):
+    parted = [dict(u) if isinstance(u, Mapping) else {None: u} for u in units]
+    missing = [[part for part, unit in parts.items() if not store.has(unit.key, unit.label)] for parts in parted]
+    if not any(missing):
         return 0
-    last = max(r for r, done in enumerate(stored) if not done)
+    last = max(r for r, parts in enumerate(missing) if parts)
     if before is not None:
         before()
     computed = 0
 
     def after_each(r: int, sequence) -> None:
         nonlocal computed
-        if stored[r]:
-            return
-        start = time.perf_counter()
-        rows = measure_round(r)
         edit_time = sequence.edits[r].timings.get("total", float("nan"))
-        seconds = edit_time + time.perf_counter() - start
-        unit = units[r]
-        store.write_unit(unit.key, [{**row, "seconds": seconds, "edit_seconds": edit_time} for row in rows],
-                         unit.label, dict(unit.labels))
-        computed += 1
+        counted = edit_time
+        for part in missing[r]:
+            start = time.perf_counter()
+            rows = measure_round(r) if part is None else measure_round(r, part)
+            seconds = counted + time.perf_counter() - start
+            counted = 0.0
+            unit = parted[r][part]
+            store.write_unit(unit.key, [{**row, "seconds": seconds, "edit_seconds": edit_time} for row in rows],
+                             unit.label, dict(unit.labels))
+            computed += 1
 
     with edit_sequence(model, [list(r) for r in rounds[: last + 1]], method=setting.method,
                        hparams=setting.hparams, moments=moments.for_hparams(setting.hparams),

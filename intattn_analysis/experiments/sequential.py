@@ -32,23 +32,25 @@ after rounds 10 and 20.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 from tqdm import tqdm
 
+from ..answers import GenerationSettings
 from ..datasets import load_facts
 from ..intervals import paired_against, paired_contrasts, tidy_intervals
 from ..known import is_known
 from ..loading import ModelHandle
 from ..metrics import evaluate
-from ..reporting import MAIN_METRICS
+from ..reporting import GENERATION_SCORES, MAIN_METRICS
 from .batch_scaling import CONTRASTS, ROWS, settings_for
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
 from .runner import SharedMoments, Setting, Unit, run_sequence
 from .store import ResultStore, check_unique
-from .units import batch_key, fact_rows, facts_digest, method_key, slug
+from .units import (batch_key, fact_rows, facts_digest, method_key, part_protocol, protocol_units, protocols_of,
+                    slug, with_protocol)
 
 __all__ = ["NAME", "SCALES", "SequentialScale", "default_rows", "round_units", "run", "run_sequences", "summarise", "tables"]
 
@@ -66,6 +68,8 @@ class SequentialScale:
     n_known: int = 50
     mom2_n_tokens: int | None = None
     fluency_tokens: int = 50
+    protocol: str = "teacher-forced"
+    generation: GenerationSettings = GenerationSettings()
 
 
 SCALES: dict[str, SequentialScale] = {
@@ -102,7 +106,9 @@ def round_units(model: ModelHandle, rounds: Sequence[Sequence], name: str, metho
                 known: Sequence = (), fluency_rounds: Sequence[int] = (), fluency_tokens: int = 50) -> list[Unit]:
     """The unit of each round (numbered from 1) of one named (method, hparams): its key
     names the edits so far and only its own evaluation (with or without Fluency), so
-    that the first rounds of a longer run are the units of a shorter one."""
+    that the first rounds of a longer run are the units of a shorter one. (The
+    teacher-forced units; :func:`.units.protocol_units` adds each round's generation
+    unit.)"""
     eval_key = {"metrics": ["knowedit"], "fluency_tokens": fluency_tokens, "known": facts_digest(known)}
     columns = {"model": model.name, "dataset": dataset, "setting": name, "method": method}
     units = []
@@ -125,48 +131,72 @@ def run_sequences(
     fluency_rounds: Sequence[int] = (),
     fluency_tokens: int = 50,
     moments: Mapping | None = None,
+    protocol: str = "teacher-forced",
+    generation: GenerationSettings | None = None,
     progress: bool = True,
 ) -> int:
     """Apply ``rounds`` one after another with each named (method, hparams)
     (:func:`.runner.run_sequence`), evaluating after each round every edit so far against
     the unedited model, and the ``known`` facts; one stored unit per (name, round)
-    (:func:`round_units`). Returns the number of units computed."""
+    (:func:`round_units`), and under ``protocol`` ``"both"`` or ``"generation"`` a
+    generation unit per round too (or instead): the KnowEdit metrics of every edit so far
+    under the generation protocol (``Known kept`` is measured once, in the
+    teacher-forced unit: it is already a greedy answer). Returns the number of units
+    computed."""
     rounds = [list(r) for r in rounds]
+    generation = generation or GenerationSettings()
+    protocols = protocols_of(protocol)
     moments_of = SharedMoments(model, [Setting(n, m, hp) for n, (m, hp) in settings.items()], moments, progress)
-    pre: list = []
+    pre: dict[str, list] = {}
 
     def evaluate_unedited() -> None:
-        if not pre:
-            pre.extend(evaluate(model, batch, metrics=("knowedit",), progress=False) for batch in rounds)
+        for each in protocols:
+            if each not in pre:
+                pre[each] = [evaluate(model, batch, metrics=("knowedit",), protocol=each, generation=generation,
+                                      progress=False) for batch in rounds]
 
     computed = 0
     for name, (method, hp) in tqdm(settings.items(), desc=f"{model.name} sequences", disable=not progress):
-        def measure_round(r: int) -> list[dict]:
-            metrics = ("knowedit", "fluency") if (r + 1) in fluency_rounds else ("knowedit",)
+        def measure_round(r: int, part: str = "") -> list[dict]:
+            each = part_protocol(part)
+            if each == "generation":
+                metrics = ("knowedit",)
+            else:
+                metrics = ("knowedit", "fluency") if (r + 1) in fluency_rounds else ("knowedit",)
             rows = []
             for j, batch in enumerate(rounds[: r + 1]):
-                post = evaluate(model, batch, pre=pre[j], metrics=metrics, fluency_tokens=fluency_tokens,
-                                progress=False)
+                post = evaluate(model, batch, pre=pre[each][j], metrics=metrics, fluency_tokens=fluency_tokens,
+                                protocol=each, generation=generation, progress=False)
                 rows += [{**row, "kind": "edit", "edited_in": j + 1} for row in fact_rows(post)]
-            for i, fact in enumerate(known):
-                rows.append({"kind": "known", "position": i, "fact_key": fact.key,
-                             "Known kept": float(is_known(model, fact)[0])})
+            if each == "teacher-forced":
+                for i, fact in enumerate(known):
+                    rows.append({"kind": "known", "position": i, "fact_key": fact.key,
+                                 "Known kept": float(is_known(model, fact)[0])})
             return rows
 
         units = round_units(model, rounds, name, method, hp, dataset=dataset, known=known,
                             fluency_rounds=fluency_rounds, fluency_tokens=fluency_tokens)
-        computed += run_sequence(model, rounds, Setting(name, method, hp), units, measure_round, store,
+        done = [f for batch in rounds for f in batch]
+        parts = [protocol_units(unit, protocol, generation, done[: len(rounds[0]) * (r + 1)])
+                 for r, unit in enumerate(units)]
+        computed += run_sequence(model, rounds, Setting(name, method, hp), parts, measure_round, store,
                                  moments=moments_of, before=evaluate_unedited)
     return computed
 
 
 def run(
     model: ModelHandle, dataset: str, scale: str | SequentialScale, root, *,
-    shard: tuple[int, int] | None = None, progress: bool = True,
+    shard: tuple[int, int] | None = None, protocol: str | None = None,
+    generation: GenerationSettings | None = None, progress: bool = True,
 ) -> ResultStore:
-    """Run (or resume) every method's sequence (``shard`` splits the methods)."""
+    """Run (or resume) every method's sequence (``shard`` splits the methods).
+    ``protocol`` and ``generation`` override the scale's evaluation protocol."""
     scale_name = scale if isinstance(scale, str) else "ci"
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
+    if protocol is not None:
+        scale = replace(scale, protocol=protocol)
+    if generation is not None:
+        scale = replace(scale, generation=generation)
     store = ResultStore(root, NAME)
     rounds = dataset_batches(dataset, scale.batch_size, scale.rounds)
     methods = list(scale.methods) if scale.methods is not None else list(default_rows())
@@ -176,7 +206,8 @@ def run(
     settings = settings_for(model, methods, scale.mom2_n_tokens, scale_name, root, progress)
     known = known_probe_facts(model, [f for r in rounds for f in r], scale.n_known)
     run_sequences(model, rounds, settings, store, dataset=dataset_label(dataset), known=known,
-                  fluency_rounds=scale.fluency_rounds, fluency_tokens=scale.fluency_tokens, progress=progress)
+                  fluency_rounds=scale.fluency_rounds, fluency_tokens=scale.fluency_tokens, protocol=scale.protocol,
+                  generation=scale.generation, progress=progress)
     return store
 
 
@@ -184,8 +215,12 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
               contrasts: Sequence[tuple[str, str]] = CONTRASTS) -> dict[str, pd.DataFrame]:
     """The sequential tables from whatever the store holds.
 
+    Every table is split by evaluation ``protocol`` (teacher-forced rows of stores
+    written before the generation protocol count as such; ``Known kept`` is in the
+    teacher-forced rows).
+
     Returns:
-        ``intervals``: per (model, dataset, setting, round, metric), the mean and 95%
+        ``intervals``: per (model, dataset, protocol, setting, round, metric), the mean and 95%
         interval over every edit so far (``Known kept`` over the known built-in facts),
         and ``n_edits``;
         ``paired``: per (model, dataset, setting other than ``baseline``, round, metric),
@@ -198,29 +233,30 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
     rows = store.rows()
     if rows.empty:
         raise ValueError(f"{store!r} holds no results yet; run the experiment first")
+    rows = with_protocol(rows)
     edits = rows[rows["kind"] == "edit"]
     known = rows[rows["kind"] == "known"]
-    check_unique(edits, ["model", "dataset", "setting", "round", "edited_in", "position"])
-    by = ["model", "dataset", "setting", "round"]
-    metrics = metric_columns(edits, MAIN_METRICS)
+    check_unique(edits, ["model", "dataset", "protocol", "setting", "round", "edited_in", "position"])
+    by = ["model", "dataset", "protocol", "setting", "round"]
+    metrics = metric_columns(edits, MAIN_METRICS + GENERATION_SCORES)
     parts = [tidy_intervals(edits, by, metrics)]
     if not known.empty:
         parts.append(tidy_intervals(known, by, ["Known kept"]))
     # rounds in order; within a round the metrics keep the main table's order
     intervals = pd.concat(parts, ignore_index=True).sort_values(by, kind="stable")
-    groups = ["model", "dataset", "round"]
+    groups = ["model", "dataset", "protocol", "round"]
     paired = paired_against(edits, metrics, baseline, groups, on=["edited_in", "position"])
     if not known.empty:
         paired += paired_against(known, ["Known kept"], baseline, groups, on=["position"])
     contrasted = paired_contrasts(edits, metrics, contrasts, groups, on=["edited_in", "position"])
     if not known.empty:
         contrasted += paired_contrasts(known, ["Known kept"], contrasts, groups, on=["position"])
-    columns = ["model", "dataset", "setting", "baseline", "round", "metric", "diff", "ci_low", "ci_high", "p_value",
-               "n_edits"]
-    paired = pd.DataFrame(paired, columns=columns).sort_values(["model", "dataset", "setting", "round"],
+    columns = ["model", "dataset", "protocol", "setting", "baseline", "round", "metric", "diff", "ci_low", "ci_high",
+               "p_value", "n_edits"]
+    paired = pd.DataFrame(paired, columns=columns).sort_values(["model", "dataset", "protocol", "setting", "round"],
                                                                kind="stable")
     contrasted = pd.DataFrame(contrasted, columns=columns).sort_values(
-        ["model", "dataset", "setting", "baseline", "round"], kind="stable")
+        ["model", "dataset", "protocol", "setting", "baseline", "round"], kind="stable")
     return {"intervals": intervals.reset_index(drop=True), "paired": paired.reset_index(drop=True),
             "contrasts": contrasted.reset_index(drop=True)}
 

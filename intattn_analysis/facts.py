@@ -51,6 +51,11 @@ class Probe(NamedTuple):
     kind: str = ""
     aliases: tuple[str, ...] = ()
 
+    def __repr__(self) -> str:
+        """The fields, ``aliases`` only where there are any."""
+        aliases = f", aliases={self.aliases!r}" if self.aliases else ""
+        return f"Probe(prompt={self.prompt!r}, answer={self.answer!r}, kind={self.kind!r}{aliases})"
+
 
 def _probe(value: Any, field_name: str, index: int) -> Probe:
     if isinstance(value, Probe):

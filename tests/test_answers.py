@@ -96,3 +96,8 @@ def test_probe_aliases_travel_with_facts_and_leave_the_digest_alone():
     with pytest.raises(ia.FactError, match=r"portability\[0\].aliases\[0\]"):
         ia.Fact.from_text("The currency of Syria is", "Syria", "pound", target_true="lira",
                           portability=[("The currency of Syria is", "Syrian pound", "Reasoning", [""])])
+
+
+def test_a_probe_without_aliases_reads_as_before():
+    assert repr(ia.Probe("p", "a", "k")) == "Probe(prompt='p', answer='a', kind='k')"
+    assert repr(ia.Probe("p", "a", "k", ("b",))) == "Probe(prompt='p', answer='a', kind='k', aliases=('b',))"

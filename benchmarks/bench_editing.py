@@ -183,16 +183,7 @@ def evaluation_limit_seconds(model, facts, generations, batch_size: int = 64) ->
     pairs = list(dict.fromkeys(pairs))
     sequences = [model.tokenize(c)[0] + answer_token_ids(model, c, a) for c, a in pairs]
     sequences += [model.tokenize(f.text + g)[0] for f, g in zip(facts, generations)]
-    sequences.sort(key=len)
-    pad = model.tokenizer.pad_token_id or 0
-    start = time.perf_counter()
-    for k in range(0, len(sequences), batch_size):
-        chunk = sequences[k : k + batch_size]
-        ids = torch.full((len(chunk), max(map(len, chunk))), pad, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            ids[row, : len(s)] = torch.tensor(s)
-        model.bridge(ids)
-    return time.perf_counter() - start
+    return padded_forward_seconds(model, sequences, batch_size)
 
 
 # ----------------------------------------------------------------------------- main
@@ -377,7 +368,14 @@ def generation_limit_seconds(model, answers: pd.DataFrame, batch_size: int = 64)
     """A plain bridge forward over every distinct prompt followed by its generated tokens,
     each sequence once, right-padded in batches of ``batch_size``: one forward position
     per generated token, the floor of any decoding loop."""
-    sequences = sorted(_generated_rows(model, answers), key=len)
+    return padded_forward_seconds(model, _generated_rows(model, answers), batch_size)
+
+
+@torch.no_grad()
+def padded_forward_seconds(model, sequences: list[list[int]], batch_size: int) -> float:
+    """Seconds of one plain bridge forward over every token sequence, sorted by length
+    and right-padded in batches of ``batch_size`` (the limits of the evaluation phases)."""
+    sequences = sorted(sequences, key=len)
     pad = model.tokenizer.pad_token_id or 0
     start = time.perf_counter()
     for k in range(0, len(sequences), batch_size):

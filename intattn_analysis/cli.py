@@ -428,14 +428,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_protocol(args: argparse.Namespace, module) -> dict:
     """The protocol keywords of the experiment's ``run`` (none where ``--protocol`` is not
-    given); an experiment without the generation protocol yet is refused by name."""
+    given); an experiment that evaluates no edit (``localization``) is refused by name."""
     import inspect
 
     if args.protocol is None:
         return {}
     if "protocol" not in inspect.signature(module.run).parameters:
-        raise UsageError(f"--protocol: the {args.experiment} experiment measures teacher-forced metrics only so "
-                         "far; leave --protocol out")
+        raise UsageError(f"--protocol: the {args.experiment} experiment evaluates no edit, so it has no "
+                         "evaluation protocol; leave --protocol out")
     generation = _generation_settings(args)
     keywords = {"protocol": args.protocol}
     if "generation" in inspect.signature(module.run).parameters:

@@ -284,20 +284,23 @@ def plot_alpha_sweep(sweep, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", 
 def plot_sweep_intervals(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", "Portability", "Locality"),
                          label: str = "") -> plt.Figure:
     """Figure 4 with intervals: each metric's mean over facts against a fixed alpha, with
-    its 95% confidence band, one panel per (model, dataset).
+    its 95% confidence band, one panel per (model, dataset, protocol).
 
     ``intervals`` is the tidy table of :func:`intattn_analysis.experiments.alpha_sweep.summarise`
-    (columns model, dataset, setting, metric, mean, ci_low, ci_high, n_edits; percent).
-    Settings that are not a number (``traced``, ``pre-edit``) are left out of the curves.
+    (columns model, dataset, setting, metric, mean, ci_low, ci_high, n_edits; percent; a
+    table without a ``protocol`` column is teacher-forced). Settings that are not a number
+    (``traced``, ``pre-edit``) are left out of the curves.
     """
     fixed = intervals[pd.to_numeric(intervals["setting"], errors="coerce").notna()].copy()
     fixed["x"] = fixed["setting"].astype(float)
-    panels = list(dict.fromkeys(zip(fixed["model"], fixed["dataset"])))
+    if "protocol" not in fixed.columns:
+        fixed["protocol"] = "teacher-forced"
+    panels = list(dict.fromkeys(zip(fixed["model"], fixed["dataset"], fixed["protocol"])))
     if not panels:
         raise ValueError("intervals holds no fixed-alpha settings to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.4), squeeze=False)
-    for ax, (model, dataset) in zip(axes[0], panels):
-        part = fixed[(fixed["model"] == model) & (fixed["dataset"] == dataset)]
+    for ax, (model, dataset, protocol) in zip(axes[0], panels):
+        part = fixed[(fixed["model"] == model) & (fixed["dataset"] == dataset) & (fixed["protocol"] == protocol)]
         n = 0
         for metric in metrics:
             curve = part[part["metric"] == metric].sort_values("x")
@@ -311,7 +314,7 @@ def plot_sweep_intervals(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rep
         ax.set_ylabel("% (mean, 95% interval over facts)")
         ax.set_ylim(0, 105)
         prefix = f"{label}: " if label else ""
-        ax.set_title(f"{prefix}{model}, {dataset} (n={n} edits)", fontsize=10)
+        ax.set_title(f"{prefix}{model}, {dataset}, {protocol} (n={n} edits)", fontsize=10)
         ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig

@@ -279,6 +279,35 @@ def test_best_range_keeps_the_alphas_not_worse_than_the_best(tmp_path):
     assert ranges["alphas_in_range"] == "0, 0.5"
 
 
+def test_the_sweep_splits_by_protocol_and_states_claim_three_per_protocol(tmp_path):
+    """Teacher-forced and generation rows of the same edits are summarised apart: the
+    best range, the paired differences (Holm-adjusted within each protocol) and the
+    claim-3 verdict each come once per protocol, and a setting that is better on every
+    criterion metric under one protocol only beats the baseline under that one."""
+    store = ResultStore(tmp_path, "sweep")
+    rng = np.random.default_rng(1)
+    levels = {("teacher-forced", "0"): 0.5, ("teacher-forced", "0.5"): 0.8,
+              ("generation", "0"): 0.3, ("generation", "0.5"): 0.3}
+    for (protocol, setting), mean in levels.items():
+        values = np.clip(mean + rng.normal(0, 0.05, 80), 0, 1)
+        rows = [{"position": i, "Edit Succ.": v, "Rephrase": v, "Locality": v} for i, v in enumerate(values)]
+        labels = {"model": "m", "dataset": "d", "batch": 0, "setting": setting, "alpha": setting}
+        if protocol == "generation":
+            labels["protocol"] = protocol
+        store.write_unit({"s": setting, "p": protocol}, rows, f"{setting}-{protocol}", labels)
+    tables = alpha_sweep.summarise(store)
+    assert set(tables["intervals"]["protocol"]) == {"teacher-forced", "generation"}
+    ranges = tables["range"].set_index("protocol")
+    assert ranges.loc["teacher-forced", "alphas_in_range"] == "0.5"
+    assert ranges.loc["generation", "alphas_in_range"] == "0, 0.5"
+    assert tables["paired"].groupby("protocol").size().to_dict() == {"teacher-forced": 3, "generation": 3}
+    assert (tables["paired"]["p_holm"] >= tables["paired"]["p_value"]).all()
+    claim = tables["claim"].set_index("protocol")
+    assert bool(claim.loc["teacher-forced", "beats"]) and not bool(claim.loc["generation", "beats"])
+    assert claim.loc["teacher-forced", "better_on"] == "Edit Succ., Rephrase, Locality"
+    assert claim.loc["generation", "better_on"] == "" and claim.loc["generation", "worse_on"] == ""
+
+
 def test_run_command_writes_the_tables_of_a_store(tmp_path, capsys):
     store = ResultStore(tmp_path / "store", "alpha-sweep")
     for setting, value in (("pre-edit", 0.2), ("0", 0.9), ("0.5", 0.7)):
@@ -290,7 +319,7 @@ def test_run_command_writes_the_tables_of_a_store(tmp_path, capsys):
     assert cli.main(["run", "alpha-sweep", "--tables-only", "--out", str(tmp_path / "store"),
                      "--tables", str(tmp_path / "tables")]) == 0
     table = pd.read_csv(tmp_path / "tables" / "alpha_sweep.csv", dtype={"setting": str})
-    assert list(table.columns) == ["model", "dataset", "setting", "alpha", "metric", "mean", "ci_low",
+    assert list(table.columns) == ["model", "dataset", "protocol", "setting", "alpha", "metric", "mean", "ci_low",
                                    "ci_high", "n_edits"]
     assert table.set_index(["setting", "metric"]).loc[("0", "Edit Succ."), "mean"] == pytest.approx(90.0)
     paired = pd.read_csv(tmp_path / "tables" / "alpha_sweep_paired.csv", dtype={"setting": str})

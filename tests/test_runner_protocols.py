@@ -202,8 +202,8 @@ def test_sequential_rounds_measured_under_both_protocols(tiny_llama, tmp_path):
 def test_the_protocol_options_are_checked_by_name(capsys):
     from intattn_analysis import cli
 
-    assert cli.main(["run", "alpha-sweep", "--protocol", "both"]) == 2
-    assert "--protocol: the alpha-sweep experiment measures teacher-forced metrics only" in capsys.readouterr().err
+    assert cli.main(["run", "localization", "--protocol", "both"]) == 2
+    assert "--protocol: the localization experiment evaluates no edit" in capsys.readouterr().err
     assert cli.main(["run", "editors", "--protocol", "both", "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be a positive integer" in capsys.readouterr().err
     assert cli.main(["evaluate", "--protocol", "generation", "--metrics", "knowedit", "counterfact"]) == 2

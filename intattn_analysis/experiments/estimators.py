@@ -28,12 +28,13 @@ alpha lies inside the sweep's best range (:func:`intattn_analysis.experiments.al
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import pandas as pd
 import torch
 
+from ..answers import GenerationSettings
 from ..architectures import hook
 from ..datasets import load_facts
 from ..facts import SUBJECT_SLOT
@@ -47,7 +48,7 @@ from . import alpha_sweep, localization
 from .alpha_settings import run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
 from .store import MissingResultsError, ResultStore, check_unique
-from .units import alpha_label
+from .units import alpha_label, with_protocol
 
 __all__ = ["ESTIMATORS", "NAME", "SCALES", "EstimatorScale", "estimate_alphas", "run", "summarise"]
 
@@ -166,11 +167,15 @@ def estimate_alphas(model: ModelHandle, root, scale: EstimatorScale, hp: EditHpa
     return alphas
 
 
-def run(model: ModelHandle, dataset: str, scale, root, *, shard=None,
-        progress: bool = True) -> ResultStore:
+def run(model: ModelHandle, dataset: str, scale, root, *, shard=None, protocol: str | None = None,
+        generation: GenerationSettings | None = None, progress: bool = True) -> ResultStore:
     """Estimate the alphas (from the localization store and train records), then evaluate
-    MEMIT and each estimator's IntAttn-Edit on this shard's test batches."""
+    MEMIT and each estimator's IntAttn-Edit on this shard's test batches. ``protocol`` and
+    ``generation`` choose the test evaluation's protocol (the scale's test protocol by
+    default); estimator (e) is chosen on train records by teacher-forced metrics under
+    every protocol, so that the alpha evaluated is the same."""
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
+    scale = replace(scale, test=alpha_sweep.with_scale_protocol(scale.test, protocol, generation))
     store = ResultStore(root, NAME)
     hp = hparams_for(model)
     if scale.test.mom2_n_tokens is not None:
@@ -183,21 +188,25 @@ def run(model: ModelHandle, dataset: str, scale, root, *, shard=None,
     run_alpha_settings(model, batches, named, hp, store, dataset=dataset_label(dataset),
                        moments=moments, metrics=scale.test.metrics,
                        fluency_tokens=scale.test.fluency_tokens, shard=shard,
-                       targets_cache=targets_cache(), progress=progress, labels={"split": "test"})
+                       targets_cache=targets_cache(), progress=progress, labels={"split": "test"},
+                       protocol=scale.test.protocol, generation=scale.test.generation)
     return store
 
 
 def summarise(store: ResultStore, sweep: ResultStore | None = None) -> dict[str, pd.DataFrame]:
     """``alphas``: each estimator's alpha per layer (and its mean over layers);
-    ``intervals``: per (model, dataset, estimator, metric) the mean and 95% interval over
-    test facts; ``paired``: each estimator minus MEMIT on the same facts; ``range``: with
-    the sweep's store, whether each estimator's mean alpha lies in the sweep's best range."""
+    ``intervals``: per (model, dataset, protocol, estimator, metric) the mean and 95%
+    interval over test facts; ``paired``: each estimator minus MEMIT on the same facts,
+    per protocol (Holm-adjusted per model, dataset and protocol); ``range``: with the
+    sweep's store, whether each estimator's mean alpha lies in the sweep's best range
+    under each protocol the sweep holds."""
     rows = store.rows()
     if rows.empty:
         raise ValueError(f"{store!r} holds no results yet; run the experiment first")
-    check_unique(rows, ["model", "dataset", "split", "setting", "batch", "position"])
+    rows = with_protocol(rows)
+    check_unique(rows, ["model", "dataset", "split", "protocol", "setting", "batch", "position"])
     test = rows[rows["split"] == "test"]
-    metrics = metric_columns(test, alpha_sweep.MAIN_METRICS)
+    metrics = metric_columns(test, alpha_sweep.MAIN_METRICS + alpha_sweep.GENERATION_SCORES)
     settings = test[test["setting"] != "pre-edit"]
     alphas = []
     for (model, dataset, setting), group in settings.groupby(["model", "dataset", "setting"], sort=False):
@@ -206,7 +215,7 @@ def summarise(store: ResultStore, sweep: ResultStore | None = None) -> dict[str,
         alphas.append({"model": model, "dataset": dataset, "estimator": setting, "alpha": label,
                        "mean_alpha": sum(values.values()) / len(values) if values else 0.0})
     alphas = pd.DataFrame(alphas)
-    by = ["model", "dataset", "setting"]
+    by = ["model", "dataset", "protocol", "setting"]
     intervals = tidy_intervals(test, by, metrics)
     paired = alpha_sweep.paired_table(settings, "memit", alpha_sweep.BEST_CRITERION, metrics)
     out = {"alphas": alphas, "intervals": intervals, "paired": paired.drop(columns="best")}

@@ -478,6 +478,25 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import stale_pages, write_pages
+
+    tables = Path(args.tables)
+    if not tables.is_dir():
+        raise UsageError(f"--tables: {tables} is not a folder of tables; run `intattn run ... --scale paper` "
+                         "first or name the folder its CSVs are in")
+    if args.check:
+        stale = stale_pages(tables, args.out)
+        for name in stale:
+            print(f"{Path(args.out) / name}: differs from what {tables} gives; run `intattn report`")
+        if not stale:
+            print(f"every page under {args.out} is what {tables} gives")
+        return 1 if stale else 0
+    for path in write_pages(tables, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``intattn`` command; an input error is printed as one line (exit code 2)
     unless ``--debug`` asks for its traceback."""
@@ -499,7 +518,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true",
                         help="show an error's full traceback instead of one line")
     for add_command in (_add_reproduce, _add_known, _add_models, _add_data, _add_evaluate, _add_run,
-                        _add_tune, _add_merge):
+                        _add_tune, _add_merge, _add_report):
         add_command(sub, common)
     return parser
 
@@ -614,6 +633,18 @@ def _add_merge(sub, common: argparse.ArgumentParser) -> None:
     merge.add_argument("sources", nargs="+", help="store folders written by the shards")
     merge.add_argument("--out", required=True, help="the merged store folder")
     merge.set_defaults(run=_merge)
+
+
+def _add_report(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn report``: write the result pages from the paper-scale tables."""
+    report = sub.add_parser("report", help="write docs/results/*.md from the paper-scale tables (or --check them)",
+                            parents=[common])
+    report.add_argument("--tables", default=str(_repo_root() / "figures" / "paper"),
+                        help="the folder of the tidy CSVs (default: figures/paper)")
+    report.add_argument("--out", default=str(_repo_root() / "docs" / "results"), help="where the pages go")
+    report.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 when a page differs from what the tables give")
+    report.set_defaults(run=_report)
 
 
 def _is_input_error(error: Exception) -> bool:

@@ -333,18 +333,39 @@ def relation_tables(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd
     return {"relations": out["intervals"], "relations_paired": out["paired"]}
 
 
-def protocol_tables(store: ResultStore, summary: Mapping[str, pd.DataFrame], baseline: str = "MEMIT"
-                    ) -> dict[str, pd.DataFrame]:
+def protocol_tables(store: ResultStore, summary: Mapping[str, pd.DataFrame], baseline: str = "MEMIT",
+                    examples: int = 3) -> dict[str, pd.DataFrame]:
     """Where the store holds both protocols: ``verdicts`` (each editor against
-    ``baseline`` under each protocol, Holm-corrected, :func:`.protocols.verdicts`) and
-    ``rankings`` (by Edit Succ., :func:`.protocols.rankings`); nothing otherwise."""
-    from .protocols import rankings, verdicts
+    ``baseline`` under each protocol, Holm-corrected, :func:`.protocols.verdicts`),
+    ``rankings`` (by Edit Succ., :func:`.protocols.rankings`) and ``disagreements`` (up to
+    ``examples`` edits per editor and direction on which the protocols disagree about Edit
+    Succ., with the prompt, the target and the answer, :func:`.protocols.disagreements`;
+    each dataset's facts read by its stored name, a dataset that cannot be read is left
+    out with a warning that names it); nothing otherwise."""
+    import warnings
+
+    from .common import dataset_facts
+    from .protocols import disagreements, rankings, verdicts
 
     if summary["protocols"].empty:
         return {}
     rows = store.rows()
     metrics = metric_columns(rows, MAIN_METRICS)
-    return {"verdicts": verdicts(rows, metrics, baseline), "rankings": rankings(summary["intervals"])}
+    out = {"verdicts": verdicts(rows, metrics, baseline), "rankings": rankings(summary["intervals"])}
+    both = set(zip(summary["protocols"]["model"], summary["protocols"]["dataset"]))
+    rows = rows[[pair in both for pair in zip(rows["model"], rows["dataset"])]]
+    facts_by_key, kept = {}, []
+    for dataset in rows["dataset"].unique():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the dataset's own notes were shown when it was run
+                facts_by_key.update({fact.key: fact for fact in dataset_facts(dataset)})
+            kept.append(dataset)
+        except (OSError, ValueError) as error:
+            warnings.warn(f"no disagreement examples for dataset {dataset!r}: {error}", stacklevel=2)
+    if kept:
+        out["disagreements"] = disagreements(rows[rows["dataset"].isin(kept)], facts_by_key, n=examples)
+    return out
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

@@ -1,0 +1,65 @@
+"""The generated result pages (:mod:`intattn_analysis.report`): the committed pages are
+what the committed tables give, and a changed table value makes the check fail."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from intattn_analysis import cli
+from intattn_analysis.report import Tables, markdown_table, protocol_coverage, render_pages, stale_pages
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "figures" / "paper"
+PAGES = ROOT / "docs" / "results"
+
+
+def test_the_committed_pages_are_what_the_committed_tables_give():
+    assert stale_pages(PAPER, PAGES) == [], "run `intattn report` and commit docs/results"
+
+
+def test_a_changed_table_value_fails_the_check(tmp_path, capsys):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for path in PAPER.glob("*.csv"):
+        shutil.copy(path, tables / path.name)
+    out = tmp_path / "pages"
+    assert cli.main(["report", "--tables", str(tables), "--out", str(out)]) == 0
+    assert cli.main(["report", "--tables", str(tables), "--out", str(out), "--check"]) == 0
+
+    intervals = pd.read_csv(tables / "editors_intervals.csv", dtype={"setting": str})
+    shown = intervals.index[(intervals["setting"] == "MEMIT") & (intervals["protocol"] == "generation")
+                            & (intervals["metric"] == "Edit Succ.")]
+    assert len(shown), "the committed tables hold MEMIT under generation"
+    first = shown[0]
+    before = render_pages(tables)["generation.md"]
+    intervals.loc[first, "mean"] += 1.0
+    intervals.to_csv(tables / "editors_intervals.csv", index=False)
+    capsys.readouterr()
+    assert cli.main(["report", "--tables", str(tables), "--out", str(out), "--check"]) == 1
+    assert "generation.md: differs" in capsys.readouterr().out
+    assert render_pages(tables)["generation.md"] != before
+
+
+def test_a_missing_tables_folder_is_named(tmp_path, capsys):
+    assert cli.main(["report", "--tables", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "--tables:" in capsys.readouterr().err
+
+
+def test_coverage_names_what_was_not_measured(tmp_path):
+    rows = [{"model": "m", "dataset": "d", "setting": s, "metric": "Edit Succ.", "mean": 50.0, "ci_low": 40.0,
+             "ci_high": 60.0, "n_edits": 10} for s in ("pre-edit", "MEMIT")]
+    pd.DataFrame(rows).to_csv(tmp_path / "editors_intervals.csv", index=False)
+    pd.DataFrame([{**rows[1], "protocol": p} for p in ("teacher-forced", "generation")]).to_csv(
+        tmp_path / "sequential_intervals.csv", index=False)
+    coverage = protocol_coverage(Tables(tmp_path)).set_index("experiment")
+    assert coverage.loc["editors", ["teacher-forced", "generation"]].tolist() == ["10", "not measured"]
+    assert coverage.loc["sequential", ["teacher-forced", "generation"]].tolist() == ["10", "10"]
+    assert coverage.loc["outdated", "generation"] == "not run"
+
+
+def test_markdown_tables_escape_their_separators():
+    text = markdown_table(pd.DataFrame({"a": ["x|y", None], "b": [1, 2]}))
+    assert text.splitlines() == ["| a | b |", "| --- | --- |", "| x\\|y | 1 |", "|  | 2 |"]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 import intattn_analysis as ia
 from intattn_analysis.answers import answer_text, stopped
 from intattn_analysis.metrics import evaluate, greedy_generations
 
+from model_noise import noisy_mlps
 from test_metrics import EIFFEL, HAND
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
@@ -67,20 +67,10 @@ def test_the_unedited_model_keeps_every_locality_answer(smollm2, generated_pre):
 
 
 def test_a_changed_answer_is_not_kept(smollm2, generated_pre):
-    """Noise in four MLP layers (as in test_metrics) changes answers: Locality is the
+    """Noise in four MLP layers changes answers: Locality is the
     share of locality answers that stayed the same, and drops below 1."""
-    weights = [smollm2.weight("mlp", layer) for layer in range(2, 6)]
-    saved = [w.detach().clone() for w in weights]
-    generator = torch.Generator().manual_seed(0)
-    try:
-        with torch.no_grad():
-            for w in weights:
-                w.add_(torch.randn(w.shape, generator=generator) * 0.5)
+    with noisy_mlps(smollm2):
         post = evaluate(smollm2, HAND, pre=generated_pre, metrics=SETS, protocol="generation", progress=False)
-    finally:
-        with torch.no_grad():
-            for w, s in zip(weights, saved):
-                w.copy_(s)
     before, after = generated_pre.locality_predictions[0], post.locality_predictions[0]
     kept = [float(a == b) for a, b in zip(after, before)]
     assert post.per_fact.loc[0, "Locality"] == sum(kept) / len(kept) < 1.0

@@ -32,6 +32,7 @@ from intattn_analysis.metrics import (
     word_tokens,
 )
 from intattn_analysis.predictions import answer_probability, first_answer_token
+from model_noise import noisy_mlps
 
 FAST = ("knowedit", "counterfact", "residue")  # everything but fluency (generation)
 
@@ -296,18 +297,8 @@ def test_pre_values_are_reused_not_recomputed(smollm2, hand_pre):
 def test_a_perturbed_model_changes_locality_and_residue(smollm2):
     facts = [EIFFEL]
     pre = evaluate(smollm2, facts, metrics=FAST, progress=False)
-    weights = [smollm2.weight("mlp", layer) for layer in range(2, 6)]
-    saved = [w.detach().clone() for w in weights]
-    generator = torch.Generator().manual_seed(0)
-    try:
-        with torch.no_grad():
-            for w in weights:
-                w.add_(torch.randn(w.shape, generator=generator) * 0.5)
+    with noisy_mlps(smollm2):
         post = evaluate(smollm2, facts, pre=pre, metrics=FAST, progress=False)
-    finally:
-        with torch.no_grad():
-            for w, s in zip(weights, saved):
-                w.copy_(s)
     row = post.per_fact.iloc[0]
     assert row["Locality"] < 1.0
     # Noise of std 0.5, far above the weights' own size, wrecks these layers; float32

@@ -222,22 +222,15 @@ def survival_rows(model: ModelHandle, facts: Sequence[Fact], pre: Evaluation | N
     ``relation`` is the fact's relation, or its prompt template where it has none
     (:func:`.relations.relation_labels`)."""
     main = evaluate(model, list(facts), pre=pre, metrics=("knowedit",), progress=False).per_fact
-    labels = relation_labels(facts)
     others = distractors(facts)
     pairs = []
     for fact, other in zip(facts, others):
-        for prompts in _probe_prompts(fact).values():
-            pairs += [(p, a) for p in prompts for a in (fact.target_true, fact.target_new)]
-        context = context_prompt(fact)
-        pairs += [(context, fact.target_true), (context, fact.target_new)]
-        if other is not None:
-            pairs.append((context_prompt(fact, other), other))
+        pairs += [(p, a) for p in _asked_prompts(fact, None) for a in (fact.target_true, fact.target_new)]
+        if other is not None:  # the control's context is scored for the distractor's answer alone
+            pairs.append((_control_prompt(fact, other), other))
     scores = dict(zip(pairs, score_answers(model, pairs, progress=False)))
     rows = []
-    for position, (fact, other) in enumerate(zip(facts, others)):
-        row: dict[str, Any] = {"position": position, "fact_key": fact.key, "subject": fact.subject,
-                               "relation": labels[fact.key]}
-        row.update({m: float(main.iloc[position][m]) for m in MAIN_METRICS if m in main.columns})
+    for row, fact, other in _fact_rows(facts, others, main):
         for probe, prompts in _probe_prompts(fact).items():
             old = [scores[p, fact.target_true] for p in prompts]
             new = [scores[p, fact.target_new] for p in prompts]
@@ -251,7 +244,7 @@ def survival_rows(model: ModelHandle, facts: Sequence[Fact], pre: Evaluation | N
         row["Context old top-1"] = _top(old)
         row["Context old p"] = old.probability
         row["Context new top-1"] = _top(new)
-        row["Control copy top-1"] = _top(scores[context_prompt(fact, other), other]) if other is not None else math.nan
+        row["Control copy top-1"] = _top(scores[_control_prompt(fact, other), other]) if other is not None else math.nan
         rows.append(row)
     return rows
 
@@ -265,33 +258,49 @@ def answer_rows(model: ModelHandle, facts: Sequence[Fact], pre: Evaluation | Non
     generation = generation or GenerationSettings()
     main = evaluate(model, list(facts), pre=pre, metrics=("knowedit",), protocol="generation",
                     generation=generation, progress=False).per_fact
-    labels = relation_labels(facts)
     others = distractors(facts)
-    prompts = []
-    for fact, other in zip(facts, others):
-        prompts += [p for group in _probe_prompts(fact).values() for p in group] + [context_prompt(fact)]
-        if other is not None:
-            prompts.append(context_prompt(fact, other))
+    prompts = [prompt for fact, other in zip(facts, others) for prompt in _asked_prompts(fact, other)]
     said = {p: answer_text(a) for p, a in zip(prompts, ask(model, prompts, generation, progress=False))}
 
     def begins(prompt: str, answer: str) -> float:
         return match_answer(said[prompt], [answer]).prefix
 
     rows = []
-    for position, (fact, other) in enumerate(zip(facts, others)):
-        row: dict[str, Any] = {"position": position, "fact_key": fact.key, "subject": fact.subject,
-                               "relation": labels[fact.key]}
-        row.update({m: float(main.iloc[position][m]) for m in MAIN_METRICS if m in main.columns})
+    for row, fact, other in _fact_rows(facts, others, main):
         for probe, group in _probe_prompts(fact).items():
             row[f"Old answer/{probe}"] = _mean(begins(p, fact.target_true) for p in group)
             row[f"New answer/{probe}"] = _mean(begins(p, fact.target_new) for p in group)
         context = context_prompt(fact)
         row["Context old answer"] = begins(context, fact.target_true)
         row["Context new answer"] = begins(context, fact.target_new)
-        row["Control copy answer"] = begins(context_prompt(fact, other), other) if other is not None else math.nan
+        row["Control copy answer"] = begins(_control_prompt(fact, other), other) if other is not None else math.nan
         row["answer"], row["context answer"] = said[fact.text], said[context]
         rows.append(row)
     return rows
+
+
+def _asked_prompts(fact: Fact, other: str | None) -> list[str]:
+    """Every prompt parts (a), (c) and (d) put to the model for ``fact``: its probes'
+    prompts, the context that cites the old answer, and the copying control's context
+    (citing ``other``, the fact's distractor, unless it is ``None``)."""
+    prompts = [p for group in _probe_prompts(fact).values() for p in group] + [context_prompt(fact)]
+    return prompts + ([_control_prompt(fact, other)] if other is not None else [])
+
+
+def _control_prompt(fact: Fact, other: str | None) -> str | None:
+    return context_prompt(fact, other) if other is not None else None
+
+
+def _fact_rows(facts: Sequence[Fact], others: Sequence[str | None], main):
+    """``(row, fact, distractor)`` per fact: the row starts with the fact's place, key,
+    subject and relation, and its KnowEdit metrics from ``main`` (an evaluation's
+    per-fact table)."""
+    labels = relation_labels(facts)
+    for position, (fact, other) in enumerate(zip(facts, others)):
+        row: dict[str, Any] = {"position": position, "fact_key": fact.key, "subject": fact.subject,
+                               "relation": labels[fact.key]}
+        row.update({m: float(main.iloc[position][m]) for m in MAIN_METRICS if m in main.columns})
+        yield row, fact, other
 
 
 def _top(score, k: int = 1) -> float:

@@ -478,6 +478,57 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .experiments import experiment
+    from .experiments.planning import PAPER_GRID, status
+    from .loading import EMBEDDED_MODELS, load_model
+
+    experiments = args.experiments or list(PAPER_GRID)
+    for name in experiments:
+        try:
+            experiment(name)
+        except ValueError as error:
+            raise UsageError(f"--experiments: {error}") from None
+        if name not in PAPER_GRID:
+            raise UsageError(f"--experiments: {name} has no datasets in the paper grid {sorted(PAPER_GRID)}")
+    root = Path(args.out) if args.out else _default_out(args.scale)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [load_model(name) for name in (args.models or list(EMBEDDED_MODELS))]
+    def datasets(name: str) -> list[str]:
+        grid = PAPER_GRID[name]
+        if not args.datasets:
+            return list(grid)
+        # the experiments of the built-in facts run on them alone; the others on benchmark sets
+        return [d for d in args.datasets if (d == "builtin") == (grid == ("builtin",))]
+
+    runs = [(name, model, dataset) for name in experiments for model in models for dataset in datasets(name)]
+    table = status(root, runs, scale=args.scale, protocol=args.protocol)
+    if args.json:
+        print(json.dumps(table.drop(columns="note").to_dict(orient="records"), default=float))
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.width", 220, "display.max_colwidth", 90, "display.max_rows", 200):
+        shown = table.assign(estimated=table["estimated_seconds"].map(_duration)).drop(columns="estimated_seconds")
+        print(f"store: {root} (scale {args.scale}, protocol {args.protocol})")
+        print(shown.to_string(index=False))
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    import math
+
+    if math.isnan(seconds):
+        return "unknown"
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import stale_pages, write_pages
 
@@ -518,7 +569,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true",
                         help="show an error's full traceback instead of one line")
     for add_command in (_add_reproduce, _add_known, _add_models, _add_data, _add_evaluate, _add_run,
-                        _add_tune, _add_merge, _add_report):
+                        _add_tune, _add_merge, _add_report, _add_status):
         add_command(sub, common)
     return parser
 
@@ -645,6 +696,26 @@ def _add_report(sub, common: argparse.ArgumentParser) -> None:
     report.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when a page differs from what the tables give")
     report.set_defaults(run=_report)
+
+
+def _add_status(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn status``: per experiment, model and dataset, units done, stale, missing."""
+    from .metrics import PROTOCOLS
+
+    status = sub.add_parser("status", help="units done, stale and missing per experiment, model and dataset, "
+                            "with the time to finish", parents=[common])
+    status.add_argument("--scale", default="paper", help="ci or paper")
+    status.add_argument("--out", help="store folder (paper: figures/paper/store; ci: the cache)")
+    status.add_argument("--experiments", nargs="+", help="default: every experiment of the paper grid")
+    status.add_argument("--models", nargs="+", help="default: every embedded model")
+    status.add_argument("--datasets", nargs="+", help="default: each experiment's datasets in the paper grid")
+    status.add_argument("--protocol", choices=PROTOCOLS, default="both",
+                        help="the evaluation protocol the results should have (default: both)")
+    status.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    status.add_argument("--json", action="store_true",
+                        help="print a JSON list of {experiment, model, dataset, done, stale, missing, "
+                             "estimated_seconds}")
+    status.set_defaults(run=_status)
 
 
 def _is_input_error(error: Exception) -> bool:

@@ -791,3 +791,58 @@ def test_a_failing_setting_keeps_what_the_settings_before_it_computed(tiny_llama
     assert tiny_llama.open_edits == 0
     after = tiny_llama.hf_model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# --------------------------------------------------------------------------- planning
+def test_a_plan_names_the_units_a_run_computes_and_computes_nothing(tiny_llama, setting, tmp_path):
+    """Inside ``planning()`` the runner records the units and writes nothing; the units
+    it names are the files a real run then writes, and after the run every one is done."""
+    from intattn_analysis.experiments.planning import planning
+
+    with planning() as before:
+        assert _run(tiny_llama, setting, tmp_path) == 0
+    assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").iterdir())
+    assert before.units and not any(u.done for u in before.units)
+    _run(tiny_llama, setting, tmp_path)
+    written = {p.stem for p in (tmp_path / "sweep").glob("*.jsonl")}
+    assert {u.uid for u in before.units} == written
+    with planning() as after:
+        _run(tiny_llama, setting, tmp_path)
+    assert all(u.done for u in after.units) and len(after.units) == len(before.units)
+
+
+def test_status_counts_done_missing_and_stale_units(tiny_llama, setting, tmp_path, monkeypatch):
+    """A unit stored at settings the plan no longer asks for is stale; the ones it asks
+    for and lacks are missing, timed at the stored units' seconds."""
+    import types
+
+    from intattn_analysis import experiments
+    from intattn_analysis.experiments.planning import status
+
+    hp, moments = setting
+    chosen = {"hp": hp}
+
+    def run(model, dataset, scale, root, progress=True):
+        run_alpha_settings(model, [FACTS[:2], FACTS[2:]], SETTINGS, chosen["hp"], ResultStore(root, "sweep"),
+                           dataset="hand", moments=moments, metrics=("knowedit",), progress=False)
+
+    monkeypatch.setitem(experiments.EXPERIMENTS, "sweep", types.SimpleNamespace(NAME="sweep", run=run))
+    runs = [("sweep", tiny_llama, "hand")]
+    fresh = status(tmp_path, runs, protocol=None).iloc[0]
+    assert (fresh["done"], fresh["stale"], fresh["missing"]) == (0, 0, 6)
+    assert math.isnan(fresh["estimated_seconds"])  # nothing was ever timed
+    run(tiny_llama, "hand", "ci", tmp_path)
+    finished = status(tmp_path, runs, protocol=None).iloc[0]
+    assert (finished["done"], finished["stale"], finished["missing"]) == (6, 0, 0)
+    chosen["hp"] = hp.replace(v_steps=hp.v_steps + 1)  # a changed default: the edits are stale
+    changed = status(tmp_path, runs, protocol=None).iloc[0]
+    assert (changed["done"], changed["stale"], changed["missing"]) == (2, 4, 4)  # pre-edit units stay
+    stored = ResultStore(tmp_path, "sweep").rows()
+    per_unit = stored.groupby(["batch", "setting"])["seconds"].first()
+    expected = per_unit.drop("pre-edit", level="setting").groupby("setting").mean().sum() * 2
+    assert changed["estimated_seconds"] == pytest.approx(expected)
+
+
+def test_status_refuses_an_unknown_experiment_by_name(capsys):
+    assert cli.main(["status", "--experiments", "no-such"]) == 2
+    assert "--experiments: unknown experiment 'no-such'" in capsys.readouterr().err

@@ -72,7 +72,12 @@ def dataset_batches(dataset: str, batch_size: int, n_batches: int | None,
 
 def edit_moments(model: ModelHandle, hparams: EditHparams, progress: bool = True):
     """The corpus second moments of both modules at the edited layers (cached on disk;
-    :func:`intattn_analysis.editors.moments.moments_for`)."""
+    :func:`intattn_analysis.editors.moments.moments_for`); ``None`` while a plan is
+    recorded (:func:`.planning.planning`), where nothing is edited."""
+    from .planning import active
+
+    if active() is not None:
+        return None
     return moments_for(model, [(m, l) for m in MODULES for l in hparams.layers], hparams, progress=progress)
 
 

@@ -47,6 +47,7 @@ from ..tracing import balance
 from . import alpha_sweep, localization
 from .alpha_settings import run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
+from .planning import PlanIncomplete, active
 from .store import MissingResultsError, ResultStore, check_unique
 from .units import alpha_label, with_protocol
 
@@ -142,6 +143,9 @@ def train_alpha(model, hp: EditHparams, store: ResultStore, scale: EstimatorScal
                            labels={"split": "train"})
         for name, a in named.items():
             rows = store.rows(setting=name, dataset=label, model=model.name)
+            if rows.empty and active() is not None:
+                raise PlanIncomplete(f"waits on estimator (e)'s train units (`intattn run alpha-estimators "
+                                     f"--model {model.name}`)")
             tried[alpha_label(a)] = (a, _criterion(rows, TRAIN_CRITERION))
 
     grid = {i: {l: float(g) for l in hp.layers} for i, g in enumerate(scale.train_grid)}

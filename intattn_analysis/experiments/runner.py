@@ -26,6 +26,9 @@ The pieces:
   :func:`run_sequence`: rounds of edits piling up on one model
   (:func:`intattn_analysis.edit_sequence`), a unit after each round;
 * :class:`MemoryStore`: the store of a run whose rows are not written to disk.
+
+Inside :func:`.planning.planning`, :func:`run_cells` and :func:`run_sequence` record the
+units they are handed instead of computing them (``intattn status``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..facts import Fact
 from ..loading import ModelHandle
 from ..answers import GenerationSettings
 from ..metrics import Evaluation, evaluate
+from . import planning
 from .units import fact_rows, generation_metrics, part_protocol, protocols_of
 
 __all__ = ["PRE_EDIT", "Cell", "EvaluationMeasure", "MemoryStore", "Outcome", "SharedMoments", "Setting", "Unit",
@@ -260,6 +264,12 @@ def run_cells(
     ``moments`` serves every setting (default: :class:`SharedMoments`). ``outcomes``, if
     given, receives an :class:`Outcome` per computed unit as it is stored.
     """
+    plan = planning.active()
+    if plan is not None:  # list the units, compute nothing
+        for cell in cells:
+            for unit in cell.units.values():
+                plan.record(store, unit.key, unit.label, unit.labels)
+        return 0
     moments_of = SharedMoments(model, [c.setting for c in cells], moments, progress)
     computed = 0
     bar = tqdm(total=len(cells), desc=desc or model.name, disable=not progress)
@@ -386,6 +396,12 @@ def run_sequence(
     alone).
     """
     parted = [dict(u) if isinstance(u, Mapping) else {None: u} for u in units]
+    plan = planning.active()
+    if plan is not None:  # list the units, compute nothing
+        for parts in parted:
+            for unit in parts.values():
+                plan.record(store, unit.key, unit.label, unit.labels)
+        return 0
     missing = [[part for part, unit in parts.items() if not store.has(unit.key, unit.label)] for parts in parted]
     if not any(missing):
         return 0

@@ -846,3 +846,16 @@ def test_status_counts_done_missing_and_stale_units(tiny_llama, setting, tmp_pat
 def test_status_refuses_an_unknown_experiment_by_name(capsys):
     assert cli.main(["status", "--experiments", "no-such"]) == 2
     assert "--experiments: unknown experiment 'no-such'" in capsys.readouterr().err
+
+
+def test_activation_alphas_do_not_depend_on_how_the_prompts_are_batched(tiny_llama, monkeypatch):
+    """Estimator (d) sums float32 norms; batching the prompts differently changes the sums
+    in their last bits, and the alpha (part of every unit's key) is rounded past that."""
+    from intattn_analysis.experiments import estimators
+
+    facts = ia.load_facts("builtin")[:6]
+    monkeypatch.setattr(estimators, "known_facts", lambda all_facts, name: facts)
+    one = estimators.activation_alphas(tiny_llama, [1, 2], 6, batch_size=1)
+    six = estimators.activation_alphas(tiny_llama, [1, 2], 6, batch_size=6)
+    assert one == six
+    assert all(0 < a < 1 and round(a, estimators.ACTIVATION_DIGITS) == a for a in one.values())

@@ -25,7 +25,8 @@ state shares its folder, and its key tells it apart), and the label says what th
 holds for a reader of the folder (``trace-<fact>-<kind>``, ``z-layer<L>-<fact>``,
 ``mom2-<module>-layer<L>-...``, ``samples-seed<S>-...``, ``templates-n<N>-len<L>``). The
 kinds are ``traces``, ``targets``, ``moments`` (whose ``corpora`` subfolder holds the
-sampled corpora) and ``context_templates``.
+sampled corpora), ``context_templates`` and ``known`` (whether a model state knows a
+fact, :func:`~intattn_analysis.known.is_known_cached`).
 
 **Entries.** A JSON entry is an object ``{"key": <fields>, ...}``; a tensor entry is a
 safetensors file whose metadata ``"key"`` holds the fields' canonical JSON. Entries are

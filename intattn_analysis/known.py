@@ -21,7 +21,10 @@ from tqdm import tqdm
 from .facts import Fact
 from .loading import ModelHandle
 
-__all__ = ["greedy_continuation", "is_known", "known_facts", "mark_known", "starts_with_answer"]
+__all__ = ["greedy_continuation", "is_known", "is_known_cached", "known_facts", "mark_known", "starts_with_answer"]
+
+#: Format of the cached flags of :func:`is_known_cached` (part of their key).
+KNOWN_FORMAT = 1
 
 
 def starts_with_answer(continuation: str, answer: str) -> bool:
@@ -88,6 +91,29 @@ def is_known(model: ModelHandle, fact: Fact) -> tuple[bool, str]:
         model, fact.text, answer_tokens + 2, stop=_answer_decided(answer)
     )
     return starts_with_answer(continuation, answer), continuation
+
+
+def is_known_cached(model: ModelHandle, fact: Fact, cache_dir=None) -> bool:
+    """:func:`is_known`'s flag, cached on disk per model state and fact (the cache kind
+    ``known``; ``cache_dir`` stands in for its folder). The experiments that choose the
+    facts a model knows ask again on every run and every ``intattn status``; the greedy
+    decoding behind each answer is what the cache spares."""
+    from .cache import cache_entry, kind_folder
+
+    entry = cache_entry(cache_dir or kind_folder("known"), model, f"known-{fact.key}",
+                        {"format": KNOWN_FORMAT, "prompt": fact.text, "answer": fact.target_true},
+                        what="known flag")
+
+    def check(stored: dict) -> None:
+        if not isinstance(stored["known"], bool):
+            raise TypeError(f"known is {type(stored['known']).__name__}, not a bool")
+
+    stored = entry.read_json(check)
+    if stored is not None:
+        return stored["known"]
+    known, continuation = is_known(model, fact)
+    entry.write_json({"known": known, "continuation": continuation})
+    return known
 
 
 def mark_known(

@@ -81,7 +81,7 @@ from tqdm import tqdm
 from ..answers import GenerationSettings, answer_text, match_answer
 from ..facts import Fact, sample_by_relation
 from ..intervals import paired_against, paired_difference, tidy_intervals
-from ..known import is_known
+from ..known import is_known_cached
 from ..cache import kind_folder
 from ..loading import ModelHandle
 from ..metrics import Evaluation, ask, evaluate, score_answers
@@ -189,7 +189,7 @@ def _probe_prompts(fact: Fact) -> dict[str, list[str]]:
 def known_batches(model: ModelHandle, dataset: str, batch_size: int, n_batches: int,
                   progress: bool = True) -> list[list[Fact]]:
     """``n_batches * batch_size`` facts of ``dataset`` that have a ``target_true``, ask
-    for a change, and that the unedited model knows (:func:`intattn_analysis.known.is_known`;
+    for a change, and that the unedited model knows (:func:`intattn_analysis.known.is_known_cached`;
     a fact's stored flag for the model is trusted where it says no, and checked where it
     says yes or is missing), in consecutive batches. The facts are taken with their
     relations interleaved (:func:`intattn_analysis.facts.sample_by_relation`: the
@@ -206,7 +206,7 @@ def known_batches(model: ModelHandle, dataset: str, batch_size: int, n_batches: 
                 break
             if not fact.target_true or not fact.changes_answer or fact.known.get(model.name) is False:
                 continue
-            if is_known(model, fact)[0]:
+            if is_known_cached(model, fact):
                 chosen.append(fact)
                 bar.update()
     if len(chosen) < wanted:

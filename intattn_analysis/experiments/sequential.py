@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..answers import GenerationSettings
 from ..datasets import load_facts
 from ..intervals import paired_against, paired_contrasts, tidy_intervals
-from ..known import is_known
+from ..known import is_known, is_known_cached
 from ..loading import ModelHandle
 from ..metrics import evaluate
 from ..reporting import GENERATION_SCORES, MAIN_METRICS
@@ -97,7 +97,7 @@ def known_probe_facts(model: ModelHandle, edited: Sequence, n: int) -> list:
             continue
         if fact.known.get(model.name, None) is False:
             continue
-        if is_known(model, fact)[0]:
+        if is_known_cached(model, fact):
             out.append(fact)
     return out
 

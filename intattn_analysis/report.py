@@ -38,6 +38,7 @@ class Tables:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.read: list[str] = []
+        self.stores: list[str] = []  # the experiments of the store under folder/store read
 
     def get(self, name: str) -> pd.DataFrame | None:
         """``<name>.csv`` as a frame (``setting`` kept as text), or ``None`` when absent."""
@@ -220,13 +221,232 @@ def generation_page(tables: Tables) -> str:
         "## The alpha sweep",
         "",
         *_sweep_section(tables),
+        "## Settings",
+        "",
+        *_settings_section(tables, ("editors", "alpha-sweep", "batch-scaling", "sequential", "outdated")),
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- settings
+#: Hyperparameters that make a row what it is rather than set it: the alpha an experiment
+#: varies, and the null-space projection that makes IntAttn-Edit the ``IntAttn-Edit+NS``
+#: row. They are left out when stored settings are compared with today's defaults.
+VARIED = ("alpha", "projection", "nullspace_threshold", "nullspace_l2")
+
+
+def settings_table(store_root: str | os.PathLike, experiments: Sequence[str]) -> pd.DataFrame:
+    """Per (experiment, model, dataset, method): how many stored edit units there are, and
+    whether their hyperparameters are the method's defaults for the model today
+    (:func:`intattn_analysis.hparams_for`; the fields of :data:`VARIED` are left out of
+    the comparison), or how they differ from them."""
+    import json
+
+    from .hparams import hparams_for
+
+    today: dict[tuple[str, str], dict | None] = {}
+    counts: dict[tuple, int] = {}
+    for experiment in experiments:
+        folder = Path(store_root) / experiment
+        for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+            with path.open() as handle:
+                first = json.loads(handle.readline())
+            key = first.get("unit_key", {})
+            if "hparams" not in key or "method" not in key:
+                continue  # the unedited model, a trace
+            model, method = first.get("model"), key["method"]
+            if (model, method) not in today:
+                try:
+                    today[model, method] = hparams_for(model, method).effective_dict()
+                except ValueError:
+                    today[model, method] = None  # no defaults file: nothing to compare with
+            now = today[model, method]
+            stored = key["hparams"]
+            if now is None:
+                text = "no defaults to compare with"
+            else:
+                differ = sorted(n for n in set(stored) | set(now) if n not in VARIED and stored.get(n) != now.get(n))
+                text = ("today's defaults" if not differ else
+                        "differs: " + ", ".join(f"{n} {stored.get(n)} (today {now.get(n)})" for n in differ))
+            entry = (experiment, model, first.get("dataset"), method, text)
+            counts[entry] = counts.get(entry, 0) + 1
+    return pd.DataFrame([(*entry, n) for entry, n in counts.items()],
+                        columns=["experiment", "model", "dataset", "method", "settings", "units"])
+
+
+def _settings_section(tables: Tables, experiments: Sequence[str]) -> list[str]:
+    table = settings_table(tables.folder / "store", experiments)
+    tables.stores.extend(e for e in experiments if e not in tables.stores)
+    if table.empty:
+        return ["No edit units are stored yet.", ""]
+    return ["The hyperparameters of every stored edit unit behind these tables, against the method's "
+            "defaults for the model today (the alpha an experiment varies and the null-space projection of "
+            "the `+NS` rows are not compared):", "",
+            markdown_table(table), ""]
+
+
+# --------------------------------------------------------------------------- claims page
+def _peaks(aie: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, token, module): the layer of the largest AIE, with its interval."""
+    rows = aie.loc[aie.groupby(["model", "token", "module"], sort=False)["aie"].idxmax()]
+    return pd.DataFrame({
+        "model": rows["model"], "token": rows["token"], "module": rows["module"],
+        "peak layer": rows["layer"].astype(int),
+        "AIE at the peak": [f"{r.aie:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]" for r in rows.itertuples()],
+        "facts": rows["n_facts"].astype(int)})
+
+
+def _claim_one(tables: Tables) -> tuple[list[str], dict[str, str]]:
+    aie, claim = tables.get("localization_aie"), tables.get("localization_claim")
+    if aie is None or claim is None:
+        return ["Not run yet (`intattn run localization --dataset builtin --scale paper`).", ""], {}
+    lines = ["The average indirect effect (AIE) of restoring each module's output, per layer, over every "
+             "built-in fact the model knows (`localization_aie.csv`); the peak of each module:", "",
+             markdown_table(_peaks(aie).set_index(["model", "token", "module"])), "",
+             "The finding holds when attention's share of the combined AIE is highest in the early third of "
+             "the layers *and* its AIE-weighted centre lies below the MLP's (`ia.early_attention_finding`):", ""]
+    verdicts = {}
+    for row in claim.itertuples():
+        lines.append(f"- {row.model}, {row.token.replace('_', ' ')} token: "
+                     f"{'holds' if row.holds else 'does not hold'} ({row.numbers}).")
+        if row.token == "subject_last":
+            verdicts[row.model] = f"{'yes' if row.holds else 'no'} (subject token: {row.numbers})"
+    severed = tables.get("localization_severed")
+    if severed is not None:
+        lines += ["", "Severing a path (ROME's frozen-module experiment): the residual stream's AIE at the last "
+                  "subject token and how much severing the MLP or the attention path lowers it, at the layer "
+                  "where the residual AIE peaks:", ""]
+        peak = severed.loc[severed.groupby("model", sort=False)["aie"].idxmax()]
+        lines.append(markdown_table(pd.DataFrame({
+            "model": peak["model"], "layer": peak["layer"].astype(int), "residual AIE": peak["aie"].round(3),
+            "drop, MLP severed": peak["drop_mlp"].round(3), "drop, attention severed": peak["drop_attn"].round(3)})))
+    return lines + [""], verdicts
+
+
+def _sweep_tables(tables: Tables) -> tuple[list[str], dict[tuple[str, str], str]]:
+    intervals, paired = tables.get("alpha_sweep_intervals"), tables.get("alpha_sweep_paired")
+    ranges, claim = tables.get("alpha_sweep_range"), tables.get("alpha_sweep_claim")
+    if intervals is None or paired is None or ranges is None:
+        return ["Not run yet (`intattn run alpha-sweep --scale paper`).", ""], {}
+    if "protocol" not in ranges.columns:
+        ranges = ranges.assign(protocol="teacher-forced")
+    lines, verdicts = [], {}
+    for (model, dataset, protocol), group in intervals.groupby(["model", "dataset", "protocol"], sort=False):
+        n = int(group.loc[group["setting"] != "pre-edit", "n_edits"].max())
+        pair = paired[(paired["model"] == model) & (paired["dataset"] == dataset) & (paired["protocol"] == protocol)]
+        best = ranges[(ranges["model"] == model) & (ranges["dataset"] == dataset) & (ranges["protocol"] == protocol)]
+        lines += [f"### {model}, {dataset}, {protocol}", "",
+                  f"Percent (Fluency in bits), mean [95% interval over {n} edited facts]:", "",
+                  markdown_table(formatted_intervals(group[group["metric"].isin(SHOWN + ("Fluency",))],
+                                                     ["setting"])), "",
+                  "Each setting minus alpha 0 on the same facts (points, paired 95% interval; "
+                  + ("Holm-adjusted p-value over the family of every setting and metric):" if "p_holm" in pair.columns
+                     else "p-values uncorrected):"), ""]
+        shown = pair[pair["metric"].isin(BEST_SHOWN)].copy()
+        p = "p_holm" if "p_holm" in shown.columns else "p_value"
+        shown["text"] = [f"{_interval(r, 'diff', sign=True)}, p {_p(r[p])}" for _, r in shown.iterrows()]
+        lines += [markdown_table(shown.pivot_table(index="setting", columns="metric", values="text", aggfunc="first",
+                                                   sort=False)[[m for m in BEST_SHOWN if m in set(shown["metric"])]]),
+                  ""]
+        if not best.empty:
+            row = best.iloc[0]
+            lines.append(f"- Best fixed alpha by the mean of Edit Succ., Rephrase and Locality per fact: "
+                         f"{row['best_alpha']:g}; the range not worse than it: {{{row['alphas_in_range']}}}.")
+        if claim is not None and "protocol" in claim.columns:
+            verdict = claim[(claim["model"] == model) & (claim["dataset"] == dataset) & (claim["protocol"] == protocol)]
+            beats = verdict[verdict["beats"].astype(bool)]["setting"].tolist()
+            lines.append(f"- Settings decided better than alpha 0 on Edit Succ., Rephrase and Locality together: "
+                         f"{', '.join(beats) or 'none'}.")
+            if protocol == "teacher-forced":
+                verdicts[(model, dataset)] = ("yes: " + ", ".join(beats)) if beats else "no: no alpha is decided " \
+                    "better than alpha 0 on all three"
+        if not best.empty and protocol == "teacher-forced":
+            verdicts[(model, "range", dataset)] = "{" + best.iloc[0]["alphas_in_range"] + "}"
+        lines.append("")
+    return lines, verdicts
+
+
+def _estimator_tables(tables: Tables) -> list[str]:
+    alphas, paired, ranges = (tables.get(n) for n in ("alpha_estimators_alphas", "alpha_estimators_paired",
+                                                      "alpha_estimators_range"))
+    if alphas is None or paired is None:
+        return ["Not run yet (`intattn run alpha-estimators --scale paper`).", ""]
+    lines = []
+    for (model, dataset), group in alphas.groupby(["model", "dataset"], sort=False):
+        pair = paired[(paired["model"] == model) & (paired["dataset"] == dataset)]
+        table = group[["estimator", "alpha", "mean_alpha"]].rename(columns={"alpha": "alpha per layer",
+                                                                            "mean_alpha": "mean alpha"})
+        table["mean alpha"] = table["mean alpha"].round(3)
+        for protocol, part in pair.groupby("protocol", sort=False):
+            for metric in ("Edit Succ.", "Locality"):
+                rows = part[part["metric"] == metric].set_index("setting")
+                table[f"{metric} − MEMIT, {protocol}"] = [
+                    _interval(rows.loc[e], "diff", sign=True) if e in rows.index else "" for e in table["estimator"]]
+        if ranges is not None:
+            inside = ranges[(ranges["model"] == model) & (ranges["dataset"] == dataset)]
+            for protocol, part in inside.groupby("protocol", sort=False):
+                flags = part.set_index("estimator")["inside"]
+                table[f"in the best range ({protocol})"] = [
+                    {True: "yes", False: "no"}.get(bool(flags[e]) if e in flags.index and pd.notna(flags[e])
+                                                   else None, "") for e in table["estimator"]]
+        lines += [f"### {model}, {dataset}", "", markdown_table(table.set_index("estimator")), ""]
+    return lines
+
+
+#: The paired metrics the claims page shows.
+BEST_SHOWN = ("Edit Succ.", "Rephrase", "Locality")
+
+
+def _p(value: float) -> str:
+    return "< 1e-3" if value < 1e-3 else f"{value:.3f}"
+
+
+def claims_page(tables: Tables) -> str:
+    """``claims.md``: the paper's three claims at paper scale, per model."""
+    one, verdict_one = _claim_one(tables)
+    sweep, verdict_sweep = _sweep_tables(tables)
+    models = list(dict.fromkeys([*verdict_one, *(k[0] for k in verdict_sweep)]))
+    verdict = pd.DataFrame([{
+        "model": m,
+        "1. attention stores facts, most of all early": verdict_one.get(m, "not run"),
+        "2. best range of fixed alphas (ZsRE, teacher-forced)": verdict_sweep.get((m, "range", "zsre"), "not run"),
+        "3. an alpha beats MEMIT on all three (ZsRE, teacher-forced)": verdict_sweep.get((m, "zsre"), "not run"),
+    } for m in models])
+    lines = [
+        "# The paper's claims at scale",
+        "",
+        "(1) Attention modules store facts, most of all in early layers; (2) a moderate alpha is best and the "
+        "contribution-guided alpha stays in the optimal range; (3) IntAttn-Edit beats MLP-only editing (MEMIT) "
+        "on success, generalisation and preservation. Every number is a mean over facts with a 95% bootstrap "
+        "interval; every comparison is paired on the same facts.",
+        "",
+        "## Verdicts",
+        "",
+        markdown_table(verdict) if len(verdict) else "Nothing has been run yet.",
+        "",
+        "## Claim 1: localization",
+        "",
+        *one,
+        "## Claims 2 and 3: the alpha sweep",
+        "",
+        *sweep,
+        "## Claims 2 and 3: alpha estimators against MEMIT",
+        "",
+        "Each estimator's alpha at the edited layers, and its edit minus MEMIT's on the same test facts "
+        "(points, paired 95% interval), per protocol; `in the best range` compares the mean alpha with the "
+        "sweep's best range.",
+        "",
+        *_estimator_tables(tables),
+        "## Settings",
+        "",
+        *_settings_section(tables, ("alpha-sweep", "alpha-estimators")),
     ]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- pages
 #: ``{file name: page function}``: the pages ``intattn report`` writes.
-PAGES: dict[str, Callable[[Tables], str]] = {"generation.md": generation_page}
+PAGES: dict[str, Callable[[Tables], str]] = {"claims.md": claims_page, "generation.md": generation_page}
 
 GENERATED = "<!-- generated by `intattn report` from the tables named at the end; do not edit by hand -->"
 
@@ -237,7 +457,8 @@ def render_pages(tables_dir: str | os.PathLike) -> dict[str, str]:
     for name, page in PAGES.items():
         tables = Tables(tables_dir)
         body = page(tables).rstrip("\n")
-        sources = ", ".join(f"`{n}.csv`" for n in tables.read) or "none"
+        sources = ", ".join([*(f"`{n}.csv`" for n in tables.read),
+                             *(f"the store's `{e}` units" for e in tables.stores)]) or "none"
         pages[name] = f"{GENERATED}\n\n{body}\n\n---\nRead from {sources}.\n"
     return pages
 

@@ -63,3 +63,21 @@ def test_coverage_names_what_was_not_measured(tmp_path):
 def test_markdown_tables_escape_their_separators():
     text = markdown_table(pd.DataFrame({"a": ["x|y", None], "b": [1, 2]}))
     assert text.splitlines() == ["| a | b |", "| --- | --- |", "| x\\|y | 1 |", "|  | 2 |"]
+
+
+def test_settings_name_what_differs_from_todays_defaults(tmp_path):
+    from intattn_analysis.experiments.store import ResultStore
+    from intattn_analysis.hparams import hparams_for
+    from intattn_analysis.report import settings_table
+
+    today = hparams_for("smollm2-135m", "memit").effective_dict()
+    store = ResultStore(tmp_path, "editors")
+    labels = {"model": "smollm2-135m", "dataset": "zsre", "setting": "MEMIT"}
+    store.write_unit({"method": "memit", "hparams": today, "batch": 0}, [{"position": 0}], "a", labels)
+    store.write_unit({"method": "memit", "hparams": {**today, "v_steps": 7}, "batch": 0}, [{"position": 0}], "b",
+                     labels)
+    store.write_unit({"unit": "pre-edit"}, [{"position": 0}], "c", {**labels, "setting": "pre-edit"})
+    table = settings_table(tmp_path, ["editors"]).set_index("settings")
+    assert table.loc["today's defaults", "units"] == 1
+    assert table.loc[f"differs: v_steps 7 (today {today['v_steps']})", "units"] == 1
+    assert len(table) == 2  # the unedited model's unit has no settings

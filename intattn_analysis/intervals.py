@@ -176,6 +176,21 @@ def paired_against(
     return out
 
 
+def holm_within(table: pd.DataFrame, family: Sequence[str]) -> pd.DataFrame:
+    """``table`` (rows with a ``p_value``) with ``p_holm`` after it: Holm's adjustment
+    (:func:`holm`) over each family of comparisons, the rows that share the ``family``
+    columns. An empty table gets the column too."""
+    out = table.copy()
+    if out.empty:
+        out["p_holm"] = pd.Series(dtype=float)
+    else:
+        out["p_holm"] = out.groupby(list(family), sort=False)["p_value"].transform(lambda p: holm(p.to_numpy()))
+    columns = list(out.columns)
+    columns.remove("p_holm")
+    columns.insert(columns.index("p_value") + 1 if "p_value" in columns else len(columns), "p_holm")
+    return out[columns]
+
+
 def paired_contrasts(
     rows: pd.DataFrame, metrics: Sequence[str], pairs: Sequence[tuple[str, str]], groups: Sequence[str],
     on: Sequence[str],

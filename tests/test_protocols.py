@@ -86,3 +86,13 @@ def test_a_table_of_two_protocols_needs_the_protocol_in_its_index():
     with pytest.raises(ValueError, match="add the column that tells them apart.*protocol"):
         formatted_intervals(intervals, ["model", "dataset", "setting"])
     assert formatted_intervals(intervals, ["model", "dataset", "protocol", "setting"]).shape == (6, 1)
+
+
+def test_holm_within_adjusts_each_family_apart():
+    from intattn_analysis.intervals import holm_within
+
+    table = pd.DataFrame({"model": ["a", "a", "b"], "p_value": [0.01, 0.04, 0.04], "diff": [1.0, 2.0, 3.0]})
+    adjusted = holm_within(table, ["model"])
+    assert list(adjusted.columns) == ["model", "p_value", "p_holm", "diff"]
+    assert adjusted["p_holm"].tolist() == pytest.approx([0.02, 0.04, 0.04])  # b's family has one member
+    assert "p_holm" in holm_within(table.iloc[:0], ["model"]).columns

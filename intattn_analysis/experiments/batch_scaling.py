@@ -44,7 +44,7 @@ import pandas as pd
 from ..answers import GenerationSettings
 from ..facts import Fact
 from ..hparams import hparams_for
-from ..intervals import paired_against, paired_contrasts, tidy_intervals
+from ..intervals import holm_within, paired_against, paired_contrasts, tidy_intervals
 from ..loading import ModelHandle
 from ..reporting import GENERATION_SCORES, MAIN_METRICS
 from ..batching import editable_batches
@@ -243,8 +243,12 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
     intervals = tidy_intervals(common, [*groups, "setting"], metrics)
     intervals_all = tidy_intervals(rows, [*groups, "setting"], metrics)
     edited = rows[rows["setting"] != "pre-edit"]
-    paired = pd.DataFrame(paired_against(edited, metrics, baseline, groups=groups, on=["batch", "position"]))
-    contrasted = pd.DataFrame(paired_contrasts(edited, metrics, contrasts, groups=groups, on=["batch", "position"]))
+    # one family of comparisons per (model, dataset, protocol): every size, editor and metric
+    family = ["model", "dataset", "protocol"]
+    paired = holm_within(pd.DataFrame(paired_against(edited, metrics, baseline, groups=groups,
+                                                     on=["batch", "position"])), family)
+    contrasted = holm_within(pd.DataFrame(paired_contrasts(edited, metrics, contrasts, groups=groups,
+                                                           on=["batch", "position"])), family)
     smallest = edited.groupby(["model", "dataset", "protocol"])["batch_size"].transform("min")
     by_size = edited.rename(columns={"setting": "row"}).assign(
         setting=edited["batch_size"].map(lambda s: f"size {s}"), baseline_size=smallest)

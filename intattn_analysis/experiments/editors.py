@@ -35,7 +35,7 @@ import pandas as pd
 from ..answers import GenerationSettings
 from ..editors import EDITORS
 from ..hparams import hparams_for
-from ..intervals import paired_against, tidy_intervals
+from ..intervals import holm_within, paired_against, tidy_intervals
 from ..loading import ModelHandle
 from ..reporting import GENERATION_SCORES, MAIN_METRICS
 from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
@@ -250,6 +250,11 @@ def run(
     return store
 
 
+#: The columns of a paired table (:func:`intattn_analysis.intervals.paired_against`).
+PAIRED_COLUMNS = ["model", "dataset", "protocol", "setting", "baseline", "metric", "diff", "ci_low", "ci_high",
+                  "p_value", "n_edits"]
+
+
 def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
     """The main table from whatever the store holds, under each evaluation protocol it
     holds (``protocol``: ``teacher-forced`` or ``generation``).
@@ -259,7 +264,8 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         ``mean``, ``ci_low``, ``ci_high`` (percent for shares) and ``n_edits``;
         ``paired``: per (model, dataset, protocol, setting other than ``baseline``,
         metric), the mean per-fact difference from ``baseline`` on the same facts, its 95%
-        interval and p-value;
+        interval, p-value and Holm-adjusted p-value (``p_holm``; one family per model,
+        dataset and protocol: every editor and metric compared with ``baseline``);
         ``protocols``: per (model, dataset, setting, metric) measured under both
         protocols, the per-fact difference generation minus teacher-forced on the same
         facts (:func:`protocol_gaps`);
@@ -279,7 +285,8 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
     forced = edited[edited["protocol"] == "teacher-forced"]
     seconds = (forced.groupby(["model", "dataset", "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
                .first().groupby(["model", "dataset", "setting"], sort=False).mean().reset_index())
-    return {"intervals": intervals, "paired": pd.DataFrame(paired), "protocols": protocol_gaps(rows, metrics),
+    paired = holm_within(pd.DataFrame(paired, columns=PAIRED_COLUMNS), ["model", "dataset", "protocol"])
+    return {"intervals": intervals, "paired": paired, "protocols": protocol_gaps(rows, metrics),
             "seconds": seconds}
 
 

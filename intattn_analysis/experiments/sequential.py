@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..answers import GenerationSettings
 from ..datasets import load_facts
-from ..intervals import paired_against, paired_contrasts, tidy_intervals
+from ..intervals import holm_within, paired_against, paired_contrasts, tidy_intervals
 from ..known import is_known, is_known_cached
 from ..loading import ModelHandle
 from ..metrics import evaluate
@@ -257,8 +257,11 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
                                                                kind="stable")
     contrasted = pd.DataFrame(contrasted, columns=columns).sort_values(
         ["model", "dataset", "protocol", "setting", "baseline", "round"], kind="stable")
-    return {"intervals": intervals.reset_index(drop=True), "paired": paired.reset_index(drop=True),
-            "contrasts": contrasted.reset_index(drop=True)}
+    # one family of comparisons per (model, dataset, protocol, round): every editor and metric
+    family = ["model", "dataset", "protocol", "round"]
+    return {"intervals": intervals.reset_index(drop=True),
+            "paired": holm_within(paired.reset_index(drop=True), family),
+            "contrasts": holm_within(contrasted.reset_index(drop=True), family)}
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

@@ -484,7 +484,7 @@ def _status(args: argparse.Namespace) -> int:
     import torch
 
     from .experiments import experiment
-    from .experiments.planning import PAPER_GRID, status
+    from .experiments.status import PAPER_GRID, status
     from .loading import EMBEDDED_MODELS, load_model
 
     experiments = args.experiments or list(PAPER_GRID)

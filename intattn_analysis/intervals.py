@@ -176,15 +176,21 @@ def paired_against(
     return out
 
 
-def holm_within(table: pd.DataFrame, family: Sequence[str]) -> pd.DataFrame:
+def holm_within(table: pd.DataFrame, family: Sequence[str], metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """``table`` (rows with a ``p_value``) with ``p_holm`` after it: Holm's adjustment
     (:func:`holm`) over each family of comparisons, the rows that share the ``family``
-    columns. An empty table gets the column too."""
+    columns. With ``metrics``, the rows of those metrics are one family and the rows of
+    any other metric another (so that two protocols that measure different extra scores
+    still correct their main comparisons over families of the same size). An empty table
+    gets the column too."""
     out = table.copy()
     if out.empty:
         out["p_holm"] = pd.Series(dtype=float)
     else:
-        out["p_holm"] = out.groupby(list(family), sort=False)["p_value"].transform(lambda p: holm(p.to_numpy()))
+        keys = [out[c] for c in family]
+        if metrics is not None:
+            keys.append(out["metric"].isin(list(metrics)))
+        out["p_holm"] = out.groupby(keys, sort=False)["p_value"].transform(lambda p: holm(p.to_numpy()))
     columns = list(out.columns)
     columns.remove("p_holm")
     columns.insert(columns.index("p_value") + 1 if "p_value" in columns else len(columns), "p_holm")

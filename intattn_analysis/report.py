@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 import pandas as pd
 
 from .intervals import formatted_intervals
+from .reporting import VERDICT_METRICS
 
 __all__ = ["PAGES", "Tables", "markdown_table", "render_pages", "stale_pages", "write_pages"]
 
@@ -69,6 +70,12 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def _number(value: float, digits: int = 1, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _edits(frame: pd.DataFrame) -> int:
+    """The largest ``n_edits`` of the edited rows (0 where only the unedited model is stored)."""
+    edited = frame.loc[frame["setting"] != "pre-edit", "n_edits"]
+    return int(edited.max()) if edited.notna().any() else 0
 
 
 def _interval(row, value: str = "mean", sign: bool = False) -> str:
@@ -135,7 +142,7 @@ def _editors_section(tables: Tables) -> list[str]:
             lines += [f"### {model}, {dataset}", "",
                       f"Measured under {', '.join(sorted(set(group['protocol'])))} only so far.", ""]
             continue
-        n = int(group.loc[group["setting"] != "pre-edit", "n_edits"].max())
+        n = _edits(group)
         lines += [f"### {model}, {dataset}", "",
                   f"Percent, mean [95% interval over the {n} edited facts]; the unedited model is `pre-edit`.", "",
                   markdown_table(_side_by_side(group, SHOWN)), "",
@@ -275,6 +282,8 @@ def settings_table(store_root: str | os.PathLike, experiments: Sequence[str]) ->
 
 
 def _settings_section(tables: Tables, experiments: Sequence[str]) -> list[str]:
+    if not (tables.folder / "store").is_dir():
+        return ["No store beside the tables (`store/`), so the settings behind them cannot be shown.", ""]
     table = settings_table(tables.folder / "store", experiments)
     tables.stores.extend(e for e in experiments if e not in tables.stores)
     if table.empty:
@@ -332,7 +341,7 @@ def _sweep_tables(tables: Tables) -> tuple[list[str], dict[tuple[str, str], str]
         ranges = ranges.assign(protocol="teacher-forced")
     lines, verdicts = [], {}
     for (model, dataset, protocol), group in intervals.groupby(["model", "dataset", "protocol"], sort=False):
-        n = int(group.loc[group["setting"] != "pre-edit", "n_edits"].max())
+        n = _edits(group)
         pair = paired[(paired["model"] == model) & (paired["dataset"] == dataset) & (paired["protocol"] == protocol)]
         best = ranges[(ranges["model"] == model) & (ranges["dataset"] == dataset) & (ranges["protocol"] == protocol)]
         lines += [f"### {model}, {dataset}, {protocol}", "",
@@ -410,7 +419,9 @@ def claims_page(tables: Tables) -> str:
         "model": m,
         "1. attention stores facts, most of all early": verdict_one.get(m, "not run"),
         "2. best range of fixed alphas (ZsRE, teacher-forced)": verdict_sweep.get((m, "range", "zsre"), "not run"),
-        "3. an alpha beats MEMIT on all three (ZsRE, teacher-forced)": verdict_sweep.get((m, "zsre"), "not run"),
+        "3. an alpha beats MEMIT on all three (ZsRE, teacher-forced)": verdict_sweep.get(
+            (m, "zsre"), "no claim table (`intattn run alpha-sweep --tables-only --scale paper`)"
+            if (m, "range", "zsre") in verdict_sweep else "not run"),
     } for m in models])
     lines = [
         "# The paper's claims at scale",
@@ -444,9 +455,212 @@ def claims_page(tables: Tables) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- editors page
+def _decided(row, p: str = "p_holm", level: float = 0.05) -> str:
+    """``above``, ``below`` or ``level`` for a paired row (its adjusted p-value decides)."""
+    if pd.isna(row.get(p)) or row[p] >= level:
+        return "level"
+    return "above" if row["diff"] > 0 else "below"
+
+
+def _against_baseline(pair: pd.DataFrame, metrics: Sequence[str],
+                      family: str = "every row of the table on the four KnowEdit metrics") -> list[str]:
+    """One sentence per metric: which rows are decided above and below the baseline;
+    ``family`` says which comparisons its Holm correction runs over."""
+    lines = []
+    if pair.empty:
+        return lines
+    baseline = pair["baseline"].iloc[0]
+    p = "p_holm" if "p_holm" in pair.columns else "p_value"
+    for metric in metrics:
+        part = pair[pair["metric"] == metric]
+        if part.empty:
+            continue
+        sides = {side: [f"{r['setting']} ({_interval(r, 'diff', sign=True)})" for _, r in part.iterrows()
+                        if _decided(r, p) == side] for side in ("above", "below")}
+        level = [r["setting"] for _, r in part.iterrows() if _decided(r, p) == "level"]
+        text = f"- {metric}: " + "; ".join(
+            [f"above {baseline}: {', '.join(sides['above'])}" if sides["above"] else f"none above {baseline}",
+             f"below: {', '.join(sides['below'])}" if sides["below"] else "none below",
+             f"level with it: {', '.join(level)}" if level else "none level"]) + "."
+        lines.append(text)
+    correction = (f"Holm-adjusted p < 0.05 within its family ({family})" if p == "p_holm"
+                  else "p < 0.05, uncorrected")
+    return lines + [f"- (Decided means {correction}; points, paired 95% interval.)"]
+
+
+def editors_page(tables: Tables) -> str:
+    """``editors.md``: every editor on the same batch, per model, dataset and protocol."""
+    intervals, paired, seconds = (tables.get(n) for n in ("editors_intervals", "editors_paired", "editors_seconds"))
+    lines = ["# The editor family", "",
+             "Every editor on the same batch of KnowEdit test edits (the first editable records), each with its "
+             "defaults for the model, evaluated with the same metrics and paired with MEMIT on the same facts "
+             "(`intattn run editors --scale paper --protocol both`). Percent (Fluency in bits), mean [95% interval "
+             "over facts]; `seconds` is the edit alone.", ""]
+    if intervals is None or paired is None:
+        return "\n".join(lines + ["Not run yet."])
+    for (model, dataset, protocol), group in intervals.groupby(["model", "dataset", "protocol"], sort=False):
+        n = _edits(group)
+        table = formatted_intervals(group[group["metric"].isin(SHOWN + ("Fluency",))], ["setting"])
+        pair = paired[(paired["model"] == model) & (paired["dataset"] == dataset) & (paired["protocol"] == protocol)]
+        for metric in ("Edit Succ.", "Locality"):
+            rows = pair[pair["metric"] == metric].set_index("setting")
+            table[f"{metric} − MEMIT"] = [_interval(rows.loc[s], "diff", sign=True) if s in rows.index else ""
+                                          for s in table.index]
+        if seconds is not None and protocol == "teacher-forced":
+            timed = seconds[(seconds["model"] == model) & (seconds["dataset"] == dataset)].set_index("setting")
+            table["seconds"] = [f"{timed.loc[s, 'edit_seconds']:.0f}" if s in timed.index else "" for s in table.index]
+        lines += [f"## {model}, {dataset}, {protocol}", "", f"{n} edits.", "", markdown_table(table), "",
+                  *_against_baseline(pair, ("Edit Succ.", "Rephrase", "Locality")), ""]
+    lines += ["## Settings", "", *_settings_section(tables, ("editors",))]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- scaling page
+def _by(frame: pd.DataFrame, model: str, dataset: str, protocol: str) -> pd.DataFrame:
+    part = frame[(frame["model"] == model) & (frame["dataset"] == dataset)]
+    return part[part["protocol"] == protocol] if "protocol" in part.columns else part
+
+
+def _wide(intervals: pd.DataFrame, column: str, metric: str) -> pd.DataFrame:
+    """One row per setting, one column per value of ``column``: ``metric``'s mean [interval]."""
+    part = intervals[(intervals["metric"] == metric) & (intervals["setting"] != "pre-edit")].copy()
+    part["text"] = [_interval(r) for _, r in part.iterrows()]
+    return part.pivot_table(index="setting", columns=column, values="text", aggfunc="first", sort=False)
+
+
+def _batch_scaling_section(tables: Tables) -> list[str]:
+    intervals, paired, scaling = (tables.get(n) for n in ("batch_scaling_intervals", "batch_scaling_paired",
+                                                          "batch_scaling_scaling"))
+    if intervals is None:
+        return ["Not run yet (`intattn run batch-scaling --scale paper --protocol both`).", ""]
+    lines = []
+    for (model, dataset, protocol), group in intervals.groupby(["model", "dataset", "protocol"], sort=False):
+        n = int(group["n_edits"].max())
+        largest = int(group["batch_size"].max())
+        lines += [f"### {model}, {dataset}, {protocol}", "",
+                  f"The same {n} facts at every batch size (columns: facts written at once).", ""]
+        for metric in ("Edit Succ.", "Locality"):
+            lines += [f"{metric}:", "", markdown_table(_wide(group, "batch_size", metric)), ""]
+        if scaling is not None:
+            loss = _by(scaling, model, dataset, protocol)
+            loss = loss[(loss["metric"] == "Edit Succ.") & (loss["batch_size"] == largest)].sort_values("diff")
+            if not loss.empty:
+                order = ", ".join(f"{r['setting']} {_interval(r, 'diff', sign=True)}" for _, r in
+                                  loss.iloc[::-1].iterrows())
+                lines.append(f"- Edit Succ. at {largest} minus the same editor at size "
+                             f"{int(loss['baseline_size'].iloc[0])}, on the same facts, least loss first: {order}.")
+        if paired is not None:
+            pair = _by(paired, model, dataset, protocol)
+            family = (f"{int(pair['metric'].isin(VERDICT_METRICS).sum())} comparisons: every size and editor "
+                      "on the four KnowEdit metrics")
+            lines += [f"- Against MEMIT at {largest} facts at once:",
+                      *(f"  {line}" for line in _against_baseline(pair[pair["batch_size"] == largest],
+                                                                   ("Edit Succ.", "Rephrase", "Locality"), family))]
+        lines.append("")
+    return lines
+
+
+def _sequential_section(tables: Tables) -> list[str]:
+    intervals, paired = tables.get("sequential_intervals"), tables.get("sequential_paired")
+    if intervals is None:
+        return ["Not run yet (`intattn run sequential --scale paper --protocol both`).", ""]
+    lines = []
+    for (model, dataset, protocol), group in intervals.groupby(["model", "dataset", "protocol"], sort=False):
+        last = int(group["round"].max())
+        edits = int(group[(group["round"] == last) & (group["metric"] == "Edit Succ.")]["n_edits"].max())
+        rounds = sorted({1, 5, 10, 15, last} & set(group["round"].astype(int)))
+        trajectory = _wide(group[group["round"].isin(rounds)], "round", "Edit Succ.")
+        trajectory.columns = [f"round {c}" for c in trajectory.columns]
+        final = formatted_intervals(group[(group["round"] == last)
+                                          & group["metric"].isin(("Edit Succ.", "Rephrase", "Locality", "Known kept"))],
+                                    ["setting"])
+        lines += [f"### {model}, {dataset}, {protocol}", "",
+                  f"Every edit so far evaluated after each round; after round {last} ({edits} edits):", "",
+                  markdown_table(final), "", "Edit Succ. over every edit so far, by round:", "",
+                  markdown_table(trajectory), ""]
+        first = group[(group["round"] == 1) & (group["metric"] == "Edit Succ.")].set_index("setting")["mean"]
+        end = group[(group["round"] == last) & (group["metric"] == "Edit Succ.")].set_index("setting")["mean"]
+        drop = (end - first).dropna().sort_values(ascending=False)
+        lines.append("- Edit Succ. from round 1 to round " + str(last) + ", least loss first: "
+                     + ", ".join(f"{name} {value:+.1f}" for name, value in drop.items()) + ".")
+        if paired is not None:
+            pair = _by(paired, model, dataset, protocol)
+            lines += [f"- Against MEMIT after round {last}:",
+                      *(f"  {line}" for line in _against_baseline(
+                          pair[pair["round"] == last], ("Edit Succ.", "Locality", "Known kept"),
+                          "every editor after the same round on the four KnowEdit metrics; Known kept and the "
+                          "other metrics another"))]
+        lines.append("")
+    return lines
+
+
+def scaling_page(tables: Tables) -> str:
+    """``scaling.md``: batch scaling and sequential editing."""
+    return "\n".join([
+        "# Many edits: batch scaling and sequential editing", "",
+        "Every editor that writes a batch at once, at growing batch sizes on the same facts "
+        "(`batch-scaling`), and in rounds of edits piling up on one model (`sequential`). The IntAttn-Edit rows "
+        "take the alpha estimator (e) chose on train records. Percent, mean [95% interval over facts].", "",
+        "## Batch scaling", "", *_batch_scaling_section(tables),
+        "## Sequential editing", "", *_sequential_section(tables),
+        "## Settings", "", *_settings_section(tables, ("batch-scaling", "sequential"))])
+
+
+# --------------------------------------------------------------------------- outdated page
+#: The outdated experiment's metrics the page shows, in order.
+OUTDATED_SHOWN = ("Old top-1/prompt", "Old top-10/prompt", "Old top-1/paraphrase", "Old top-1/alias",
+                  "Context old top-1", "Control copy top-1")
+ANSWERS_SHOWN = ("Old answer/prompt", "Old answer/paraphrase", "Old answer/alias", "Context old answer",
+                 "Control copy answer")
+
+
+def outdated_page(tables: Tables) -> str:
+    """``outdated.md``: where the old answer survives each editor."""
+    intervals, paired, restored = (tables.get(n) for n in ("outdated_intervals", "outdated_paired",
+                                                           "outdated_restored"))
+    answers, answers_paired = tables.get("outdated_answers"), tables.get("outdated_answers_paired")
+    lines = ["# Outdated knowledge: where the old answer survives", "",
+             "After each editor writes its batch of known built-in facts: how often the old answer is still the "
+             "model's first choice (top-1) or among its ten first (top-10) on the edit prompt, a paraphrase and "
+             "an alias of the subject; how often a context that cites the old answer brings it back (`Context old "
+             "top-1`), beside the copying control (the same context citing an unrelated answer, `Control copy "
+             "top-1`). Percent, mean [95% interval over facts].", ""]
+    if intervals is None:
+        return "\n".join(lines + ["Not run yet (`intattn run outdated --dataset builtin --scale paper`)."])
+    for (model, dataset), group in intervals.groupby(["model", "dataset"], sort=False):
+        n = int(group["n_edits"].max())
+        lines += [f"## {model}, {dataset}", "", f"{n} facts.", "",
+                  markdown_table(formatted_intervals(group[group["metric"].isin(OUTDATED_SHOWN)], ["setting"])), ""]
+        if paired is not None:
+            pair = paired[(paired["model"] == model) & (paired["dataset"] == dataset)]
+            lines += _against_baseline(pair, ("Old top-1/prompt", "Old top-10/prompt", "Context old top-1"),
+                                       "every editor on the old-answer metrics") + [""]
+        if restored is not None:
+            part = restored[(restored["model"] == model) & (restored["dataset"] == dataset)]
+            if not part.empty:
+                lines += ["Among the facts whose old answer is no longer the first choice on the plain prompt, how "
+                          "often the context brings it back:", "",
+                          markdown_table(formatted_intervals(part, ["setting"])), ""]
+        if answers is not None:
+            part = answers[(answers["model"] == model) & (answers["dataset"] == dataset)]
+            if not part.empty:
+                lines += ["Under generation (the answer begins with the old answer):", "",
+                          markdown_table(formatted_intervals(part[part["metric"].isin(ANSWERS_SHOWN)], ["setting"])),
+                          ""]
+                if answers_paired is not None:
+                    pair = answers_paired[(answers_paired["model"] == model) & (answers_paired["dataset"] == dataset)]
+                    lines += _against_baseline(pair, ("Old answer/prompt", "Context old answer"),
+                                               "every editor on the old-answer metrics") + [""]
+    lines += ["## Settings", "", *_settings_section(tables, ("outdated",))]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- pages
 #: ``{file name: page function}``: the pages ``intattn report`` writes.
-PAGES: dict[str, Callable[[Tables], str]] = {"claims.md": claims_page, "generation.md": generation_page}
+PAGES: dict[str, Callable[[Tables], str]] = {
+    "claims.md": claims_page, "editors.md": editors_page, "generation.md": generation_page,
+    "scaling.md": scaling_page, "outdated.md": outdated_page}
 
 GENERATED = "<!-- generated by `intattn report` from the tables named at the end; do not edit by hand -->"
 

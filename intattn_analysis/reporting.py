@@ -20,6 +20,10 @@ __all__ = ["GENERATION_SCORES", "MAIN_METRICS", "formatted", "main_table", "mark
 
 #: The paper's four metrics, plus the rephrase accuracy KnowEdit reports beside them.
 MAIN_METRICS: tuple[str, ...] = ("Edit Succ.", "Rephrase", "Portability", "Locality", "Fluency")
+#: The metrics every verdict is read from, measured under both protocols: each family of
+#: comparisons that is corrected for multiplicity (``p_holm``) is made of these, the other
+#: metrics (Fluency, the generation protocol's prefix and F1 scores, ...) of their own.
+VERDICT_METRICS: tuple[str, ...] = ("Edit Succ.", "Rephrase", "Portability", "Locality")
 #: The generation protocol's other two scores of the main metrics (its exact match fills
 #: the main metrics' columns; :mod:`intattn_analysis.answers`).
 GENERATION_SCORES: tuple[str, ...] = ("Edit Succ. prefix", "Edit Succ. F1", "Rephrase prefix", "Rephrase F1",

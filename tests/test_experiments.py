@@ -817,7 +817,7 @@ def test_status_counts_done_missing_and_stale_units(tiny_llama, setting, tmp_pat
     import types
 
     from intattn_analysis import experiments
-    from intattn_analysis.experiments.planning import status
+    from intattn_analysis.experiments.status import status
 
     hp, moments = setting
     chosen = {"hp": hp}
@@ -848,14 +848,45 @@ def test_status_refuses_an_unknown_experiment_by_name(capsys):
     assert "--experiments: unknown experiment 'no-such'" in capsys.readouterr().err
 
 
-def test_activation_alphas_do_not_depend_on_how_the_prompts_are_batched(tiny_llama, monkeypatch):
-    """Estimator (d) sums float32 norms; batching the prompts differently changes the sums
-    in their last bits, and the alpha (part of every unit's key) is rounded past that."""
+def test_activation_alphas_are_stored_once_and_read_back(tiny_llama, tmp_path, monkeypatch):
+    """Estimator (d) sums float32 norms, which differ in their last bits between
+    batchings, thread counts and machines; the alpha is part of every unit's key, so it is
+    computed once, stored, and read back by every later run (and a plan without it waits)."""
     from intattn_analysis.experiments import estimators
+    from intattn_analysis.experiments.planning import PlanIncomplete, planning
 
     facts = ia.load_facts("builtin")[:6]
     monkeypatch.setattr(estimators, "known_facts", lambda all_facts, name: facts)
     one = estimators.activation_alphas(tiny_llama, [1, 2], 6, batch_size=1)
     six = estimators.activation_alphas(tiny_llama, [1, 2], 6, batch_size=6)
-    assert one == six
-    assert all(0 < a < 1 and round(a, estimators.ACTIVATION_DIGITS) == a for a in one.values())
+    assert one != six and one == pytest.approx(six, rel=1e-6)  # the noise this is about
+    store = ResultStore(tmp_path, estimators.NAME)
+    with planning(), pytest.raises(PlanIncomplete, match="estimator \\(d\\)"):
+        estimators.stored_activation_alphas(tiny_llama, store, [1, 2], 6)
+    first = estimators.stored_activation_alphas(tiny_llama, store, [1, 2], 6)
+    monkeypatch.setattr(estimators, "activation_alphas", lambda *a, **k: pytest.fail("computed again"))
+    assert estimators.stored_activation_alphas(tiny_llama, store, [1, 2], 6) == first
+    assert all(0 < a < 1 for a in first.values())
+
+
+def test_the_train_choice_reads_its_own_units_not_stale_ones_of_the_same_name(tiny_llama, setting, tmp_path):
+    """A train unit of the same setting name stored at other settings (stale) must not
+    enter estimator (e)'s criterion: the choice is made from the units the run asks for."""
+    import dataclasses
+
+    from intattn_analysis.experiments import estimators
+
+    hp, moments = setting
+    scale = dataclasses.replace(estimators.SCALES["ci"], train_dataset="zsre-train", train_batch_size=3,
+                                train_grid=(0.0, 0.5))
+    store = ResultStore(tmp_path, estimators.NAME)
+    chosen, table = estimators.train_alpha(tiny_llama, hp, store, scale, moments, progress=False)
+    # a stale unit that would make alpha 0.5 win by far if it were read
+    label = "zsre-train"
+    loser = [name for name in ("0", "0.5") if alpha_label({l: float(name) for l in hp.layers}) != alpha_label(chosen)][0]
+    stale = [{"position": i, "Edit Succ.": 1.0, "Locality": 1.0} for i in range(3)]
+    store.write_unit({"stale": True}, stale, "stale",
+                     {"model": tiny_llama.name, "dataset": label, "split": "train", "batch": 0,
+                      "setting": f"train-{alpha_label({l: float(loser) for l in hp.layers})}"})
+    again, _ = estimators.train_alpha(tiny_llama, hp, store, scale, moments, progress=False)
+    assert again == chosen

@@ -28,9 +28,9 @@ import pandas as pd
 
 from ..answers import GenerationSettings
 from ..hparams import hparams_for
-from ..intervals import holm, paired_difference, scale_of, tidy_intervals
+from ..intervals import holm_within, paired_difference, scale_of, tidy_intervals
 from ..loading import ModelHandle
-from ..reporting import GENERATION_SCORES, MAIN_METRICS
+from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from .alpha_settings import run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
 from .store import ResultStore, check_unique
@@ -124,8 +124,8 @@ def summarise(
         ``mean``, ``ci_low``, ``ci_high`` (percent for shares) and ``n_edits``;
         ``paired``: per (model, dataset, protocol, setting other than the baseline,
         metric), the mean per-fact difference from ``baseline`` on the same facts, its
-        interval, p-value and Holm-adjusted p-value (one family per model, dataset and
-        protocol), and ``best`` marking the setting with the highest mean per-fact
+        interval, p-value and Holm-adjusted p-value (:func:`paired_table`), and ``best``
+        marking the setting with the highest mean per-fact
         ``criterion`` (:func:`criterion_per_fact`), the baseline included: when alpha 0
         is best, no row is marked;
         ``range``: per protocol, the best fixed alpha and the range not worse than it
@@ -158,8 +158,10 @@ def tables(root) -> dict[str, pd.DataFrame]:
 def paired_table(edited: pd.DataFrame, baseline: str, criterion: Sequence[str],
                  metrics: Sequence[str]) -> pd.DataFrame:
     """Each setting against ``baseline`` on the facts both have, per protocol (see
-    :func:`summarise`); ``p_holm`` corrects the p-values for multiplicity over every
-    setting and metric of one (model, dataset, protocol)."""
+    :func:`summarise`); ``p_holm`` corrects the p-values for multiplicity within one
+    (model, dataset, protocol): every setting on the KnowEdit metrics of
+    :data:`~intattn_analysis.reporting.VERDICT_METRICS` is one family, every setting on the
+    other metrics another."""
     out = []
     edited = with_protocol(edited)
     for (model, dataset, protocol), group in edited.groupby(["model", "dataset", "protocol"], sort=False):
@@ -183,10 +185,7 @@ def paired_table(edited: pd.DataFrame, baseline: str, criterion: Sequence[str],
                             "n_edits": result["n_edits"], "best": name == best})
     table = pd.DataFrame(out, columns=["model", "dataset", "protocol", "setting", "baseline", "metric", "diff",
                                        "ci_low", "ci_high", "p_value", "n_edits", "best"])
-    family = table.groupby(["model", "dataset", "protocol"], sort=False)["p_value"]
-    table.insert(table.columns.get_loc("p_value") + 1, "p_holm",
-                 family.transform(lambda p: holm(p.to_numpy())) if len(table) else float("nan"))
-    return table
+    return holm_within(table, ["model", "dataset", "protocol"], VERDICT_METRICS)
 
 
 def claim_table(paired: pd.DataFrame, criterion: Sequence[str] = BEST_CRITERION, level: float = 0.05

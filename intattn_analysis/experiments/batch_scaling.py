@@ -46,7 +46,7 @@ from ..facts import Fact
 from ..hparams import hparams_for
 from ..intervals import holm_within, paired_against, paired_contrasts, tidy_intervals
 from ..loading import ModelHandle
-from ..reporting import GENERATION_SCORES, MAIN_METRICS
+from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from ..batching import editable_batches
 from . import estimators
 from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
@@ -243,12 +243,15 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
     intervals = tidy_intervals(common, [*groups, "setting"], metrics)
     intervals_all = tidy_intervals(rows, [*groups, "setting"], metrics)
     edited = rows[rows["setting"] != "pre-edit"]
-    # one family of comparisons per (model, dataset, protocol): every size, editor and metric
+    # one family of comparisons per (model, dataset, protocol): every size and editor on the
+    # KnowEdit metrics (VERDICT_METRICS), the other metrics another
     family = ["model", "dataset", "protocol"]
     paired = holm_within(pd.DataFrame(paired_against(edited, metrics, baseline, groups=groups,
-                                                     on=["batch", "position"])), family)
+                                                     on=["batch", "position"])), family,
+                         VERDICT_METRICS)
     contrasted = holm_within(pd.DataFrame(paired_contrasts(edited, metrics, contrasts, groups=groups,
-                                                           on=["batch", "position"])), family)
+                                                           on=["batch", "position"])), family,
+                         VERDICT_METRICS)
     smallest = edited.groupby(["model", "dataset", "protocol"])["batch_size"].transform("min")
     by_size = edited.rename(columns={"setting": "row"}).assign(
         setting=edited["batch_size"].map(lambda s: f"size {s}"), baseline_size=smallest)

@@ -37,7 +37,7 @@ from ..editors import EDITORS
 from ..hparams import hparams_for
 from ..intervals import holm_within, paired_against, tidy_intervals
 from ..loading import ModelHandle
-from ..reporting import GENERATION_SCORES, MAIN_METRICS
+from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
 from .runner import PRE_EDIT, Cell, EvaluationMeasure, Setting, Unit, run_cells
 from .store import ResultStore, check_unique
@@ -265,7 +265,8 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         ``paired``: per (model, dataset, protocol, setting other than ``baseline``,
         metric), the mean per-fact difference from ``baseline`` on the same facts, its 95%
         interval, p-value and Holm-adjusted p-value (``p_holm``; one family per model,
-        dataset and protocol: every editor and metric compared with ``baseline``);
+        dataset and protocol: every editor on the four KnowEdit metrics of
+        :data:`~intattn_analysis.reporting.VERDICT_METRICS`, the other metrics another);
         ``protocols``: per (model, dataset, setting, metric) measured under both
         protocols, the per-fact difference generation minus teacher-forced on the same
         facts (:func:`protocol_gaps`);
@@ -285,7 +286,8 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
     forced = edited[edited["protocol"] == "teacher-forced"]
     seconds = (forced.groupby(["model", "dataset", "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
                .first().groupby(["model", "dataset", "setting"], sort=False).mean().reset_index())
-    paired = holm_within(pd.DataFrame(paired, columns=PAIRED_COLUMNS), ["model", "dataset", "protocol"])
+    paired = holm_within(pd.DataFrame(paired, columns=PAIRED_COLUMNS), ["model", "dataset", "protocol"],
+                         VERDICT_METRICS)
     return {"intervals": intervals, "paired": paired, "protocols": protocol_gaps(rows, metrics),
             "seconds": seconds}
 
@@ -357,7 +359,7 @@ def protocol_tables(store: ResultStore, summary: Mapping[str, pd.DataFrame], bas
     if summary["protocols"].empty:
         return {}
     rows = store.rows()
-    metrics = metric_columns(rows, MAIN_METRICS)
+    metrics = metric_columns(rows, VERDICT_METRICS)
     out = {"verdicts": verdicts(rows, metrics, baseline), "rankings": rankings(summary["intervals"])}
     both = set(zip(summary["protocols"]["model"], summary["protocols"]["dataset"]))
     rows = rows[[pair in both for pair in zip(rows["model"], rows["dataset"])]]

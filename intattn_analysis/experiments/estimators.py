@@ -45,11 +45,12 @@ from ..loading import ModelHandle
 from ..targets import prompt_rows, read_at_subject
 from ..tracing import balance
 from . import alpha_sweep, localization
-from .alpha_settings import run_alpha_settings
+from .alpha_settings import alpha_cells, run_alpha_settings
 from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
 from .planning import PlanIncomplete, active
 from .store import MissingResultsError, ResultStore, check_unique
-from .units import alpha_label, with_protocol
+from .runner import Unit
+from .units import alpha_label, batch_key, with_protocol
 
 __all__ = ["ESTIMATORS", "NAME", "SCALES", "EstimatorScale", "estimate_alphas", "run", "summarise"]
 
@@ -57,19 +58,14 @@ NAME = "alpha-estimators"
 ESTIMATORS = ("a-subject-aie", "b-last-aie", "c-severed", "d-activation", "e-train")
 #: The train-selection criterion of estimator (e).
 TRAIN_CRITERION = ("Edit Succ.", "Locality")
+#: The fluency setting in the train units' keys (they measure no fluency; the runner's
+#: default, kept so that stored train units keep their keys).
+TRAIN_FLUENCY_TOKENS = 50
 
 
 #: How far a mean alpha may lie outside the best range's bounds and count as inside: the
 #: float rounding of an average of a few alphas, nothing more.
 RANGE_TOLERANCE = 1e-9
-
-
-#: Decimals estimator (d) keeps. Its sums of float32 norms over 128 prompts differ in the
-#: eighth digit between machines and thread counts (0.4509674159638552 on one,
-#: 0.4509674317003465 on another), and the alpha is part of every unit's key, so unrounded
-#: it would make the same unit a different one elsewhere; four decimals are far below the
-#: estimate's own spread over facts and far above the float noise.
-ACTIVATION_DIGITS = 4
 
 
 @dataclass(frozen=True)
@@ -94,11 +90,12 @@ SCALES = {
 
 def activation_alphas(model: ModelHandle, layers: Sequence[int], n_facts: int,
                       batch_size: int = 32) -> dict[int, float]:
-    """Estimator (d): each module's mean output norm at the last subject token, as a share,
-    rounded to :data:`ACTIVATION_DIGITS` decimals."""
-    facts = known_facts(load_facts("builtin"), model.name)[:n_facts]
-    if not facts:
-        raise ValueError(f"{model.name} knows none of the built-in facts; estimator (d) needs some")
+    """Estimator (d), computed: each module's mean output norm at the last subject token of
+    the first ``n_facts`` known built-in facts, as a share. Its sums of float32 norms
+    differ in the eighth digit between machines, thread counts and batchings, so the
+    experiment stores the value once (:func:`stored_activation_alphas`) and every run
+    reads it back: the alpha is part of every unit's key."""
+    facts = _activation_facts(model, n_facts)
     names = {(m, l): hook(f"{m}_out", l) for m in ("attn", "mlp") for l in layers}
     totals = {key: 0.0 for key in names}
     rows = prompt_rows(model, facts, [SUBJECT_SLOT])
@@ -107,8 +104,42 @@ def activation_alphas(model: ModelHandle, layers: Sequence[int], n_facts: int,
             read = read_at_subject(model, rows[start:start + batch_size], list(names.values()))
             for key, name in names.items():
                 totals[key] += float(read[name].double().norm(dim=-1).sum())
-    return {l: round(totals[("attn", l)] / (totals[("attn", l)] + totals[("mlp", l)]), ACTIVATION_DIGITS)
-            for l in layers}
+    return {l: totals[("attn", l)] / (totals[("attn", l)] + totals[("mlp", l)]) for l in layers}
+
+
+def _activation_facts(model: ModelHandle, n_facts: int) -> list:
+    facts = known_facts(load_facts("builtin"), model.name)[:n_facts]
+    if not facts:
+        raise ValueError(f"{model.name} knows none of the built-in facts; estimator (d) needs some")
+    return facts
+
+
+def activation_unit(model: ModelHandle, layers: Sequence[int], n_facts: int) -> Unit:
+    """The stored unit that holds estimator (d)'s alphas: one row per layer."""
+    facts = _activation_facts(model, n_facts)
+    key = {**batch_key(model, "builtin", 0, facts), "unit": "activation-alphas", "layers": list(layers)}
+    return Unit(key, "d-activation-alphas", {"model": model.name, "dataset": "builtin", "split": "estimate",
+                                             "setting": "d-activation", "batch": 0})
+
+
+def stored_activation_alphas(model: ModelHandle, store: ResultStore, layers: Sequence[int],
+                             n_facts: int) -> dict[int, float]:
+    """Estimator (d)'s alphas as stored in ``store`` (computed and stored on the first run).
+    While a plan is recorded, a missing unit is a plan that waits on it."""
+    unit = activation_unit(model, layers, n_facts)
+    plan = active()
+    if plan is not None:
+        plan.record(store, unit.key, unit.label, unit.labels)
+    rows = store.read_unit(unit.key, unit.label)
+    if rows is None:
+        if plan is not None:
+            raise PlanIncomplete(f"waits on estimator (d)'s alphas (`intattn run alpha-estimators --model "
+                                 f"{model.name}`)")
+        alphas = activation_alphas(model, layers, n_facts)
+        store.write_unit(unit.key, [{"position": i, "layer": l, "alpha": alphas[l]} for i, l in enumerate(layers)],
+                         unit.label, dict(unit.labels))
+        return alphas
+    return {int(row["layer"]): float(row["alpha"]) for row in rows}
 
 
 def traced_alphas(store_root, model: ModelHandle, layers: Sequence[int]) -> dict[str, dict[int, float]]:
@@ -148,15 +179,24 @@ def train_alpha(model, hp: EditHparams, store: ResultStore, scale: EstimatorScal
 
     def score(alphas: dict[int, dict[int, float]]) -> None:
         named = {f"train-{alpha_label(a)}": a for a in alphas.values()}
+        settings = dict(metrics=("knowedit",), labels={"split": "train"}, fluency_tokens=TRAIN_FLUENCY_TOKENS)
         run_alpha_settings(model, batch, named, hp, store, dataset=label, moments=moments,
-                           metrics=("knowedit",), targets_cache=targets_cache(), progress=progress,
-                           labels={"split": "train"})
-        for name, a in named.items():
-            rows = store.rows(setting=name, dataset=label, model=model.name)
-            if rows.empty and active() is not None:
-                raise PlanIncomplete(f"waits on estimator (e)'s train units (`intattn run alpha-estimators "
-                                     f"--model {model.name}`)")
-            tried[alpha_label(a)] = (a, _criterion(rows, TRAIN_CRITERION))
+                           targets_cache=targets_cache(), progress=progress, **settings)
+        # each setting's own unit, read by its key: a unit of the same name stored at other
+        # settings (stale) must not enter the choice
+        cells = alpha_cells(model, batch, named, hp, dataset=label, **settings)
+        for cell in cells:
+            if cell.setting.name not in named:
+                continue  # the unedited model
+            unit = cell.units[""]
+            stored = store.read_unit(unit.key, unit.label)
+            if stored is None:
+                if active() is not None:
+                    raise PlanIncomplete(f"waits on estimator (e)'s train units (`intattn run alpha-estimators "
+                                         f"--model {model.name}`)")
+                raise MissingResultsError(f"the train unit {unit.label} was not stored; run the experiment again")
+            a = named[cell.setting.name]
+            tried[alpha_label(a)] = (a, _criterion(pd.DataFrame(stored), TRAIN_CRITERION))
 
     grid = {i: {l: float(g) for l in hp.layers} for i, g in enumerate(scale.train_grid)}
     score(grid)
@@ -176,7 +216,7 @@ def estimate_alphas(model: ModelHandle, root, scale: EstimatorScale, hp: EditHpa
     """``{estimator: {layer: alpha}}`` for the five estimators (``traced``: (a)-(c) when
     already read from the localization store)."""
     alphas = dict(traced) if traced is not None else traced_alphas(root, model, hp.layers)
-    alphas["d-activation"] = activation_alphas(model, hp.layers, scale.activation_facts)
+    alphas["d-activation"] = stored_activation_alphas(model, store, hp.layers, scale.activation_facts)
     alphas["e-train"], _ = train_alpha(model, hp, store, scale, moments, progress)
     return alphas
 

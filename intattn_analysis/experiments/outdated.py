@@ -80,12 +80,12 @@ from tqdm import tqdm
 
 from ..answers import GenerationSettings, answer_text, match_answer
 from ..facts import Fact, sample_by_relation
-from ..intervals import paired_against, paired_difference, tidy_intervals
+from ..intervals import holm_within, paired_against, paired_difference, tidy_intervals
 from ..known import is_known_cached
 from ..cache import kind_folder
 from ..loading import ModelHandle
 from ..metrics import Evaluation, ask, evaluate, score_answers
-from ..reporting import MAIN_METRICS
+from ..reporting import MAIN_METRICS, VERDICT_METRICS
 from ..tracing import trace
 from . import localization
 from .batch_scaling import ROWS, settings_for
@@ -496,8 +496,10 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         metrics = [m for m in SURVIVAL_METRICS if m in survival.columns and survival[m].notna().any()]
         out["intervals"] = tidy_intervals(survival, ["model", "dataset", "setting"], metrics)
         edited = survival[survival["setting"] != "pre-edit"]
-        out["paired"] = pd.DataFrame(paired_against(edited, metrics, baseline, groups=["model", "dataset"],
-                                                    on=["batch", "position"]))
+        # one family per (model, dataset) for the old-answer metrics, one for the KnowEdit metrics
+        out["paired"] = holm_within(pd.DataFrame(paired_against(edited, metrics, baseline, groups=["model", "dataset"],
+                                                                on=["batch", "position"])),
+                                    ["model", "dataset"], VERDICT_METRICS)
         gone = survival[survival["Old top-1/prompt"] == 0]
         out["restored"] = tidy_intervals(gone, ["model", "dataset", "setting"], ["Context old top-1"])
         split = by_relation(survival, dict(zip(survival["fact_key"], survival["relation"])),
@@ -510,8 +512,10 @@ def summarise(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataF
         metrics = [m for m in (*MAIN_METRICS, *ANSWER_METRICS) if m in answered.columns and answered[m].notna().any()]
         out["answers"] = tidy_intervals(answered, ["model", "dataset", "setting"], metrics)
         edited = answered[answered["setting"] != "pre-edit"]
-        out["answers_paired"] = pd.DataFrame(paired_against(edited, metrics, baseline, groups=["model", "dataset"],
-                                                            on=["batch", "position"]))
+        out["answers_paired"] = holm_within(pd.DataFrame(paired_against(edited, metrics, baseline,
+                                                                        groups=["model", "dataset"],
+                                                                        on=["batch", "position"])),
+                                            ["model", "dataset"], VERDICT_METRICS)
         gone = answered[answered["Old answer/prompt"] == 0]
         out["answers_returned"] = tidy_intervals(gone, ["model", "dataset", "setting"],
                                                  ["Context old answer", "Control copy answer"])

@@ -1,40 +1,31 @@
 """What an experiment would compute, asked of the experiment itself: units done, missing, stale.
 
 Inside :func:`planning`, :func:`.runner.run_cells` and :func:`.runner.run_sequence` record
-each unit they are handed (and whether the store holds it) and compute nothing, and the
+each unit they are handed (and whether the store holds it) and compute none, and the
 second moments are not gathered (:func:`.common.edit_moments`). So an experiment's own
 ``run`` function, called inside :func:`planning`, lists exactly the units a real run of
-it would look for: the plan cannot drift from the code, because it is the code.
-
-* **done**: planned units the store holds;
-* **missing**: planned units it lacks;
-* **stale**: stored units of the same experiment and model that no plan names (computed
-  at settings other than today's defaults, under another protocol setting, or for facts
-  no longer asked).
+it would look for: the plan cannot drift from the code, because it is the code. What
+decides which units exist is still worked out as a run would: which built-in facts the
+unedited model knows (cached on disk, :func:`intattn_analysis.known.is_known_cached`) and
+the traced alphas (read from the localization store); estimator (d)'s alphas are read
+from the store, and a plan without them waits on them.
 
 An experiment whose later units depend on results not stored yet (the train choice of
 estimator (e), which batch scaling, sequential editing and outdated knowledge read)
 raises :class:`PlanIncomplete` once the units it can name are recorded: those are
 listed, and the rest is said to wait on them.
 
-:func:`status` runs the plan for each (experiment, model, dataset) and estimates the
-time to finish from the ``seconds`` of the units already stored.
+:mod:`.status` turns plans into counts of units done, stale and missing.
 """
 
 from __future__ import annotations
 
 import contextvars
-import json
-import math
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
-import pandas as pd
-
-__all__ = ["PAPER_GRID", "Plan", "PlanIncomplete", "PlannedUnit", "active", "planning", "status", "stored_units"]
+__all__ = ["Plan", "PlanIncomplete", "PlannedUnit", "active", "planning"]
 
 
 class PlanIncomplete(RuntimeError):
@@ -82,117 +73,3 @@ def planning() -> Iterator[Plan]:
         yield plan
     finally:
         _ACTIVE.reset(token)
-
-
-# --------------------------------------------------------------------------- status
-def stored_units(root: str | Path, experiment: str) -> pd.DataFrame:
-    """One row per unit file of ``experiment`` under ``root``: ``uid``, ``model``,
-    ``dataset``, ``setting`` and the unit's mean ``seconds`` (NaN where untimed)."""
-    folder = Path(root) / experiment
-    out = []
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        with path.open() as handle:
-            first = json.loads(handle.readline())
-        out.append({"uid": path.stem, "model": first.get("model"), "dataset": first.get("dataset"),
-                    "setting": first.get("setting", first.get("variant")),
-                    "seconds": first.get("seconds", math.nan)})
-    return pd.DataFrame(out, columns=["uid", "model", "dataset", "setting", "seconds"])
-
-
-def _estimate(missing: Sequence[PlannedUnit], timed: pd.DataFrame, model: str) -> float:
-    """Seconds to compute ``missing``: each unit at the mean seconds of the stored units
-    of its setting for this model, else of any setting for this model, else of its setting
-    for any model; NaN when nothing of the experiment was ever timed."""
-    if timed.empty:
-        return math.nan
-    own = timed[timed["model"] == model]
-    by_setting = own.groupby("setting")["seconds"].mean()
-    anywhere = timed.groupby("setting")["seconds"].mean()
-    total = 0.0
-    for unit in missing:
-        setting = unit.labels.get("setting", unit.labels.get("variant"))
-        for table in (by_setting, anywhere):
-            if setting in table.index and not math.isnan(table[setting]):
-                total += float(table[setting])
-                break
-        else:
-            if own.empty:
-                return math.nan
-            total += float(own["seconds"].mean())
-    return total
-
-
-#: The paper-scale grid: each experiment and the datasets it is run on, on every embedded
-#: model (``intattn status`` and the coverage of the documents).
-PAPER_GRID: dict[str, tuple[str, ...]] = {
-    "localization": ("builtin",),
-    "alpha-sweep": ("zsre", "counterfact"),
-    "alpha-estimators": ("zsre", "counterfact"),
-    "editors": ("zsre", "counterfact"),
-    "batch-scaling": ("zsre", "counterfact"),
-    "sequential": ("zsre", "counterfact"),
-    "outdated": ("builtin",),
-}
-
-
-def status(root, runs: Sequence[tuple[str, Any, str]], scale: str = "paper", protocol: str | None = "both"
-           ) -> pd.DataFrame:
-    """Per (experiment, model, dataset) of ``runs`` (the model a loaded handle): units
-    ``done``, ``stale`` (stored for that experiment, model and dataset, named by no plan of
-    ``runs``; ``None`` where the plan is incomplete), ``missing``, ``estimated_seconds`` to
-    compute the missing ones, and a ``note`` where the plan waits on results not stored
-    yet (its units past that point are not counted)."""
-    from . import experiment as experiment_module
-    from .store import MissingResultsError
-
-    plans: dict[tuple[str, str, str], tuple[list[PlannedUnit], str]] = {}
-    for name, model, dataset in runs:
-        module = experiment_module(name)
-        keywords = {"protocol": protocol} if protocol is not None and _takes_protocol(module) else {}
-        note = ""
-        with planning() as plan, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the datasets' and balances' notes are a real run's to show
-            try:
-                module.run(model, dataset, scale, root, progress=False, **keywords)
-            except (PlanIncomplete, MissingResultsError) as waiting:
-                note = str(waiting)
-        plans[name, model.name, dataset] = (plan.units, note)
-    named: dict[str, set[str]] = {}
-    for units, _ in plans.values():
-        for unit in units:
-            named.setdefault(unit.experiment, set()).add(unit.uid)
-    stored = {name: stored_units(root, name) for name in {n for n, _, _ in runs}}
-    # a stored unit no plan names is stale; it is counted once, in the first run of its
-    # experiment and model whose units carry its dataset label (the estimators' train
-    # units are labelled with the train split, which the test dataset's run asks for)
-    counted: set[str] = set()
-    out = []
-    for (name, model, dataset), (units, note) in plans.items():
-        own = [u for u in units if u.experiment == name]
-        labels = {u.labels.get("dataset") for u in own} | {_label(dataset)}
-        files = stored[name]
-        mine = files[(files["model"] == model) & files["dataset"].isin(labels)
-                     & ~files["uid"].isin(named.get(name, set())) & ~files["uid"].isin(counted)]
-        counted.update(mine["uid"])
-        # an incomplete plan does not name every unit it will ask for: what it did not
-        # name is not known to be stale
-        stale = None if note else len(mine)
-        missing = [u for u in own if not u.done]
-        timed = files.dropna(subset=["seconds"])
-        out.append({"experiment": name, "model": model, "dataset": dataset,
-                    "done": sum(u.done for u in own), "stale": stale, "missing": len(missing),
-                    "estimated_seconds": _estimate(missing, timed, model) if missing else 0.0, "note": note})
-    return pd.DataFrame(out, columns=["experiment", "model", "dataset", "done", "stale", "missing",
-                                      "estimated_seconds", "note"])
-
-
-def _takes_protocol(module) -> bool:
-    import inspect
-
-    return "protocol" in inspect.signature(module.run).parameters
-
-
-def _label(dataset: str) -> str:
-    from .common import dataset_label
-
-    return dataset_label(dataset)

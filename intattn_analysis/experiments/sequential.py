@@ -44,7 +44,7 @@ from ..intervals import holm_within, paired_against, paired_contrasts, tidy_inte
 from ..known import is_known, is_known_cached
 from ..loading import ModelHandle
 from ..metrics import evaluate
-from ..reporting import GENERATION_SCORES, MAIN_METRICS
+from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from .batch_scaling import CONTRASTS, ROWS, settings_for
 from .common import check_scale, dataset_batches, dataset_label, metric_columns
 from .runner import SharedMoments, Setting, Unit, run_sequence
@@ -257,11 +257,12 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
                                                                kind="stable")
     contrasted = pd.DataFrame(contrasted, columns=columns).sort_values(
         ["model", "dataset", "protocol", "setting", "baseline", "round"], kind="stable")
-    # one family of comparisons per (model, dataset, protocol, round): every editor and metric
+    # one family of comparisons per (model, dataset, protocol, round): every editor on the
+    # KnowEdit metrics (VERDICT_METRICS), the other metrics (Known kept, Fluency, ...) another
     family = ["model", "dataset", "protocol", "round"]
     return {"intervals": intervals.reset_index(drop=True),
-            "paired": holm_within(paired.reset_index(drop=True), family),
-            "contrasts": holm_within(contrasted.reset_index(drop=True), family)}
+            "paired": holm_within(paired.reset_index(drop=True), family, VERDICT_METRICS),
+            "contrasts": holm_within(contrasted.reset_index(drop=True), family, VERDICT_METRICS)}
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

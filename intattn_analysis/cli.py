@@ -33,6 +33,11 @@ def _repo_root() -> Path:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    if args.scale == "paper":
+        return _reproduce_paper(args)
+    if args.scale != "ci":
+        raise UsageError(f"--scale must be ci (the notebooks) or paper (every paper-scale experiment), "
+                         f"got {args.scale!r}")
     import nbformat
     from nbclient import NotebookClient
 
@@ -57,6 +62,60 @@ def _reproduce(args: argparse.Namespace) -> int:
         nbformat.write(notebook, path)
         print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
     print(f"figures are in {notebooks_dir.parent / 'figures'}")
+    return 0
+
+
+def _paper_runs(args: argparse.Namespace, experiments: list[str]) -> list[tuple]:
+    """(experiment, loaded model, dataset) for the paper grid, narrowed by ``--models``
+    and ``--datasets`` (the experiments of the built-in facts run on them alone)."""
+    from .experiments.status import PAPER_GRID
+    from .loading import EMBEDDED_MODELS, load_model
+
+    models = [load_model(name) for name in (args.models or list(EMBEDDED_MODELS))]
+
+    def datasets(name: str) -> list[str]:
+        grid = PAPER_GRID[name]
+        if not args.datasets:
+            return list(grid)
+        return [d for d in args.datasets if (d == "builtin") == (grid == ("builtin",))]
+
+    return [(name, model, dataset) for name in experiments for model in models for dataset in datasets(name)]
+
+
+def _reproduce_paper(args: argparse.Namespace) -> int:
+    import torch
+
+    from .experiments import experiment
+    from .experiments.common import parse_shard
+    from .experiments.status import PAPER_GRID, StaleUnitsError, reproduce
+    from .report import write_pages
+
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    experiments = [n for n in PAPER_GRID if not args.only or n in args.only]
+    if args.only:
+        unknown = [n for n in args.only if n not in PAPER_GRID]
+        if unknown:
+            raise UsageError(f"--only: {unknown} are not experiments of the paper grid {list(PAPER_GRID)}")
+    root = Path(args.out) if args.out else _default_out("paper")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs = _paper_runs(args, experiments)
+    try:
+        done = reproduce(root, runs, prune_stale=args.prune_stale, shard=shard, log=lambda m: print(m, flush=True))
+    except StaleUnitsError as error:
+        raise UsageError(str(error)) from None
+    if shard:
+        print(f"shard {args.shard} done; write the tables once every shard is in one store "
+              "(`intattn run NAME --tables-only --scale paper`)")
+        return 0
+    for name in done:
+        for path in write_tables(name, experiment(name).tables(root), root.parent):
+            print(f"wrote {path}")
+    for path in write_pages(root.parent, _repo_root() / "docs" / "results"):
+        print(f"wrote {path}")
     return 0
 
 
@@ -485,7 +544,6 @@ def _status(args: argparse.Namespace) -> int:
 
     from .experiments import experiment
     from .experiments.status import PAPER_GRID, status
-    from .loading import EMBEDDED_MODELS, load_model
 
     experiments = args.experiments or list(PAPER_GRID)
     for name in experiments:
@@ -498,18 +556,9 @@ def _status(args: argparse.Namespace) -> int:
     root = Path(args.out) if args.out else _default_out(args.scale)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = [load_model(name) for name in (args.models or list(EMBEDDED_MODELS))]
-    def datasets(name: str) -> list[str]:
-        grid = PAPER_GRID[name]
-        if not args.datasets:
-            return list(grid)
-        # the experiments of the built-in facts run on them alone; the others on benchmark sets
-        return [d for d in args.datasets if (d == "builtin") == (grid == ("builtin",))]
-
-    runs = [(name, model, dataset) for name in experiments for model in models for dataset in datasets(name)]
-    table = status(root, runs, scale=args.scale, protocol=args.protocol)
+    table = status(root, _paper_runs(args, experiments), scale=args.scale, protocol=args.protocol)
     if args.json:
-        print(json.dumps(table.drop(columns="note").to_dict(orient="records"), default=float))
+        print(json.dumps(table.to_dict(orient="records"), default=float))
         return 0
     import pandas as pd
 
@@ -576,10 +625,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_reproduce(sub, common: argparse.ArgumentParser) -> None:
     """``intattn reproduce``: execute the notebooks in order."""
-    reproduce = sub.add_parser("reproduce", help="execute the notebooks in order", parents=[common])
+    reproduce = sub.add_parser("reproduce", help="execute the notebooks in order (--scale ci), or bring every "
+                               "paper-scale result to today's defaults (--scale paper)", parents=[common])
+    reproduce.add_argument("--scale", default="ci",
+                           help="ci: execute the notebooks; paper: run every experiment of the paper grid, "
+                                "resumably, then write its tables and docs/results")
     reproduce.add_argument("--notebooks-dir", default=str(_repo_root() / "notebooks"))
-    reproduce.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 01")
+    reproduce.add_argument("--only", nargs="*", help="ci: notebook name prefixes, e.g. 00 01; paper: experiments")
     reproduce.add_argument("--timeout", type=int, default=7200, help="seconds per cell")
+    reproduce.add_argument("--models", nargs="+", help="paper: default every embedded model")
+    reproduce.add_argument("--datasets", nargs="+", help="paper: default each experiment's datasets")
+    reproduce.add_argument("--shard", help="paper: I/N, every N-th batch from the I-th")
+    reproduce.add_argument("--out", help="paper: the store folder (default figures/paper/store)")
+    reproduce.add_argument("--prune-stale", action="store_true",
+                           help="paper: remove the stale units of each experiment run (default: refuse)")
+    reproduce.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     reproduce.set_defaults(run=_reproduce)
 
 

@@ -890,3 +890,40 @@ def test_the_train_choice_reads_its_own_units_not_stale_ones_of_the_same_name(ti
                       "setting": f"train-{alpha_label({l: float(loser) for l in hp.layers})}"})
     again, _ = estimators.train_alpha(tiny_llama, hp, store, scale, moments, progress=False)
     assert again == chosen
+
+
+def test_reproduce_refuses_stale_units_unless_pruned_then_brings_them_current(tiny_llama, setting, tmp_path,
+                                                                              monkeypatch):
+    """Stale units would be summarised beside today's: reproduce names them and stops, or
+    with prune_stale removes them and computes today's units."""
+    import types
+
+    from intattn_analysis import experiments
+    from intattn_analysis.experiments.status import StaleUnitsError, reproduce, status
+
+    hp, moments = setting
+    chosen = {"hp": hp}
+
+    def run(model, dataset, scale, root, shard=None, progress=True):
+        run_alpha_settings(model, [FACTS[:2], FACTS[2:]], SETTINGS, chosen["hp"], ResultStore(root, "sweep"),
+                           dataset="hand", moments=moments, metrics=("knowedit",), progress=False, shard=shard)
+
+    monkeypatch.setitem(experiments.EXPERIMENTS, "sweep", types.SimpleNamespace(NAME="sweep", run=run))
+    runs = [("sweep", tiny_llama, "hand")]
+    run(tiny_llama, "hand", "paper", tmp_path)
+    chosen["hp"] = hp.replace(v_steps=hp.v_steps + 1)
+    with pytest.raises(StaleUnitsError, match="4 stale unit"):
+        reproduce(tmp_path, runs, protocol="teacher-forced", progress=False, log=lambda m: None)
+    assert len(list((tmp_path / "sweep").glob("*.jsonl"))) == 6  # nothing removed or computed
+    assert reproduce(tmp_path, runs, prune_stale=True, protocol="teacher-forced", progress=False,
+                     log=lambda m: None) == ["sweep"]
+    after = status(tmp_path, runs, protocol=None).iloc[0]
+    assert (after["done"], after["stale"], after["missing"]) == (6, 0, 0)
+
+
+def test_reproduce_checks_its_arguments_before_any_work(capsys):
+    assert cli.main(["reproduce", "--scale", "huge"]) == 2
+    assert "--scale must be ci" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--scale", "paper", "--only", "no-such"]) == 2
+    assert "--only: ['no-such'] are not experiments of the paper grid" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--scale", "paper", "--shard", "3/2"]) == 2

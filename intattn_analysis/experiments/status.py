@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +24,7 @@ import pandas as pd
 
 from .planning import PlanIncomplete, PlannedUnit, planning
 
-__all__ = ["PAPER_GRID", "status", "stored_units"]
+__all__ = ["PAPER_GRID", "RunPlan", "StaleUnitsError", "plan_runs", "reproduce", "status", "stored_units"]
 
 
 def stored_units(root: str | Path, experiment: str) -> pd.DataFrame:
@@ -78,13 +79,24 @@ PAPER_GRID: dict[str, tuple[str, ...]] = {
 }
 
 
-def status(root, runs: Sequence[tuple[str, Any, str]], scale: str = "paper", protocol: str | None = "both"
-           ) -> pd.DataFrame:
-    """Per (experiment, model, dataset) of ``runs`` (the model a loaded handle): units
-    ``done``, ``stale`` (stored for that experiment, model and dataset, named by no plan of
-    ``runs``; ``None`` where the plan is incomplete), ``missing``, ``estimated_seconds`` to
-    compute the missing ones, and a ``note`` where the plan waits on results not stored
-    yet (its units past that point are not counted)."""
+@dataclass
+class RunPlan:
+    """One (experiment, model, dataset)'s plan: the units of its own experiment, the unit
+    files of that experiment and model that no plan names (``stale``; ``None`` where the
+    plan is incomplete), and the ``note`` of an incomplete plan."""
+
+    experiment: str
+    model: str
+    dataset: str
+    units: list[PlannedUnit]
+    stale: list[str] | None
+    note: str = ""
+
+
+def plan_runs(root, runs: Sequence[tuple[str, Any, str]], scale: str = "paper", protocol: str | None = "both"
+              ) -> list[RunPlan]:
+    """The plan of each (experiment, model, dataset) of ``runs`` (the model a loaded
+    handle), with the stale unit files (their ids) of each."""
     from . import experiment as experiment_module
     from .store import MissingResultsError
 
@@ -119,14 +131,68 @@ def status(root, runs: Sequence[tuple[str, Any, str]], scale: str = "paper", pro
         counted.update(mine["uid"])
         # an incomplete plan does not name every unit it will ask for: what it did not
         # name is not known to be stale
-        stale = None if note else len(mine)
-        missing = [u for u in own if not u.done]
-        timed = files.dropna(subset=["seconds"])
-        out.append({"experiment": name, "model": model, "dataset": dataset,
-                    "done": sum(u.done for u in own), "stale": stale, "missing": len(missing),
-                    "estimated_seconds": _estimate(missing, timed, model) if missing else 0.0, "note": note})
+        out.append(RunPlan(name, model, dataset, own, None if note else list(mine["uid"]), note))
+    return out
+
+
+def status(root, runs: Sequence[tuple[str, Any, str]], scale: str = "paper", protocol: str | None = "both"
+           ) -> pd.DataFrame:
+    """Per (experiment, model, dataset) of ``runs`` (the model a loaded handle): units
+    ``done``, ``stale`` (stored for that experiment, model and dataset, named by no plan of
+    ``runs``; ``None`` where the plan is incomplete), ``missing``, ``estimated_seconds`` to
+    compute the missing ones, and a ``note`` where the plan waits on results not stored
+    yet (its units past that point are not counted)."""
+    out = []
+    timed = {}
+    for plan in plan_runs(root, runs, scale, protocol):
+        if plan.experiment not in timed:
+            timed[plan.experiment] = stored_units(root, plan.experiment).dropna(subset=["seconds"])
+        missing = [u for u in plan.units if not u.done]
+        out.append({"experiment": plan.experiment, "model": plan.model, "dataset": plan.dataset,
+                    "done": sum(u.done for u in plan.units),
+                    "stale": None if plan.stale is None else len(plan.stale), "missing": len(missing),
+                    "estimated_seconds": _estimate(missing, timed[plan.experiment], plan.model) if missing else 0.0,
+                    "note": plan.note})
     return pd.DataFrame(out, columns=["experiment", "model", "dataset", "done", "stale", "missing",
                                       "estimated_seconds", "note"])
+
+
+def reproduce(root, runs: Sequence[tuple[str, Any, str]], *, prune_stale: bool = False,
+              shard: tuple[int, int] | None = None, protocol: str = "both", progress: bool = True,
+              log=print) -> list[str]:
+    """Bring every result of ``runs`` to today's defaults at paper scale, experiment by
+    experiment in the order given (an experiment that reads another's results comes after
+    it): plan each run, remove its stale unit files when ``prune_stale`` (they stay in the
+    repository's history) or refuse, naming them, when not, then run it (resumable; a
+    stopped call computes only what is missing the next time). Returns the experiments
+    run, whose tables the caller writes."""
+    from . import experiment as experiment_module
+
+    done: list[str] = []
+    for name in dict.fromkeys(n for n, _, _ in runs):
+        group = [run for run in runs if run[0] == name]
+        for plan in plan_runs(root, group, "paper", protocol):
+            if plan.stale:
+                folder = Path(root) / name
+                if not prune_stale:
+                    raise StaleUnitsError(
+                        f"{len(plan.stale)} stale unit(s) of {name} / {plan.model} / {plan.dataset} would sit beside "
+                        f"today's (for example {folder / plan.stale[0]}.jsonl); pass --prune-stale to remove them "
+                        "(they stay in the repository's history)")
+                for uid in plan.stale:
+                    (folder / f"{uid}.jsonl").unlink()
+                log(f"{name} / {plan.model} / {plan.dataset}: removed {len(plan.stale)} stale unit(s)")
+        module = experiment_module(name)
+        keywords = {"protocol": protocol} if _takes_protocol(module) else {}
+        for _, model, dataset in group:
+            log(f"{name} / {model.name} / {dataset}: running")
+            module.run(model, dataset, "paper", root, shard=shard, progress=progress, **keywords)
+        done.append(name)
+    return done
+
+
+class StaleUnitsError(ValueError):
+    """Stale units would be summarised beside today's; the message says how to remove them."""
 
 
 def _takes_protocol(module) -> bool:

@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", nargs="+", choices=range(len(SETTINGS)), type=int,
                         default=list(range(len(SETTINGS))), help="indices into SETTINGS")
     parser.add_argument("--mom2-tokens", type=int, default=20_000,
-                        help="corpus tokens for the second moments (20,000 as in the README's "
-                             "100-edit measurements; the model default is larger)")
+                        help="corpus tokens for the second moments (20,000 as in the 100-edit "
+                             "measurements of docs/design.md; the model default is larger)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -170,6 +170,53 @@ def plot_aie_curves(results, tokens: Sequence[str] = ("subject_last", "last")) -
     return fig
 
 
+def plot_aie_table(aie, severed=None, label: str = "") -> plt.Figure:
+    """The paper-scale localization from its tables: per model, the AIE of attention and
+    the MLP per layer at each token class, with the 95% interval over facts, and (with
+    ``severed``) the residual stream's AIE at the last subject token with how much
+    severing each path lowers it.
+
+    ``aie`` is the tidy table ``localization_aie.csv`` (model, token, module, layer, aie,
+    ci_low, ci_high, n_facts); ``severed`` is ``localization_severed.csv`` (layer, aie,
+    drop_mlp, drop_attn, model), drawn as the residual AIE and the AIE left once each path
+    is severed.
+    """
+    models = list(dict.fromkeys(aie["model"]))
+    tokens = list(dict.fromkeys(aie["token"]))
+    columns = len(tokens) + (severed is not None)
+    fig, axes = plt.subplots(len(models), columns, figsize=(4.6 * columns, 2.9 * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        for col, token in enumerate(tokens):
+            ax = axes[row][col]
+            part = aie[(aie["model"] == model) & (aie["token"] == token)]
+            for module, curve in part.groupby("module", sort=False):
+                color = MODULE_COLORS[module]
+                ax.plot(curve["layer"], curve["aie"], color=color, label=KIND_LABELS[module], lw=1.6)
+                ax.fill_between(curve["layer"], curve["ci_low"], curve["ci_high"], color=color, alpha=0.18, lw=0)
+            ax.axhline(0, color="0.6", lw=0.6)
+            prefix = f"{label}: " if label else ""
+            ax.set_title(f"{prefix}{model}, {token} token (n={int(part['n_facts'].max())})", fontsize=10)
+            ax.set_xlabel("centre of the restored window")
+            ax.set_ylabel("AIE")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(frameon=False, fontsize=8)
+        if severed is not None:
+            ax = axes[row][-1]
+            part = severed[severed["model"] == model].sort_values("layer")
+            ax.plot(part["layer"], part["aie"], color=MODULE_COLORS["resid"], lw=1.6, label="no severing")
+            for module in ("mlp", "attn"):
+                ax.plot(part["layer"], part["aie"] - part[f"drop_{module}"], color=MODULE_COLORS[module], lw=1.4,
+                        ls="--", label=f"{KIND_LABELS[module]} severed")
+            ax.axhline(0, color="0.6", lw=0.6)
+            ax.set_title(f"{model}: severed paths, subject_last token", fontsize=10)
+            ax.set_xlabel("restored layer")
+            ax.set_ylabel("AIE of the residual stream")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_severed(plain, severed: dict, token: str = "subject_last", label: str = "") -> plt.Figure:
     """ROME's severed-path comparison: the residual-stream AIE at ``token`` restored
     normally vs with the later MLP (or attention) outputs at that token held corrupted.

@@ -73,6 +73,15 @@ def _number(value: float, digits: int = 1, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
+def _figure(tables: Tables, name: str, caption: str) -> list[str]:
+    """A figure the notebooks saved from these tables (``<figures>/<name>.png``), linked
+    from ``docs/results/``; nothing where it has not been made."""
+    if not (tables.folder.parent / f"{name}.png").exists():
+        return []
+    return [f"![{caption}](../../{tables.folder.parent.name}/{name}.png)", "", f"*{caption[0].upper()}{caption[1:]}.*",
+            ""]
+
+
 def _edits(frame: pd.DataFrame) -> int:
     """The largest ``n_edits`` of the edited rows (0 where only the unedited model is stored)."""
     edited = frame.loc[frame["setting"] != "pre-edit", "n_edits"]
@@ -139,12 +148,14 @@ def _editors_section(tables: Tables) -> list[str]:
     examples = tables.get("editors_disagreements")
     lines: list[str] = []
     for (model, dataset), group in intervals.groupby(["model", "dataset"], sort=False):
+        figure = _figure(tables, f"07_protocols_{model}_{dataset}_paper", "each editor's metrics under teacher "
+                         "forcing and under generation, with 95% intervals (notebook 07)")
         if set(group["protocol"]) != set(PROTOCOLS):
             lines += [f"### {model}, {dataset}", "",
                       f"Measured under {', '.join(sorted(set(group['protocol'])))} only so far.", ""]
             continue
         n = _edits(group)
-        lines += [f"### {model}, {dataset}", "",
+        lines += [f"### {model}, {dataset}", "", *figure,
                   f"Percent, mean [95% interval over the {n} edited facts]; the unedited model is `pre-edit`.", "",
                   markdown_table(_side_by_side(group, SHOWN)), "",
                   "The generated answer's three scores for the edit prompt (exact match under the natural "
@@ -321,6 +332,8 @@ def _claim_one(tables: Tables) -> tuple[list[str], dict[str, str]]:
                      f"{'holds' if row.holds else 'does not hold'} ({row.numbers}).")
         if row.token == "subject_last":
             verdicts[row.model] = f"{'yes' if row.holds else 'no'} (subject token: {row.numbers})"
+    lines += _figure(tables, "04_localization_paper", "the AIE of attention and the MLP per layer at both token "
+                     "classes, with 95% intervals, and the severed paths (notebook 04)")
     severed = tables.get("localization_severed")
     if severed is not None:
         lines += ["", "Severing a path (ROME's frozen-module experiment): the residual stream's AIE at the last "
@@ -340,7 +353,8 @@ def _sweep_tables(tables: Tables) -> tuple[list[str], dict[tuple[str, str], str]
         return ["Not run yet (`intattn run alpha-sweep --scale paper`).", ""], {}
     if "protocol" not in ranges.columns:
         ranges = ranges.assign(protocol="teacher-forced")
-    lines, verdicts = [], {}
+    lines, verdicts = _figure(tables, "04_alpha_sweep_paper", "each metric against alpha, with 95% intervals "
+                             "(notebook 04)"), {}
     for (model, dataset, protocol), group in intervals.groupby(["model", "dataset", "protocol"], sort=False):
         n = _edits(group)
         pair = paired[(paired["model"] == model) & (paired["dataset"] == dataset) & (paired["protocol"] == protocol)]
@@ -603,8 +617,14 @@ def scaling_page(tables: Tables) -> str:
         "Every editor that writes a batch at once, at growing batch sizes on the same facts "
         "(`batch-scaling`), and in rounds of edits piling up on one model (`sequential`). The IntAttn-Edit rows "
         "take the alpha estimator (e) chose on train records. Percent, mean [95% interval over facts].", "",
-        "## Batch scaling", "", *_batch_scaling_section(tables),
-        "## Sequential editing", "", *_sequential_section(tables),
+        "## Batch scaling", "",
+        *_figure(tables, "06_batch_scaling_paper", "each metric against the batch size, with 95% intervals "
+                 "(notebook 06)"),
+        *_batch_scaling_section(tables),
+        "## Sequential editing", "",
+        *_figure(tables, "05_sequential_paper", "each metric against the rounds of edits applied, with 95% "
+                 "intervals (notebook 05)"),
+        *_sequential_section(tables),
         "## Settings", "", *_settings_section(tables, ("batch-scaling", "sequential"))])
 
 
@@ -629,6 +649,8 @@ def outdated_page(tables: Tables) -> str:
              "top-1`). Percent, mean [95% interval over facts].", ""]
     if intervals is None:
         return "\n".join(lines + ["Not run yet (`intattn run outdated --dataset builtin --scale paper`)."])
+    lines += _figure(tables, "06_outdated_flow_paper", "where the old answer still flows after each editor: the "
+                     "AIE of each module against the unedited model's (notebook 06)")
     for (model, dataset), group in intervals.groupby(["model", "dataset"], sort=False):
         n = int(group["n_edits"].max())
         lines += [f"## {model}, {dataset}", "", f"{n} facts.", "",

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from intattn_analysis import cli
 from intattn_analysis.report import Tables, markdown_table, protocol_coverage, render_pages, stale_pages
@@ -81,3 +82,32 @@ def test_settings_name_what_differs_from_todays_defaults(tmp_path):
     assert table.loc["today's defaults", "units"] == 1
     assert table.loc[f"differs: v_steps 7 (today {today['v_steps']})", "units"] == 1
     assert len(table) == 2  # the unedited model's unit has no settings
+
+
+# The experiments' table names in figures/paper (localization's CSVs start with its name).
+@pytest.mark.parametrize("experiment", ["localization", "alpha-sweep", "alpha-estimators", "editors", "sequential",
+                                        "batch-scaling", "outdated"])
+def test_the_committed_tables_are_what_the_committed_store_gives(experiment, tmp_path):
+    """Every paper-scale CSV is current: summarising the committed store again writes the
+    same files with the same values. Numbers are compared to 2e-5 relative: they are
+    written with 6 significant digits, and a float sum in another order (another machine's
+    BLAS, another pandas) may move the last digit written."""
+    import numpy as np
+
+    from intattn_analysis.cli import _table_name, write_tables
+    from intattn_analysis.experiments import experiment as experiment_module
+
+    written = write_tables(experiment, experiment_module(experiment).tables(PAPER / "store"), tmp_path)
+    prefix = _table_name(experiment)
+    committed = {p.name for p in PAPER.glob(f"{prefix}*.csv")
+                 if p.stem == prefix or p.stem.startswith(f"{prefix}_")}
+    assert {p.name for p in written} == committed, "run `intattn run ... --tables-only --scale paper`"
+    for path in written:
+        new, old = pd.read_csv(path, dtype=str), pd.read_csv(PAPER / path.name, dtype=str)
+        assert list(new.columns) == list(old.columns), path.name
+        assert new.shape == old.shape, path.name
+        for column in new.columns:
+            a, b = pd.to_numeric(new[column], errors="coerce"), pd.to_numeric(old[column], errors="coerce")
+            numeric = a.notna() & b.notna()
+            assert (new[column][~numeric].fillna("") == old[column][~numeric].fillna("")).all(), (path.name, column)
+            assert np.allclose(a[numeric], b[numeric], rtol=2e-5, atol=0), (path.name, column)

@@ -364,7 +364,8 @@ def _sweep_tables(tables: Tables) -> tuple[list[str], dict[tuple[str, str], str]
                   markdown_table(formatted_intervals(group[group["metric"].isin(SHOWN + ("Fluency",))],
                                                      ["setting"])), "",
                   "Each setting minus alpha 0 on the same facts (points, paired 95% interval; "
-                  + ("Holm-adjusted p-value over the family of every setting and metric):" if "p_holm" in pair.columns
+                  + ("Holm-adjusted p-value, one family per model, dataset and protocol: every setting on the four "
+                     "KnowEdit metrics):" if "p_holm" in pair.columns
                      else "p-values uncorrected):"), ""]
         shown = pair[pair["metric"].isin(BEST_SHOWN)].copy()
         p = "p_holm" if "p_holm" in shown.columns else "p_value"

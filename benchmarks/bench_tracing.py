@@ -14,12 +14,20 @@ On the same facts and settings the script times
 4. a plain batched forward of the model over as many rows (prompt copies) as the trace
    restores: the practical limit for any method that runs the whole prompt per row.
 
+A second table compares, per fact and at the same noise draws, exact tracing with
+attribution patching (``method="attribution"``, AtP, and ``"attribution*"``, AtP with
+GradDrop; :mod:`intattn_analysis.attribution`): seconds per fact, the ratio of exact
+tracing's time to each, and each method's time over that of one plain forward and backward
+of the prompt batched over the draws (the least any gradient method can cost).
+
 It prints, per method: forward passes, restored rows, wall time, rows per second and the
 ratio to the engine. Run it alone on the machine: other processes competing for the cores
 distort every number (the ratios less than the times).
 
     python benchmarks/bench_tracing.py                   # full trace of 1 fact, SmolLM2
     python benchmarks/bench_tracing.py --facts 2 --threads 2 --samples 10
+    python benchmarks/bench_tracing.py --facts 4 --skip-reference --skip-transformerlens \
+        --csv figures/benchmarks/tracing.csv   # the table docs/results/attribution.md shows
 """
 
 from __future__ import annotations
@@ -150,6 +158,52 @@ def run_plain(model, facts, n_rows_per_fact, batch_rows):
     return wall, forwards
 
 
+def run_method(model, facts, args, method):
+    """Seconds for tracing ``facts`` with ``method`` (every kind, token and layer)."""
+    result, wall = timed(lambda: ia.trace(model, facts, window=args.window, samples=args.samples, seed=args.seed,
+                                          layers=args.layer_list, method=method, progress=False))
+    return result, wall
+
+
+def run_forward_backward(model, facts, samples):
+    """Seconds for one forward and backward of each prompt over ``samples`` rows, the
+    gradient taken with respect to the embeddings (no weight gradients, as in AtP)."""
+    wall = 0.0
+    for fact in facts:
+        ids = torch.tensor(model.tokenize(fact.text), device=model.device).expand(samples, -1)
+        answer = first_answer_token(model, fact.target_true)
+        start = time.perf_counter()
+        leaf = {}
+
+        def keep(x, hook=None):
+            leaf["x"] = x.detach().requires_grad_(True)
+            return leaf["x"]
+
+        with torch.enable_grad(), model.bridge.hooks(fwd_hooks=[(hook("embed"), keep)]):
+            logits = model.bridge(ids)
+            torch.softmax(logits[:, -1].float(), -1)[:, answer].sum().backward()
+        wall += time.perf_counter() - start
+    return wall
+
+
+def attribution_table(model, facts, args, exact_result, exact_wall) -> pd.DataFrame:
+    """Per-fact seconds of exact tracing, AtP and AtP* at equal draws, with their ratios."""
+    from intattn_analysis.attribution import attribution_agreement
+
+    forward_backward = run_forward_backward(model, facts, args.samples)
+    lines = [("exact (ia.trace)", exact_wall, float("nan"))]
+    for method in ("attribution", "attribution*"):
+        result, wall = run_method(model, facts, args, method)
+        _, summary = attribution_agreement(exact_result, result)
+        rho = summary[(summary["kind"] == "all") & (summary["measure"] == "spearman")]["mean"].item()
+        lines.append((f"{method} (ia.trace, method={method!r})", wall, rho))
+    out = pd.DataFrame(lines, columns=["method", "wall_s", "spearman_vs_exact"])
+    out["s_per_fact"] = out["wall_s"] / len(facts)
+    out["exact_over_method"] = exact_wall / out["wall_s"]
+    out["over_forward_backward"] = out["wall_s"] / forward_backward
+    return out[["method", "s_per_fact", "exact_over_method", "over_forward_backward", "spearman_vs_exact"]]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -161,6 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-transformerlens", action="store_true")
+    parser.add_argument("--skip-attribution", action="store_true")
+    parser.add_argument("--csv", help="also write the attribution table here, with the settings that made it "
+                        "(a file of other models keeps their rows)")
     args = parser.parse_args(argv)
     args.layer_list = [int(l) for l in args.layers.split(",")] if args.layers else None
 
@@ -207,6 +264,22 @@ def main(argv=None) -> int:
     for note in notes:
         print(note)
     print(f"engine wall / plain-forward wall for the same rows: {engine_wall / plain_wall:.2f}")
+    if not args.skip_attribution:
+        print(f"\nattribution patching, {len(facts)} fact(s), samples={args.samples} for every method:")
+        table = attribution_table(model, facts, args, engine, engine_wall)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        if args.csv:
+            from pathlib import Path
+
+            settings = {"model": model.name, "facts": len(facts), "samples": args.samples, "window": args.window,
+                        "threads": args.threads}
+            out = table.assign(**settings)[[*settings, *table.columns]]
+            if Path(args.csv).exists():  # one file for every model: this model's rows replaced
+                before = pd.read_csv(args.csv)
+                out = pd.concat([before[before["model"] != model.name], out], ignore_index=True)
+            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+            out.to_csv(args.csv, index=False, float_format="%.4g")
+            print(f"wrote {args.csv}")
     return 0
 
 

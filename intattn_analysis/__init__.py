@@ -30,6 +30,7 @@ from .targets import ZTargets, compute_z
 from .predictions import answer_probability, top_predictions
 from .runs import BatchRun, edit_batches, editable_batches
 from .tracing import Noise, TraceResult, balance, trace
+from .attribution import attribution_agreement, attribution_curves
 
 __version__ = "0.1.0"
 
@@ -72,6 +73,8 @@ __all__ = [
     "answer_probability",
     "apply_deltas",
     "attention_share_by_depth",
+    "attribution_agreement",
+    "attribution_curves",
     "balance",
     "benchmark_path",
     "cache_root",

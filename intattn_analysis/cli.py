@@ -432,6 +432,8 @@ def write_tables(experiment: str, tables: dict, folder: Path) -> list[Path]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import inspect
+
     import pandas as pd
     import torch
 
@@ -446,6 +448,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.scale not in module.SCALES:
         raise UsageError(f"--scale must be one of {sorted(module.SCALES)}, got {args.scale!r}")
     protocol = _run_protocol(args, module)
+    if args.method is not None:
+        if "method" not in inspect.signature(module.run).parameters:
+            raise UsageError(f"--method: the {args.experiment} experiment traces nothing; --method is for "
+                             "localization")
+        protocol["method"] = args.method
     out = Path(args.out) if args.out else _default_out(args.scale)
     _output_files(str(out / "probe"))  # a writable folder, before any work
     if args.experiment == "localization" and args.dataset != "builtin" and not args.tables_only:
@@ -715,6 +722,9 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("--tables-only", action="store_true",
                      help="only summarise what the store holds")
     run.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    run.add_argument("--method", choices=("exact", "attribution", "attribution*"), default=None,
+                     help="localization: exact causal tracing (default) or attribution patching (AtP, or AtP* "
+                          "with GradDrop), stored beside the exact traces and compared with them")
     _add_protocol_options(run, None)
     run.set_defaults(run=_run)
 

@@ -14,8 +14,10 @@ its TransformerLens bridge. What they share lives here, once:
   hooks saw, stopping the forward (with :class:`StopForward`) as soon as the last of them
   has fired; :func:`key_value_hooks` and :func:`key_values` name and collect the keys and
   values of a range of blocks.
-* **Writing activations.** :func:`noise_hook` adds noise to a span of positions (the
-  corruption of causal tracing); :func:`overwrite_hook` writes given values at given
+* **Writing activations.** :func:`noise_draws` draws a fact's seeded subject noise and
+  :func:`noise_hook` adds it to a span of positions (the corruption of causal tracing and
+  of attribution patching); :func:`gradient_node_hook` makes an activation a node whose
+  gradient attribution patching reads; :func:`overwrite_hook` writes given values at given
   ``(row, position)`` pairs (the restores of causal tracing).
 * **Resuming a forward.** A forward can start at block ``start`` from a stored residual
   stream (``bridge(resid, start_at_layer=start)``, with the blocks below skipped by
@@ -52,9 +54,11 @@ __all__ = [
     "blocks_skipped",
     "cache_keyword",
     "hook",
+    "gradient_node_hook",
     "keep_last_position",
     "key_value_hooks",
     "key_values",
+    "noise_draws",
     "noise_hook",
     "overwrite_hook",
     "padded_prefix_kwargs",
@@ -150,6 +154,18 @@ def read_hooks(model: ModelHandle, ids: Tensor, names: Sequence[str], select=Non
 
 
 # =========================================================================== writing
+def noise_draws(
+    fact, samples: int, n_tokens: int, d_model: int, seed: int, std: float
+) -> Tensor:
+    """The ``[samples, n_tokens, d_model]`` noise added to one fact's subject embeddings.
+
+    Drawn on the CPU in float32 from a generator seeded with ``seed`` and the fact's key,
+    so the same fact gets the same noise whatever else is traced, on any device.
+    """
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(fact.key, 16)) % 2**63)
+    return torch.randn(samples, n_tokens, d_model, generator=generator) * std
+
+
 def noise_hook(noise: Tensor, start: int, end: int):
     """A ``hook_embed`` hook adding ``noise`` ([batch, end-start, d_model]) to positions
     ``start:end`` of every row: the corruption of the subject in causal tracing."""
@@ -173,6 +189,43 @@ def overwrite_hook(rows: Tensor, positions: Tensor, values: Tensor):
         return x
 
     return overwrite
+
+
+class _GatedGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``gates[key]`` (1 when absent),
+    read when the backward runs, so one forward serves backwards with different gates."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gates: dict, key) -> Tensor:
+        ctx.gates, ctx.key = gates, key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.gates.get(ctx.key, 1.0), None, None
+
+
+def gradient_node_hook(nodes: dict, name: str, gates: dict | None = None, gate_key=None):
+    """A hook that makes the activation at ``name`` a node of attribution patching.
+
+    The activation ``a`` is replaced by ``n + (a - a.detach())``, where ``n`` is a detached
+    copy of ``a`` that requires a gradient, stored as ``nodes[name]``. The forward is
+    unchanged (``a - a.detach()`` is exactly zero), ``n.grad`` after a backward is the
+    gradient of the metric with respect to the activation, and the gradient still flows
+    on into the computation that produced ``a``. With ``gates``, the gradient flowing into
+    that computation is multiplied by ``gates[gate_key]`` when the backward runs: 0 cuts
+    the module off the backward pass (AtP*'s GradDrop) without a new forward.
+    """
+
+    def node(a: Tensor, hook=None) -> Tensor:
+        n = a.detach().requires_grad_(True)
+        nodes[name] = n
+        upstream = a - a.detach()
+        if gates is not None:
+            upstream = _GatedGradient.apply(upstream, gates, gate_key)
+        return n + upstream
+
+    return node
 
 
 def keep_last_position(x: Tensor, hook=None) -> Tensor:

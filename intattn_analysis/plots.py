@@ -19,6 +19,7 @@ from .facts import Fact
 __all__ = [
     "figures_dir",
     "plot_aie_curves",
+    "plot_attribution_curves",
     "plot_alpha_sweep",
     "plot_alphas",
     "plot_known_by_relation",
@@ -166,6 +167,48 @@ def plot_aie_curves(results, tokens: Sequence[str] = ("subject_last", "last")) -
             ax.set_ylabel("AIE")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attribution_curves(table, label: str = "") -> plt.Figure:
+    """Exact tracing against attribution patching, AIE per layer.
+
+    ``table`` is :func:`~intattn_analysis.attribution.attribution_curves` (with a
+    ``model`` column for several models), or ``localization_attribution_aie.csv`` for one
+    ``compared`` method. One row of panels per (model, window), one panel per token class;
+    attention and the MLP in their colours, exact tracing solid and the estimate dashed,
+    each with its 95% interval over facts.
+    """
+    table = table.assign(model=table["model"] if "model" in table else "")
+    methods = [m for m in dict.fromkeys(table["method"]) if m != "exact"]
+    if len(methods) != 1 or "exact" not in set(table["method"]):
+        raise ValueError(f"table must hold exact tracing and one attribution method; it holds {sorted(set(table['method']))}")
+    panels = list(dict.fromkeys(zip(table["model"], table["window"])))
+    tokens = list(dict.fromkeys(table["token"]))
+    fig, axes = plt.subplots(len(panels), len(tokens), figsize=(4.6 * len(tokens), 2.9 * len(panels)),
+                             squeeze=False)
+    for row, (model, window) in enumerate(panels):
+        for col, token in enumerate(tokens):
+            ax = axes[row][col]
+            part = table[(table["model"] == model) & (table["window"] == window) & (table["token"] == token)]
+            for (method, module), curve in part.groupby(["method", "module"], sort=False):
+                exact = method == "exact"
+                color = MODULE_COLORS[module]
+                ax.plot(curve["layer"], curve["aie"], color=color, lw=1.6 if exact else 1.2,
+                        ls="-" if exact else "--", label=f"{KIND_LABELS[module]}, {method}")
+                ax.fill_between(curve["layer"], curve["ci_low"], curve["ci_high"], color=color,
+                                alpha=0.18 if exact else 0.08, lw=0)
+            ax.axhline(0, color="0.6", lw=0.6)
+            n = int(part["n_facts"].max())
+            title = f"{model}: " if model else ""
+            ax.set_title(f"{title}{token} token, window {window} (n={n})", fontsize=10)
+            ax.set_xlabel(f"centre of {window}-layer window" if window > 1 else "layer")
+            ax.set_ylabel("AIE")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(frameon=False, fontsize=7)
+    if label:
+        fig.suptitle(label, fontsize=11)
     fig.tight_layout()
     return fig
 

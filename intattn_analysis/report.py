@@ -88,11 +88,11 @@ def _edits(frame: pd.DataFrame) -> int:
     return int(edited.max()) if edited.notna().any() else 0
 
 
-def _interval(row, value: str = "mean", sign: bool = False) -> str:
+def _interval(row, value: str = "mean", sign: bool = False, digits: int = 1) -> str:
     if pd.isna(row["ci_low"]):
-        return _number(row[value], sign=sign)
-    return (f"{_number(row[value], sign=sign)} [{_number(row['ci_low'], sign=sign)}, "
-            f"{_number(row['ci_high'], sign=sign)}]")
+        return _number(row[value], digits, sign=sign)
+    return (f"{_number(row[value], digits, sign=sign)} [{_number(row['ci_low'], digits, sign=sign)}, "
+            f"{_number(row['ci_high'], digits, sign=sign)}]")
 
 
 # --------------------------------------------------------------------------- generation page
@@ -723,11 +723,80 @@ def tuning_page(tables: Tables) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- attribution page
+#: The agreement measures, in the order shown.
+AGREEMENT_MEASURES = ("spearman", "recall@5", "recall@10", "sign_agreement")
+
+
+def _where_it_misses(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, method, window, token, module): the AIE summed over layers by exact
+    tracing and by the estimate, the estimate's share of it, and the layer where the two
+    differ most."""
+    rows = []
+    keys = ["model", "compared", "window", "token", "module"]
+    for key, group in curves.groupby(keys, sort=False):
+        exact = group[group["method"] == "exact"].set_index("layer")["aie"]
+        estimate = group[group["method"] != "exact"].set_index("layer")["aie"].reindex(exact.index)
+        gap = (estimate - exact).abs()
+        rows.append({**dict(zip(keys, key)), "exact_sum": round(float(exact.sum()), 3),
+                     "estimate_sum": round(float(estimate.sum()), 3),
+                     "share": round(float(estimate.sum() / exact.sum()), 2) if exact.sum() > 0 else float("nan"),
+                     "worst_layer": int(gap.idxmax()), "exact_there": round(float(exact[gap.idxmax()]), 3),
+                     "estimate_there": round(float(estimate[gap.idxmax()]), 3)})
+    return pd.DataFrame(rows).rename(columns={"compared": "method"})
+
+
+def attribution_page(tables: Tables) -> str:
+    """``attribution.md``: attribution patching (AtP, AtP*) against exact causal tracing."""
+    agreement, curves, claims, timing, bench = (tables.get(n) for n in (
+        "localization_attribution_agreement", "localization_attribution_aie", "localization_attribution_claim",
+        "localization_timing", "../benchmarks/tracing"))
+    lines = ["# Attribution patching against exact causal tracing", "",
+             "Attribution patching estimates every site's indirect effect from the corrupted run's gradient, "
+             "`(clean - corrupted) . d p(answer) / d activation` (AtP); `attribution*` adds AtP*'s GradDrop, a "
+             "magnitude that paths of opposite sign cannot cancel. Both use exact tracing's facts, noise draws and "
+             "windows; a window's estimate is the sum of its layers' (`intattn_analysis/attribution.py` states "
+             "both approximations). Per fact, over its sites: Spearman's rho between estimated and exact IEs, the "
+             "share of the exact top-5 and top-10 sites among the estimate's, and sign agreement; mean [95% "
+             "interval over facts].", ""]
+    if agreement is None:
+        return "\n".join(lines + ["Not run yet (`intattn run localization --dataset builtin --scale paper --method "
+                                  "attribution`, then `--method 'attribution*'`)."])
+    lines += _figure(tables, "01_attribution_vs_exact_paper", "exact tracing (solid) and AtP (dashed), AIE per "
+                     "layer at the paper scale (notebook 01)")
+    for model, group in agreement.groupby("model", sort=False):
+        table = group.assign(value=[_interval(r, digits=2) for r in group.to_dict("records")])
+        wide = table.pivot_table(index=["method", "window", "kind"], columns="measure", values="value",
+                                 aggfunc="first", sort=False)
+        wide = wide[[m for m in AGREEMENT_MEASURES if m in wide.columns]]
+        n = int(group["n_facts"].max())
+        lines += [f"## {model}", "", f"{n} facts (AtP*: the facts it traced).", "", markdown_table(wide), ""]
+        if claims is not None:
+            part = claims[claims["model"] == model]
+            lines += ["Claim 1 (attention matters most early) from each method's curves at the notebooks' window:",
+                      "", markdown_table(part[["method", "compared", "token", "n_facts", "holds", "numbers"]]), ""]
+        if curves is not None:
+            misses = _where_it_misses(curves[curves["model"] == model]).drop(columns="model")
+            lines += ["Where the estimate misses: the AIE summed over layers, exact and estimated, the estimate's "
+                      "share of it, and the layer where the two curves differ most:", "", markdown_table(misses), ""]
+    if timing is not None:
+        lines += ["## Time", "", "Seconds per fact of the paper-scale units that were timed (attribution, and exact "
+                  "tracing one layer at a time, both without the per-fact cache), 10 noise draws, on the machine "
+                  "that ran them:", "", markdown_table(timing.round(3)), ""]
+    if bench is not None:
+        lines += ["`benchmarks/bench_tracing.py`, every kind, token and layer of a fact, equal noise draws; "
+                  "`exact_over_method` is exact tracing's time over the method's, `over_forward_backward` the "
+                  "method's time over one plain forward and backward of the prompt batched over the draws:", "",
+                  markdown_table(bench), ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- pages
 #: ``{file name: page function}``: the pages ``intattn report`` writes.
 PAGES: dict[str, Callable[[Tables], str]] = {
     "claims.md": claims_page, "editors.md": editors_page, "generation.md": generation_page,
-    "scaling.md": scaling_page, "outdated.md": outdated_page, "tuning.md": tuning_page}
+    "scaling.md": scaling_page, "outdated.md": outdated_page, "tuning.md": tuning_page,
+    "attribution.md": attribution_page}
 
 GENERATED = "<!-- generated by `intattn report` from the tables named at the end; do not edit by hand -->"
 

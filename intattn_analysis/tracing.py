@@ -86,6 +86,7 @@ from .model_access import (
     cache_keyword,  # noqa: F401  (importable from here as well)
     key_value_hooks,
     key_values,
+    noise_draws,
     noise_hook,
     overwrite_hook,
     resume_engine,
@@ -211,18 +212,6 @@ def _chunked_std(embed, vocab_size: int, device, chunk: int) -> float:
     return math.sqrt(max(total_sq / count - mean * mean, 0.0) * count / (count - 1))
 
 
-def noise_draws(
-    fact: Fact, samples: int, n_tokens: int, d_model: int, seed: int, std: float
-) -> Tensor:
-    """The ``[samples, n_tokens, d_model]`` noise added to one fact's subject embeddings.
-
-    Drawn on the CPU in float32 from a generator seeded with ``seed`` and the fact's key,
-    so the same fact gets the same noise whatever else is traced, on any device.
-    """
-    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(fact.key, 16)) % 2**63)
-    return torch.randn(samples, n_tokens, d_model, generator=generator) * std
-
-
 # =========================================================================== tokens
 def subject_span(model: ModelHandle, fact: Fact) -> tuple[int, int]:
     """``(start, end)``: the subject's token positions in the tokenized prompt.
@@ -315,11 +304,14 @@ class _Settings:
     severed: str | None
     seed: int
     answered_only: bool = True
+    method: str = "exact"
 
     def describe(self) -> dict[str, Any]:
-        # ``answered_only`` enters only when off, so that the keys of traces made before
-        # it existed still match
+        # ``answered_only`` and ``method`` enter only when not the default, so that the
+        # keys of traces made before they existed still match
         extra = {} if self.answered_only else {"answered_only": False}
+        if self.method != "exact":
+            extra["method"] = self.method
         return {
             "kinds": list(self.kinds),
             "tokens": list(self.tokens),
@@ -653,6 +645,7 @@ def trace(
     batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     answered_only: bool = True,
+    method: str = "exact",
     progress: bool = True,
 ) -> "TraceResult":
     """Causal-trace ``facts`` on ``model`` (see the module notes for the method).
@@ -682,6 +675,13 @@ def trace(
             ``target_true``: the indirect effects on ``p(target_true)`` wherever it
             stands, which is how an *edited* model is asked where the old answer it no
             longer gives still flows.
+        method: ``"exact"`` restores each site in its own forward rows (the default);
+            ``"attribution"`` estimates every site's indirect effect from one corrupted
+            forward and backward per fact (AtP), and ``"attribution*"`` adds GradDrop
+            (AtP*), an estimate of each site's *magnitude*; see
+            :mod:`intattn_analysis.attribution` for both and for how windows are
+            approximated. The rows have the same columns; ``p_restored`` of an estimate
+            is ``p_corrupted + ie``. Attribution has no severed variant.
         progress: show a progress bar over facts.
 
     Returns:
@@ -701,7 +701,16 @@ def trace(
         if not isinstance(fact, Fact):
             raise ValueError(f"facts[{i}] must be a Fact, got {type(fact).__name__}")
     settings = _settings(model, kinds, tokens, layers, window, samples, noise, severed, seed)
-    settings = dataclasses.replace(settings, answered_only=bool(answered_only))
+    from .attribution import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method != "exact" and settings.severed:
+        raise ValueError(
+            f"method={method!r} has no severed variant (holding a module at its corrupted value "
+            "while restoring another state is not a first-order quantity); trace severed paths "
+            "with method='exact'")
+    settings = dataclasses.replace(settings, answered_only=bool(answered_only), method=method)
     if batch_size is not None:
         batch_size = _positive_int("batch_size", batch_size)
 
@@ -748,11 +757,18 @@ def _trace_fact(
         predicted = model.tokenizer.decode([run.top_token])
         expected = model.tokenizer.decode([run.answer])
         return [], f"top-1 prediction {predicted!r} is not the answer {expected!r}"
-    engine = resume_engine(model, run.ids)
-    _corrupted_run(model, run, settings, engine)
-    sites = _sites(model, run, settings, missing)
-    size = batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // run.n_tokens)
-    p_restored = _restored_probabilities(model, run, settings, sites, engine, size)
+    if settings.method != "exact":
+        from .attribution import attribution_estimates
+
+        sites = _sites(model, run, settings, missing)
+        ie, run.p_corrupted = attribution_estimates(model, run, settings, sites, settings.method)
+        p_restored = ie + float(run.p_corrupted.double().mean())
+    else:
+        engine = resume_engine(model, run.ids)
+        _corrupted_run(model, run, settings, engine)
+        sites = _sites(model, run, settings, missing)
+        size = batch_size or max(1, DEFAULT_TOKENS_PER_BATCH // run.n_tokens)
+        p_restored = _restored_probabilities(model, run, settings, sites, engine, size)
     computed = _rows(model, run, settings, sites, p_restored)
     for kind in missing:
         cached[kind] = [row for row in computed if row["kind"] == kind]

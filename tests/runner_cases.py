@@ -205,7 +205,8 @@ def localization_rows(model, root) -> dict[str, dict]:
     localization.WINDOWS[model.name] = 2
     try:
         localization.run(model, "builtin", localization.LocalizationScale(n_facts=None, samples=2), root,
-                         progress=False)
+                         progress=False, method="exact",
+                         variants=("modules", "severed-none", "severed-mlp", "severed-attn"))
     finally:
         localization._facts = chosen
         del localization.WINDOWS[model.name]

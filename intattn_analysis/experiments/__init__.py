@@ -15,7 +15,7 @@ state, the facts, the method and its settings) and its tables. *How* a unit is r
 * ``localization``: causal traces of every known fact (:mod:`.localization`), the
   per-layer AIE of attention and MLP with intervals and the alphas they imply;
 * ``alpha-sweep``: IntAttn-Edit at fixed alphas and the traced alpha (:mod:`.alpha_sweep`);
-* ``alpha-estimators``: the balance factor derived five ways and each version evaluated
+* ``alpha-estimators``: the balance factor derived six ways and each version evaluated
   (:mod:`.estimators`);
 * ``editors``: the main table, every editor of the family on the same batches
   (:mod:`.editors`);

@@ -1,8 +1,8 @@
-"""Experiment ``alpha-estimators``: the balance factor derived five ways, each evaluated.
+"""Experiment ``alpha-estimators``: the balance factor derived six ways, each evaluated.
 
 The paper derives alpha from causal tracing at the subject's last token and says the
 result keeps editing "within the optimal range across settings". Whether that holds
-depends on how the contribution is measured, so alpha is derived here five ways, per
+depends on how the contribution is measured, so alpha is derived here six ways, per
 edited layer ``l``:
 
 (a) ``a-subject-aie``: ``AIE_attn / (AIE_attn + AIE_mlp)`` at the last subject token
@@ -17,9 +17,12 @@ edited layer ``l``:
 (e) ``e-train``: chosen on *train* records: first the best single alpha of a grid for
     every layer, then one pass over the layers, each trying every grid value with the
     others held, keeping what raises the criterion: the mean of Edit Succ. and Locality
-    over the train facts.
+    over the train facts;
+(f) ``f-attribution``: estimator (a)'s formula on attribution patching's estimates of the
+    same AIEs (:mod:`intattn_analysis.attribution`, AtP), which cost two forwards and a
+    backward per fact instead of a forward row per site and draw.
 
-(a)-(c) read the ``localization`` experiment's store (run it first); (e) stores its train
+(a)-(c) and (f) read the ``localization`` experiment's store (run it first); (e) stores its train
 units in this experiment's store, so it resumes too. Each estimator's alpha and MEMIT
 (alpha 0) are then evaluated on the same test batches as the sweep, and
 :func:`summarise` pairs each estimator with MEMIT on the same facts and says whether its
@@ -55,7 +58,7 @@ from .units import alpha_label, batch_key, with_protocol
 __all__ = ["ESTIMATORS", "NAME", "SCALES", "EstimatorScale", "estimate_alphas", "run", "summarise"]
 
 NAME = "alpha-estimators"
-ESTIMATORS = ("a-subject-aie", "b-last-aie", "c-severed", "d-activation", "e-train")
+ESTIMATORS = ("a-subject-aie", "b-last-aie", "c-severed", "d-activation", "e-train", "f-attribution")
 #: The train-selection criterion of estimator (e).
 TRAIN_CRITERION = ("Edit Succ.", "Locality")
 #: The fluency setting in the train units' keys (they measure no fluency; the runner's
@@ -143,17 +146,24 @@ def stored_activation_alphas(model: ModelHandle, store: ResultStore, layers: Seq
 
 
 def traced_alphas(store_root, model: ModelHandle, layers: Sequence[int]) -> dict[str, dict[int, float]]:
-    """Estimators (a)-(c) from the localization experiment's store under ``store_root``."""
+    """Estimators (a)-(c) and (f) from the localization experiment's store under ``store_root``."""
     store = ResultStore(store_root, localization.NAME)
     if not len(store):
         raise MissingResultsError(f"no localization results under {store.folder}; run `intattn run "
                          f"localization --model {model.name} --dataset builtin` with the same --out first")
     results = localization.traces(store, model.name)
-    missing = [v for v in localization.VARIANTS if v not in results]
+    missing = [v for v in ("modules", "severed-none", "severed-mlp", "severed-attn") if v not in results]
     if missing:
         raise MissingResultsError(f"the localization store lacks the variants {missing} for {model.name}; "
                          "run the localization experiment to the end")
     modules = results["modules"]
+    try:
+        attributed = localization.traces(store, model.name, "attribution")["modules"]
+    except (MissingResultsError, KeyError):
+        raise MissingResultsError(
+            f"the localization store lacks the attribution traces of {model.name} (estimator (f)); run `intattn "
+            f"run localization --model {model.name} --dataset builtin --method attribution` with the same "
+            "--out first") from None
     drops = localization.severed_drops(results).set_index("layer")
     severed = pd.DataFrame(
         [{"layer": l, "module": m, "aie": float(drops.loc[l, f"drop_{m}"])}
@@ -162,6 +172,7 @@ def traced_alphas(store_root, model: ModelHandle, layers: Sequence[int]) -> dict
         "a-subject-aie": dict(balance(modules.contributions("subject_last"), layers)),
         "b-last-aie": dict(balance(modules.contributions("last"), layers)),
         "c-severed": dict(balance(severed, layers)),
+        "f-attribution": dict(balance(attributed.contributions("subject_last"), layers)),
     }
 
 
@@ -213,12 +224,12 @@ def train_alpha(model, hp: EditHparams, store: ResultStore, scale: EstimatorScal
 def estimate_alphas(model: ModelHandle, root, scale: EstimatorScale, hp: EditHparams, moments,
                     store: ResultStore, progress: bool = True,
                     traced: dict[str, dict[int, float]] | None = None) -> dict[str, dict[int, float]]:
-    """``{estimator: {layer: alpha}}`` for the five estimators (``traced``: (a)-(c) when
+    """``{estimator: {layer: alpha}}`` for the six estimators (``traced``: (a)-(c) and (f) when
     already read from the localization store)."""
     alphas = dict(traced) if traced is not None else traced_alphas(root, model, hp.layers)
     alphas["d-activation"] = stored_activation_alphas(model, store, hp.layers, scale.activation_facts)
     alphas["e-train"], _ = train_alpha(model, hp, store, scale, moments, progress)
-    return alphas
+    return {name: alphas[name] for name in ESTIMATORS}
 
 
 def run(model: ModelHandle, dataset: str, scale, root, *, shard=None, protocol: str | None = None,

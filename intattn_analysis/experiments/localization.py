@@ -9,7 +9,17 @@ notebook 01's windows, in four *variants*:
   the last token: the per-layer AIE behind alpha estimators (a) and (b);
 * ``severed-none``, ``severed-mlp``, ``severed-attn``: the residual stream restored at
   the last subject token, plainly and with the MLP or attention path severed (ROME's
-  frozen-module experiment): the drops behind estimator (c).
+  frozen-module experiment): the drops behind estimator (c);
+* ``modules-window1``: as ``modules``, one layer restored at a time, the yardstick for
+  attribution patching's per-layer estimates.
+
+With ``method="attribution"`` or ``"attribution*"`` (:mod:`intattn_analysis.attribution`)
+the same facts, draws and windows are estimated by attribution patching instead, in the
+variants that have an attribution form (:data:`ATTRIBUTION_VARIANTS`: no severed path).
+Their units sit beside the exact ones in the same store, keyed by method, and
+:func:`summarise` compares the two: per-fact rank agreement and top-k recall
+(:func:`intattn_analysis.attribution.attribution_agreement`), the AIE curves side by side,
+claim 1's verdict from each, and the seconds each method took per fact.
 
 Facts are traced in chunks of 16; each (variant, chunk) is one stored unit, so a killed
 run resumes and shards split the chunks. Each fact's trace is also cached by
@@ -46,7 +56,14 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]] = {
     "severed-none": (("resid",), ("subject_last",), None),
     "severed-mlp": (("resid",), ("subject_last",), "mlp"),
     "severed-attn": (("resid",), ("subject_last",), "attn"),
+    "modules-window1": (("attn", "mlp"), ("subject_last", "last"), None),
 }
+#: Variants traced one layer at a time whatever the model's window.
+WINDOW_ONE = frozenset({"modules-window1"})
+#: The variants attribution patching can estimate (a severed path is not first order).
+ATTRIBUTION_VARIANTS = ("modules", "modules-window1", "severed-none")
+#: How each method is spelt in unit labels (``*`` is no character for a file name).
+METHOD_LABELS = {"exact": "", "attribution": "attribution-", "attribution*": "attribution-star-"}
 #: Layers restored together around each centre (notebook 01); ROME's 10 for other models.
 WINDOWS = {"smollm2-135m": 6, "gemma-3-270m": 4}
 DEFAULT_WINDOW = 10
@@ -59,10 +76,13 @@ class LocalizationScale:
     samples: int
     noise: float = 3.0
     seed: int = 0
+    # AtP* runs one backward per layer (about 13x AtP's time): the first this many of the
+    # facts (whole chunks), None for all
+    star_facts: int | None = None
 
 
 SCALES = {"ci": LocalizationScale(n_facts=4, samples=3),
-          "paper": LocalizationScale(n_facts=None, samples=10)}
+          "paper": LocalizationScale(n_facts=None, samples=10, star_facts=2 * CHUNK)}
 
 
 def _facts(model: ModelHandle, dataset: str, n_facts: int | None):
@@ -81,7 +101,12 @@ class TraceMeasure:
 
     scale: LocalizationScale
     window: int
-    timed = False  # trace rows are read back as traces; they carry no timing
+    method: str = "exact"
+    # whether rows carry their unit's ``seconds`` (the time per method of :func:`summarise`):
+    # the exact traces of the paper's variants keep the per-fact trace cache they were
+    # computed with, and no timing (a rerun's seconds would time the cache); the window-1
+    # yardstick and attribution are traced without that cache, and timed
+    timed: bool = False
 
     def wants_pre(self, cells, missing) -> bool:
         return False
@@ -91,9 +116,11 @@ class TraceMeasure:
 
     def rows(self, model, facts, part, pre, setting):
         kinds, tokens, severed = VARIANTS[part]
-        result = trace(model, list(facts), kinds=kinds, tokens=list(tokens), window=self.window,
+        window = 1 if part in WINDOW_ONE else self.window
+        cache = None if self.timed else kind_folder("traces")
+        result = trace(model, list(facts), kinds=kinds, tokens=list(tokens), window=window,
                        samples=self.scale.samples, noise=self.scale.noise, severed=severed, seed=self.scale.seed,
-                       cache_dir=kind_folder("traces"), progress=False)
+                       method=self.method, cache_dir=cache, progress=False)
         rows = result.to_dataframe().to_dict(orient="records")
         rows += [{"fact": f.key, "subject": f.subject, "skip_reason": reason}
                  for f, reason in zip(result.skipped, result.skip_reasons)]
@@ -101,52 +128,102 @@ class TraceMeasure:
 
 
 def trace_cells(model: ModelHandle, facts, scale: LocalizationScale, *, dataset: str, window: int,
-                variants=tuple(VARIANTS), shard=None) -> list[Cell]:
+                variants=tuple(VARIANTS), shard=None, method: str = "exact") -> list[Cell]:
     """One unit per (variant, chunk of :data:`CHUNK` facts) of this shard (label
-    ``<variant>-c000``), variant by variant, so that a run stopped early has whole
-    variants (``modules`` first). Rows carry ``model``, ``variant``, ``chunk``,
-    ``window`` and ``samples``."""
+    ``<variant>-c000``, ``attribution-<variant>-c000`` for an attribution method),
+    variant by variant, so that a run stopped early has whole variants (``modules``
+    first). Rows carry ``model``, ``variant``, ``chunk``, ``window`` and ``samples``, and
+    ``method`` where it is not exact tracing (which keeps the keys and rows it had before
+    methods existed)."""
     chunks = [facts[i:i + CHUNK] for i in range(0, len(facts), CHUNK)]
     cells = []
     for variant in variants:
         kinds, tokens, severed = VARIANTS[variant]
+        restored = 1 if variant in WINDOW_ONE else window
         for c in shard_batches(len(chunks), shard):
             chunk = chunks[c]
             key = {"format": STORE_FORMAT, "model": model.state_id, "model_dtype": str(model.dtype),
                    "dataset": dataset, "chunk": c, "facts": facts_digest(chunk), "variant": variant,
                    "kinds": list(kinds), "tokens": list(tokens), "severed": severed,
-                   "window": window, "samples": scale.samples, "noise": scale.noise, "seed": scale.seed}
-            unit = Unit(key, f"{variant}-c{c:03d}", {"model": model.name, "variant": variant, "chunk": c,
-                                                    "window": window, "samples": scale.samples})
+                   "window": restored, "samples": scale.samples, "noise": scale.noise, "seed": scale.seed}
+            extra = {"model": model.name, "variant": variant, "chunk": c, "window": restored,
+                     "samples": scale.samples}
+            if method != "exact":
+                key["method"] = extra["method"] = method
+            unit = Unit(key, f"{METHOD_LABELS[method]}{variant}-c{c:03d}", extra)
             # every cell is a batch of its own: traces share nothing across units
             cells.append(Cell(len(cells), chunk, PRE_EDIT, {variant: unit}))
     return cells
 
 
 def run(model: ModelHandle, dataset: str, scale, root, *, shard=None, progress: bool = True,
-        variants=tuple(VARIANTS)) -> ResultStore:
+        variants=None, method: str | None = None) -> ResultStore:
     """Trace (or resume tracing) this shard's chunks of facts in each variant
-    (:func:`trace_cells`, :func:`.runner.run_cells`)."""
+    (:func:`trace_cells`, :func:`.runner.run_cells`) with ``method``, or with every
+    method when ``None`` (exact tracing first): every variant for exact tracing,
+    :data:`ATTRIBUTION_VARIANTS` for attribution patching."""
+    from ..attribution import METHODS
+
+    if method is not None and method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)} (or None for all), got {method!r}")
+    methods = METHODS if method is None else (method,)
+    chosen = {}
+    for name in methods:
+        chosen[name] = tuple(variants) if variants is not None else (
+            tuple(VARIANTS) if name == "exact" else ATTRIBUTION_VARIANTS)
+        for variant in chosen[name]:
+            if variant not in VARIANTS:
+                raise ValueError(f"unknown variant {variant!r}; variants are {list(VARIANTS)}")
+            if name != "exact" and variant not in ATTRIBUTION_VARIANTS:
+                raise ValueError(f"variant {variant!r} has no attribution form (a severed path is not first "
+                                 f"order); attribution estimates {list(ATTRIBUTION_VARIANTS)}")
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     facts = _facts(model, dataset, scale.n_facts)
     window = WINDOWS.get(model.name, DEFAULT_WINDOW)
-    cells = trace_cells(model, facts, scale, dataset=dataset, window=window, variants=variants, shard=shard)
-    run_cells(model, cells, TraceMeasure(scale, window), store, desc=f"tracing {model.name}", progress=progress)
+    for name, names_variants in chosen.items():
+        label = "tracing" if name == "exact" else name
+        traced = facts[:scale.star_facts] if name == "attribution*" and scale.star_facts else facts
+        for timed in (False, True):
+            part = [v for v in names_variants if _timed(name, v) == timed]
+            if not part:
+                continue
+            cells = trace_cells(model, traced, scale, dataset=dataset, window=window, variants=part, shard=shard,
+                                method=name)
+            run_cells(model, cells, TraceMeasure(scale, window, name, timed), store,
+                      desc=f"{label} {model.name}", progress=progress)
     return store
 
 
-def traces(store: ResultStore, model: str) -> dict[str, TraceResult]:
-    """The stored traces of ``model``, one :class:`~intattn_analysis.TraceResult` per variant."""
+def _timed(method: str, variant: str) -> bool:
+    """Whether units of ``variant`` traced with ``method`` are timed (see :class:`TraceMeasure`)."""
+    return method != "exact" or variant in WINDOW_ONE
+
+
+def _methods(rows: pd.DataFrame) -> pd.Series:
+    """Each row's method (rows of exact traces carry none)."""
+    if "method" not in rows:
+        return pd.Series("exact", index=rows.index)
+    return rows["method"].fillna("exact")
+
+
+def traces(store: ResultStore, model: str, method: str = "exact") -> dict[str, TraceResult]:
+    """The stored traces of ``model`` made with ``method``, one
+    :class:`~intattn_analysis.TraceResult` per variant."""
     rows = store.rows(model=model)
+    if not rows.empty:
+        rows = rows[_methods(rows) == method]
     if rows.empty:
-        raise MissingResultsError(f"{store!r} holds no traces of {model!r}; run the localization experiment")
+        raise MissingResultsError(f"{store!r} holds no {method} traces of {model!r}; run the localization "
+                                  f"experiment{'' if method == 'exact' else f' with --method {method}'}")
     out = {}
     for variant, group in rows.groupby("variant", sort=False):
         kinds, tokens, severed = VARIANTS[variant]
         traced = group[group["skip_reason"].isna()] if "skip_reason" in group else group
         settings = {"kinds": list(kinds), "tokens": list(tokens), "severed": severed,
                     "window": int(group["window"].iloc[0]), "samples": int(group["samples"].iloc[0])}
+        if method != "exact":
+            settings["method"] = method
         out[variant] = TraceResult.from_rows(traced[list(COLUMNS)].to_dict(orient="records"), settings, ())
     return out
 
@@ -181,6 +258,8 @@ def summarise(store: ResultStore) -> dict[str, pd.DataFrame]:
     for model in dict.fromkeys(rows["model"]):
         results = traces(store, model)
         for variant, result in results.items():
+            if variant in WINDOW_ONE:
+                continue  # the yardstick of attribution, summarised with it
             coverage.append({"model": model, "variant": variant,
                              "n_facts": result.table["fact"].nunique()})
         if "modules" in results:
@@ -201,7 +280,88 @@ def summarise(store: ResultStore) -> dict[str, pd.DataFrame]:
                  if aie else pd.DataFrame())
     return {"aie": aie_table, "claim": pd.DataFrame(claims),
             "severed": pd.concat(severed, ignore_index=True) if severed else pd.DataFrame(),
-            "coverage": pd.DataFrame(coverage)}
+            "coverage": pd.DataFrame(coverage), **attribution_tables(store, rows)}
+
+
+def attribution_tables(store: ResultStore, rows: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Attribution patching against exact tracing, over the facts both traced:
+
+    * ``attribution_agreement``: per (model, method, window, kind) the mean over facts of
+      each agreement measure (Spearman's rho over sites, top-5 and top-10 recall, sign
+      agreement) with its 95% interval;
+    * ``attribution_aie``: per (model, method, window, token, module, layer) the AIE of
+      each method with its interval;
+    * ``attribution_claim``: claim 1's verdict (:func:`~intattn_analysis.early_attention_finding`)
+      at the notebooks' window from exact tracing and from each attribution method;
+    * ``timing``: per (model, method, variant) the facts, seconds and seconds per fact, for
+      the units traced without the per-fact cache (attribution, and exact tracing of
+      ``modules-window1``), so that each time is a computation's.
+
+    Empty where no attribution units are stored."""
+    from ..attribution import attribution_agreement, attribution_curves
+
+    rows = store.rows() if rows is None else rows
+    empty = {"attribution_agreement": pd.DataFrame(), "attribution_aie": pd.DataFrame(),
+             "attribution_claim": pd.DataFrame(), "timing": pd.DataFrame()}
+    if rows.empty or (_methods(rows) == "exact").all():
+        return empty
+    agreement, curves, claims = [], [], []
+    for model in dict.fromkeys(rows["model"]):
+        methods = [m for m in dict.fromkeys(_methods(rows[rows["model"] == model])) if m != "exact"]
+        exact = traces(store, model)
+        for method in methods:
+            estimated = traces(store, model, method)
+            for variant in ("modules", "modules-window1"):
+                if variant not in exact or variant not in estimated:
+                    continue
+                shared = set(exact[variant].table["fact"]) & set(estimated[variant].table["fact"])
+                pair = [_only(exact[variant], shared), _only(estimated[variant], shared)]
+                window = int(exact[variant].settings["window"])
+                _, summary = attribution_agreement(*pair)
+                agreement.append(summary.assign(model=model, method=method, window=window))
+                side_by_side = attribution_curves(*pair)
+                curves.append(side_by_side.assign(model=model, compared=method))
+                if variant != "modules":
+                    continue
+                n_layers = int(pair[0].table["layer"].max()) + 1
+                for (name, token), part in side_by_side.groupby(["method", "token"], sort=False):
+                    holds, numbers = early_attention_finding(part, n_layers)
+                    claims.append({"model": model, "method": name, "compared": method, "token": token,
+                                   "n_facts": len(shared), "holds": holds, "numbers": numbers})
+    out = dict(empty)
+    if agreement:
+        table = pd.concat(agreement, ignore_index=True)
+        out["attribution_agreement"] = table[["model", "method", "window", "kind", "measure", "mean", "ci_low",
+                                              "ci_high", "n_facts"]]
+    if curves:
+        table = pd.concat(curves, ignore_index=True)
+        out["attribution_aie"] = table[["model", "compared", "method", "window", "token", "module", "layer", "aie",
+                                        "ci_low", "ci_high", "n_facts"]]
+    if claims:
+        out["attribution_claim"] = pd.DataFrame(claims)
+    out["timing"] = _timing(rows)
+    return out
+
+
+def _only(result: TraceResult, facts: set) -> TraceResult:
+    table = result.table[result.table["fact"].isin(facts)]
+    return TraceResult(table.reset_index(drop=True), result.settings)
+
+
+def _timing(rows: pd.DataFrame) -> pd.DataFrame:
+    """Seconds per fact of each (model, method, variant), from timed units only."""
+    if "seconds" not in rows:
+        return pd.DataFrame()
+    rows = rows.assign(method=_methods(rows))
+    timed = rows[rows["seconds"].notna()]
+    if timed.empty:
+        return pd.DataFrame()
+    per_unit = timed.groupby(["model", "method", "variant", "unit"], sort=False).agg(
+        seconds=("seconds", "first"), n_facts=("fact", "nunique")).reset_index()
+    out = per_unit.groupby(["model", "method", "variant"], sort=False).agg(
+        n_units=("unit", "count"), n_facts=("n_facts", "sum"), seconds=("seconds", "sum")).reset_index()
+    out["seconds_per_fact"] = out["seconds"] / out["n_facts"]
+    return out
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

@@ -26,7 +26,7 @@ distort every number (the ratios less than the times).
 
     python benchmarks/bench_tracing.py                   # full trace of 1 fact, SmolLM2
     python benchmarks/bench_tracing.py --facts 2 --threads 2 --samples 10
-    python benchmarks/bench_tracing.py --facts 4 --skip-reference --skip-transformerlens \
+    python benchmarks/bench_tracing.py --facts 4 --skip-reference --skip-transformerlens --skip-plain \
         --csv figures/benchmarks/tracing.csv   # the table docs/results/attribution.md shows
 """
 
@@ -167,7 +167,10 @@ def run_method(model, facts, args, method):
 
 def run_forward_backward(model, facts, samples):
     """Seconds for one forward and backward of each prompt over ``samples`` rows, the
-    gradient taken with respect to the embeddings (no weight gradients, as in AtP)."""
+    gradient taken with respect to the embeddings (no weight gradients) and the
+    unembedding cut to the last position, as in AtP."""
+    from intattn_analysis.model_access import FINAL_NORM_HOOK, keep_last_position
+
     wall = 0.0
     for fact in facts:
         ids = torch.tensor(model.tokenize(fact.text), device=model.device).expand(samples, -1)
@@ -179,7 +182,10 @@ def run_forward_backward(model, facts, samples):
             leaf["x"] = x.detach().requires_grad_(True)
             return leaf["x"]
 
-        with torch.enable_grad(), model.bridge.hooks(fwd_hooks=[(hook("embed"), keep)]):
+        hooks = [(hook("embed"), keep)]
+        if FINAL_NORM_HOOK in model.bridge.hook_dict:
+            hooks.append((FINAL_NORM_HOOK, keep_last_position))
+        with torch.enable_grad(), model.bridge.hooks(fwd_hooks=hooks):
             logits = model.bridge(ids)
             torch.softmax(logits[:, -1].float(), -1)[:, answer].sum().backward()
         wall += time.perf_counter() - start
@@ -216,6 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-transformerlens", action="store_true")
     parser.add_argument("--skip-attribution", action="store_true")
+    parser.add_argument("--skip-plain", action="store_true", help="leave out the plain batched forward")
     parser.add_argument("--csv", help="also write the attribution table here, with the settings that made it "
                         "(a file of other models keeps their rows)")
     args = parser.parse_args(argv)
@@ -252,8 +259,9 @@ def main(argv=None) -> int:
         diff = float((resid["p_restored"] - resid["p_restored_tl"]).abs().max())
         notes.append(f"engine vs TransformerLens on resid sites: max |p difference| {diff:.2e}; "
                      f"its rows are {share:.0%} of the full trace's")
-    plain_wall, plain_forwards = run_plain(model, facts, rows_per_fact, None)
-    lines.append(("plain batched forward, same rows", plain_forwards, n_rows, plain_wall))
+    if not args.skip_plain:
+        plain_wall, plain_forwards = run_plain(model, facts, rows_per_fact, None)
+        lines.append(("plain batched forward, same rows", plain_forwards, n_rows, plain_wall))
 
     out = pd.DataFrame(lines, columns=["method", "forwards", "rows", "wall_s"])
     out["rows_per_s"] = out["rows"] / out["wall_s"]
@@ -263,7 +271,8 @@ def main(argv=None) -> int:
     print(out.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     for note in notes:
         print(note)
-    print(f"engine wall / plain-forward wall for the same rows: {engine_wall / plain_wall:.2f}")
+    if not args.skip_plain:
+        print(f"engine wall / plain-forward wall for the same rows: {engine_wall / plain_wall:.2f}")
     if not args.skip_attribution:
         print(f"\nattribution patching, {len(facts)} fact(s), samples={args.samples} for every method:")
         table = attribution_table(model, facts, args, engine, engine_wall)

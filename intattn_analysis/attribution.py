@@ -127,7 +127,8 @@ def attribution_estimates(model: ModelHandle, run, settings, sites: Sequence, me
 
 
 # =========================================================================== agreement
-def attribution_agreement(exact, estimate, *, top_k: Sequence[int] = (5, 10)) -> "tuple":
+def attribution_agreement(exact, estimate, *, top_k: Sequence[int] = (5, 10),
+                          magnitude: bool | None = None) -> "tuple":
     """How well ``estimate`` (a :class:`~intattn_analysis.tracing.TraceResult` of an
     attribution method) agrees with ``exact`` (exact tracing of the same facts, kinds,
     tokens, layers, window, draws and noise).
@@ -139,6 +140,10 @@ def attribution_agreement(exact, estimate, *, top_k: Sequence[int] = (5, 10)) ->
       estimate's top ``k``;
     * ``sign_agreement``: the share of sites whose IEs have the same sign.
 
+    ``magnitude`` compares the estimate with the exact effects' absolute values, and
+    leaves sign agreement out (NaN): what an estimate of magnitude, AtP*'s, can be held
+    to. By default it is on for ``method="attribution*"`` traces and off otherwise.
+
     Returns ``(per_fact, summary)``: one row per fact, and the mean of each measure over
     facts with a 95% normal interval (``ci_low``/``ci_high``), per kind and over all kinds.
     A fact whose sites differ between the two traces is an error naming it.
@@ -147,8 +152,12 @@ def attribution_agreement(exact, estimate, *, top_k: Sequence[int] = (5, 10)) ->
 
     from .intervals import normal_interval
 
+    if magnitude is None:
+        magnitude = estimate.settings.get("method") == "attribution*"
     keys = ["fact", "kind", "token", "layer"]
     left = exact.table.set_index(keys)["ie"].rename("exact")
+    if magnitude:
+        left = left.abs()
     right = estimate.table.set_index(keys)["ie"].rename("estimate")
     if not left.index.is_unique or not right.index.is_unique:
         raise ValueError("each trace must hold one row per (fact, kind, token, layer)")
@@ -165,13 +174,15 @@ def attribution_agreement(exact, estimate, *, top_k: Sequence[int] = (5, 10)) ->
         for fact, sites in part.groupby(level="fact", sort=False):
             row = {"fact": fact, "kind": scope, "sites": len(sites),
                    "spearman": _spearman(sites["exact"].to_numpy(), sites["estimate"].to_numpy()),
-                   "sign_agreement": float((np.sign(sites["exact"]) == np.sign(sites["estimate"])).mean())}
+                   "sign_agreement": float("nan") if magnitude else
+                   float((np.sign(sites["exact"]) == np.sign(sites["estimate"])).mean())}
             for k in top_k:
                 row[f"recall@{k}"] = _recall(sites["exact"].to_numpy(), sites["estimate"].to_numpy(), k)
             rows.append(row)
     per_fact = pd.DataFrame(rows)
     measures = ["spearman", "sign_agreement", *(f"recall@{k}" for k in top_k)]
     long = per_fact.melt(id_vars=["fact", "kind"], value_vars=measures, var_name="measure")
+    long = long.dropna(subset=["value"])
     summary = long.groupby(["kind", "measure"], sort=False)["value"].agg(mean="mean", sem="sem", n_facts="count")
     summary = summary.reset_index()
     summary["ci_low"], summary["ci_high"] = normal_interval(summary["mean"], summary["sem"])

@@ -259,18 +259,14 @@ def settings_table(store_root: str | os.PathLike, experiments: Sequence[str]) ->
     whether their hyperparameters are the method's defaults for the model today
     (:func:`intattn_analysis.hparams_for`; the fields of :data:`VARIED` are left out of
     the comparison), or how they differ from them."""
-    import json
-
+    from .experiments.store import KEY_FIELD, ResultStore
     from .hparams import hparams_for
 
     today: dict[tuple[str, str], dict | None] = {}
     counts: dict[tuple, int] = {}
     for experiment in experiments:
-        folder = Path(store_root) / experiment
-        for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-            with path.open() as handle:
-                first = json.loads(handle.readline())
-            key = first.get("unit_key", {})
+        for first in ResultStore(store_root, experiment).first_rows().values():
+            key = first.get(KEY_FIELD, {})
             if "hparams" not in key or "method" not in key:
                 continue  # the unedited model, a trace
             model, method = first.get("model"), key["method"]
@@ -748,9 +744,9 @@ def _where_it_misses(curves: pd.DataFrame) -> pd.DataFrame:
 
 def attribution_page(tables: Tables) -> str:
     """``attribution.md``: attribution patching (AtP, AtP*) against exact causal tracing."""
-    agreement, curves, claims, timing, bench = (tables.get(n) for n in (
+    agreement, curves, claims, paired, timing, bench = (tables.get(n) for n in (
         "localization_attribution_agreement", "localization_attribution_aie", "localization_attribution_claim",
-        "localization_timing", "../benchmarks/tracing"))
+        "localization_attribution_paired", "localization_timing", "../benchmarks/tracing"))
     lines = ["# Attribution patching against exact causal tracing", "",
              "Attribution patching estimates every site's indirect effect from the corrupted run's gradient, "
              "`(clean - corrupted) . d p(answer) / d activation` (AtP); `attribution*` adds AtP*'s GradDrop, a "
@@ -770,7 +766,18 @@ def attribution_page(tables: Tables) -> str:
                                  aggfunc="first", sort=False)
         wide = wide[[m for m in AGREEMENT_MEASURES if m in wide.columns]]
         n = int(group["n_facts"].max())
-        lines += [f"## {model}", "", f"{n} facts (AtP*: the facts it traced).", "", markdown_table(wide), ""]
+        lines += [f"## {model}", "", f"{n} facts (AtP*: the facts it traced; AtP* is held to the exact effects' "
+                  "magnitudes, and has no sign).", "", markdown_table(wide), ""]
+        if paired is not None and (paired["model"] == model).any():
+            part = paired[paired["model"] == model]
+            shown = part.assign(diff=[_interval(r, "diff", sign=True, digits=3) for r in part.to_dict("records")],
+                                p_holm=part["p_holm"].map(_p))
+            shown = shown.round({"attribution": 3, "attribution*": 3})
+            lines += ["Does GradDrop help? AtP* against AtP on the facts both traced, both held to the exact "
+                      "effects' magnitudes (AtP as absolute values); the difference is AtP* minus AtP, mean [95% "
+                      "bootstrap interval over facts], Holm-adjusted over the rows of a window:", "",
+                      markdown_table(shown[["window", "kind", "measure", "attribution", "attribution*", "diff",
+                                            "p_holm", "n_facts"]]), ""]
         if claims is not None:
             part = claims[claims["model"] == model]
             lines += ["Claim 1 (attention matters most early) from each method's curves at the notebooks' window:",

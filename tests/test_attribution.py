@@ -157,23 +157,32 @@ def test_localization_stores_attribution_beside_exact_traces(smollm2, tmp_path):
     from intattn_analysis.experiments import localization
     from intattn_analysis.experiments.store import ResultStore
 
-    scale = localization.LocalizationScale(n_facts=2, samples=2)
-    for method in ("exact", "attribution"):
+    scale = localization.LocalizationScale(n_facts=3, samples=2, star_facts=2)
+    for method in ("exact", "attribution", "attribution*"):
         localization.run(smollm2, "builtin", scale, tmp_path, variants=("modules-window1",), method=method,
                          progress=False)
     store = ResultStore(tmp_path, localization.NAME)
     labels = sorted(store.rows()["unit"].str.rsplit("-", n=1).str[0].unique())
-    assert labels == ["attribution-modules-window1-c000", "modules-window1-c000"]
+    assert labels == ["attribution-modules-window1-c000", "attribution-star-modules-window1-c000",
+                      "modules-window1-c000"]
     tables = localization.summarise(store)
-    agreement = tables["attribution_agreement"]
-    assert set(agreement["window"]) == {1} and set(agreement["method"]) == {"attribution"}
-    rho = agreement.set_index(["kind", "measure"]).loc[("all", "spearman")]
-    assert rho["n_facts"] == 2 and -1 <= rho["mean"] <= 1
+    agreement = tables["attribution_agreement"].set_index(["method", "kind", "measure"])
+    assert set(tables["attribution_agreement"]["window"]) == {1}
+    rho = agreement.loc[("attribution", "all", "spearman")]
+    assert rho["n_facts"] == 3 and -1 <= rho["mean"] <= 1
+    assert agreement.loc[("attribution*", "all", "spearman"), "n_facts"] == 2  # star_facts
+    assert ("attribution*", "all", "sign_agreement") not in agreement.index  # a magnitude has no sign
     curves = tables["attribution_aie"]
-    assert set(curves["method"]) == {"exact", "attribution"}
-    assert len(curves) == 2 * 2 * 2 * smollm2.n_layers  # methods x tokens x modules x layers
+    assert set(curves["method"]) == {"exact", "attribution", "attribution*"}
+    # per compared method: exact and the estimate, x tokens x modules x layers
+    assert len(curves) == 2 * 2 * 2 * 2 * smollm2.n_layers
+    paired = tables["attribution_paired"].set_index(["kind", "measure"])
+    assert (paired["n_facts"] == 2).all() and (paired["p_holm"] >= paired["p_value"]).all()
+    row = paired.loc[("all", "spearman")]
+    assert row["diff"] == pytest.approx(row["attribution*"] - row["attribution"])
     timing = tables["timing"].set_index("method")
-    assert set(timing.index) == {"exact", "attribution"} and (timing["n_facts"] == 2).all()
+    assert set(timing.index) == {"exact", "attribution", "attribution*"}
+    assert timing["n_facts"].to_dict() == {"exact": 3, "attribution": 3, "attribution*": 2}
     assert timing.loc["exact", "seconds_per_fact"] > timing.loc["attribution", "seconds_per_fact"]
     # the exact window-1 yardstick stays out of the paper's tables
     assert tables["coverage"].empty and tables["aie"].empty

@@ -927,3 +927,24 @@ def test_reproduce_checks_its_arguments_before_any_work(capsys):
     assert cli.main(["reproduce", "--scale", "paper", "--only", "no-such"]) == 2
     assert "--only: ['no-such'] are not experiments of the paper grid" in capsys.readouterr().err
     assert cli.main(["reproduce", "--scale", "paper", "--shard", "3/2"]) == 2
+
+
+def test_status_estimates_fall_back_to_other_protocols_and_models():
+    from intattn_analysis.experiments.planning import PlannedUnit
+    from intattn_analysis.experiments.status import _estimate
+
+    timed = pd.DataFrame([
+        {"model": "a", "setting": "MEMIT", "protocol": "teacher-forced", "seconds": 10.0},
+        {"model": "a", "setting": "MEMIT", "protocol": "generation", "seconds": 30.0},
+        {"model": "b", "setting": "ROME", "protocol": "teacher-forced", "seconds": 4.0},
+    ])
+
+    def unit(setting, protocol):
+        return PlannedUnit("e", "u", {"setting": setting, "protocol": protocol}, False)
+
+    assert _estimate([unit("MEMIT", "generation")], timed, "a") == 30.0  # its own
+    assert _estimate([unit("ROME", "teacher-forced")], timed, "a") == 4.0  # another model's
+    assert _estimate([unit("ROME", "generation")], timed, "a") == 4.0  # another protocol, another model
+    assert _estimate([unit("MEMIT", "generation")], timed, "b") == 30.0  # another model, same protocol
+    assert _estimate([unit("FT-L", "generation")], timed, "b") == 4.0  # nothing of it: this model's mean
+    assert math.isnan(_estimate([unit("MEMIT", None)], timed.iloc[:0], "a"))

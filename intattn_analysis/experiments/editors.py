@@ -310,32 +310,43 @@ def protocol_gaps(rows: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
             [["model", "dataset", "setting", "metric", "diff", "ci_low", "ci_high", "p_value", "n_edits"]])
 
 
+def _stored_datasets_facts(datasets, purpose: str) -> dict[str, list]:
+    """``{dataset: its facts}`` for each stored dataset name that can be read by its name
+    (:func:`.common.dataset_facts`); one that cannot (a file given by path elsewhere) is
+    left out with a warning naming it and ``purpose``. The datasets' own notes were shown
+    when the experiment ran and are not repeated."""
+    import warnings
+
+    from .common import dataset_facts
+
+    out = {}
+    for dataset in datasets:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[dataset] = dataset_facts(dataset)
+        except (OSError, ValueError) as error:
+            warnings.warn(f"no {purpose} for dataset {dataset!r}: {error}", stacklevel=3)
+    return out
+
+
 def relation_tables(store: ResultStore, baseline: str = "MEMIT") -> dict[str, pd.DataFrame]:
     """The main metrics (teacher-forced) split by relation (:func:`.relations.by_relation`), each dataset's
     facts read by its stored name (:func:`.common.dataset_facts`): ``relations`` (means
     with intervals) and ``relations_paired`` (each method minus ``baseline`` on the same
     facts of each relation). A dataset that cannot be read by its name (a file given by
     path elsewhere) is left out with a warning that names it."""
-    import warnings
-
-    from .common import dataset_facts
     from .relations import by_relation, relation_labels
 
     rows = store.rows()
     if not rows.empty:
         rows = with_protocol(rows)
         rows = rows[rows["protocol"] == "teacher-forced"]  # the relation split is of teacher-forced metrics
+    readable = _stored_datasets_facts(rows["dataset"].unique() if not rows.empty else [], "relation table")
     labels: dict[str, str] = {}
-    kept = []
-    for dataset in rows["dataset"].unique() if not rows.empty else []:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the dataset's own notes were shown when it was run
-                labels.update(relation_labels(dataset_facts(dataset)))
-            kept.append(dataset)
-        except (OSError, ValueError) as error:
-            warnings.warn(f"no relation table for dataset {dataset!r}: {error}", stacklevel=2)
-    rows = rows[rows["dataset"].isin(kept)]
+    for facts in readable.values():
+        labels.update(relation_labels(facts))
+    rows = rows[rows["dataset"].isin(list(readable))]
     if rows.empty:
         return {}
     out = by_relation(rows, labels, metric_columns(rows, MAIN_METRICS), baseline=baseline)
@@ -351,9 +362,6 @@ def protocol_tables(store: ResultStore, summary: Mapping[str, pd.DataFrame], bas
     Succ., with the prompt, the target and the answer, :func:`.protocols.disagreements`;
     each dataset's facts read by its stored name, a dataset that cannot be read is left
     out with a warning that names it); nothing otherwise."""
-    import warnings
-
-    from .common import dataset_facts
     from .protocols import disagreements, rankings, verdicts
 
     if summary["protocols"].empty:
@@ -363,17 +371,10 @@ def protocol_tables(store: ResultStore, summary: Mapping[str, pd.DataFrame], bas
     out = {"verdicts": verdicts(rows, metrics, baseline), "rankings": rankings(summary["intervals"])}
     both = set(zip(summary["protocols"]["model"], summary["protocols"]["dataset"]))
     rows = rows[[pair in both for pair in zip(rows["model"], rows["dataset"])]]
-    facts_by_key, kept = {}, []
-    for dataset in rows["dataset"].unique():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the dataset's own notes were shown when it was run
-                facts_by_key.update({fact.key: fact for fact in dataset_facts(dataset)})
-            kept.append(dataset)
-        except (OSError, ValueError) as error:
-            warnings.warn(f"no disagreement examples for dataset {dataset!r}: {error}", stacklevel=2)
-    if kept:
-        out["disagreements"] = disagreements(rows[rows["dataset"].isin(kept)], facts_by_key, n=examples)
+    readable = _stored_datasets_facts(rows["dataset"].unique(), "disagreement examples")
+    facts_by_key = {fact.key: fact for facts in readable.values() for fact in facts}
+    if readable:
+        out["disagreements"] = disagreements(rows[rows["dataset"].isin(list(readable))], facts_by_key, n=examples)
     return out
 
 

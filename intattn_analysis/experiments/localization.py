@@ -81,7 +81,7 @@ class LocalizationScale:
     star_facts: int | None = None
 
 
-SCALES = {"ci": LocalizationScale(n_facts=4, samples=3),
+SCALES = {"ci": LocalizationScale(n_facts=4, samples=3, star_facts=2),
           "paper": LocalizationScale(n_facts=None, samples=10, star_facts=2 * CHUNK)}
 
 
@@ -293,6 +293,11 @@ def attribution_tables(store: ResultStore, rows: pd.DataFrame | None = None) -> 
       each method with its interval;
     * ``attribution_claim``: claim 1's verdict (:func:`~intattn_analysis.early_attention_finding`)
       at the notebooks' window from exact tracing and from each attribution method;
+    * ``attribution_paired``: where both methods ran, AtP* against AtP on the facts both
+      traced, both held to the exact effects' magnitudes (AtP* estimates a magnitude, so
+      AtP's estimates enter as absolute values): per (model, window, kind, measure) each
+      method's mean, the mean per-fact difference AtP* minus AtP with its bootstrap 95%
+      interval and p-value, Holm-adjusted over the kinds and measures of a model and window;
     * ``timing``: per (model, method, variant) the facts, seconds and seconds per fact, for
       the units traced without the per-fact cache (attribution, and exact tracing of
       ``modules-window1``), so that each time is a computation's.
@@ -302,13 +307,16 @@ def attribution_tables(store: ResultStore, rows: pd.DataFrame | None = None) -> 
 
     rows = store.rows() if rows is None else rows
     empty = {"attribution_agreement": pd.DataFrame(), "attribution_aie": pd.DataFrame(),
-             "attribution_claim": pd.DataFrame(), "timing": pd.DataFrame()}
+             "attribution_claim": pd.DataFrame(), "attribution_paired": pd.DataFrame(), "timing": pd.DataFrame()}
     if rows.empty or (_methods(rows) == "exact").all():
         return empty
-    agreement, curves, claims = [], [], []
+    agreement, curves, claims, paired = [], [], [], []
     for model in dict.fromkeys(rows["model"]):
         methods = [m for m in dict.fromkeys(_methods(rows[rows["model"] == model])) if m != "exact"]
         exact = traces(store, model)
+        if {"attribution", "attribution*"} <= set(methods):
+            paired.append(_star_against_plain(exact, traces(store, model, "attribution"),
+                                              traces(store, model, "attribution*")).assign(model=model))
         for method in methods:
             estimated = traces(store, model, method)
             for variant in ("modules", "modules-window1"):
@@ -339,8 +347,44 @@ def attribution_tables(store: ResultStore, rows: pd.DataFrame | None = None) -> 
                                         "ci_low", "ci_high", "n_facts"]]
     if claims:
         out["attribution_claim"] = pd.DataFrame(claims)
+    if paired:
+        table = pd.concat(paired, ignore_index=True)
+        out["attribution_paired"] = table[["model", "window", "kind", "measure", "attribution", "attribution*",
+                                           "diff", "ci_low", "ci_high", "p_value", "p_holm", "n_facts"]]
     out["timing"] = _timing(rows)
     return out
+
+
+def _star_against_plain(exact: dict, plain: dict, star: dict) -> pd.DataFrame:
+    """AtP* minus AtP per fact on the facts all three traced, every measure held to the
+    exact effects' magnitudes (see :func:`attribution_tables`)."""
+    from ..attribution import attribution_agreement
+    from ..intervals import holm_within, paired_difference
+
+    out = []
+    for variant in ("modules", "modules-window1"):
+        if not all(variant in results for results in (exact, plain, star)):
+            continue
+        shared = (set(exact[variant].table["fact"]) & set(plain[variant].table["fact"])
+                  & set(star[variant].table["fact"]))
+        magnitudes = _only(plain[variant], shared)
+        magnitudes = TraceResult(magnitudes.table.assign(ie=magnitudes.table["ie"].abs()), magnitudes.settings)
+        per_method = {}
+        for name, estimate in (("attribution", magnitudes), ("attribution*", _only(star[variant], shared))):
+            per_fact, _ = attribution_agreement(_only(exact[variant], shared), estimate, magnitude=True)
+            per_method[name] = per_fact.drop(columns=["sites", "sign_agreement"]).melt(
+                id_vars=["fact", "kind"], var_name="measure", value_name=name)
+        both = per_method["attribution"].merge(per_method["attribution*"], on=["fact", "kind", "measure"])
+        rows = []
+        for (kind, measure), group in both.groupby(["kind", "measure"], sort=False):
+            group = group.dropna(subset=["attribution", "attribution*"])
+            difference = paired_difference(group["attribution*"], group["attribution"])
+            n_facts = difference.pop("n_edits")
+            rows.append({"kind": kind, "measure": measure, "attribution": group["attribution"].mean(),
+                         "attribution*": group["attribution*"].mean(), **difference, "n_facts": n_facts})
+        table = pd.DataFrame(rows).assign(window=int(exact[variant].settings["window"]))
+        out.append(holm_within(table, ["window"]))  # one family per window: every kind and measure
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
 def _only(result: TraceResult, facts: set) -> TraceResult:

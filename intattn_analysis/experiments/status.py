@@ -13,7 +13,6 @@ units a real run would look for without computing any (see :mod:`.planning`):
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .planning import PlanIncomplete, PlannedUnit, planning
+from .store import ResultStore
 
 __all__ = ["PAPER_GRID", "RunPlan", "StaleUnitsError", "plan_runs", "reproduce", "status", "stored_units"]
 
@@ -30,12 +30,9 @@ __all__ = ["PAPER_GRID", "RunPlan", "StaleUnitsError", "plan_runs", "reproduce",
 def stored_units(root: str | Path, experiment: str) -> pd.DataFrame:
     """One row per unit file of ``experiment`` under ``root``: ``uid``, ``model``,
     ``dataset``, ``setting``, ``protocol`` and the unit's ``seconds`` (NaN where untimed)."""
-    folder = Path(root) / experiment
     out = []
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        with path.open() as handle:
-            first = json.loads(handle.readline())
-        out.append({"uid": path.stem, "model": first.get("model"), "dataset": first.get("dataset"),
+    for uid, first in ResultStore(root, experiment).first_rows().items():
+        out.append({"uid": uid, "model": first.get("model"), "dataset": first.get("dataset"),
                     "setting": first.get("setting", first.get("variant")),
                     "protocol": first.get("protocol") or "teacher-forced",
                     "seconds": first.get("seconds", math.nan)})
@@ -44,25 +41,28 @@ def stored_units(root: str | Path, experiment: str) -> pd.DataFrame:
 
 def _estimate(missing: Sequence[PlannedUnit], timed: pd.DataFrame, model: str) -> float:
     """Seconds to compute ``missing``: each unit at the mean seconds of the stored units
-    of its setting and protocol for this model, else for any model, else of any unit of
-    this model; NaN when nothing of the experiment was ever timed."""
+    of its setting, the first of these that exists: under its protocol for this model,
+    under its protocol for any model, under any protocol for this model, under any
+    protocol for any model; else at the mean of this model's units, else of any unit.
+    NaN when nothing of the experiment was ever timed."""
     if timed.empty:
         return math.nan
     own = timed[timed["model"] == model]
-    by_setting = own.groupby(["setting", "protocol"])["seconds"].mean()
-    anywhere = timed.groupby(["setting", "protocol"])["seconds"].mean()
+    tables = [own.groupby(["setting", "protocol"])["seconds"].mean(),
+              timed.groupby(["setting", "protocol"])["seconds"].mean(),
+              own.groupby("setting")["seconds"].mean(),
+              timed.groupby("setting")["seconds"].mean()]
+    fallback = float((own if not own.empty else timed)["seconds"].mean())
     total = 0.0
     for unit in missing:
-        wanted = (unit.labels.get("setting", unit.labels.get("variant")), unit.labels.get("protocol") or
-                  "teacher-forced")
-        for table in (by_setting, anywhere):
-            if wanted in table.index and not math.isnan(table[wanted]):
-                total += float(table[wanted])
+        setting = unit.labels.get("setting", unit.labels.get("variant"))
+        wanted = [(setting, unit.labels.get("protocol") or "teacher-forced")] * 2 + [setting] * 2
+        for table, key in zip(tables, wanted):
+            if key in table.index and not math.isnan(table[key]):
+                total += float(table[key])
                 break
         else:
-            if own.empty:
-                return math.nan
-            total += float(own["seconds"].mean())
+            total += fallback
     return total
 
 

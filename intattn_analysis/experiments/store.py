@@ -163,6 +163,19 @@ class ResultStore:
                 seen.setdefault(path.stem, path)
         return [seen[uid] for uid in sorted(seen)]
 
+    def first_rows(self) -> dict[str, dict]:
+        """``{unit id: its first row}`` (the key included) for every unit file, in unit-id
+        order: what a unit is (its labels, key and timing) without reading its rows, for
+        tools that survey a store (``intattn status``, the settings tables of the pages)."""
+        out = {}
+        for path in self.files():
+            with path.open() as handle:
+                line = handle.readline()
+            if not line.strip():
+                raise ValueError(f"{path}: an empty unit file; remove it and run the experiment again")
+            out[path.stem] = json.loads(line)
+        return out
+
     def rows(self, **where: Any) -> pd.DataFrame:
         """All stored rows as one table (the key dropped), in unit-id order, then row
         order; ``where`` keeps rows whose columns equal the given values.

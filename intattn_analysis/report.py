@@ -783,9 +783,11 @@ def attribution_page(tables: Tables) -> str:
             lines += ["Claim 1 (attention matters most early) from each method's curves at the notebooks' window:",
                       "", markdown_table(part[["method", "compared", "token", "n_facts", "holds", "numbers"]]), ""]
         if curves is not None:
-            misses = _where_it_misses(curves[curves["model"] == model]).drop(columns="model")
-            lines += ["Where the estimate misses: the AIE summed over layers, exact and estimated, the estimate's "
-                      "share of it, and the layer where the two curves differ most:", "", markdown_table(misses), ""]
+            # AtP only: AtP*'s magnitudes are not comparable with signed sums
+            signed = curves[(curves["model"] == model) & (curves["compared"] == "attribution")]
+            misses = _where_it_misses(signed).drop(columns="model")
+            lines += ["Where AtP misses: the AIE summed over layers, exact and estimated, AtP's share of it, and "
+                      "the layer where the two curves differ most:", "", markdown_table(misses), ""]
     if timing is not None:
         lines += ["## Time", "", "Seconds per fact of the paper-scale units that were timed (attribution, and exact "
                   "tracing one layer at a time, both without the per-fact cache), 10 noise draws, on the machine "

@@ -116,7 +116,7 @@ class TraceMeasure:
 
     def rows(self, model, facts, part, pre, setting):
         kinds, tokens, severed = VARIANTS[part]
-        window = 1 if part in WINDOW_ONE else self.window
+        window = _variant_window(part, self.window)
         cache = None if self.timed else kind_folder("traces")
         result = trace(model, list(facts), kinds=kinds, tokens=list(tokens), window=window,
                        samples=self.scale.samples, noise=self.scale.noise, severed=severed, seed=self.scale.seed,
@@ -125,6 +125,11 @@ class TraceMeasure:
         rows += [{"fact": f.key, "subject": f.subject, "skip_reason": reason}
                  for f, reason in zip(result.skipped, result.skip_reasons)]
         return rows, None
+
+
+def _variant_window(variant: str, window: int) -> int:
+    """The layers a variant restores together: 1 for :data:`WINDOW_ONE`, else ``window``."""
+    return 1 if variant in WINDOW_ONE else window
 
 
 def trace_cells(model: ModelHandle, facts, scale: LocalizationScale, *, dataset: str, window: int,
@@ -139,7 +144,7 @@ def trace_cells(model: ModelHandle, facts, scale: LocalizationScale, *, dataset:
     cells = []
     for variant in variants:
         kinds, tokens, severed = VARIANTS[variant]
-        restored = 1 if variant in WINDOW_ONE else window
+        restored = _variant_window(variant, window)
         for c in shard_batches(len(chunks), shard):
             chunk = chunks[c]
             key = {"format": STORE_FORMAT, "model": model.state_id, "model_dtype": str(model.dtype),
@@ -207,10 +212,12 @@ def _methods(rows: pd.DataFrame) -> pd.Series:
     return rows["method"].fillna("exact")
 
 
-def traces(store: ResultStore, model: str, method: str = "exact") -> dict[str, TraceResult]:
+def traces(store: ResultStore, model: str, method: str = "exact",
+           rows: pd.DataFrame | None = None) -> dict[str, TraceResult]:
     """The stored traces of ``model`` made with ``method``, one
-    :class:`~intattn_analysis.TraceResult` per variant."""
-    rows = store.rows(model=model)
+    :class:`~intattn_analysis.TraceResult` per variant (from ``rows``, the store's rows
+    when already read, so that a summary reads the store once)."""
+    rows = store.rows(model=model) if rows is None else rows[rows["model"] == model]
     if not rows.empty:
         rows = rows[_methods(rows) == method]
     if rows.empty:
@@ -256,7 +263,7 @@ def summarise(store: ResultStore) -> dict[str, pd.DataFrame]:
         raise ValueError(f"{store!r} holds no traces yet; run the experiment first")
     aie, claims, severed, coverage = [], [], [], []
     for model in dict.fromkeys(rows["model"]):
-        results = traces(store, model)
+        results = traces(store, model, rows=rows)
         for variant, result in results.items():
             if variant in WINDOW_ONE:
                 continue  # the yardstick of attribution, summarised with it
@@ -313,12 +320,13 @@ def attribution_tables(store: ResultStore, rows: pd.DataFrame | None = None) -> 
     agreement, curves, claims, paired = [], [], [], []
     for model in dict.fromkeys(rows["model"]):
         methods = [m for m in dict.fromkeys(_methods(rows[rows["model"] == model])) if m != "exact"]
-        exact = traces(store, model)
+        results = {method: traces(store, model, method, rows) for method in ("exact", *methods)}
+        exact = results["exact"]
         if {"attribution", "attribution*"} <= set(methods):
-            paired.append(_star_against_plain(exact, traces(store, model, "attribution"),
-                                              traces(store, model, "attribution*")).assign(model=model))
+            paired.append(_star_against_plain(exact, results["attribution"], results["attribution*"])
+                          .assign(model=model))
         for method in methods:
-            estimated = traces(store, model, method)
+            estimated = results[method]
             for variant in ("modules", "modules-window1"):
                 if variant not in exact or variant not in estimated:
                     continue

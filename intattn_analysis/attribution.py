@@ -61,11 +61,20 @@ from .architectures import hook
 from .loading import ModelHandle
 from .model_access import FINAL_NORM_HOOK, gradient_node_hook, keep_last_position, noise_draws, noise_hook
 
-__all__ = ["ATTRIBUTION_METHODS", "METHODS", "attribution_agreement", "attribution_curves", "attribution_estimates"]
+__all__ = ["ATTRIBUTION_METHODS", "METHODS", "attribution_agreement", "attribution_curves", "attribution_estimates",
+           "check_method"]
 
 #: Every ``method`` :func:`~intattn_analysis.tracing.trace` accepts; ``"exact"`` is the default.
 METHODS: tuple[str, ...] = ("exact", "attribution", "attribution*")
 ATTRIBUTION_METHODS: tuple[str, ...] = METHODS[1:]
+
+
+def check_method(method, allowed: Sequence[str] = METHODS, field: str = "method") -> str:
+    """``method`` when it is one of ``allowed``; otherwise an error naming the field and
+    the choices."""
+    if method not in allowed:
+        raise ValueError(f"{field} must be one of {list(allowed)}, got {method!r}")
+    return method
 #: The hook of each kind's activation (the keys of ``tracing.KIND_HOOK``).
 _KIND_HOOK = {"resid": "resid_pre", "mlp": "mlp_out", "attn": "attn_out"}
 
@@ -75,8 +84,7 @@ def attribution_estimates(model: ModelHandle, run, settings, sites: Sequence, me
     (``[n_sites]`` float64, averaged over the noise draws) and the corrupted run's
     ``p(answer)`` per draw, for one prepared fact whose clean run is done (``run`` and
     ``sites`` as :mod:`intattn_analysis.tracing` builds them)."""
-    if method not in ATTRIBUTION_METHODS:
-        raise ValueError(f"method must be one of {list(ATTRIBUTION_METHODS)}, got {method!r}")
+    check_method(method, ATTRIBUTION_METHODS)
     n_layers = model.n_layers
     kinds = sorted({site.kind for site in sites}, key=list(_KIND_HOOK).index)
     start, end = run.span
@@ -86,10 +94,11 @@ def attribution_estimates(model: ModelHandle, run, settings, sites: Sequence, me
     hooks = [(hook("embed"), noise_hook(noise, start, end))]
     wanted = {hook(_KIND_HOOK[k], l) for k in kinds for l in range(n_layers)}
     for layer in range(n_layers):
-        for name in ("attn_out", "mlp_out"):
-            hooks.append((hook(name, layer), gradient_node_hook(nodes, hook(name, layer), gates, layer)))
-        if "resid" in kinds:
-            hooks.append((hook("resid_pre", layer), gradient_node_hook(nodes, hook("resid_pre", layer))))
+        for name in ("attn_out", "mlp_out", "resid_pre"):
+            gated = method == "attribution*" and name != "resid_pre"  # GradDrop's cut per layer
+            if gated or hook(name, layer) in wanted:
+                hooks.append((hook(name, layer), gradient_node_hook(nodes, hook(name, layer), gates if gated else None,
+                                                                    layer)))
     if FINAL_NORM_HOOK in model.bridge.hook_dict:
         hooks.append((FINAL_NORM_HOOK, keep_last_position))  # unembed the last position only
     ids = run.ids.expand(settings.samples, -1)

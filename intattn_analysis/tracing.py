@@ -701,10 +701,9 @@ def trace(
         if not isinstance(fact, Fact):
             raise ValueError(f"facts[{i}] must be a Fact, got {type(fact).__name__}")
     settings = _settings(model, kinds, tokens, layers, window, samples, noise, severed, seed)
-    from .attribution import METHODS
+    from .attribution import check_method
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    check_method(method)
     if method != "exact" and settings.severed:
         raise ValueError(
             f"method={method!r} has no severed variant (holding a module at its corrupted value "

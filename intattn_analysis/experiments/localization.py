@@ -167,11 +167,9 @@ def run(model: ModelHandle, dataset: str, scale, root, *, shard=None, progress: 
     (:func:`trace_cells`, :func:`.runner.run_cells`) with ``method``, or with every
     method when ``None`` (exact tracing first): every variant for exact tracing,
     :data:`ATTRIBUTION_VARIANTS` for attribution patching."""
-    from ..attribution import METHODS
+    from ..attribution import METHODS, check_method
 
-    if method is not None and method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)} (or None for all), got {method!r}")
-    methods = METHODS if method is None else (method,)
+    methods = METHODS if method is None else (check_method(method),)
     chosen = {}
     for name in methods:
         chosen[name] = tuple(variants) if variants is not None else (

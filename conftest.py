@@ -9,13 +9,25 @@ selects it whichever paths are named:
 
 A test that loads an embedded model without one of the fixtures below carries
 ``@pytest.mark.models`` itself. The session ends with one line giving each tier's time.
+
+Running the tests leaves the checkout as it was: the notebooks write their figures and
+CSVs to a temporary folder (``INTATTN_FIGURES``), and a session that changes a file git
+tracks, or adds one it does not ignore, fails with the files named.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent
 
 TIERS = ("unit", "models", "notebooks")
 #: Fixtures that load an embedded model: a test that uses one is in the ``models`` tier.
@@ -64,6 +76,7 @@ def pytest_terminal_summary(terminalreporter):
     if seconds:
         parts = [f"{t} {seconds[t]:.0f} s ({counts[t]} tests)" for t in TIERS if t in seconds]
         terminalreporter.write_line("time per tier: " + ", ".join(parts))
+    _report_changed(terminalreporter)
 
 
 # --------------------------------------------------------------------------- notebook numbers
@@ -129,7 +142,77 @@ def _tolerant_compare_outputs(original):
     return compare_outputs
 
 
+# --------------------------------------------------------------------------- a clean checkout
+#: Files the notebooks read from ``figures/`` that an earlier notebook writes: the temporary
+#: figures folder starts with the committed copies, so that one notebook runs on its own.
+SEEDED_FIGURES = ("02_balance.json",)
+
+
+def checkout_state(root: Path) -> dict[str, str] | None:
+    """``{path: content hash}`` of every file ``git status`` reports (changed, added,
+    deleted or untracked and not ignored) under ``root``; ``None`` outside a git checkout."""
+    try:
+        listed = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"], cwd=root,
+                                capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    state = {}
+    for entry in listed.split(b"\0"):
+        if len(entry) < 4:
+            continue
+        path = entry[3:].decode("utf-8", "surrogateescape")
+        file = root / path
+        state[path] = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else "absent"
+    return state
+
+
+def _redirect_figures(config) -> None:
+    """Point ``INTATTN_FIGURES`` (inherited by the notebook kernels nbval starts) at a
+    temporary folder, unless it is set already."""
+    if os.environ.get("INTATTN_FIGURES"):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="intattn-figures-"))
+    for name in SEEDED_FIGURES:
+        if (ROOT / "figures" / name).is_file():
+            shutil.copy2(ROOT / "figures" / name, folder / name)
+    os.environ["INTATTN_FIGURES"] = str(folder)
+    config._intattn_figures = folder
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_intattn_figures", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("INTATTN_FIGURES", None)
+
+
+def pytest_sessionstart(session):
+    session.config._intattn_checkout = checkout_state(ROOT)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_intattn_checkout", None)
+    after = checkout_state(ROOT) if before is not None else None
+    if after is None:
+        return
+    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+    session.config._intattn_changed = changed
+    if changed and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _report_changed(terminalreporter) -> None:
+    changed = getattr(terminalreporter.config, "_intattn_changed", None)
+    if changed:
+        shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
+        terminalreporter.write_line(
+            f"FAILED: the tests changed {len(changed)} file(s) of the checkout: {shown}. A test or notebook "
+            "must write under a temporary folder (notebooks: plots.figures_dir(), which the session "
+            "points at one)", red=True)
+
+
 def pytest_configure(config):
+    _redirect_figures(config)
     try:
         from nbval.plugin import IPyNbCell
     except ImportError:  # nbval not installed: no notebooks to compare

@@ -398,9 +398,9 @@ def _default_out(scale: str) -> Path:
     from .loading import cache_root
 
     if scale == "paper":
-        from .plots import figures_dir
+        from .plots import results_dir
 
-        return figures_dir() / "paper" / "store"
+        return results_dir() / "paper" / "store"
     return cache_root() / "experiments" / scale
 
 
@@ -462,6 +462,14 @@ def _run(args: argparse.Namespace) -> int:
         from .experiments.common import dataset_facts
 
         dataset_facts(args.dataset)  # the file must be there and readable before any work
+    if args.executor is None and (args.shards is not None or args.ray_address or args.partition):
+        raise UsageError("--shards, --partition and --ray-address need --executor local|slurm|ray")
+    if args.executor is not None:
+        if shard:
+            raise UsageError("--shard runs one shard here; with --executor, give --shards N instead")
+        if args.tables_only:
+            raise UsageError("--tables-only runs nothing; leave --executor out")
+        return _run_with_executor(args, module, protocol, out)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.tables_only:
@@ -489,6 +497,54 @@ def _run(args: argparse.Namespace) -> int:
         for key, frame in tables.items():
             if frame is not None and not frame.empty and key != "intervals":
                 print(f"\n{args.experiment}: {key}\n{frame.to_string(index=False)}")
+    return 0
+
+
+def _run_with_executor(args: argparse.Namespace, module, keywords: dict, out: Path) -> int:
+    """``intattn run --executor``: the run's shard tasks on the executor named, a line per
+    task, then the tables once every task has succeeded."""
+    import pandas as pd
+
+    from .experiments.executors import InProcessExecutor, RayExecutor, SlurmExecutor, outcomes_table, shard_tasks
+
+    shards = 1 if args.shards is None else args.shards
+    if shards < 1:
+        raise UsageError(f"--shards must be at least 1, got {shards}")
+    if args.gpus < 0 or args.cpus < 1:
+        raise UsageError("--gpus must be >= 0 and --cpus >= 1")
+    tasks = shard_tasks(args.experiment, args.model, args.dataset, args.scale, out, shards, keywords=keywords,
+                        threads=args.threads)
+    if args.executor == "slurm":
+        if args.gpus != int(args.gpus):
+            raise UsageError(f"--gpus: Slurm takes whole GPUs per task, got {args.gpus}")
+        logs = Path(args.log_dir) if args.log_dir else out.parent / "logs"
+        executor = SlurmExecutor(logs, partition=args.partition, gpus=int(args.gpus), cpus=args.cpus,
+                                 time_min=args.time_min, array_parallelism=args.array_parallelism,
+                                 mem_gb=args.mem_gb)
+    elif args.executor == "ray":
+        executor = RayExecutor(address=args.ray_address, num_gpus=args.gpus, num_cpus=args.cpus)
+    else:
+        executor = InProcessExecutor()
+    print(f"{args.experiment}: {len(tasks)} task(s) on the {args.executor} executor; store: {out}", flush=True)
+    try:
+        outcomes = executor.run(tasks)
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    table = outcomes_table(outcomes)
+    with pd.option_context("display.width", 200, "display.max_colwidth", 120):
+        print(table.to_string(index=False))
+    failed = table[~table["ok"]]
+    if len(failed):
+        print(f"{len(failed)} of {len(table)} task(s) failed: {', '.join(failed['task'])}. Their units are "
+              "missing from the store; run the same command again to compute only those.", file=sys.stderr)
+        return 1
+    try:
+        tables = module.tables(out)
+    except ValueError as error:
+        raise UsageError(f"--out {out}: {error}") from None
+    folder = Path(args.tables) if args.tables else (out.parent if args.scale == "paper" else out)
+    for path in write_tables(args.experiment, tables, folder):
+        print(f"wrote {path}")
     return 0
 
 
@@ -726,6 +782,19 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
                      help="localization: exact causal tracing (default) or attribution patching (AtP, or AtP* "
                           "with GradDrop), stored beside the exact traces and compared with them")
     _add_protocol_options(run, None)
+    where = run.add_argument_group("executors (docs/usage.md, 'More than one machine')")
+    where.add_argument("--executor", choices=("local", "slurm", "ray"), default=None,
+                       help="run --shards tasks here one after another (local), as a Slurm array through "
+                            "submitit (slurm) or as Ray tasks (ray); default: this process, no tasks")
+    where.add_argument("--shards", type=int, default=None, help="how many shard tasks (default 1)")
+    where.add_argument("--partition", help="slurm: the partition")
+    where.add_argument("--gpus", type=float, default=0, help="slurm, ray: GPUs per task")
+    where.add_argument("--cpus", type=int, default=2, help="slurm: CPU cores per task; ray: CPUs per task")
+    where.add_argument("--time-min", type=int, default=240, help="slurm: the time limit per task, minutes")
+    where.add_argument("--array-parallelism", type=int, default=32, help="slurm: array tasks at once")
+    where.add_argument("--mem-gb", type=int, default=None, help="slurm: memory per task")
+    where.add_argument("--log-dir", help="slurm: where submitit keeps tasks and logs (default: <out>/../logs)")
+    where.add_argument("--ray-address", help="ray: the cluster to join (default: a local one for this run)")
     run.set_defaults(run=_run)
 
 

@@ -18,6 +18,7 @@ from .facts import Fact
 
 __all__ = [
     "figures_dir",
+    "results_dir",
     "plot_aie_curves",
     "plot_attribution_curves",
     "plot_alpha_sweep",
@@ -33,12 +34,26 @@ __all__ = [
 ]
 
 
+_REPOSITORY_FIGURES = Path(__file__).resolve().parents[1] / "figures"
+
+
 def figures_dir() -> Path:
-    """``$INTATTN_FIGURES``, else the repository's ``figures/`` folder."""
+    """Where the notebooks write their figures and CSVs: ``$INTATTN_FIGURES``, else the
+    repository's ``figures/`` folder. The test session points it at a temporary folder, so
+    that running the notebooks under test leaves the checkout as it was."""
     override = os.environ.get("INTATTN_FIGURES")
-    path = Path(override) if override else Path(__file__).resolve().parents[1] / "figures"
+    path = Path(override) if override else _REPOSITORY_FIGURES
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def results_dir() -> Path:
+    """Where the committed paper-scale results are read and written: ``$INTATTN_RESULTS``,
+    else the repository's ``figures/`` folder (its ``paper/`` tables and store, ``tuning/``
+    grids). Apart from :func:`figures_dir`, so that notebooks writing their figures
+    elsewhere still show the paper-scale results."""
+    override = os.environ.get("INTATTN_RESULTS")
+    return Path(override) if override else _REPOSITORY_FIGURES
 
 
 def save_figure(fig: plt.Figure, name: str, directory: str | Path | None = None) -> list[Path]:

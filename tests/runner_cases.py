@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import intattn_analysis as ia
+from intattn_analysis.experiments.store import read_unit_file, unit_of
 from intattn_analysis.hparams import EditHparams, FTHparams, PMETHparams, RomeHparams
 
 FACTS = [
@@ -98,9 +99,9 @@ def store_rows(store, model) -> dict[str, dict]:
     its hash, which covers the model's folder)."""
     out = {}
     for path in store.files():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_unit_file(path)
         key = records[0]["unit_key"]
-        label = path.stem.rsplit("-", 1)[0]
+        label = unit_of(path).rsplit("-", 1)[0]
         rows = [{k: v for k, v in r.items() if k not in ("unit_key", "unit", *TIMING_COLUMNS)} for r in records]
         timed = sorted({k for r in records for k in r if k in TIMING_COLUMNS})
         out[label] = {"key": normalise(key, model), "rows": normalise(rows, model), "timing_columns": timed}

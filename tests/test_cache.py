@@ -17,7 +17,7 @@ import torch
 import intattn_analysis as ia
 from intattn_analysis.cache import CacheEntry, cache_entry, cache_key, canonical_json, entry_name, kind_folder
 from intattn_analysis.corpus import SHIPPED_SAMPLES, ModelSamples
-from intattn_analysis.experiments.store import unit_id
+from intattn_analysis.experiments.store import read_unit_file, unit_files, unit_id
 from intattn_analysis.loading import CacheWarning, ModelHandle
 
 STORE = Path(__file__).resolve().parent.parent / "figures" / "paper" / "store"
@@ -32,16 +32,16 @@ def _model(state_id: str = "tiny@abc", cache_folder: str = "tiny@abc", dtype=tor
 # ----------------------------------------------------------------------------- one recipe
 def test_the_stores_unit_ids_are_unchanged():
     """Every 20th unit file of the committed store is still found under its key."""
-    files = sorted(STORE.glob("*/*.jsonl"))
+    files = sorted((uid, path) for folder in STORE.iterdir() if folder.is_dir()
+                   for uid, path in unit_files(folder).items())
     assert len(files) >= 1000, f"the committed store under {STORE} is missing"
     sample = files[::20]
-    for path in sample:
-        with open(path) as handle:
-            key = json.loads(handle.readline())["unit_key"]
-        match = UNIT_STEM.match(path.stem)
+    for uid, path in sample:
+        key = read_unit_file(path)[0]["unit_key"]
+        match = UNIT_STEM.match(uid)
         assert match, path.name
         label = match["label"] or ""
-        assert unit_id(key, label) == path.stem, path
+        assert unit_id(key, label) == uid, path
         assert cache_key(key) == match["key"] == entry_name(key, label)[-16:]
     assert len(sample) >= 60
 

@@ -11,6 +11,7 @@ duplicated unit), not float noise. The ``seconds`` column is dropped: it times t
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 
@@ -26,7 +27,7 @@ from intattn_analysis.experiments import alpha_sweep
 from intattn_analysis.experiments.alpha_settings import run_alpha_settings
 from intattn_analysis.experiments.units import alpha_label, shard_batches
 from intattn_analysis.experiments.store import (ResultStore, StoreError, StoreWarning, check_unique,
-                                                merge_stores, unit_id)
+                                                compress_store, merge_stores, unit_files, unit_id, unit_of)
 from intattn_analysis.hparams import EditHparams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,19 +51,45 @@ def test_store_round_trip_and_key_check(tmp_path):
     rows = store.rows()
     assert list(rows["x"]) == [1.0, 2.0] and math.isnan(rows["y"][0])
     assert set(rows["batch"]) == {0} and "unit_key" not in rows
-    # the file is plain JSON lines, readable without the package
+    # the file is gzipped JSON lines, readable without the package
     path = store.files()[0]
+    assert path.name == f"{unit_id(key, 'b0')}.jsonl.gz"
     assert len(pd.read_json(path, lines=True)) == 2
     # a file whose key differs from the one it is named for is refused
-    lines = path.read_text().splitlines()
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
     first = json.loads(lines[0])
     first["unit_key"]["alpha"] = "0.4"
-    path.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    path.write_bytes(gzip.compress(("\n".join([json.dumps(first), *lines[1:]]) + "\n").encode()))
     with pytest.raises(StoreError, match="does not hold the unit"):
         store.has(key, "b0")
-    path.write_text("not json\n")
+    path.write_bytes(gzip.compress(b"not json\n"))
     with pytest.raises(StoreError, match="line 1: not JSON"):
         store.rows()
+    path.write_bytes(path.read_bytes()[:12])  # a truncated stream
+    with pytest.raises(StoreError, match="not a readable unit file"):
+        store.rows()
+
+
+def test_unit_files_are_the_same_bytes_everywhere_and_plain_ones_still_read(tmp_path):
+    rows = [{"case_id": "0", "v": 0.25}, {"case_id": "1", "v": 0.5}]
+    one, two = ResultStore(tmp_path / "one", "e"), ResultStore(tmp_path / "two", "e")
+    assert one.write_unit({"u": 1}, rows, "x").read_bytes() == two.write_unit({"u": 1}, rows, "x").read_bytes()
+    # a store written before compression: plain JSON lines, read and found alike
+    packed = one.files()[0]
+    plain = tmp_path / "old" / "e" / packed.name.removesuffix(".gz")
+    plain.parent.mkdir(parents=True)
+    plain.write_text(gzip.decompress(packed.read_bytes()).decode())
+    old = ResultStore(tmp_path / "old", "e")
+    assert old.has({"u": 1}, "x") and old.first_rows() == one.first_rows()
+    pd.testing.assert_frame_equal(old.rows(), one.rows())
+    assert merge_stores([tmp_path / "old"], tmp_path / "one") == 0  # the same unit, either suffix
+    # converted in place: the same rows, the same bytes as a unit written compressed
+    assert compress_store(tmp_path / "old") == 1
+    assert not plain.exists() and list(unit_files(plain.parent).values()) == [plain.parent / packed.name]
+    assert (plain.parent / packed.name).read_bytes() == packed.read_bytes()
+    assert compress_store(tmp_path / "old") == 0
+    # removing a unit removes every copy of it
+    assert old.remove(unit_of(packed)) == [plain.parent / packed.name] and not old.has({"u": 1}, "x")
 
 
 def test_rows_may_not_use_the_stores_names_and_duplicates_are_named(tmp_path):
@@ -804,7 +831,7 @@ def test_a_plan_names_the_units_a_run_computes_and_computes_nothing(tiny_llama, 
     assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").iterdir())
     assert before.units and not any(u.done for u in before.units)
     _run(tiny_llama, setting, tmp_path)
-    written = {p.stem for p in (tmp_path / "sweep").glob("*.jsonl")}
+    written = set(unit_files(tmp_path / "sweep"))
     assert {u.uid for u in before.units} == written
     with planning() as after:
         _run(tiny_llama, setting, tmp_path)
@@ -914,7 +941,7 @@ def test_reproduce_refuses_stale_units_unless_pruned_then_brings_them_current(ti
     chosen["hp"] = hp.replace(v_steps=hp.v_steps + 1)
     with pytest.raises(StaleUnitsError, match="4 stale unit"):
         reproduce(tmp_path, runs, protocol="teacher-forced", progress=False, log=lambda m: None)
-    assert len(list((tmp_path / "sweep").glob("*.jsonl"))) == 6  # nothing removed or computed
+    assert len(unit_files(tmp_path / "sweep")) == 6  # nothing removed or computed
     assert reproduce(tmp_path, runs, prune_stale=True, protocol="teacher-forced", progress=False,
                      log=lambda m: None) == ["sweep"]
     after = status(tmp_path, runs, protocol=None).iloc[0]

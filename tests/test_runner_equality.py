@@ -84,10 +84,10 @@ def test_every_experiments_default_rows_are_the_committed_stores():
     """The rows each experiment runs by default at paper scale are the settings its
     committed store holds: a paper-scale run adds no row of its own accord."""
     from intattn_analysis.experiments import batch_scaling, editors, outdated, sequential
+    from intattn_analysis.experiments.store import ResultStore
 
     def stored(experiment: str) -> set[str]:
-        paths = (PAPER_STORE / experiment).glob("*.jsonl")
-        return {json.loads(path.open().readline())["setting"] for path in paths} - {"pre-edit"}
+        return {first["setting"] for first in ResultStore(PAPER_STORE, experiment).first_rows().values()} - {"pre-edit"}
 
     assert set(editors.SCALES["paper"].rows) == stored(editors.NAME)
     assert set(batch_scaling.SCALES["paper"].rows) == stored(batch_scaling.NAME)

@@ -177,10 +177,11 @@ def reproduce(root, runs: Sequence[tuple[str, Any, str]], *, prune_stale: bool =
                 if not prune_stale:
                     raise StaleUnitsError(
                         f"{len(plan.stale)} stale unit(s) of {name} / {plan.model} / {plan.dataset} would sit beside "
-                        f"today's (for example {folder / plan.stale[0]}.jsonl); pass --prune-stale to remove them "
+                        f"today's (for example unit {plan.stale[0]} in {folder}); pass --prune-stale to remove them "
                         "(they stay in the repository's history)")
+                store = ResultStore(root, name)
                 for uid in plan.stale:
-                    (folder / f"{uid}.jsonl").unlink()
+                    store.remove(uid)
                 log(f"{name} / {plan.model} / {plan.dataset}: removed {len(plan.stale)} stale unit(s)")
         module = experiment_module(name)
         keywords = {"protocol": protocol} if _takes_protocol(module) else {}

@@ -1,14 +1,19 @@
-"""A resumable, mergeable store of experiment results: one JSON-lines file per unit.
+"""A resumable, mergeable store of experiment results: one gzipped JSON-lines file per unit.
 
 An experiment is cut into *units* of work (one batch edited with one alpha, one chunk of
 facts traced, ...). Each unit is described by a key: a JSON object naming everything its
 result depends on (model and revision, dataset file and its hash, the facts of the batch,
 method, alpha, every hyperparameter, the metric settings, the store format). The unit's
 result is a list of rows, one per fact; it is written as one file
-``<root>/<experiment>/<unit id>.jsonl`` whose every line is a complete row (the unit's
+``<root>/<experiment>/<unit id>.jsonl.gz`` whose every line is a complete row (the unit's
 labels, the fact, the values; the first line also carries the key, as ``unit_key``), so
 ``pandas.read_json(path, lines=True, dtype=False)`` reads any file (``dtype=False`` keeps
 labels such as the setting ``"0"`` as text) and a folder of them is a table.
+
+* **Compressed, and still plain JSON lines.** Each file is gzip (level 9, no name or
+  time in its header, so the same rows give the same bytes), about a tenth of the text.
+  Uncompressed ``.jsonl`` files, as stores written before compression hold, are read
+  alike; :func:`compress_store` converts a store in place.
 
 * **Resuming.** A unit's file appears whole or not at all (written to a staging file and
   renamed), so a killed run leaves only finished units. Before computing a unit the
@@ -24,6 +29,8 @@ labels such as the setting ``"0"`` as text) and a folder of them is a table.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
 import os
@@ -37,8 +44,8 @@ import pandas as pd
 from ..cache import canonical_json, entry_name, json_default
 from ..loading import write_atomic
 
-__all__ = ["KEY_FIELD", "STORE_FORMAT", "MissingResultsError", "ResultStore", "StoreError", "StoreWarning", "check_unique",
-           "merge_stores", "unit_id"]
+__all__ = ["KEY_FIELD", "STORE_FORMAT", "SUFFIX", "MissingResultsError", "ResultStore", "StoreError", "StoreWarning",
+           "check_unique", "compress_store", "merge_stores", "read_unit_file", "unit_files", "unit_id", "unit_of"]
 
 #: Format version of unit files; part of every key, so a new format never reads old files.
 STORE_FORMAT = 2
@@ -46,6 +53,10 @@ STORE_FORMAT = 2
 UNIT_COLUMNS = ("unit", "experiment")
 #: The field of a unit's first line that holds its key (a name no row may use).
 KEY_FIELD = "unit_key"
+#: The suffix of the unit files written; ``.jsonl`` files (uncompressed) are read alike.
+SUFFIX = ".jsonl.gz"
+#: Every suffix a unit file may have, the one written first (it wins over an old copy).
+SUFFIXES = (SUFFIX, ".jsonl")
 
 
 class StoreError(ValueError):
@@ -71,6 +82,46 @@ def unit_id(key: Mapping[str, Any], label: str = "") -> str:
     return entry_name(key, label)
 
 
+def unit_of(path: str | os.PathLike) -> str | None:
+    """The unit id of a unit file's path (its name less the suffix), or ``None`` when the
+    name has neither unit-file suffix."""
+    name = Path(path).name
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def unit_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """``{unit id: path}`` of the unit files directly in ``folder`` (an experiment's
+    folder), in unit-id order; where a unit has both a compressed and a plain file the
+    compressed one is taken."""
+    found: dict[str, Path] = {}
+    folder = Path(folder)
+    for suffix in reversed(SUFFIXES):  # the preferred suffix last, so that it overrides
+        for path in folder.glob(f"*{suffix}"):
+            uid = unit_of(path)
+            if uid is not None and path.name == uid + suffix:
+                found[uid] = path
+    return {uid: found[uid] for uid in sorted(found)}
+
+
+def _open_text(path: Path):
+    """A unit file opened for reading text, decompressed when it is gzip."""
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _gzip_bytes(text: str) -> bytes:
+    """``text`` as gzip with a fixed header (no file name, time 0): the same text gives the
+    same bytes on every machine and at every time."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as handle:
+        handle.write(text.encode("utf-8"))
+    return buffer.getvalue()
+
+
 def _clean(value: Any) -> Any:
     """A JSON-safe value: NaN and infinities become null (JSON has neither)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -85,7 +136,8 @@ class ResultStore:
 
     Args:
         roots: the folder (or folders, to read several shards' outputs together) that
-            hold ``<experiment>/<unit id>.jsonl`` files. Units are written to the first.
+            hold ``<experiment>/<unit id>.jsonl.gz`` files (or ``.jsonl``). Units are
+            written to the first.
         experiment: the experiment's name (the subfolder).
 
     Rows read back carry the columns ``unit`` (the unit id) and ``experiment`` beside the
@@ -108,7 +160,9 @@ class ResultStore:
         return self.roots[0] / self.experiment
 
     def _paths(self, uid: str) -> list[Path]:
-        return [root / self.experiment / f"{uid}.jsonl" for root in self.roots]
+        """Where the unit ``uid`` may be, in the order it is looked for: each root, the
+        compressed file before the plain one. The first is where it is written."""
+        return [root / self.experiment / f"{uid}{suffix}" for root in self.roots for suffix in SUFFIXES]
 
     def has(self, key: Mapping[str, Any], label: str = "") -> bool:
         """Whether the unit is stored in any root (its file is checked against the key)."""
@@ -151,17 +205,25 @@ class ResultStore:
                 record[KEY_FIELD] = key_json
             lines.append(json.dumps(record, default=json_default, allow_nan=False))
         path = self._paths(uid)[0]
-        text = "\n".join(lines) + "\n"
-        write_atomic(path, lambda staging: Path(staging).write_text(text))
+        data = _gzip_bytes("\n".join(lines) + "\n")
+        write_atomic(path, lambda staging: Path(staging).write_bytes(data))
         return path
 
     def files(self) -> list[Path]:
         """Every unit file, deduplicated by unit id (the first root wins)."""
         seen: dict[str, Path] = {}
         for root in self.roots:
-            for path in sorted((root / self.experiment).glob("*.jsonl")):
-                seen.setdefault(path.stem, path)
+            for uid, path in unit_files(root / self.experiment).items():
+                seen.setdefault(uid, path)
         return [seen[uid] for uid in sorted(seen)]
+
+    def remove(self, uid: str) -> list[Path]:
+        """Delete every file of the unit ``uid`` (in every root, either suffix); returns
+        the paths removed."""
+        removed = [path for path in self._paths(uid) if path.exists()]
+        for path in removed:
+            path.unlink()
+        return removed
 
     def first_rows(self) -> dict[str, dict]:
         """``{unit id: its first row}`` (the key included) for every unit file, in unit-id
@@ -169,11 +231,11 @@ class ResultStore:
         tools that survey a store (``intattn status``, the settings tables of the pages)."""
         out = {}
         for path in self.files():
-            with path.open() as handle:
+            with _open_text(path) as handle:
                 line = handle.readline()
             if not line.strip():
                 raise ValueError(f"{path}: an empty unit file; remove it and run the experiment again")
-            out[path.stem] = json.loads(line)
+            out[unit_of(path)] = json.loads(line)
         return out
 
     def rows(self, **where: Any) -> pd.DataFrame:
@@ -203,18 +265,57 @@ class ResultStore:
         return f"ResultStore({[str(r) for r in self.roots]}, {self.experiment!r}: {len(self)} units)"
 
 
+def read_unit_file(path: str | os.PathLike) -> list[dict]:
+    """Every row of one unit file, compressed or not, the first with its key
+    (``unit_key``)."""
+    return _read_lines(Path(path))
+
+
 def _read_lines(path: Path) -> list[dict]:
     rows = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise StoreError(f"{path}, line {number}: not JSON ({error.msg}); remove the "
-                                 "file so that its unit is computed again") from None
+    try:
+        with _open_text(path) as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise StoreError(f"{path}, line {number}: not JSON ({error.msg}); remove the "
+                                     "file so that its unit is computed again") from None
+    except (OSError, EOFError) as error:  # a truncated or corrupt gzip stream
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise StoreError(f"{path}: not a readable unit file ({error}); remove the file so that its unit is "
+                         "computed again") from None
     return rows
+
+
+def compress_store(root: str | os.PathLike) -> int:
+    """Rewrite every plain ``.jsonl`` unit file under ``root`` (a store root, the folder of
+    ``<experiment>/`` folders) as ``.jsonl.gz`` with the same lines, and remove the plain
+    file once the compressed one reads back to the same rows; returns how many files were
+    converted. A unit that already has a compressed file keeps it, and its plain copy is
+    removed only if the two hold the same rows (otherwise a :class:`StoreError`)."""
+    converted = 0
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        for uid in unit_files(folder):
+            plain, packed = folder / f"{uid}.jsonl", folder / f"{uid}{SUFFIX}"
+            if not plain.exists():
+                continue
+            rows = _read_lines(plain)
+            if packed.exists():
+                if _read_lines(packed) != rows:
+                    raise StoreError(f"{plain} and {packed} hold different rows for one unit; keep one of them")
+            else:
+                data = _gzip_bytes(plain.read_text(encoding="utf-8"))
+                write_atomic(packed, lambda staging, data=data: Path(staging).write_bytes(data))
+                if _read_lines(packed) != rows:
+                    packed.unlink()
+                    raise StoreError(f"{packed} did not read back as {plain}; the plain file is kept")
+                converted += 1
+            plain.unlink()
+    return converted
 
 
 def merge_stores(sources: Iterable[str | os.PathLike], target: str | os.PathLike) -> int:
@@ -227,13 +328,15 @@ def merge_stores(sources: Iterable[str | os.PathLike], target: str | os.PathLike
     copied = 0
     for source in sources:
         source = Path(source)
-        files = sorted(source.glob("*/*.jsonl"))
+        folders = sorted(p for p in source.iterdir() if p.is_dir()) if source.is_dir() else []
+        files = [path for folder in folders for path in unit_files(folder).values()]
         if not files:
             raise StoreError(f"{source} holds no unit files; give a store root, the folder "
-                             "that holds <experiment>/<unit>.jsonl (the --out of `intattn run`)")
+                             "that holds <experiment>/<unit>.jsonl.gz (the --out of `intattn run`)")
         for path in files:
-            destination = target / path.parent.name / path.name
-            if destination.exists():
+            present = [p for p in (target / path.parent.name / f"{unit_of(path)}{s}" for s in SUFFIXES) if p.exists()]
+            destination = present[0] if present else target / path.parent.name / path.name
+            if present:
                 if _without_timing(_read_lines(destination)) != _without_timing(_read_lines(path)):
                     warnings.warn(f"{path} and {destination} hold different results for the same "
                                   f"unit; kept {destination}", StoreWarning, stacklevel=2)

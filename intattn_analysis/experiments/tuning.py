@@ -152,9 +152,9 @@ def grown(previous: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
 
 def table_path(method: str, model: str) -> Path:
     """``figures/tuning/<method>-<model>.csv``."""
-    from ..plots import figures_dir
+    from ..plots import results_dir
 
-    return figures_dir() / "tuning" / f"{method}-{model}.csv"
+    return results_dir() / "tuning" / f"{method}-{model}.csv"
 
 
 def write_table(table: pd.DataFrame, method: str, model: str) -> Path:

@@ -681,7 +681,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true",
                         help="show an error's full traceback instead of one line")
     for add_command in (_add_reproduce, _add_known, _add_models, _add_data, _add_evaluate, _add_run,
-                        _add_tune, _add_merge, _add_report, _add_status):
+                        _add_tune, _add_merge, _add_report, _add_status, _add_plan):
         add_command(sub, common)
     return parser
 
@@ -855,6 +855,53 @@ def _add_status(sub, common: argparse.ArgumentParser) -> None:
                         help="print a JSON list of {experiment, model, dataset, done, stale, missing, "
                              "estimated_seconds}")
     status.set_defaults(run=_status)
+
+
+def _add_plan(sub, common: argparse.ArgumentParser) -> None:
+    """``intattn plan``: a paper-scale run's units, memory and time from a model's config."""
+    from .plan import DEVICES
+
+    plan = sub.add_parser("plan", help="a paper-scale run's units, the memory each needs and its time, from the "
+                          "model's configuration alone (no weights)", parents=[common])
+    plan.add_argument("--model", required=True,
+                      help="a directory or config.json, or a shipped configuration (Qwen/Qwen2.5-7B, "
+                           "mistralai/Mistral-7B-v0.1, the embedded models)")
+    plan.add_argument("--experiment", required=True, help="an experiment of `intattn run`")
+    plan.add_argument("--scale", default="paper", help="paper (the only scale planned)")
+    plan.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                      help="the weights' dtype")
+    plan.add_argument("--device", choices=sorted(DEVICES), help="check the plan against this device and give "
+                      "its hours (default: the reference machine's hours)")
+    plan.add_argument("--memory-gb", type=float, help="check the plan against this much memory instead")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (a list of rows)")
+    plan.set_defaults(run=_plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .plan import PlanDoesNotFit, plan, summary
+
+    if args.scale != "paper":
+        raise UsageError(f"--scale: plans are made for the paper scale, from the reference store; got {args.scale!r}")
+    try:
+        table = plan(args.model, args.experiment, dtype=args.dtype, device=args.device, memory_gib=args.memory_gb)
+    except PlanDoesNotFit as error:
+        print(f"does not fit: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.json:
+        print(table.to_json(orient="records", indent=1))
+        return 0
+    totals = summary(table)
+    where = args.device or "the reference machine (2 CPU threads)"
+    untimed = f" (and {totals['untimed']} units with no measured time)" if totals["untimed"] else ""
+    print(f"{args.experiment} on {args.model} ({args.dtype}), paper scale, on {where}: {totals['units']} units, "
+          f"the largest needs {totals['peak_gib']:.1f} GiB, about {totals['hours']:.2f} h{untimed}")
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.2f}".format):
+        print(table.to_string(index=False))
+    return 0
 
 
 def _is_input_error(error: Exception) -> bool:

@@ -64,10 +64,17 @@ WINDOW_ONE = frozenset({"modules-window1"})
 ATTRIBUTION_VARIANTS = ("modules", "modules-window1", "severed-none")
 #: How each method is spelt in unit labels (``*`` is no character for a file name).
 METHOD_LABELS = {"exact": "", "attribution": "attribution-", "attribution*": "attribution-star-"}
-#: Layers restored together around each centre (notebook 01); ROME's 10 for other models.
+#: Layers restored together around each centre (notebook 01); ROME's 10 for other models,
+#: at most the model's depth (:func:`window_for`).
 WINDOWS = {"smollm2-135m": 6, "gemma-3-270m": 4}
 DEFAULT_WINDOW = 10
 CHUNK = 16
+
+
+def window_for(model: ModelHandle) -> int:
+    """The trace window of ``model``: :data:`WINDOWS`, else :data:`DEFAULT_WINDOW` clipped
+    to the model's depth."""
+    return min(WINDOWS.get(model.name, DEFAULT_WINDOW), model.n_layers)
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ def run(model: ModelHandle, dataset: str, scale, root, *, shard=None, progress: 
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     store = ResultStore(root, NAME)
     facts = _facts(model, dataset, scale.n_facts)
-    window = WINDOWS.get(model.name, DEFAULT_WINDOW)
+    window = window_for(model)
     for name, names_variants in chosen.items():
         label = "tracing" if name == "exact" else name
         traced = facts[:scale.star_facts] if name == "attribution*" and scale.star_facts else facts

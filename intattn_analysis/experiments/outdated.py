@@ -322,7 +322,7 @@ def trace_rows(model: ModelHandle, facts: Sequence[Fact], samples: int, window: 
     effect on ``p(target_true)`` per layer (``window``: default the localization
     experiment's for the model), with the fact's clean and corrupted ``p(target_true)``."""
     if window is None:
-        window = min(localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW), model.n_layers)
+        window = localization.window_for(model)
     result = trace(model, list(facts), kinds=TRACE_KINDS, tokens=TRACE_TOKENS, window=window, samples=samples,
                    noise=TRACE_NOISE, seed=TRACE_SEED, answered_only=False, cache_dir=kind_folder("traces"),
                    progress=False)
@@ -419,7 +419,7 @@ def run_batches(model: ModelHandle, batches: Sequence[Sequence[Fact]], settings:
     ``n_traced`` facts) (:func:`outdated_cells`, :func:`.runner.run_cells`). Weights are
     restored after each method; ``shard`` splits the batches. Returns the number of
     units computed."""
-    window = min(localization.WINDOWS.get(model.name, localization.DEFAULT_WINDOW), model.n_layers)
+    window = localization.window_for(model)
     generation = generation or GenerationSettings()
     cells = outdated_cells(model, batches, settings, dataset=dataset, n_traced=n_traced, samples=samples,
                            window=window, shard=shard, protocol=protocol, generation=generation)

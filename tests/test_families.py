@@ -1,0 +1,102 @@
+"""The Qwen2 and Mistral paths: a tiny random model of each family runs every experiment at
+CI scale, so that a GPU user's first run on Qwen2.5-7B or Mistral-7B does not discover a
+missing branch. The models are random, so the facts they "know" are made for them: built-in
+facts whose answer is set to the model's own greedy next token."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import intattn_analysis as ia
+from intattn_analysis.experiments import EXPERIMENTS
+
+#: The experiments in an order that serves each one's inputs (estimators read the traces).
+ORDER = ("localization", "alpha-sweep", "alpha-estimators", "editors", "sequential", "batch-scaling", "outdated")
+#: Known facts given to the localization and estimator experiments (their CI scales use 4 and 8).
+KNOWN = 12
+
+
+def _tokenizer(texts):
+    """A byte-level BPE of 512 tokens trained on ``texts``: every text tokenizes, as with
+    the real models' tokenizers, and the vocabulary stays tiny."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module", params=["qwen2", "mistral"])
+def family_model(request, tmp_path_factory, data_dir):
+    """A tiny random model of the family (4 layers, d_model 64), loaded by directory."""
+    import transformers
+
+    from intattn_analysis.experiments.common import dataset_facts
+
+    facts = ia.load_facts("builtin")
+    texts = [f"{f.text} {f.target_true} {f.target_new}" for f in facts]
+    texts += [f"{f.text} {f.target_new}" for f in dataset_facts("zsre")[:300]]
+    tokenizer = _tokenizer(texts)
+    config_type = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[request.param]
+    config = config_type(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    directory = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    handle = ia.load_model(str(directory), device="cpu")
+    assert handle.spec.name == request.param
+    return handle
+
+
+def _answered(model, facts):
+    """Facts whose answer is the model's greedy next token (a whole word after a space, as
+    answers are tokenized), so that the random model answers them."""
+    out = []
+    for fact in facts:
+        ids = torch.tensor(model.tokenize(fact.text))
+        with torch.no_grad():
+            top = int(model.hf_model(ids).logits[0, -1].argmax())
+        text = model.tokenizer.decode([top])
+        if text.startswith(" ") and text.strip() and "\ufffd" not in text and \
+                model.tokenizer.encode(text, add_special_tokens=False) == [top]:
+            out.append(replace(fact, target_true=text[1:]))
+        if len(out) == KNOWN:
+            break
+    return out
+
+
+def test_every_experiment_runs_at_ci_scale(family_model, tmp_path, monkeypatch):
+    from intattn_analysis.experiments import estimators, localization, outdated
+
+    model = family_model
+    known = _answered(model, ia.load_facts("builtin"))
+    assert len(known) == KNOWN, "the tiny model answers too few built-in facts to trace"
+    real = localization.known_facts
+
+    def known_facts(facts, name):
+        return known if name == model.name else real(facts, name)
+
+    monkeypatch.setattr(localization, "known_facts", known_facts)
+    monkeypatch.setattr(estimators, "known_facts", known_facts)
+    monkeypatch.setattr(outdated, "is_known_cached", lambda handle, fact: True)
+    before = {k: v.clone() for k, v in model.hf_model.state_dict().items()}
+    for name in ORDER:
+        module = EXPERIMENTS[name]
+        dataset = "builtin" if name in ("localization", "outdated") else "zsre"
+        module.run(model, dataset, "ci", tmp_path, progress=False)
+        tables = module.tables(tmp_path)
+        shown = {key: len(frame) for key, frame in tables.items() if frame is not None}
+        assert shown and any(shown.values()), f"{name}: no table rows on {model.spec.name}"
+    after = model.hf_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "an experiment left the weights edited"

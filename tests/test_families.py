@@ -80,6 +80,7 @@ def test_every_experiment_runs_at_ci_scale(family_model, tmp_path, monkeypatch):
     from intattn_analysis.experiments import estimators, localization, outdated
 
     model = family_model
+    monkeypatch.setenv("INTATTN_CACHE", str(tmp_path / "cache"))  # its targets and moments stay out of the user's cache
     known = _answered(model, ia.load_facts("builtin"))
     assert len(known) == KNOWN, "the tiny model answers too few built-in facts to trace"
     real = localization.known_facts
@@ -94,8 +95,8 @@ def test_every_experiment_runs_at_ci_scale(family_model, tmp_path, monkeypatch):
     for name in ORDER:
         module = EXPERIMENTS[name]
         dataset = "builtin" if name in ("localization", "outdated") else "zsre"
-        module.run(model, dataset, "ci", tmp_path, progress=False)
-        tables = module.tables(tmp_path)
+        module.run(model, dataset, "ci", tmp_path / "store", progress=False)
+        tables = module.tables(tmp_path / "store")
         shown = {key: len(frame) for key, frame in tables.items() if frame is not None}
         assert shown and any(shown.values()), f"{name}: no table rows on {model.spec.name}"
     after = model.hf_model.state_dict()

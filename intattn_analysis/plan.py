@@ -179,6 +179,8 @@ def unit_memory(shape: ModelShape, kind: str, method: str | None, hp=None, *, dt
       AlphaEdit's projector (one ``d_mlp`` square per layer);
     * ``solve``: three float64 matrices of the widest edited key (the moments, the system
       and its factor);
+    * ``optimizer``: FT-L and FT-M's gradient and two Adam moments of the tuned MLP weights
+      (float32);
     * ``forward``: a forward of :data:`~intattn_analysis.tracing.DEFAULT_TOKENS_PER_BATCH`
       tokens: per token, the residual and attention output (4 x d_model) and the MLP's
       hidden state (2 x d_mlp) at ``dtype``, and float32 logits over the vocabulary;
@@ -190,7 +192,7 @@ def unit_memory(shape: ModelShape, kind: str, method: str | None, hp=None, *, dt
     from .tracing import DEFAULT_TOKENS_PER_BATCH
 
     width = _BYTES[dtype]
-    parts = {"weights": shape.n_params * width, "moments": 0.0, "solve": 0.0, "targets": 0.0}
+    parts = {"weights": shape.n_params * width, "moments": 0.0, "solve": 0.0, "optimizer": 0.0, "targets": 0.0}
     tokens = DEFAULT_TOKENS_PER_BATCH
     parts["forward"] = tokens * ((4 * shape.d_model + 2 * shape.d_mlp) * width + 4 * shape.vocab)
     if kind in ("edit", "round") and method is not None and hp is not None:
@@ -204,6 +206,8 @@ def unit_memory(shape: ModelShape, kind: str, method: str | None, hp=None, *, dt
             if method == "alphaedit":
                 parts["moments"] += layers * shape.d_mlp ** 2 * 4
             parts["solve"] = 3 * widest ** 2 * 8
+        if method in ("ft-l", "ft-m"):
+            parts["optimizer"] = layers * 3 * shape.d_model * shape.d_mlp * 4 * 3
         prompts = int(getattr(hp, "n_context_templates", 5) or 5) + 1
         z_tokens = prompts * 32
         per_token = shape.n_layers * (6 * shape.d_model + 3 * shape.d_mlp) * width + 2 * 4 * shape.vocab
@@ -285,7 +289,8 @@ def plan(model: str, experiment: str, *, dtype: str = "float32", device: str | N
                 f"{experiment} on {model} in {dtype}: the {worst['kind']} unit"
                 f"{' of ' + worst['method'] if worst['method'] else ''} needs {worst['total_gib']:.1f} GiB "
                 f"(weights {worst['weights_gib']:.1f}, moments {worst['moments_gib']:.1f}, solve "
-                f"{worst['solve_gib']:.1f}, forward {worst['forward_gib']:.1f}, targets {worst['targets_gib']:.1f}) "
+                f"{worst['solve_gib']:.1f}, optimizer {worst['optimizer_gib']:.1f}, forward {worst['forward_gib']:.1f}, "
+                f"targets {worst['targets_gib']:.1f}) "
                 f"and {device or 'the device'} has {limit:g}; use --dtype bfloat16, shard the model over more "
                 "devices (load_model(n_devices=...)) or a larger device")
     return table

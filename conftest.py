@@ -202,6 +202,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def _report_changed(terminalreporter) -> None:
+    if getattr(terminalreporter.config, "_intattn_checkout", {}) is None:
+        terminalreporter.write_line("the clean-checkout check did not run: `git status` failed here")
+        return
     changed = getattr(terminalreporter.config, "_intattn_changed", None)
     if changed:
         shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")

@@ -512,12 +512,15 @@ def _run_with_executor(args: argparse.Namespace, module, keywords: dict, out: Pa
         raise UsageError(f"--shards must be at least 1, got {shards}")
     if args.gpus < 0 or args.cpus < 1:
         raise UsageError("--gpus must be >= 0 and --cpus >= 1")
+    threads = args.threads or (args.cpus if args.executor in ("slurm", "ray") else 0)
     tasks = shard_tasks(args.experiment, args.model, args.dataset, args.scale, out, shards, keywords=keywords,
-                        threads=args.threads)
+                        threads=threads)
     if args.executor == "slurm":
         if args.gpus != int(args.gpus):
             raise UsageError(f"--gpus: Slurm takes whole GPUs per task, got {args.gpus}")
-        logs = Path(args.log_dir) if args.log_dir else out.parent / "logs"
+        from .loading import cache_root
+
+        logs = Path(args.log_dir) if args.log_dir else cache_root() / "submitit"
         executor = SlurmExecutor(logs, partition=args.partition, gpus=int(args.gpus), cpus=args.cpus,
                                  time_min=args.time_min, array_parallelism=args.array_parallelism,
                                  mem_gb=args.mem_gb)
@@ -789,11 +792,13 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
     where.add_argument("--shards", type=int, default=None, help="how many shard tasks (default 1)")
     where.add_argument("--partition", help="slurm: the partition")
     where.add_argument("--gpus", type=float, default=0, help="slurm, ray: GPUs per task")
-    where.add_argument("--cpus", type=int, default=2, help="slurm: CPU cores per task; ray: CPUs per task")
+    where.add_argument("--cpus", type=int, default=2, help="slurm: CPU cores per task; ray: CPUs per task (and "
+                       "each task's torch threads unless --threads says otherwise)")
     where.add_argument("--time-min", type=int, default=240, help="slurm: the time limit per task, minutes")
     where.add_argument("--array-parallelism", type=int, default=32, help="slurm: array tasks at once")
     where.add_argument("--mem-gb", type=int, default=None, help="slurm: memory per task")
-    where.add_argument("--log-dir", help="slurm: where submitit keeps tasks and logs (default: <out>/../logs)")
+    where.add_argument("--log-dir", help="slurm: where submitit keeps tasks and logs, on a file system the nodes "
+                       "share (default: submitit/ in the cache folder)")
     where.add_argument("--ray-address", help="ray: the cluster to join (default: a local one for this run)")
     run.set_defaults(run=_run)
 
@@ -872,7 +877,8 @@ def _add_plan(sub, common: argparse.ArgumentParser) -> None:
                       help="the weights' dtype")
     plan.add_argument("--device", choices=sorted(DEVICES), help="check the plan against this device and give "
                       "its hours (default: the reference machine's hours)")
-    plan.add_argument("--memory-gb", type=float, help="check the plan against this much memory instead")
+    plan.add_argument("--memory-gb", type=float, help="check the plan against this much memory (GiB; it overrides "
+                      "the device's)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (a list of rows)")
     plan.set_defaults(run=_plan)
 

@@ -58,8 +58,8 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 @dataclass(frozen=True)
 class Device:
     """A device a plan is checked against: its memory (GiB) and its peak dense FLOP/s per
-    weight dtype (tensor cores for bfloat16/float16, TF32 for float32), from the vendor's
-    data sheets."""
+    weight dtype, from the vendor's data sheets: tensor cores for bfloat16/float16, plain
+    FP32 for float32 (the package leaves PyTorch's default, no TF32 matmuls)."""
 
     name: str
     memory_gib: float
@@ -68,9 +68,9 @@ class Device:
 
 #: Devices by ``--device`` name (SXM parts, dense, without sparsity).
 DEVICES: dict[str, Device] = {d.name: d for d in (
-    Device("a100-40gb", 40, {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
-    Device("a100-80gb", 80, {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
-    Device("h100-80gb", 80, {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12}),
+    Device("a100-40gb", 40, {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
+    Device("a100-80gb", 80, {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
+    Device("h100-80gb", 80, {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}),
 )}
 
 
@@ -168,8 +168,8 @@ class ModelShape:
 
 
 # =========================================================================== memory
-def unit_memory(shape: ModelShape, kind: str, method: str | None, hp=None, *, dtype: str = "float32",
-                batch_size: int = 1) -> dict[str, float]:
+def unit_memory(shape: ModelShape, kind: str, method: str | None, hp=None, *,
+                dtype: str = "float32") -> dict[str, float]:
     """Bytes one unit needs, by part (and ``total``):
 
     * ``weights``: every parameter at ``dtype``;
@@ -179,8 +179,9 @@ def unit_memory(shape: ModelShape, kind: str, method: str | None, hp=None, *, dt
       AlphaEdit's projector (one ``d_mlp`` square per layer);
     * ``solve``: three float64 matrices of the widest edited key (the moments, the system
       and its factor);
-    * ``optimizer``: FT-L and FT-M's gradient and two Adam moments of the tuned MLP weights
-      (float32);
+    * ``optimizer``: FT-L and FT-M's tuned matrix per layer (the MLP's output projection, or
+      attention's with ``module="attn"``) four more times at ``dtype``: its gradient, two
+      Adam moments and the copy kept to restore it;
     * ``forward``: a forward of :data:`~intattn_analysis.tracing.DEFAULT_TOKENS_PER_BATCH`
       tokens: per token, the residual and attention output (4 x d_model) and the MLP's
       hidden state (2 x d_mlp) at ``dtype``, and float32 logits over the vocabulary;
@@ -207,7 +208,8 @@ def unit_memory(shape: ModelShape, kind: str, method: str | None, hp=None, *, dt
                 parts["moments"] += layers * shape.d_mlp ** 2 * 4
             parts["solve"] = 3 * widest ** 2 * 8
         if method in ("ft-l", "ft-m"):
-            parts["optimizer"] = layers * 3 * shape.d_model * shape.d_mlp * 4 * 3
+            inner = shape.attn_width if getattr(hp, "module", "mlp") == "attn" else shape.d_mlp
+            parts["optimizer"] = layers * shape.d_model * inner * width * 4
         prompts = int(getattr(hp, "n_context_templates", 5) or 5) + 1
         z_tokens = prompts * 32
         per_token = shape.n_layers * (6 * shape.d_model + 3 * shape.d_mlp) * width + 2 * 4 * shape.vocab
@@ -269,8 +271,7 @@ def plan(model: str, experiment: str, *, dtype: str = "float32", device: str | N
         hp = None
         if isinstance(method, str) and kind in ("edit", "round"):
             hp = hparams_for(model, method, n_layers=shape.n_layers)
-        memory = unit_memory(shape, kind, method if isinstance(method, str) else None, hp, dtype=dtype,
-                             batch_size=int(n_facts) if not pd.isna(n_facts) else 1)
+        memory = unit_memory(shape, kind, method if isinstance(method, str) else None, hp, dtype=dtype)
         seconds = pd.to_numeric(group["seconds"], errors="coerce")
         rows.append({"dataset": dataset, "kind": kind, "method": method if isinstance(method, str) else "",
                      "n_facts": None if pd.isna(n_facts) else int(n_facts), "units": len(group),
@@ -281,7 +282,7 @@ def plan(model: str, experiment: str, *, dtype: str = "float32", device: str | N
                      "hours": seconds.mean() * len(group) * scale / 3600})
     rows.extend(_moments_rows(shape, model, sorted({m for m in units["method"] if isinstance(m, str)}), dtype, rate))
     table = pd.DataFrame(rows)
-    limit = DEVICES[device].memory_gib if device else memory_gib
+    limit = memory_gib if memory_gib is not None else DEVICES[device].memory_gib if device else None
     if limit is not None:
         worst = table.loc[table["total_gib"].idxmax()]
         if worst["total_gib"] > limit:
@@ -291,8 +292,9 @@ def plan(model: str, experiment: str, *, dtype: str = "float32", device: str | N
                 f"(weights {worst['weights_gib']:.1f}, moments {worst['moments_gib']:.1f}, solve "
                 f"{worst['solve_gib']:.1f}, optimizer {worst['optimizer_gib']:.1f}, forward {worst['forward_gib']:.1f}, "
                 f"targets {worst['targets_gib']:.1f}) "
-                f"and {device or 'the device'} has {limit:g}; use --dtype bfloat16, shard the model over more "
-                "devices (load_model(n_devices=...)) or a larger device")
+                f"and {device if memory_gib is None and device else 'the device'} has {limit:g} GiB; "
+                f"{'use --dtype bfloat16, ' if dtype == 'float32' else ''}shard the model over more devices "
+                "(load_model(n_devices=...)) or use a larger device")
     return table
 
 

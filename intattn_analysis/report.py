@@ -843,10 +843,11 @@ def plans_page(tables: Tables) -> str:
                 except PlanDoesNotFit:
                     table = plan(model, experiment, dtype=dtype, store_root=store, units=reference)
                     worst = table.loc[table["total_gib"].idxmax()]
+                    row.setdefault("units", int(table["units"].sum()))
                     row[column] = (f"does not fit: {worst['kind']} {worst['method']} needs "
                                    f"{worst['total_gib']:.1f} of {DEVICES[device].memory_gib:g} GiB").replace("  ", " ")
                 else:
-                    row["units"] = int(table["units"].sum())
+                    row.setdefault("units", int(table["units"].sum()))
                     totals = summary(table)
                     untimed = f" + {totals['untimed']} untimed units" if totals["untimed"] else ""
                     row[column] = (f"{_duration(totals['hours'])}{untimed}, largest unit "

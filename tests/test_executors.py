@@ -65,6 +65,15 @@ def test_a_failed_task_is_reported_by_name_and_the_others_run():
     assert "RuntimeError: b broke" in table.loc[1, "error"]
 
 
+def test_an_error_is_shortened_to_its_end_before_submitits_footer():
+    from intattn_analysis.experiments.executors import _short
+
+    text = "\n".join(["Traceback (most recent call last):", *[f"  frame {i}" for i in range(9)],
+                       "ValueError: no such model", "", "----------------------",
+                       "You can check full logs with 'job.stderr(0)'", "  - /logs/1_0_log.err", "  - /logs/1_0_log.out"])
+    assert _short(text, 2) == "  frame 8\nValueError: no such model"
+
+
 def test_slurm_parameters_follow_the_options(tmp_path):
     slurm = SlurmExecutor(tmp_path, partition="gpu", gpus=1, cpus=8, time_min=90, array_parallelism=4,
                           mem_gb=64, extra={"slurm_account": "lab"})
@@ -103,6 +112,16 @@ def test_the_sbatch_script_runs_its_array_task_as_a_shard(tmp_path):
     ran = subprocess.run(["bash", str(script), "editors", "--scale", "ci", "--threads", "1"], env=env,
                          capture_output=True, text=True)
     assert ran.stdout.split()[-6:] == ["--scale", "ci", "--threads", "1", "--shard", "2/4"]
+    ran = subprocess.run(["bash", str(script), "editors", "--scale=ci"], env=env, capture_output=True, text=True)
+    assert ran.stdout.split()[-5:] == ["--scale=ci", "--threads", "8", "--shard", "2/4"]
+    # resubmitting some tasks of an array of 8: N is named, not counted
+    some = {**env, "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "3",
+            "SLURM_ARRAY_TASK_MAX": "7"}
+    ran = subprocess.run(["bash", str(script), "editors"], env=some, capture_output=True, text=True)
+    assert ran.returncode == 2 and "INTATTN_SHARDS" in ran.stderr
+    ran = subprocess.run(["bash", str(script), "editors"], env={**some, "INTATTN_SHARDS": "8"}, capture_output=True,
+                         text=True)
+    assert ran.stdout.split()[-2:] == ["--shard", "7/8"]
     outside = {k: v for k, v in env.items() if not k.startswith("SLURM_ARRAY")}
     ran = subprocess.run(["bash", str(script), "editors"], env=outside, capture_output=True, text=True)
     assert ran.returncode == 2 and "sbatch --array=1-N" in ran.stderr

@@ -68,6 +68,12 @@ def test_store_round_trip_and_key_check(tmp_path):
     path.write_bytes(path.read_bytes()[:12])  # a truncated stream
     with pytest.raises(StoreError, match="not a readable unit file"):
         store.rows()
+    data = bytearray(gzip.compress(b'{"a": 1}\n' * 50))
+    data[10] ^= 0xFF  # the first byte of the deflate stream: zlib.error, not an OSError
+    path.write_bytes(bytes(data))
+    for read in (store.rows, store.first_rows):
+        with pytest.raises(StoreError, match="not a readable unit file"):
+            read()
 
 
 def test_unit_files_are_the_same_bytes_everywhere_and_plain_ones_still_read(tmp_path):

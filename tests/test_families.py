@@ -12,6 +12,7 @@ import torch
 
 import intattn_analysis as ia
 from intattn_analysis.experiments import EXPERIMENTS
+from intattn_analysis.experiments.store import ResultStore
 
 #: The experiments in an order that serves each one's inputs (estimators read the traces).
 ORDER = ("localization", "alpha-sweep", "alpha-estimators", "editors", "sequential", "batch-scaling", "outdated")
@@ -97,6 +98,7 @@ def test_every_experiment_runs_at_ci_scale(family_model, tmp_path, monkeypatch):
         dataset = "builtin" if name in ("localization", "outdated") else "zsre"
         module.run(model, dataset, "ci", tmp_path / "store", progress=False)
         tables = module.tables(tmp_path / "store")
+        assert len(ResultStore(tmp_path / "store", module.NAME)) > 0, f"{name}: no unit stored on {model.spec.name}"
         shown = {key: len(frame) for key, frame in tables.items() if frame is not None}
         assert shown and any(shown.values()), f"{name}: no table rows on {model.spec.name}"
     after = model.hf_model.state_dict()

@@ -44,6 +44,23 @@ def test_weights_and_moments_are_the_bytes_of_the_real_tensors(tiny_llama):
     assert unit_memory(shape, "edit", "memit", hp, dtype="bfloat16")["weights"] == real * 2
 
 
+def test_fine_tuning_memory_is_its_optimizer_state(tiny_llama):
+    """FT-L's planned optimizer bytes are those of the Adam state, the gradient and the
+    restore copy of the matrix it tunes, measured on a real step."""
+    from intattn_analysis.hparams import FTHparams
+
+    shape = ModelShape.from_config(tiny_llama.hf_model.config.to_dict(), "tiny")
+    hp = FTHparams(layers=(1,))
+    weight = tiny_llama.weight(hp.module, 1).detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weight])
+    weight.sum().backward()
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for t in optimizer.state[weight].values() if t.dim())
+    measured = state + weight.grad.numel() * weight.grad.element_size() + weight.numel() * weight.element_size()
+    assert unit_memory(shape, "edit", "ft-l", hp)["optimizer"] == measured
+    assert plan("Qwen/Qwen2.5-7B", "editors", memory_gib=80, device="a100-40gb") is not None  # 80 GiB overrides
+
+
 def test_a_plan_lists_the_reference_units_and_refuses_what_does_not_fit(capsys):
     table = plan("Qwen/Qwen2.5-7B", "editors", dtype="bfloat16", device="h100-80gb")
     edits = table[table["kind"] == "edit"]
@@ -53,7 +70,7 @@ def test_a_plan_lists_the_reference_units_and_refuses_what_does_not_fit(capsys):
     assert (table["total_gib"] < 80).all() and summary(table)["hours"] > 0
     moments = table[table["kind"] == "second moments"]
     assert len(moments) == 1 and moments["corpus_tokens"].item() == 10_000_000
-    with pytest.raises(PlanDoesNotFit, match="alphaedit needs .* GiB .* a100-40gb has 40; use --dtype bfloat16"):
+    with pytest.raises(PlanDoesNotFit, match="alphaedit needs .* GiB .* a100-40gb has 40 GiB; use --dtype bfloat16"):
         plan("Qwen/Qwen2.5-7B", "editors", dtype="float32", device="a100-40gb")
     assert cli.main(["plan", "--model", "Qwen/Qwen2.5-7B", "--experiment", "editors", "--device", "a100-40gb"]) == 1
     assert "does not fit" in capsys.readouterr().err

@@ -31,6 +31,7 @@ submitit and Ray are optional: ``pip install intattn-analysis[executors]``.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -52,7 +53,9 @@ class ShardTask:
     the experiment's scale object; ``keywords`` further arguments of the experiment's
     ``run`` (``protocol``, ``method``, ``variants``...); ``threads`` the torch threads of
     the task's process (0 leaves torch's default, which on a cluster node may be every
-    core of the node).
+    core of the node); ``environment`` the ``INTATTN_*`` variables of the submitting
+    process (cache, data and results folders), set in the task's process where it has
+    none of its own, since a Ray worker does not inherit them.
     """
 
     experiment: str
@@ -63,6 +66,7 @@ class ShardTask:
     shard: tuple[int, int] | None = None
     keywords: Mapping[str, Any] = field(default_factory=dict)
     threads: int = 0
+    environment: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -78,6 +82,8 @@ class ShardTask:
         from . import experiment
         from .store import ResultStore
 
+        for name, value in self.environment.items():
+            os.environ.setdefault(name, value)
         if self.threads:
             torch.set_num_threads(self.threads)
         module = experiment(self.experiment)
@@ -91,15 +97,19 @@ class ShardTask:
 
 def shard_tasks(experiment: str, model: str, dataset: str, scale: Any, root, shards: int, *,
                 keywords: Mapping[str, Any] | None = None, threads: int = 0) -> list[ShardTask]:
-    """The ``shards`` tasks ``1/N`` ... ``N/N`` of one run (one task, unsharded, for 1)."""
+    """The ``shards`` tasks ``1/N`` ... ``N/N`` of one run (one task, unsharded, for 1).
+    The store folder, and a model given as a local directory, are made absolute (a worker's
+    working directory may differ); the ``INTATTN_*`` variables travel with each task."""
     from . import experiment as experiment_module
 
     experiment_module(experiment)  # an unknown name fails here, not in every task
     if not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards must be a positive integer, got {shards!r}")
     parts = [None] if shards == 1 else [(i, shards) for i in range(1, shards + 1)]
-    return [ShardTask(experiment, str(model), dataset, scale, str(root), part, dict(keywords or {}), threads)
-            for part in parts]
+    model = str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
+    environment = {k: v for k, v in os.environ.items() if k.startswith("INTATTN_")}
+    return [ShardTask(experiment, model, dataset, scale, str(Path(root).resolve()), part, dict(keywords or {}),
+                      threads, environment) for part in parts]
 
 
 @dataclass
@@ -122,9 +132,17 @@ def outcomes_table(outcomes: Sequence[TaskOutcome]) -> pd.DataFrame:
 
 
 def _short(error: BaseException | str, lines: int = 6) -> str:
-    """The last ``lines`` lines of an error's text (a remote traceback is long)."""
+    """The last ``lines`` lines of an error's text (a remote traceback is long), before
+    any footer submitit adds below a line of dashes (where to find the logs: they are
+    reported apart)."""
     text = error if isinstance(error, str) else "".join(traceback.format_exception_only(type(error), error))
-    return "\n".join(text.strip().splitlines()[-lines:])
+    kept = text.strip().splitlines()
+    dashes = [i for i, line in enumerate(kept) if line.strip() and set(line.strip()) == {"-"} and i > 0]
+    if dashes:
+        kept = kept[:dashes[-1]]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    return "\n".join(kept[-lines:])
 
 
 @dataclass
@@ -238,7 +256,8 @@ class RayExecutor:
 
     Args:
         address: the cluster to join (``"auto"``, ``"ray://host:10001"``); ``None`` starts
-            a local cluster for the run, with ``local_cpus`` CPUs, and stops it after.
+            a local cluster for the run, with ``local_cpus`` CPUs, and stops it after (it
+            does not join a cluster that ``RAY_ADDRESS`` or a running ``ray start`` names).
         num_gpus: GPUs per task (fractions share a GPU).
         num_cpus: CPUs per task.
         local_cpus: the CPUs of a local cluster (``None``: every core).
@@ -255,7 +274,7 @@ class RayExecutor:
         if started_here:
             options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if self.address is None:
-                options["num_cpus"] = self.local_cpus
+                options.update(address="local", num_cpus=self.local_cpus)
             else:
                 options["address"] = self.address
             ray.init(**options)

@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -231,8 +232,11 @@ class ResultStore:
         tools that survey a store (``intattn status``, the settings tables of the pages)."""
         out = {}
         for path in self.files():
-            with _open_text(path) as handle:
-                line = handle.readline()
+            try:
+                with _open_text(path) as handle:
+                    line = handle.readline()
+            except (OSError, EOFError, zlib.error, UnicodeDecodeError) as error:
+                raise _unreadable(path, error) from None
             if not line.strip():
                 raise ValueError(f"{path}: an empty unit file; remove it and run the experiment again")
             out[unit_of(path)] = json.loads(line)
@@ -283,12 +287,16 @@ def _read_lines(path: Path) -> list[dict]:
                 except json.JSONDecodeError as error:
                     raise StoreError(f"{path}, line {number}: not JSON ({error.msg}); remove the "
                                      "file so that its unit is computed again") from None
-    except (OSError, EOFError) as error:  # a truncated or corrupt gzip stream
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as error:  # a truncated or corrupt stream
         if isinstance(error, FileNotFoundError):
             raise
-        raise StoreError(f"{path}: not a readable unit file ({error}); remove the file so that its unit is "
-                         "computed again") from None
+        raise _unreadable(path, error) from None
     return rows
+
+
+def _unreadable(path: Path, error: BaseException) -> StoreError:
+    return StoreError(f"{path}: not a readable unit file ({type(error).__name__}: {error}); remove the file so "
+                      "that its unit is computed again")
 
 
 def compress_store(root: str | os.PathLike) -> int:

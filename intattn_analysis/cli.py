@@ -485,13 +485,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"shard {args.shard} done; tables are written once the shards are merged "
               f"(`intattn run {args.experiment} --tables-only --out MERGED`)")
         return 0
-    try:
-        tables = module.tables(out)
-    except ValueError as error:  # an empty store, a store of two configurations
-        raise UsageError(f"--out {out}: {error}") from None
-    folder = Path(args.tables) if args.tables else (out.parent if args.scale == "paper" else out)
-    for path in write_tables(args.experiment, tables, folder):
-        print(f"wrote {path}")
+    tables = _write_run_tables(args, module, out)
     with pd.option_context("display.width", 200, "display.max_rows", 200,
                            "display.float_format", "{:.3f}".format):
         for key, frame in tables.items():
@@ -541,14 +535,21 @@ def _run_with_executor(args: argparse.Namespace, module, keywords: dict, out: Pa
         print(f"{len(failed)} of {len(table)} task(s) failed: {', '.join(failed['task'])}. Their units are "
               "missing from the store; run the same command again to compute only those.", file=sys.stderr)
         return 1
+    _write_run_tables(args, module, out)
+    return 0
+
+
+def _write_run_tables(args: argparse.Namespace, module, out: Path) -> dict:
+    """Summarise the store at ``out`` and write the experiment's CSVs (to ``--tables``, else
+    the store's parent at paper scale and the store itself at CI scale); returns the tables."""
     try:
         tables = module.tables(out)
-    except ValueError as error:
+    except ValueError as error:  # an empty store, a store of two configurations
         raise UsageError(f"--out {out}: {error}") from None
     folder = Path(args.tables) if args.tables else (out.parent if args.scale == "paper" else out)
     for path in write_tables(args.experiment, tables, folder):
         print(f"wrote {path}")
-    return 0
+    return tables
 
 
 def _run_protocol(args: argparse.Namespace, module) -> dict:

@@ -818,7 +818,7 @@ def plans_page(tables: Tables) -> str:
     store = tables.folder / "store"
     if not store.is_dir():
         return "\n".join([*lines, "No store beside the tables (`store/`): plans take their units from it.", ""])
-    units = {e: reference_units(e, store) for e in PAGE_EXPERIMENTS if e in PAPER_GRID}
+    units = {e: reference_units(e, store) for e in PAPER_GRID}
     units = {e: u for e, u in units.items() if not u.empty}
     tables.stores.extend(e for e in units if e not in tables.stores)
     lines += [f"`intattn plan` from each model's shipped configuration (no weights): the units of "
@@ -862,11 +862,6 @@ def plans_page(tables: Tables) -> str:
 def _duration(hours: float) -> str:
     """Hours as minutes below one hour, with two significant digits."""
     return f"{hours * 60:.2g} min" if hours < 1 else f"{hours:.2g} h"
-
-
-#: The experiments whose plans ``plans.md`` shows, in the order of the paper grid.
-PAGE_EXPERIMENTS = ("localization", "alpha-sweep", "alpha-estimators", "editors", "sequential", "batch-scaling",
-                    "outdated")
 
 
 PAGES: dict[str, Callable[[Tables], str]] = {

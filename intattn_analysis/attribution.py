@@ -59,7 +59,8 @@ from torch import Tensor
 
 from .architectures import hook
 from .loading import ModelHandle
-from .model_access import FINAL_NORM_HOOK, gradient_node_hook, keep_last_position, noise_draws, noise_hook
+from .model_access import (FINAL_NORM_HOOK, gradient_node_hook, initial_loss_scale, keep_last_position,
+                           noise_draws, noise_hook)
 
 __all__ = ["ATTRIBUTION_METHODS", "METHODS", "attribution_agreement", "attribution_curves", "attribution_estimates",
            "check_method"]
@@ -105,14 +106,21 @@ def attribution_estimates(model: ModelHandle, run, settings, sites: Sequence, me
     with torch.enable_grad(), model.bridge.hooks(fwd_hooks=hooks):
         logits = model.bridge(ids)
         probs = torch.softmax(logits[:, -1].float(), dim=-1)[:, run.answer]
-        metric = probs.sum()  # each draw's p depends on its own row only
+        # each draw's p depends on its own row only; in float16 the sum is scaled so that
+        # small gradients do not flush to zero, and each gradient scaled back (exactly)
+        scale = initial_loss_scale(model.dtype)
+        metric = probs.sum() * scale if scale != 1 else probs.sum()
         names = sorted(wanted)
         inputs = [nodes[name] for name in names]
         deltas = {name: (run.clean[name] - nodes[name].detach()).double() for name in names}
 
         def per_site(grads: Sequence[Tensor]) -> Tensor:
             """``[n_sites]``: each site's first-order estimate, averaged over draws."""
-            terms = {name: (deltas[name] * grad.double()).sum(-1) for name, grad in zip(names, grads)}
+            if not all(bool(torch.isfinite(grad).all()) for grad in grads):
+                raise FloatingPointError(
+                    f"attribution patching of {model.name} in {model.dtype} gave a non-finite gradient; "
+                    "load the model in bfloat16 or float32")
+            terms = {name: (deltas[name] * grad.double() / scale).sum(-1) for name, grad in zip(names, grads)}
             estimates = torch.zeros(len(sites), dtype=torch.float64)
             for i, site in enumerate(sites):
                 total = sum(terms[hook(_KIND_HOOK[site.kind], j)][:, site.token] for j in site.restored)

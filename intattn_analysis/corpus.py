@@ -53,11 +53,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from .cache import CacheEntry, cache_entry, cache_key, entry_fields
+from .cache import CacheEntry, cache_key, canonical_json, entry_name
 from .loading import EMBEDDED_MODELS, ModelHandle, write_atomic
 
 __all__ = [
     "HUB_DATASETS",
+    "SAMPLING_DTYPE",
     "SHIPPED_SAMPLES",
     "CorpusError",
     "ModelSamples",
@@ -77,6 +78,9 @@ SAMPLE_BATCH = 32
 #: Where the package keeps model samples it ships (gzipped JSON, the cache file's name
 #: prefixed with the model's cache id); read before sampling when their key matches.
 SHIPPED_SAMPLES = Path(__file__).parent / "data" / "samples"
+#: The dtype model samples are drawn in, whatever dtype the model is loaded in: the text
+#: of a checkpoint is the same for every precision it is run in.
+SAMPLING_DTYPE = torch.float32
 #: Texts longer than this many characters are tokenized in pieces, split at blank lines.
 _TOKENIZE_PIECE_CHARS = 1_000_000
 _SAMPLES_FORMAT = 1
@@ -264,15 +268,21 @@ class ModelSamples:
     prefix followed by the sampled tokens, the form in which a text of the model's would
     be fed back to it.
 
-    Sampling uses a fresh, unwrapped copy of the Hugging Face model loaded from the same
-    checkpoint: booting the TransformerLens bridge wraps the model's modules in place, and
-    ``generate`` on the wrapped model reuses its key-value cache incorrectly. Where the
+    The text is the checkpoint's, in float32: sampling uses a fresh, unwrapped copy of
+    the Hugging Face model reloaded from the same checkpoint in float32, whatever dtype
+    the model was loaded in and whatever edits are applied to it (booting the
+    TransformerLens bridge wraps the model's modules in place, and ``generate`` on the
+    wrapped model reuses its key-value cache incorrectly). So a model loaded in bfloat16
+    reads the same text as in float32, and its second moments differ from float32's only
+    by its own arithmetic (the precision policy of ``docs/design.md``). Where the
     checkpoint cannot be reloaded the bridge samples instead, recomputing every prefix
-    (correct, but quadratic in ``max_len``). The samples are cached per
-    ``(model, seed, batch, max_len)`` and extended when more tokens are asked for.
+    (correct, but quadratic in ``max_len``); it gives the checkpoint's text only from an
+    unedited float32 model and refuses any other with a :class:`CorpusError`. The
+    samples are cached per ``(checkpoint, seed, batch, max_len)`` and extended when more
+    tokens are asked for.
 
     Shipped samples (:data:`SHIPPED_SAMPLES`, under the cache file's name) come first when
-    they hold enough tokens and their key (model weights and state, dtype, seed, batch,
+    they hold enough tokens and their key (the checkpoint, float32, seed, batch,
     ``max_len``) is the one asked for: then no sampling runs and the text is the same on
     every machine. Asked for more than they hold, the samples are extended from the
     shipped rows, since batch ``i``'s seed does not depend on the total.
@@ -373,13 +383,17 @@ class ModelSamples:
         return {"format": _SAMPLES_FORMAT, "corpus": self.corpus_id, "max_len": max_len}
 
     def _cache_key(self, model: ModelHandle, max_len: int) -> dict:
-        """The fields of these samples' cache entry, the model's state and dtype included
-        (the key stored in the entry and in a shipped file)."""
-        return entry_fields(model, self._fields(max_len))
+        """The fields of these samples' cache entry (the key stored in the entry and in a
+        shipped file): the checkpoint (``cache_id``: no edits) and :data:`SAMPLING_DTYPE`,
+        the dtype the text is sampled in whatever the model's own, in the fields and
+        order of :func:`intattn_analysis.cache.entry_fields`."""
+        return json.loads(canonical_json({"model": model.cache_id, "dtype": str(SAMPLING_DTYPE),
+                                          **self._fields(max_len)}))
 
     def _cache_entry(self, cache_dir: Path, model: ModelHandle, max_len: int) -> CacheEntry:
-        return cache_entry(cache_dir, model, self._label(max_len), self._fields(max_len),
-                           what="corpus samples")
+        key = self._cache_key(model, max_len)
+        name = f"{entry_name(key, self._label(max_len))}.json"
+        return CacheEntry(Path(cache_dir) / model.cache_folder / name, key, "corpus samples")
 
     def _label(self, max_len: int) -> str:
         return f"samples-seed{self.seed}-batch{self.batch}-len{max_len}"
@@ -457,7 +471,7 @@ def _hf_sampler(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     source = getattr(model.hf_model.config, "name_or_path", None) or model.name
-    kwargs: dict = {"dtype": model.dtype}
+    kwargs: dict = {"dtype": SAMPLING_DTYPE}
     if model.name not in EMBEDDED_MODELS and model.revision is not None:
         kwargs["revision"] = model.revision
     try:
@@ -466,6 +480,14 @@ def _hf_sampler(
             sampler = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         sampler.to(model.device).eval()
     except Exception as error:  # any reload failure: fall back to the (slow) bridge
+        if model.dtype != SAMPLING_DTYPE or model.open_edits:
+            state = "edited" if model.open_edits else f"loaded in {model.dtype}"
+            raise CorpusError(
+                f"could not reload {source!r} to sample its text in float32 ({type(error).__name__}: "
+                f"{error}), and {model.name} is {state}, so sampling through it would not give the "
+                "checkpoint's text. Sample once from the checkpoint loaded unedited in float32 (the "
+                "samples are cached and read by every dtype), or pass a text corpus"
+            ) from None
         warnings.warn(
             f"could not reload {source!r} for sampling ({type(error).__name__}: {error}); "
             "sampling through the TransformerLens bridge without a key-value cache (slow)",

@@ -25,6 +25,9 @@ its TransformerLens bridge. What they share lives here, once:
   position (:func:`prefix_kwargs`, :func:`padded_prefix_kwargs`). :func:`resume_engine`
   checks once per model which of these shortcuts reproduce a full forward;
   :func:`resumed_logits` and :func:`resume` run the resumed forward.
+* **Backward passes in float16.** :func:`initial_loss_scale` is the factor a loss is
+  multiplied by before a backward pass through a float16 model (and each gradient
+  divided by after it), so that small gradients do not flush to zero.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ __all__ = [
     "attention_value_hook",
     "blocks_skipped",
     "cache_keyword",
+    "initial_loss_scale",
     "hook",
     "gradient_node_hook",
     "keep_last_position",
@@ -450,3 +454,19 @@ def _engine_works(model: ModelHandle, engine: ResumeEngine, cache, kv, reference
     except Exception:  # a shortcut this bridge does not support: the caller tries the next
         return False
     return bool(torch.allclose(out[:, -1], reference, rtol=0, atol=1e-3))
+
+
+# =========================================================================== backward passes
+#: The loss scale a float16 model's backward passes start at (halved on each overflow):
+#: float16's smallest normal number is 6e-5, and the gradients of a target's loss with
+#: respect to a residual stream of small weights fall below it and flush to zero, so the
+#: loss is scaled up before the backward pass and the float32 gradient scaled down after
+#: it (by a power of two: exactly). bfloat16 and float32 share float32's exponent range
+#: and need no scale.
+FLOAT16_LOSS_SCALE = 2.0 ** 14
+
+
+def initial_loss_scale(dtype: torch.dtype) -> float:
+    """The loss scale a backward pass through a model of ``dtype`` starts at:
+    :data:`FLOAT16_LOSS_SCALE` for float16, 1 otherwise."""
+    return FLOAT16_LOSS_SCALE if dtype == torch.float16 else 1.0

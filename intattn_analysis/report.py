@@ -800,6 +800,69 @@ def attribution_page(tables: Tables) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- precision page
+#: The metrics the precision page shows, in order.
+PRECISION_SHOWN = ("Edit Succ.", "Rephrase", "Portability", "Locality", "Fluency")
+
+
+def precision_page(tables: Tables) -> str:
+    """``precision.md``: the closed-form editors with the model in bfloat16 against float32."""
+    intervals, paired, seconds, bench = (tables.get(n) for n in ("precision_intervals", "precision_paired",
+                                                                 "precision_seconds", "../benchmarks/precision"))
+    lines = ["# bfloat16 against float32", "",
+             "The same batch of test edits written by MEMIT, IntAttn-Edit and AlphaEdit with the model loaded in "
+             "float32 and in bfloat16, each with its defaults for the model, evaluated with the editors "
+             "experiment's metrics and paired fact by fact (`intattn run precision --scale paper`). Both "
+             "dtypes follow the precision policy (`docs/design.md`, Precision): second moments summed in float64 "
+             "over the same corpus text, float64 solves, float32 targets, the update cast once to the weights' "
+             "dtype, an exact restore. `pre-edit` is the unedited model, so its row is what the precision alone "
+             "moves. Percent (Fluency in bits), mean [95% interval over facts]; the difference is the dtype minus "
+             "float32 on the same facts, Holm-adjusted over every row on the four KnowEdit metrics.", ""]
+    if intervals is None or paired is None:
+        return "\n".join(lines + ["Not run yet (`intattn run precision --model smollm2-135m --dataset zsre "
+                                  "--scale paper`)."])
+    for (model, dataset, protocol), group in intervals.groupby(["model", "dataset", "protocol"], sort=False):
+        pair = paired[(paired["model"] == model) & (paired["dataset"] == dataset) & (paired["protocol"] == protocol)]
+        reference = pair["reference"].iloc[0] if not pair.empty else "float32"
+        for dtype, part in pair.groupby("dtype", sort=False):
+            rows = []
+            for _, r in part[part["metric"].isin(PRECISION_SHOWN)].iterrows():
+                means = group[(group["setting"] == r["setting"]) & (group["metric"] == r["metric"])].set_index("dtype")
+                rows.append({"setting": r["setting"], "metric": r["metric"],
+                             reference: _interval(means.loc[reference]) if reference in means.index else "",
+                             dtype: _interval(means.loc[dtype]) if dtype in means.index else "",
+                             f"{dtype} − {reference}": _interval(r, "diff", sign=True),
+                             "p_holm": _p(r["p_holm"]) if pd.notna(r["p_holm"]) else ""})
+            decided = part[(part["metric"].isin(VERDICT_METRICS)) & (part["p_holm"] < 0.05)]
+            family = part[part["metric"].isin(VERDICT_METRICS)]
+            largest = family.loc[family["diff"].abs().idxmax()] if not family.empty else None
+            verdict = (f"{len(decided)} of {len(family)} differences on the KnowEdit metrics are decided "
+                       "(Holm-adjusted p < 0.05)"
+                       + (": " + "; ".join(f"{r['setting']} {r['metric']} {_interval(r, 'diff', sign=True)}"
+                                           for _, r in decided.iterrows()) if len(decided) else "")
+                       + ".")
+            if largest is not None:
+                verdict += (f" The largest in size is {largest['setting']} {largest['metric']}, "
+                            f"{_interval(largest, 'diff', sign=True)} points.")
+            n = int(part["n_edits"].max())
+            lines += [f"## {model}, {dataset}, {protocol}: {dtype}", "", f"{n} edits.", "",
+                      markdown_table(pd.DataFrame(rows)), "", verdict, ""]
+        if seconds is not None and protocol == "teacher-forced":
+            timed = seconds[(seconds["model"] == model) & (seconds["dataset"] == dataset)]
+            if not timed.empty:
+                wide = timed.pivot_table(index="setting", columns="dtype", values="edit_seconds", aggfunc="first",
+                                         sort=False).round(0)
+                lines += ["Seconds per batch edit (the edit alone; the first editor of a batch computes the shared "
+                          "targets unless the cache holds them) on the machine that ran the units. bfloat16 is fast only on hardware with "
+                          "bfloat16 matrix instructions; elsewhere PyTorch emulates it.", "",
+                          markdown_table(wide), ""]
+    if bench is not None:
+        lines += ["## Speed", "", "`benchmarks/bench_precision.py`: seconds of a forward and of a forward with "
+                  "backward of one token batch, median of its repeats, and each dtype's time over float32's, on the "
+                  "machine that last ran it:", "", markdown_table(bench), ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- pages
 #: ``{file name: page function}``: the pages ``intattn report`` writes.
 #: The models and devices ``plans.md`` plans for: the paper's 7B models.
@@ -867,7 +930,7 @@ def _duration(hours: float) -> str:
 PAGES: dict[str, Callable[[Tables], str]] = {
     "claims.md": claims_page, "editors.md": editors_page, "generation.md": generation_page,
     "scaling.md": scaling_page, "outdated.md": outdated_page, "tuning.md": tuning_page,
-    "attribution.md": attribution_page, "plans.md": plans_page}
+    "attribution.md": attribution_page, "plans.md": plans_page, "precision.md": precision_page}
 
 GENERATED = "<!-- generated by `intattn report` from the tables named at the end; do not edit by hand -->"
 

@@ -73,6 +73,7 @@ from .cache import CacheEntry, cache_entry, entry_fields, kind_folder
 from .loading import ModelHandle
 from .model_access import (
     FINAL_NORM_HOOK,
+    initial_loss_scale,
     key_value_hooks,
     key_values,
     padded_prefix_kwargs,
@@ -969,8 +970,10 @@ def _optimise(problem: _TargetProblem, hparams, deltas: list[Tensor], learned: l
     loss_final = torch.zeros(n_facts, device=device)
     active = list(range(n_facts))
     steps = [0] * n_facts
-    bar = tqdm(range(hparams.v_steps), desc=f"z* at layer {p.layer}", disable=not progress)
-    for step in bar:
+    scale = initial_loss_scale(p.model.dtype)
+    bar = tqdm(total=hparams.v_steps, desc=f"z* at layer {p.layer}", disable=not progress)
+    step = 0
+    while step < hparams.v_steps:
         optimizer.zero_grad()
         with torch.enable_grad():
             nll, kl, kl_lp = _batch_losses(p, deltas, active)
@@ -984,17 +987,26 @@ def _optimise(problem: _TargetProblem, hparams, deltas: list[Tensor], learned: l
             keep = [i for i, d in enumerate((stopping < hparams.stop_loss).tolist()) if not d]
             if not keep or step == hparams.v_steps - 1:
                 break
-            loss[keep].sum().backward()
+            (loss[keep].sum() * scale).backward()
         if not all(torch.isfinite(d.grad).all() for d in learned):
+            if scale > 1:  # the scaled gradient overflowed float16: the same step at half the scale
+                scale /= 2
+                continue
             raise FloatingPointError(
                 f"the target optimisation at layer {p.layer} produced a non-finite gradient at "
                 f"step {step}; lower v_lr (now {hparams.v_lr})"
             )
+        if scale != 1:
+            for d in learned:
+                d.grad.div_(scale)  # a power of two: exact
         active = [active[i] for i in keep]
         _step_and_clamp(optimizer, learned, learned_h, active, n_facts, hparams.clamp_norm_factor)
         for i in active:
             steps[i] += 1
+        step += 1
+        bar.update(1)
         bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}", active=len(active))
+    bar.close()
     if nll_first is None:  # v_steps == 0: no evaluation yet, and the KL is 0
         with torch.no_grad():
             nll_final, _, _ = _batch_losses(p, deltas, list(range(n_facts)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 import torch
 
@@ -15,7 +16,8 @@ from intattn_analysis.experiments import EXPERIMENTS
 from intattn_analysis.experiments.store import ResultStore
 
 #: The experiments in an order that serves each one's inputs (estimators read the traces).
-ORDER = ("localization", "alpha-sweep", "alpha-estimators", "editors", "sequential", "batch-scaling", "outdated")
+ORDER = ("localization", "alpha-sweep", "alpha-estimators", "editors", "sequential", "batch-scaling", "outdated",
+         "precision")
 #: Known facts given to the localization and estimator experiments (their CI scales use 4 and 8).
 KNOWN = 12
 
@@ -103,3 +105,25 @@ def test_every_experiment_runs_at_ci_scale(family_model, tmp_path, monkeypatch):
         assert shown and any(shown.values()), f"{name}: no table rows on {model.spec.name}"
     after = model.hf_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "an experiment left the weights edited"
+    _precision_float32_is_editors(tmp_path / "store")
+
+
+def _precision_float32_is_editors(root):
+    """The precision experiment's float32 units are the editors experiment's own (a unit's
+    key names the model's dtype, and the CI scales agree): the same files, the same rows
+    but the timing and the experiment's name."""
+    precision, editors = ResultStore(root, "precision"), ResultStore(root, "editors")
+    names = {path.name for path in editors.files()}
+    ours = precision.rows()
+    float32 = ours[ours["dtype"] == "float32"].drop(columns="dtype")
+    half = ours[ours["dtype"] != "float32"]
+    assert len(float32) and len(half), "the precision experiment stored no float32 or no bfloat16 rows"
+    shared = [path.name for path in precision.files() if path.name in names]
+    assert len(shared) == len(precision.files()) // 2, "the float32 units are not the editors experiment's"
+    theirs = editors.rows()
+    theirs = theirs[theirs["setting"].isin(set(float32["setting"]))]
+    timing = ["seconds", "edit_seconds", "experiment"]
+    order = ["setting", "batch", "position"]
+    left = float32.drop(columns=timing, errors="ignore").sort_values(order).reset_index(drop=True)
+    right = theirs.drop(columns=timing, errors="ignore").sort_values(order).reset_index(drop=True)
+    pd.testing.assert_frame_equal(left, right[left.columns])

@@ -24,7 +24,9 @@ state, the facts, the method and its settings) and its tables. *How* a unit is r
 * ``batch-scaling``: every editor at growing batch sizes on the same facts
   (:mod:`.batch_scaling`);
 * ``outdated``: how much of the old answer survives each editor, where it flows, and
-  whether a context brings it back (:mod:`.outdated`).
+  whether a context brings it back (:mod:`.outdated`);
+* ``precision``: the closed-form editors with the model in bfloat16, paired with float32
+  on the same facts (:mod:`.precision`).
 
 ``intattn tune`` runs :mod:`.tuning`: a grid of one editor's settings on train records,
 as units of the ``editors`` experiment.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import alpha_sweep, batch_scaling, editors, estimators, localization, outdated, sequential
+from . import alpha_sweep, batch_scaling, editors, estimators, localization, outdated, precision, sequential
 from ..intervals import mean_interval, paired_difference, tidy_intervals
 from .store import ResultStore, StoreError, merge_stores
 
@@ -44,7 +46,7 @@ __all__ = ["EXPERIMENTS", "ResultStore", "StoreError", "mean_interval", "merge_s
 #: The experiments ``intattn run`` knows, by name.
 EXPERIMENTS: dict[str, ModuleType] = {
     module.NAME: module for module in (localization, alpha_sweep, estimators, editors, sequential,
-                                       batch_scaling, outdated)
+                                       batch_scaling, outdated, precision)
 }
 
 

@@ -162,6 +162,7 @@ def method_cells(
     label_prefix: str = "",
     protocol: str = "teacher-forced",
     generation: GenerationSettings | None = None,
+    columns: Mapping[str, Any] | None = None,
 ) -> list[Cell]:
     """The units of each batch of this shard: ``pre-edit`` (label ``b000-pre``), then each
     named (method, hparams) (``b000-<method>-<row>``). The rows named in ``alone`` edit
@@ -169,12 +170,14 @@ def method_cells(
     ``dataset``, ``batch``, ``setting`` (the row name, ``"pre-edit"`` for the unedited
     model), ``method`` and ``labels``. ``labels`` are another experiment's grouping (such
     as the batch size); they enter every unit's key too, and ``label_prefix`` starts every
-    unit's file label. Under ``protocol`` ``"generation"`` or ``"both"`` each cell also
-    (or only) has a generation unit (:func:`.units.protocol_units`)."""
+    unit's file label. ``columns`` enter the rows only: facts the key already names in its
+    own way (the model's dtype), so that the unit stays the one of every other experiment
+    that runs it. Under ``protocol`` ``"generation"`` or ``"both"`` each cell also (or
+    only) has a generation unit (:func:`.units.protocol_units`)."""
     generation = generation or GenerationSettings()
     extra = dict(labels or {})
     eval_key = {"metrics": list(metrics), "fluency_tokens": fluency_tokens, **extra}
-    columns = {"model": model.name, "dataset": dataset, **extra}
+    columns = {"model": model.name, "dataset": dataset, **extra, **dict(columns or {})}
     cells = []
     for b in shard_batches(len(batches), shard):
         facts = list(batches[b])
@@ -208,6 +211,7 @@ def run_methods(
     label_prefix: str = "",
     protocol: str = "teacher-forced",
     generation: GenerationSettings | None = None,
+    columns: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> int:
     """Evaluate each named (method, hparams) on each batch of this shard
@@ -222,7 +226,7 @@ def run_methods(
     generation = generation or GenerationSettings()
     cells = method_cells(model, batches, settings, dataset=dataset, metrics=metrics, fluency_tokens=fluency_tokens,
                          shard=shard, alone=alone, labels=labels, label_prefix=label_prefix, protocol=protocol,
-                         generation=generation)
+                         generation=generation, columns=columns)
     return run_cells(model, cells, EvaluationMeasure(metrics, fluency_tokens, protocol, generation), store,
                      moments=moments,
                      targets_cache=targets_cache(), edit_seconds=True, desc=f"{model.name} {dataset} editors",

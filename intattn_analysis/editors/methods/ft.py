@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ...hparams import FTHparams
+from ...model_access import initial_loss_scale
 from ...targets import Row, answer_ids, pad_rows
 from ..protocol import EditJob, Editor, register
 from ..result import EditError
@@ -84,6 +85,55 @@ def _all_losses(model, rows: list[Row], chunks: list[list[int]]) -> torch.Tensor
     return out
 
 
+class _Trained:
+    """The trained matrices and what Adam updates: the matrices themselves in float32, and
+    float32 master copies of them in half precision (Adam's steps, at a learning rate of
+    1e-4 or so, are smaller than half precision's spacing, and its epsilon underflows
+    float16). In half precision each step's gradient is read into the masters, the
+    masters step, and each is cast once to its matrix's dtype; in float16 the loss is
+    scaled before the backward pass so that small gradients do not flush to zero, and a
+    step whose scaled gradient overflowed is skipped at half the scale
+    (:func:`intattn_analysis.model_access.initial_loss_scale`)."""
+
+    def __init__(self, weights: list[torch.Tensor], dtype: torch.dtype) -> None:
+        self.weights = weights
+        self.half = any(w.dtype in (torch.float16, torch.bfloat16) for w in weights)
+        self.masters = [w.detach().float().clone() for w in weights] if self.half else weights
+        self.scale = initial_loss_scale(dtype)
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Backpropagate ``loss``; whether the masters have a finite gradient to step on."""
+        (loss * self.scale if self.scale != 1 else loss).backward()
+        if not self.half:
+            return True
+        grads = [w.grad.float() / self.scale for w in self.weights]  # a power of two: exact
+        for w in self.weights:
+            w.grad = None
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            if self.scale > 1:
+                self.scale /= 2
+                return False
+            raise EditError("the fine-tuning gradient is not finite; lower lr")
+        for master, grad in zip(self.masters, grads):
+            master.grad = grad
+        return True
+
+    @torch.no_grad()
+    def write(self) -> None:
+        """Cast the masters into the matrices (nothing to do in float32: they are the matrices)."""
+        if self.half:
+            for w, master in zip(self.weights, self.masters):
+                w.copy_(master)
+
+    @torch.no_grad()
+    def clip(self, originals: list[torch.Tensor], bound: float) -> None:
+        """Each entry into ``[w0 - bound, w0 + bound]`` around the original weights."""
+        for master, w0 in zip(self.masters, originals):
+            w0 = w0.to(master.dtype)
+            master.copy_(torch.minimum(torch.maximum(master, w0 - bound), w0 + bound))
+        self.write()
+
+
 def apply(job: EditJob) -> None:
     model, hp = job.model, job.hparams
     keys = _writes(model, hp)
@@ -100,7 +150,8 @@ def apply(job: EditJob) -> None:
             p.requires_grad_(False)
         for w in weights:
             w.requires_grad_(True)
-        optimizer = torch.optim.Adam(weights, lr=hp.lr, weight_decay=hp.weight_decay)
+        trained = _Trained(weights, model.dtype)
+        optimizer = torch.optim.Adam(trained.masters, lr=hp.lr, weight_decay=hp.weight_decay)
         bar = tqdm(range(hp.steps), desc=f"{job.result.method} epochs", disable=not job.progress)
         for epoch in bar:
             total = 0.0
@@ -116,16 +167,13 @@ def apply(job: EditJob) -> None:
                             f"(now {hp.lr})"
                         )
                     total += value * len(chunk)
-                    if value >= hp.stop_loss:
-                        loss.backward()
+                    if value >= hp.stop_loss and trained.backward(loss):
                         optimizer.step()
+                        trained.write()
                         for j in chunk:
                             steps[j] += 1
                 if hp.norm_constraint is not None:
-                    with torch.no_grad():
-                        for w, w0 in zip(weights, originals):
-                            w.copy_(torch.minimum(torch.maximum(w, w0 - hp.norm_constraint),
-                                                  w0 + hp.norm_constraint))
+                    trained.clip(originals, hp.norm_constraint)
             epochs = epoch + 1
             mean = total / len(rows)
             bar.set_postfix(loss=f"{mean:.3f}")

@@ -152,16 +152,22 @@ def checkout_state(root: Path) -> dict[str, str] | None:
     """``{path: content hash}`` of every file ``git status`` reports (changed, added,
     deleted or untracked and not ignored) under ``root``; ``None`` outside a git checkout."""
     try:
-        listed = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"], cwd=root,
-                                capture_output=True, check=True).stdout
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True,
+                             check=True).stdout.decode().strip()
+        # porcelain paths are relative to the top of the repository, whatever the cwd
+        listed = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all", "--", "."],
+                                cwd=root, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     state = {}
-    for entry in listed.split(b"\0"):
+    entries = iter(listed.split(b"\0"))
+    for entry in entries:
         if len(entry) < 4:
             continue
+        if b"R" in entry[:2] or b"C" in entry[:2]:
+            next(entries, None)  # a rename or copy: its source path follows as an entry of its own
         path = entry[3:].decode("utf-8", "surrogateescape")
-        file = root / path
+        file = Path(top) / path
         state[path] = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else "absent"
     return state
 

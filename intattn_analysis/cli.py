@@ -475,7 +475,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.tables_only:
         from .loading import load_model
 
-        model = load_model(args.model)
+        model = load_model(args.model, dtype=args.dtype)
         started = time.perf_counter()
         module.run(model, args.dataset, args.scale, out, shard=shard, progress=True, **protocol)
         print(f"{args.experiment}: {model.name} / {args.dataset} / {args.scale}"
@@ -508,7 +508,7 @@ def _run_with_executor(args: argparse.Namespace, module, keywords: dict, out: Pa
         raise UsageError("--gpus must be >= 0 and --cpus >= 1")
     threads = args.threads or (args.cpus if args.executor in ("slurm", "ray") else 0)
     tasks = shard_tasks(args.experiment, args.model, args.dataset, args.scale, out, shards, keywords=keywords,
-                        threads=threads)
+                        threads=threads, dtype=args.dtype)
     if args.executor == "slurm":
         if args.gpus != int(args.gpus):
             raise UsageError(f"--gpus: Slurm takes whole GPUs per task, got {args.gpus}")
@@ -771,7 +771,7 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
     run = sub.add_parser("run", help="run or resume an experiment into a result store",
                          parents=[common])
     run.add_argument("experiment", help="localization, alpha-sweep, alpha-estimators, editors, sequential, "
-                     "batch-scaling or outdated")
+                     "batch-scaling, outdated or precision")
     run.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path")
     run.add_argument("--dataset", default="zsre",
                      help="zsre, counterfact, builtin (localization, outdated), or a benchmark file")
@@ -782,6 +782,9 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("--tables-only", action="store_true",
                      help="only summarise what the store holds")
     run.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                     help="the model's dtype (docs/design.md, Precision); units name it in their keys, so a store "
+                          "of another dtype's units is summarised apart: give it its own --out")
     run.add_argument("--method", choices=("exact", "attribution", "attribution*"), default=None,
                      help="localization: exact causal tracing (default) or attribution patching (AtP, or AtP* "
                           "with GradDrop), stored beside the exact traces and compared with them")

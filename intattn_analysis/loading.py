@@ -77,9 +77,12 @@ STALE_STAGING_SECONDS = 3600
 
 def write_atomic(path: Path, write) -> None:
     """Write a file so that a reader sees all of it or none of it: ``write(staging)``
-    fills a staging file next to ``path``, which is then renamed over it. The file is
-    readable by all, since the cache may be shared. Staging files of the same path that a
-    killed writer left behind (older than :data:`STALE_STAGING_SECONDS`) are removed."""
+    fills a staging file next to ``path``, which is synced to disk and then renamed over
+    it (without the sync, a machine that loses power just after the rename can leave an
+    empty file under the final name, which a resumed run would take for a finished unit).
+    The file is readable by all, since the cache may be shared. Staging files of the same
+    path that a killed writer left behind (older than :data:`STALE_STAGING_SECONDS`) are
+    removed."""
     import time
 
     path = Path(path)
@@ -95,6 +98,8 @@ def write_atomic(path: Path, write) -> None:
     os.close(handle)
     try:
         write(staging)
+        with open(staging, "rb") as fh:
+            os.fsync(fh.fileno())
         os.chmod(staging, 0o644)  # mkstemp makes it private
         os.replace(staging, path)
     except BaseException:
@@ -103,14 +108,12 @@ def write_atomic(path: Path, write) -> None:
 
 
 def write_json_atomic(path: Path, payload) -> None:
-    """Write ``payload`` as JSON with :func:`write_atomic` (synced before the rename)."""
+    """Write ``payload`` as JSON with :func:`write_atomic`."""
     import json
 
     def write(staging: str) -> None:
         with open(staging, "w") as fh:
             json.dump(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
 
     write_atomic(path, write)
 

@@ -75,7 +75,12 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
 
 
 class PlanDoesNotFit(ValueError):
-    """The largest unit of a plan needs more memory than the device has."""
+    """The largest unit of a plan needs more memory than the device has; ``table`` is the
+    plan as it would be without the device's limit."""
+
+    def __init__(self, message: str, table: "pd.DataFrame | None" = None) -> None:
+        super().__init__(message)
+        self.table = table
 
 
 # =========================================================================== shapes
@@ -294,7 +299,7 @@ def plan(model: str, experiment: str, *, dtype: str = "float32", device: str | N
                 f"targets {worst['targets_gib']:.1f}) "
                 f"and {device if memory_gib is None and device else 'the device'} has {limit:g} GiB; "
                 f"{'use --dtype bfloat16, ' if dtype == 'float32' else ''}shard the model over more devices "
-                "(load_model(n_devices=...)) or use a larger device")
+                "(load_model(n_devices=...)) or use a larger device", table)
     return table
 
 
@@ -303,11 +308,12 @@ def _moments_rows(shape: ModelShape, model: str, methods, dtype: str, rate: floa
     corpus sample (``mom2_n_tokens``), once per model and cached for every later run. Its
     hours are forward FLOPs at the device's rate; where the corpus is sampled from the
     model (the offline default), sampling it costs at least as much again."""
+    from .editors import editor
     from .hparams import hparams_for
 
     sizes: dict[int, list[str]] = {}
     for method in methods:
-        if method not in ("memit", "intattn", "pmet", "alphaedit", "rome"):
+        if editor(method).moments is None:  # fine-tuning reads no second moments
             continue
         hp = hparams_for(model, method, n_layers=shape.n_layers)
         tokens = getattr(hp, "mom2_n_tokens", None)

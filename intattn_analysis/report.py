@@ -524,8 +524,36 @@ def editors_page(tables: Tables) -> str:
             table["seconds"] = [f"{timed.loc[s, 'edit_seconds']:.0f}" if s in timed.index else "" for s in table.index]
         lines += [f"## {model}, {dataset}, {protocol}", "", f"{n} edits.", "", markdown_table(table), "",
                   *_against_baseline(pair, ("Edit Succ.", "Rephrase", "Locality")), ""]
+    lines += _rome_sensitivity_section(tables)
     lines += ["## Settings", "", *_settings_section(tables, ("editors",))]
     return "\n".join(lines)
+
+
+def _rome_sensitivity_section(tables: Tables) -> list[str]:
+    """What ``scripts/rome_sensitivity.py`` measured: the same ROME batch twice, and once
+    with its second moment changed in the sixth digit."""
+    table = tables.get("rome_sensitivity")
+    if table is None:
+        return []
+    lines = ["## ROME's batch and rounding", "",
+             "ROME writes a batch one fact after another, each rank-one update on the model the earlier ones "
+             "left, so a difference in the last digits can grow from fact to fact. "
+             "`scripts/rome_sensitivity.py` wrote the same batch three times on one machine: again as before, "
+             "and with its second moment multiplied by 1 + 2^-20 (a relative change of 1e-6, the size of what "
+             "another batching, BLAS or CPU changes in a float32 forward).", "",
+             markdown_table(table.round(1)), ""]
+    for _, row in table.iterrows():
+        if row["change"] == "none":
+            same = "identical" if row["facts_differing"] == 0 else f"different on {row['facts_differing']} facts"
+            lines.append(f"- Written again unchanged, the batch of {row['n_facts']} is {same}.")
+        else:
+            lines.append(f"- With the moment changed by 1e-6, Edit Succ. changes on {row['facts_differing']} of "
+                         f"{row['n_facts']} facts ({row['edit_succ_first']:.1f} against {row['edit_succ_other']:.1f}). "
+                         "Two computations of a ROME batch by code that differs in the last digits of a forward "
+                         "can differ by that much, as the stored ROME rows of two experiments once did; the store "
+                         "holds one computation of each unit, and the rows of one unit are the same in every "
+                         "experiment that computes it with the same code.")
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------- scaling page
@@ -903,8 +931,8 @@ def plans_page(tables: Tables) -> str:
                 column = f"{dtype}, {device}"
                 try:
                     table = plan(model, experiment, dtype=dtype, device=device, store_root=store, units=reference)
-                except PlanDoesNotFit:
-                    table = plan(model, experiment, dtype=dtype, store_root=store, units=reference)
+                except PlanDoesNotFit as refused:
+                    table = refused.table
                     worst = table.loc[table["total_gib"].idxmax()]
                     row.setdefault("units", int(table["units"].sum()))
                     row[column] = (f"does not fit: {worst['kind']} {worst['method']} needs "

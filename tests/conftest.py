@@ -109,3 +109,21 @@ def _tiny_model_caches_apart(request, tmp_path_factory, monkeypatch):
     names = set(request.fixturenames)
     if "tiny_tokenizer_dir" in names and not names & {"smollm2", "gemma3"}:
         monkeypatch.setenv("INTATTN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_module_caches_apart(request, tmp_path_factory):
+    """The same for a module whose tests all use tiny models and none an embedded one:
+    its module-scoped fixtures (which run before any test's own fixtures, so before
+    :func:`_tiny_model_caches_apart`) cache in the session's folder too."""
+    items = [item for item in request.session.items if getattr(item, "module", None) is request.module]
+    names = set().union(*(set(getattr(item, "fixturenames", ())) for item in items)) if items else set()
+    if "tiny_tokenizer_dir" not in names or names & {"smollm2", "gemma3"}:
+        yield
+        return
+    patch = pytest.MonkeyPatch()
+    patch.setenv("INTATTN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    try:
+        yield
+    finally:
+        patch.undo()

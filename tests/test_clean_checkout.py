@@ -4,6 +4,7 @@ files, but not ignored ones."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import subprocess
 from pathlib import Path
@@ -54,6 +55,30 @@ def test_the_checkout_state_sees_what_a_test_would_leave(tmp_path):
     # a file already changed before the session counts when the session changes it again
     (tmp_path / "kept.txt").write_text("changed again")
     assert state(tmp_path)["kept.txt"] != after["kept.txt"]
+
+
+def test_the_checkout_state_of_a_subfolder_and_of_a_rename(tmp_path):
+    """The package may sit in a folder of a larger repository: the paths git reports are
+    the top's, and only the folder's files count. A staged rename names its new path (its
+    old path follows as an entry of its own, not a file of the state)."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    try:
+        subprocess.run([*git, "init", "-q"], check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("git is not available")
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "a.txt").write_text("a")
+    (tmp_path / "outside.txt").write_text("o")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    state = _root_conftest().checkout_state
+    assert state(package) == {}
+    (tmp_path / "outside.txt").write_text("changed outside")
+    subprocess.run([*git, "mv", "package/a.txt", "package/b.txt"], check=True)
+    after = state(package)
+    assert set(after) == {"package/b.txt"}
+    assert after["package/b.txt"] == hashlib.sha256(b"a").hexdigest()
 
 
 def test_outside_a_checkout_there_is_nothing_to_check(tmp_path):

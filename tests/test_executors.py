@@ -39,6 +39,8 @@ def test_shard_tasks_name_each_shard_and_check_their_arguments(tmp_path):
     assert tasks[0].keywords == {"method": "attribution"} and tasks[0].root == str(tmp_path)
     whole = shard_tasks("editors", "m", "zsre", "ci", tmp_path, 1)
     assert [t.shard for t in whole] == [None] and whole[0].name.endswith("/ whole")
+    assert whole[0].dtype == "float32"
+    assert {t.dtype for t in shard_tasks("editors", "m", "zsre", "ci", tmp_path, 2, dtype="bfloat16")} == {"bfloat16"}
     with pytest.raises(ValueError, match="unknown experiment"):
         shard_tasks("no-such", "m", "zsre", "ci", tmp_path, 2)
     with pytest.raises(ValueError, match="shards must be a positive integer"):
@@ -94,6 +96,37 @@ def test_the_run_command_checks_its_executor_options(tmp_path, capsys):
     assert cli.main(["run", "localization", "--dataset", "builtin", "--executor", "local", "--shards", "0",
                      "--out", out]) == 2
     assert "--shards must be at least 1" in capsys.readouterr().err
+
+
+def test_the_run_command_loads_the_model_in_the_dtype_asked_for(tmp_path, monkeypatch):
+    """``intattn run --dtype`` reaches the model load in process and in every shard task."""
+    import types
+
+    from intattn_analysis import experiments, loading
+
+    loaded = []
+
+    def fake_load(name, dtype=None, **kwargs):
+        loaded.append((name, dtype))
+        return types.SimpleNamespace(name=name)
+
+    def run(model, dataset, scale, root, shard=None, progress=True):
+        pass
+
+    def tables(root):
+        import pandas as pd
+
+        return {"intervals": pd.DataFrame({"value": [1.0]})}
+
+    monkeypatch.setattr(loading, "load_model", fake_load)
+    monkeypatch.setitem(experiments.EXPERIMENTS, "fake", types.SimpleNamespace(NAME="fake", run=run, tables=tables,
+                                                                                  SCALES={"ci": None}))
+    out = str(tmp_path / "store")
+    assert cli.main(["run", "fake", "--dataset", "builtin", "--dtype", "bfloat16", "--out", out,
+                     "--tables", str(tmp_path / "tables")]) == 0
+    assert cli.main(["run", "fake", "--dataset", "builtin", "--dtype", "float16", "--executor", "local",
+                     "--shards", "2", "--out", out, "--tables", str(tmp_path / "tables")]) == 0
+    assert loaded == [("smollm2-135m", "bfloat16"), ("smollm2-135m", "float16"), ("smollm2-135m", "float16")]
 
 
 def test_the_sbatch_script_runs_its_array_task_as_a_shard(tmp_path):

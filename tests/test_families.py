@@ -106,6 +106,7 @@ def test_every_experiment_runs_at_ci_scale(family_model, tmp_path, monkeypatch):
     after = model.hf_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "an experiment left the weights edited"
     _precision_float32_is_editors(tmp_path / "store")
+    _batch_of_three_is_editors(tmp_path / "store")
 
 
 def _precision_float32_is_editors(root):
@@ -127,3 +128,20 @@ def _precision_float32_is_editors(root):
     left = float32.drop(columns=timing, errors="ignore").sort_values(order).reset_index(drop=True)
     right = theirs.drop(columns=timing, errors="ignore").sort_values(order).reset_index(drop=True)
     pd.testing.assert_frame_equal(left, right[left.columns])
+
+
+def _batch_of_three_is_editors(root):
+    """The same unit in two experiments gives the same rows: batch-scaling's batch of 3 is
+    the editors experiment's batch (the same facts, methods and settings; the keys differ
+    in the batch size label and in the metric sets), so every score both measure is
+    equal, fact by fact, ROME's fact-after-fact edits included."""
+    scaling, editors = ResultStore(root, "batch-scaling").rows(), ResultStore(root, "editors").rows()
+    three = scaling[scaling["batch_size"] == 3]
+    shared = sorted(set(three["setting"]) & set(editors["setting"]))
+    assert {"ROME", "MEMIT", "AlphaEdit", "pre-edit"} <= set(shared)
+    scores = [c for c in ("Edit Succ.", "Rephrase", "Portability", "Locality", "p_new", "p_true")
+              if c in three.columns and c in editors.columns]
+    order = ["setting", "position"]
+    left = three[three["setting"].isin(shared)].sort_values(order).reset_index(drop=True)
+    right = editors[editors["setting"].isin(shared)].sort_values(order).reset_index(drop=True)
+    pd.testing.assert_frame_equal(left[order + scores], right[order + scores])

@@ -55,7 +55,8 @@ class ShardTask:
     the task's process (0 leaves torch's default, which on a cluster node may be every
     core of the node); ``environment`` the ``INTATTN_*`` variables of the submitting
     process (cache, data and results folders), set in the task's process where it has
-    none of its own, since a Ray worker does not inherit them.
+    none of its own, since a Ray worker does not inherit them; ``dtype`` the dtype the
+    model is loaded in.
     """
 
     experiment: str
@@ -67,6 +68,7 @@ class ShardTask:
     keywords: Mapping[str, Any] = field(default_factory=dict)
     threads: int = 0
     environment: Mapping[str, str] = field(default_factory=dict)
+    dtype: str = "float32"
 
     @property
     def name(self) -> str:
@@ -88,7 +90,7 @@ class ShardTask:
             torch.set_num_threads(self.threads)
         module = experiment(self.experiment)
         started = time.perf_counter()
-        model = load_model(self.model)
+        model = load_model(self.model, dtype=self.dtype)
         module.run(model, self.dataset, self.scale, self.root, shard=self.shard, progress=False,
                    **dict(self.keywords))
         return {"task": self.name, "seconds": time.perf_counter() - started,
@@ -96,7 +98,8 @@ class ShardTask:
 
 
 def shard_tasks(experiment: str, model: str, dataset: str, scale: Any, root, shards: int, *,
-                keywords: Mapping[str, Any] | None = None, threads: int = 0) -> list[ShardTask]:
+                keywords: Mapping[str, Any] | None = None, threads: int = 0,
+                dtype: str = "float32") -> list[ShardTask]:
     """The ``shards`` tasks ``1/N`` ... ``N/N`` of one run (one task, unsharded, for 1).
     The store folder, and a model given as a local directory, are made absolute (a worker's
     working directory may differ); the ``INTATTN_*`` variables travel with each task."""
@@ -109,7 +112,7 @@ def shard_tasks(experiment: str, model: str, dataset: str, scale: Any, root, sha
     model = str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
     environment = {k: v for k, v in os.environ.items() if k.startswith("INTATTN_")}
     return [ShardTask(experiment, model, dataset, scale, str(Path(root).resolve()), part, dict(keywords or {}),
-                      threads, environment) for part in parts]
+                      threads, environment, dtype) for part in parts]
 
 
 @dataclass

@@ -308,12 +308,13 @@ def _moments_rows(shape: ModelShape, model: str, methods, dtype: str, rate: floa
     corpus sample (``mom2_n_tokens``), once per model and cached for every later run. Its
     hours are forward FLOPs at the device's rate; where the corpus is sampled from the
     model (the offline default), sampling it costs at least as much again."""
-    from .editors import editor
+    from .editors import EDITORS
     from .hparams import hparams_for
 
     sizes: dict[int, list[str]] = {}
     for method in methods:
-        if editor(method).moments is None:  # fine-tuning reads no second moments
+        # a trace's method (exact, attribution) edits nothing; fine-tuning reads no moments
+        if method not in EDITORS or EDITORS[method].moments is None:
             continue
         hp = hparams_for(model, method, n_layers=shape.n_layers)
         tokens = getattr(hp, "mom2_n_tokens", None)

@@ -41,9 +41,8 @@ def _median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_dtype(model_name: str, dtype: str, ids: torch.Tensor, repeats: int) -> dict:
-    """Seconds of a forward and of a forward with backward of ``ids`` in ``dtype``."""
-    model = ia.load_model(model_name, dtype=dtype, device="cpu")
+def time_dtype(model, ids: torch.Tensor, repeats: int) -> dict:
+    """Seconds of a forward and of a forward with backward of ``ids`` through ``model``."""
     hf = model.hf_model
     for parameter in hf.parameters():
         parameter.requires_grad_(False)
@@ -57,7 +56,7 @@ def time_dtype(model_name: str, dtype: str, ids: torch.Tensor, repeats: int) -> 
         logits = hf(inputs_embeds=embeddings).logits
         torch.log_softmax(logits[:, -1].float(), dim=-1)[:, 0].sum().backward()
 
-    return {"dtype": dtype, "forward_s": _median_seconds(forward, repeats),
+    return {"dtype": str(model.dtype).replace("torch.", ""), "forward_s": _median_seconds(forward, repeats),
             "forward_backward_s": _median_seconds(forward_backward, repeats)}
 
 
@@ -76,10 +75,14 @@ def main(argv=None) -> int:
         parser.error("--dtypes must start with float32, the dtype the ratios are taken against")
     if args.threads:
         torch.set_num_threads(args.threads)
-    generator = torch.Generator().manual_seed(0)
-    vocabulary = ia.load_model(args.model, device="cpu").tokenizer.vocab_size
-    ids = torch.randint(0, vocabulary, (args.rows, args.tokens), generator=generator)
-    rows = [time_dtype(args.model, dtype, ids, args.repeats) for dtype in args.dtypes]
+    rows, ids = [], None
+    for dtype in args.dtypes:
+        model = ia.load_model(args.model, dtype=dtype, device="cpu")
+        if ids is None:  # the same token batch for every dtype
+            generator = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, model.tokenizer.vocab_size, (args.rows, args.tokens), generator=generator)
+        rows.append(time_dtype(model, ids, args.repeats))
+        del model
     table = pd.DataFrame(rows)
     base = table.iloc[0]
     table["forward_ratio"] = table["forward_s"] / base["forward_s"]

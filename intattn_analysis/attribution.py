@@ -106,28 +106,39 @@ def attribution_estimates(model: ModelHandle, run, settings, sites: Sequence, me
     with torch.enable_grad(), model.bridge.hooks(fwd_hooks=hooks):
         logits = model.bridge(ids)
         probs = torch.softmax(logits[:, -1].float(), dim=-1)[:, run.answer]
-        # each draw's p depends on its own row only; in float16 the sum is scaled so that
-        # small gradients do not flush to zero, and each gradient scaled back (exactly)
-        scale = initial_loss_scale(model.dtype)
-        metric = probs.sum() * scale if scale != 1 else probs.sum()
+        metric = probs.sum()  # each draw's p depends on its own row only
         names = sorted(wanted)
         inputs = [nodes[name] for name in names]
         deltas = {name: (run.clean[name] - nodes[name].detach()).double() for name in names}
+        scaling = {"scale": initial_loss_scale(model.dtype)}
+
+        def gradients(retain: bool) -> list[Tensor]:
+            """The metric's gradients (float64). In float16 the metric is scaled first so
+            that small gradients do not flush to zero, each gradient scaled back (exactly:
+            a power of two), and an overflow retried at half the scale."""
+            while True:
+                scale = scaling["scale"]
+                grads = torch.autograd.grad(metric * scale if scale != 1 else metric, inputs,
+                                            retain_graph=retain or scale > 1)
+                if all(bool(torch.isfinite(grad).all()) for grad in grads):
+                    return [grad.double() / scale for grad in grads]
+                if scale <= 1:
+                    way_out = ("load the model in bfloat16 or float32" if model.dtype == torch.float16 else
+                               "the forward itself is not finite: check the model's weights and the noise level")
+                    raise FloatingPointError(
+                        f"attribution patching of {model.name} in {model.dtype} gave a non-finite gradient; {way_out}")
+                scaling["scale"] = scale / 2
 
         def per_site(grads: Sequence[Tensor]) -> Tensor:
             """``[n_sites]``: each site's first-order estimate, averaged over draws."""
-            if not all(bool(torch.isfinite(grad).all()) for grad in grads):
-                raise FloatingPointError(
-                    f"attribution patching of {model.name} in {model.dtype} gave a non-finite gradient; "
-                    "load the model in bfloat16 or float32")
-            terms = {name: (deltas[name] * grad.double() / scale).sum(-1) for name, grad in zip(names, grads)}
+            terms = {name: (deltas[name] * grad).sum(-1) for name, grad in zip(names, grads)}
             estimates = torch.zeros(len(sites), dtype=torch.float64)
             for i, site in enumerate(sites):
                 total = sum(terms[hook(_KIND_HOOK[site.kind], j)][:, site.token] for j in site.restored)
                 estimates[i] = total.mean()
             return estimates
 
-        plain = per_site(torch.autograd.grad(metric, inputs, retain_graph=method == "attribution*"))
+        plain = per_site(gradients(retain=method == "attribution*"))
         if method == "attribution":
             estimates = plain
         else:
@@ -135,9 +146,7 @@ def attribution_estimates(model: ModelHandle, run, settings, sites: Sequence, me
             for dropped in range(n_layers):
                 gates.clear()
                 gates[dropped] = 0.0
-                last = dropped == n_layers - 1
-                grads = torch.autograd.grad(metric, inputs, retain_graph=not last)
-                magnitude += per_site(grads).abs()
+                magnitude += per_site(gradients(retain=dropped < n_layers - 1)).abs()
             gates.clear()
             estimates = magnitude / n_layers
     return estimates, probs.detach()

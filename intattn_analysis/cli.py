@@ -453,6 +453,10 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--method: the {args.experiment} experiment traces nothing; --method is for "
                              "localization")
         protocol["method"] = args.method
+    if args.dtype != "float32" and not args.out and args.experiment != "precision":
+        raise UsageError(f"--dtype {args.dtype}: the default store holds float32 units, and a table of one store "
+                         "cannot tell dtypes apart; give --out a folder of its own (or run the precision "
+                         "experiment, which pairs bfloat16 with float32)")
     out = Path(args.out) if args.out else _default_out(args.scale)
     _output_files(str(out / "probe"))  # a writable folder, before any work
     if args.experiment == "localization" and args.dataset != "builtin" and not args.tables_only:
@@ -783,8 +787,9 @@ def _add_run(sub, common: argparse.ArgumentParser) -> None:
                      help="only summarise what the store holds")
     run.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                     help="the model's dtype (docs/design.md, Precision); units name it in their keys, so a store "
-                          "of another dtype's units is summarised apart: give it its own --out")
+                     help="the model's dtype (docs/design.md, Precision). Unit keys name it but rows do not, so a "
+                          "dtype other than float32 needs a store of its own (--out); the precision experiment "
+                          "pairs dtypes itself")
     run.add_argument("--method", choices=("exact", "attribution", "attribution*"), default=None,
                      help="localization: exact causal tracing (default) or attribution patching (AtP, or AtP* "
                           "with GradDrop), stored beside the exact traces and compared with them")

@@ -269,9 +269,9 @@ class ModelHandle:
         open_edits: how many there are.
         state_id: names the weights as they are now: ``cache_id`` while no edit is
             applied, else ``cache_id`` plus a hash of the applied edits' deltas, in order.
-            Every cache (traces, targets, second moments, context prefixes, corpus
-            samples) keys on it, so an edited model is never served the unedited model's
-            results. Weights changed outside :func:`intattn_analysis.edit` /
+            Every cache of results (traces, targets, second moments, context prefixes)
+            keys on it, so an edited model is never served the unedited model's results;
+            corpus samples key on ``cache_id``, the checkpoint's text whatever is applied. Weights changed outside :func:`intattn_analysis.edit` /
             :func:`intattn_analysis.apply_deltas` are not seen by it.
     """
 

@@ -177,7 +177,9 @@ def unit_memory(shape: ModelShape, kind: str, method: str | None, hp=None, *,
                 dtype: str = "float32") -> dict[str, float]:
     """Bytes one unit needs, by part (and ``total``):
 
-    * ``weights``: every parameter at ``dtype``;
+    * ``weights``: every parameter at ``dtype``; for the ``moments`` kind in half precision,
+      also every parameter in float32, since the default corpus is sampled from the float32
+      checkpoint loaded beside the model (:class:`intattn_analysis.corpus.ModelSamples`);
     * ``moments``: the second moments the edit keeps, float32: one ``d_mlp``-square matrix
       per edited MLP layer (MEMIT, IntAttn-Edit, PMET, AlphaEdit, ROME) and one
       ``attn_width``-square matrix per edited attention layer (IntAttn-Edit, PMET), plus
@@ -199,6 +201,8 @@ def unit_memory(shape: ModelShape, kind: str, method: str | None, hp=None, *,
 
     width = _BYTES[dtype]
     parts = {"weights": shape.n_params * width, "moments": 0.0, "solve": 0.0, "optimizer": 0.0, "targets": 0.0}
+    if kind == "moments" and dtype != "float32":
+        parts["weights"] += shape.n_params * 4  # the float32 sampler of the corpus text
     tokens = DEFAULT_TOKENS_PER_BATCH
     parts["forward"] = tokens * ((4 * shape.d_model + 2 * shape.d_mlp) * width + 4 * shape.vocab)
     if kind in ("edit", "round") and method is not None and hp is not None:
@@ -290,6 +294,8 @@ def plan(model: str, experiment: str, *, dtype: str = "float32", device: str | N
     limit = memory_gib if memory_gib is not None else DEVICES[device].memory_gib if device else None
     if limit is not None:
         worst = table.loc[table["total_gib"].idxmax()]
+        sampler = ("give the second moments a text corpus (then no float32 copy of the model samples one), "
+                   if worst["kind"] == "second moments" and dtype != "float32" else "")
         if worst["total_gib"] > limit:
             raise PlanDoesNotFit(
                 f"{experiment} on {model} in {dtype}: the {worst['kind']} unit"
@@ -298,8 +304,8 @@ def plan(model: str, experiment: str, *, dtype: str = "float32", device: str | N
                 f"{worst['solve_gib']:.1f}, optimizer {worst['optimizer_gib']:.1f}, forward {worst['forward_gib']:.1f}, "
                 f"targets {worst['targets_gib']:.1f}) "
                 f"and {device if memory_gib is None and device else 'the device'} has {limit:g} GiB; "
-                f"{'use --dtype bfloat16, ' if dtype == 'float32' else ''}shard the model over more devices "
-                "(load_model(n_devices=...)) or use a larger device", table)
+                f"{'use --dtype bfloat16, ' if dtype == 'float32' else ''}{sampler}"
+                "shard the model over more devices (load_model(n_devices=...)) or use a larger device", table)
     return table
 
 

@@ -531,28 +531,29 @@ def editors_page(tables: Tables) -> str:
 
 def _rome_sensitivity_section(tables: Tables) -> list[str]:
     """What ``scripts/rome_sensitivity.py`` measured: the same ROME batch twice, and once
-    with its second moment changed in the sixth digit."""
+    with the edited matrix changed in its last digits."""
     table = tables.get("rome_sensitivity")
     if table is None:
         return []
     lines = ["## ROME's batch and rounding", "",
              "ROME writes a batch one fact after another, each rank-one update on the model the earlier ones "
              "left, so a difference in the last digits can grow from fact to fact. "
-             "`scripts/rome_sensitivity.py` wrote the same batch three times on one machine: again as before, "
-             "and with its second moment multiplied by 1 + 2^-20 (a relative change of 1e-6, the size of what "
-             "another batching, BLAS or CPU changes in a float32 forward).", "",
-             markdown_table(table.round(1)), ""]
+             "`scripts/rome_sensitivity.py` wrote the same batch three times on one machine: once more as "
+             "before, and once with every weight of the edited matrix multiplied by 1 + 2^-21 (about four units "
+             "in the last place of float32).", "", markdown_table(table.round(1)), ""]
     for _, row in table.iterrows():
+        n, differing = int(row["n_facts"]), int(row["facts_differing"])
         if row["change"] == "none":
-            same = "identical" if row["facts_differing"] == 0 else f"different on {row['facts_differing']} facts"
-            lines.append(f"- Written again unchanged, the batch of {row['n_facts']} is {same}.")
+            lines.append(f"- Written again unchanged, the batch of {n} is "
+                         f"{'identical' if differing == 0 else f'different on {differing} facts'}.")
+        elif differing:
+            lines.append(f"- Changed in the last digits, Edit Succ. changes on {differing} of {n} facts "
+                         f"({row['edit_succ_first']:.1f} against {row['edit_succ_other']:.1f}): two computations of "
+                         "a ROME batch whose forwards differ in the last digits (another version of the code, "
+                         "another BLAS or CPU) can differ as much, while one computation is the same in every "
+                         "experiment that runs it.")
         else:
-            lines.append(f"- With the moment changed by 1e-6, Edit Succ. changes on {row['facts_differing']} of "
-                         f"{row['n_facts']} facts ({row['edit_succ_first']:.1f} against {row['edit_succ_other']:.1f}). "
-                         "Two computations of a ROME batch by code that differs in the last digits of a forward "
-                         "can differ by that much, as the stored ROME rows of two experiments once did; the store "
-                         "holds one computation of each unit, and the rows of one unit are the same in every "
-                         "experiment that computes it with the same code.")
+            lines.append(f"- Changed in the last digits, the batch of {n} is unchanged.")
     return lines + [""]
 
 
@@ -834,10 +835,11 @@ PRECISION_SHOWN = ("Edit Succ.", "Rephrase", "Portability", "Locality", "Fluency
 
 
 def precision_page(tables: Tables) -> str:
-    """``precision.md``: the closed-form editors with the model in bfloat16 against float32."""
+    """``precision.md``: the closed-form editors with the model in half precision (bfloat16 at
+    paper scale) against float32."""
     intervals, paired, seconds, bench = (tables.get(n) for n in ("precision_intervals", "precision_paired",
                                                                  "precision_seconds", "../benchmarks/precision"))
-    lines = ["# bfloat16 against float32", "",
+    lines = ["# Half precision against float32", "",
              "The same batch of test edits written by MEMIT, IntAttn-Edit and AlphaEdit with the model loaded in "
              "float32 and in bfloat16, each with its defaults for the model, evaluated with the editors "
              "experiment's metrics and paired fact by fact (`intattn run precision --scale paper`). Both "
@@ -846,12 +848,19 @@ def precision_page(tables: Tables) -> str:
              "dtype, an exact restore. `pre-edit` is the unedited model, so its row is what the precision alone "
              "moves. Percent (Fluency in bits), mean [95% interval over facts]; the difference is the dtype minus "
              "float32 on the same facts, Holm-adjusted over every row on the four KnowEdit metrics.", ""]
-    if intervals is None or paired is None:
+    if intervals is None:
         return "\n".join(lines + ["Not run yet (`intattn run precision --model smollm2-135m --dataset zsre "
                                   "--scale paper`)."])
+    if paired is None:  # only the reference dtype is stored: nothing to pair
+        paired = pd.DataFrame(columns=["model", "dataset", "protocol", "dtype", "reference", "setting", "metric",
+                                       "diff", "ci_low", "ci_high", "p_value", "n_edits", "p_holm"])
     for (model, dataset, protocol), group in intervals.groupby(["model", "dataset", "protocol"], sort=False):
         pair = paired[(paired["model"] == model) & (paired["dataset"] == dataset) & (paired["protocol"] == protocol)]
         reference = pair["reference"].iloc[0] if not pair.empty else "float32"
+        if pair.empty:
+            shown = formatted_intervals(group[group["metric"].isin(PRECISION_SHOWN)], ["dtype", "setting"])
+            lines += [f"## {model}, {dataset}, {protocol}", "", "Only these dtypes are stored, so nothing is paired "
+                      "yet:", "", markdown_table(shown), ""]
         for dtype, part in pair.groupby("dtype", sort=False):
             rows = []
             for _, r in part[part["metric"].isin(PRECISION_SHOWN)].iterrows():
@@ -862,7 +871,7 @@ def precision_page(tables: Tables) -> str:
                              f"{dtype} − {reference}": _interval(r, "diff", sign=True),
                              "p_holm": _p(r["p_holm"]) if pd.notna(r["p_holm"]) else ""})
             decided = part[(part["metric"].isin(VERDICT_METRICS)) & (part["p_holm"] < 0.05)]
-            family = part[part["metric"].isin(VERDICT_METRICS)]
+            family = part[part["metric"].isin(VERDICT_METRICS)].dropna(subset=["diff"])
             largest = family.loc[family["diff"].abs().idxmax()] if not family.empty else None
             verdict = (f"{len(decided)} of {len(family)} differences on the KnowEdit metrics are decided "
                        "(Holm-adjusted p < 0.05)"

@@ -995,6 +995,7 @@ def _optimise(problem: _TargetProblem, hparams, deltas: list[Tensor], learned: l
             raise FloatingPointError(
                 f"the target optimisation at layer {p.layer} produced a non-finite gradient at "
                 f"step {step}; lower v_lr (now {hparams.v_lr})"
+                + (", or load the model in bfloat16 or float32" if p.model.dtype == torch.float16 else "")
             )
         if scale != 1:
             for d in learned:

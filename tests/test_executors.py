@@ -127,6 +127,7 @@ def test_the_run_command_loads_the_model_in_the_dtype_asked_for(tmp_path, monkey
     assert cli.main(["run", "fake", "--dataset", "builtin", "--dtype", "float16", "--executor", "local",
                      "--shards", "2", "--out", out, "--tables", str(tmp_path / "tables")]) == 0
     assert loaded == [("smollm2-135m", "bfloat16"), ("smollm2-135m", "float16"), ("smollm2-135m", "float16")]
+    assert cli.main(["run", "fake", "--dataset", "builtin", "--dtype", "bfloat16"]) == 2  # the float32 store
 
 
 def test_the_sbatch_script_runs_its_array_task_as_a_shard(tmp_path):

@@ -65,11 +65,16 @@ def test_a_plan_lists_the_reference_units_and_refuses_what_does_not_fit(capsys):
     table = plan("Qwen/Qwen2.5-7B", "editors", dtype="bfloat16", device="h100-80gb")
     edits = table[table["kind"] == "edit"]
     assert set(edits["method"]) >= {"memit", "intattn", "alphaedit", "rome"}
-    # the weights of a 7B model in bfloat16, the same in every unit
-    assert table["weights_gib"].round(2).eq(round(7_615_616_512 * 2 / GIB, 2)).all()
-    assert (table["total_gib"] < 80).all() and summary(table)["hours"] > 0
+    # the weights of a 7B model in bfloat16, the same in every unit; the second moments'
+    # corpus is sampled from the float32 checkpoint loaded beside it
     moments = table[table["kind"] == "second moments"]
+    units = table[table["kind"] != "second moments"]
+    assert units["weights_gib"].round(2).eq(round(7_615_616_512 * 2 / GIB, 2)).all()
+    assert moments["weights_gib"].round(2).eq(round(7_615_616_512 * 6 / GIB, 2)).all()
+    assert (table["total_gib"] < 80).all() and summary(table)["hours"] > 0
     assert len(moments) == 1 and moments["corpus_tokens"].item() == 10_000_000
+    with pytest.raises(PlanDoesNotFit, match="second moments .* give the second moments a text corpus"):
+        plan("Qwen/Qwen2.5-7B", "editors", dtype="bfloat16", device="a100-40gb")
     with pytest.raises(PlanDoesNotFit, match="alphaedit needs .* GiB .* a100-40gb has 40 GiB; use --dtype bfloat16"):
         plan("Qwen/Qwen2.5-7B", "editors", dtype="float32", device="a100-40gb")
     assert cli.main(["plan", "--model", "Qwen/Qwen2.5-7B", "--experiment", "editors", "--device", "a100-40gb"]) == 1

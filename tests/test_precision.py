@@ -187,3 +187,56 @@ def test_smollm2_in_bfloat16_traces_edits_evaluates_and_restores(tmp_path, monke
             assert after.per_fact["Edit Succ."].notna().all()
         now = _parameters(model)
         assert all(torch.equal(now[n], before[n]) for n in before), f"{method} did not restore bit for bit"
+
+
+# ----------------------------------------------------------------------------- the policy's reasons
+def test_attribution_patching_runs_in_half_precision(half):
+    traced = ia.trace(half, FACTS[:1], samples=2, window=1, answered_only=False, method="attribution",
+                      progress=False)
+    estimates = traced.to_dataframe()["ie"].to_numpy(dtype="float64")
+    assert estimates.size and bool(torch.isfinite(torch.from_numpy(estimates)).all())
+
+
+def test_float16_targets_need_the_loss_scale(tiny_llama, monkeypatch):
+    """Unscaled, the gradients of a float16 target's loss flush to zero on the tiny model's
+    small weights and the target never moves; scaled, it moves as in float32."""
+    from intattn_analysis import model_access
+
+    model = ia.load_model(tiny_llama.name, dtype="float16", device="cpu")
+    hp = _settings(0.0)["memit"]
+    scaled = compute_z(model, FACTS, hp, progress=False)
+    reference = compute_z(tiny_llama, FACTS, hp, progress=False)
+    monkeypatch.setattr(model_access, "FLOAT16_LOSS_SCALE", 1.0)
+    unscaled = compute_z(model, FACTS, hp, progress=False)
+    assert float(unscaled.delta.abs().max()) == 0.0
+    assert float(scaled.delta.norm()) > 0.5 * float(reference.delta.norm()) > 0
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_fine_tuning_steps_accumulate_in_float32_masters(dtype):
+    """Adam's steps of 5e-6 on half-precision weights of 0.02 are each below half the
+    spacing there (6e-5 in bfloat16, 7.6e-6 in float16), so stepping the weights themselves
+    leaves them as they were; stepping float32 masters accumulates 20 steps (1e-4) until
+    the weights change."""
+    from intattn_analysis.editors.methods.ft import _Trained
+
+    def train(masters: bool) -> torch.Tensor:
+        weight = torch.full((4, 4), 0.02, dtype=getattr(torch, dtype), requires_grad=True)
+        trained = _Trained([weight], weight.dtype)
+        optimizer = torch.optim.Adam(trained.masters if masters else [weight], lr=5e-6)
+        for _ in range(20):
+            optimizer.zero_grad()
+            with torch.enable_grad():
+                loss = weight.float().sum()
+                if masters:
+                    assert trained.backward(loss)
+                else:
+                    loss.backward()
+            optimizer.step()
+            if masters:
+                trained.write()
+        return weight.detach()
+
+    start = torch.tensor(0.02, dtype=getattr(torch, dtype))
+    assert bool((train(masters=False) == start).all())
+    assert bool((train(masters=True) < start).all())

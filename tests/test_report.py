@@ -111,3 +111,27 @@ def test_the_committed_tables_are_what_the_committed_store_gives(experiment, tmp
             numeric = a.notna() & b.notna()
             assert (new[column][~numeric].fillna("") == old[column][~numeric].fillna("")).all(), (path.name, column)
             assert np.allclose(a[numeric], b[numeric], rtol=2e-5, atol=0), (path.name, column)
+
+
+def test_the_precision_page_reads_a_store_with_one_dtype_and_with_two(tmp_path):
+    """With float32 rows alone the page shows them and says nothing is paired; with a
+    bfloat16 row paired, it shows the difference and the verdict, and an unmeasured
+    difference (NaN) is left out of the verdict instead of breaking it."""
+    from intattn_analysis.report import precision_page
+
+    base = {"model": "m", "dataset": "zsre", "protocol": "teacher-forced", "setting": "MEMIT", "metric": "Edit Succ.",
+            "mean": 90.0, "ci_low": 85.0, "ci_high": 95.0, "n_edits": 100}
+    pd.DataFrame([{**base, "dtype": "float32"}]).to_csv(tmp_path / "precision_intervals.csv", index=False)
+    alone = precision_page(Tables(tmp_path))
+    assert "nothing is paired" in alone and "90.0 [85.0, 95.0]" in alone
+    pd.DataFrame([{**base, "dtype": "float32"}, {**base, "dtype": "bfloat16", "mean": 89.0}]).to_csv(
+        tmp_path / "precision_intervals.csv", index=False)
+    pair = {"model": "m", "dataset": "zsre", "protocol": "teacher-forced", "dtype": "bfloat16", "reference": "float32",
+            "setting": "MEMIT", "metric": "Edit Succ.", "diff": -1.0, "ci_low": -2.0, "ci_high": 0.0,
+            "p_value": 0.04, "n_edits": 100, "p_holm": 0.04}
+    unmeasured = {**pair, "metric": "Portability", "diff": float("nan"), "ci_low": float("nan"),
+                  "ci_high": float("nan"), "p_value": float("nan"), "p_holm": float("nan")}
+    pd.DataFrame([pair, unmeasured]).to_csv(tmp_path / "precision_paired.csv", index=False)
+    both = precision_page(Tables(tmp_path))
+    assert "bfloat16 − float32" in both and "-1.0 [-2.0, +0.0]" in both
+    assert "1 of 1 differences on the KnowEdit metrics are decided" in both

@@ -25,8 +25,8 @@ family (every row on the four KnowEdit metrics).
 Scales: the ``editors`` experiment's, so that the float32 units are its own: ``ci``, 3
 ZsRE test facts, second moments from 20,000 tokens, short generations; ``paper``, 1 batch
 of 100 with the models' own settings. On a CPU without bfloat16 matrix instructions
-PyTorch emulates bfloat16, and the target optimisation's backward passes take tens of
-times as long as in float32 (``benchmarks/bench_precision.py``).
+PyTorch emulates bfloat16, and its backward passes are far slower than float32's
+(``benchmarks/bench_precision.py`` prints the ratio).
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def run(
     shard: tuple[int, int] | None = None, protocol: str | None = None,
     generation: GenerationSettings | None = None, progress: bool = True,
 ) -> ResultStore:
-    """Run (or resume) this shard's units in every dtype of the scale, one loaded copy
-    of the model at a time; returns the store. ``protocol`` and ``generation`` override
+    """Run (or resume) this shard's units in every dtype of the scale: ``model`` itself
+    for its own dtype and one more loaded copy at a time for the others; returns the store. ``protocol`` and ``generation`` override
     the scale's evaluation protocol."""
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
     if protocol is not None:
@@ -165,7 +165,8 @@ def summarise(store: ResultStore, reference: str = REFERENCE) -> dict[str, pd.Da
     if paired.empty:
         paired = pd.DataFrame(columns=PAIRED_COLUMNS)
     else:
-        paired = paired.rename(columns={"setting": "dtype", "baseline": "reference", "row": "setting"})[PAIRED_COLUMNS]
+        paired = paired.rename(columns={"setting": "dtype", "baseline": "reference", "row": "setting"})
+        paired = paired[PAIRED_COLUMNS]
     paired = holm_within(paired, ["model", "dataset", "protocol", "dtype"], VERDICT_METRICS)
     edited = rows[(rows["setting"] != "pre-edit") & (rows["protocol"] == "teacher-forced")]
     seconds = (edited.groupby(["model", "dataset", "dtype", "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]

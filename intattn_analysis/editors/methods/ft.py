@@ -113,7 +113,8 @@ class _Trained:
             if self.scale > 1:
                 self.scale /= 2
                 return False
-            raise EditError("the fine-tuning gradient is not finite; lower lr")
+            raise EditError("the fine-tuning gradient is not finite even unscaled; lower lr, or load the model "
+                            "in bfloat16 or float32")
         for master, grad in zip(self.masters, grads):
             master.grad = grad
         return True

@@ -848,9 +848,13 @@ def precision_page(tables: Tables) -> str:
              "dtype, an exact restore. `pre-edit` is the unedited model, so its row is what the precision alone "
              "moves. Percent (Fluency in bits), mean [95% interval over facts]; the difference is the dtype minus "
              "float32 on the same facts, Holm-adjusted over every row on the four KnowEdit metrics.", ""]
+    speed = [] if bench is None else [
+        "## Speed", "", "`benchmarks/bench_precision.py`: seconds of a forward and of a forward with backward of one "
+        "token batch, median of its repeats, and each dtype's time over float32's, on the machine that last ran it:",
+        "", markdown_table(bench), ""]
     if intervals is None:
         return "\n".join(lines + ["Not run yet (`intattn run precision --model smollm2-135m --dataset zsre "
-                                  "--scale paper`)."])
+                                  "--scale paper`).", "", *speed])
     if paired is None:  # only the reference dtype is stored: nothing to pair
         paired = pd.DataFrame(columns=["model", "dataset", "protocol", "dtype", "reference", "setting", "metric",
                                        "diff", "ci_low", "ci_high", "p_value", "n_edits", "p_holm"])
@@ -893,11 +897,7 @@ def precision_page(tables: Tables) -> str:
                           "targets unless the cache holds them) on the machine that ran the units. bfloat16 is fast only on hardware with "
                           "bfloat16 matrix instructions; elsewhere PyTorch emulates it.", "",
                           markdown_table(wide), ""]
-    if bench is not None:
-        lines += ["## Speed", "", "`benchmarks/bench_precision.py`: seconds of a forward and of a forward with "
-                  "backward of one token batch, median of its repeats, and each dtype's time over float32's, on the "
-                  "machine that last ran it:", "", markdown_table(bench), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + speed)
 
 
 # --------------------------------------------------------------------------- pages

@@ -540,7 +540,7 @@ def _rome_sensitivity_section(tables: Tables) -> list[str]:
              "left, so a difference in the last digits can grow from fact to fact. "
              "`scripts/rome_sensitivity.py` wrote the same batch three times on one machine: once more as "
              "before, and once with every weight of the edited matrix multiplied by 1 + 2^-21 (about four units "
-             "in the last place of float32).", "", markdown_table(table.round(1)), ""]
+             "in the last place of float32).", "", markdown_table(table.drop(columns="protocol").round(1)), ""]
     for _, row in table.iterrows():
         n, differing = int(row["n_facts"]), int(row["facts_differing"])
         if row["change"] == "none":

@@ -194,7 +194,7 @@ def test_attribution_patching_runs_in_half_precision(half):
     traced = ia.trace(half, FACTS[:1], samples=2, window=1, answered_only=False, method="attribution",
                       progress=False)
     estimates = traced.to_dataframe()["ie"].to_numpy(dtype="float64")
-    assert estimates.size and bool(torch.isfinite(torch.from_numpy(estimates)).all())
+    assert estimates.size and bool(torch.isfinite(torch.tensor(estimates)).all())
 
 
 def test_float16_targets_need_the_loss_scale(tiny_llama, monkeypatch):

@@ -21,7 +21,7 @@ alphas and the traced alpha (second moments as in the model's defaults).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import pandas as pd
@@ -32,7 +32,7 @@ from ..intervals import holm_within, paired_difference, scale_of, tidy_intervals
 from ..loading import ModelHandle
 from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from .alpha_settings import run_alpha_settings
-from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
+from .common import dataset_batches, dataset_label, edit_moments, metric_columns, resolve_scale, targets_cache
 from .store import ResultStore, check_unique
 from .units import with_protocol
 
@@ -87,8 +87,7 @@ def run(
 ) -> ResultStore:
     """Run (or resume) the sweep's units of this shard; returns the store. ``protocol``
     and ``generation`` override the scale's evaluation protocol."""
-    scale = with_scale_protocol(check_scale(scale, SCALES) if isinstance(scale, str) else scale,
-                                protocol, generation)
+    scale = resolve_scale(scale, SCALES, protocol, generation)
     store = ResultStore(root, NAME)
     hp = hparams_for(model)
     if scale.mom2_n_tokens is not None:
@@ -101,16 +100,6 @@ def run(
                        shard=shard, targets_cache=targets_cache(), protocol=scale.protocol,
                        generation=scale.generation, progress=progress)
     return store
-
-
-def with_scale_protocol(scale: SweepScale, protocol: str | None, generation: GenerationSettings | None
-                        ) -> SweepScale:
-    """``scale`` with the protocol and generation settings given (``None`` keeps its own)."""
-    if protocol is not None:
-        scale = replace(scale, protocol=protocol)
-    if generation is not None:
-        scale = replace(scale, generation=generation)
-    return scale
 
 
 def summarise(

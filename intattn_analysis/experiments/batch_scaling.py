@@ -36,7 +36,7 @@ method, the editors experiment's metrics.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -49,7 +49,7 @@ from ..loading import ModelHandle
 from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from ..batching import editable_batches
 from . import estimators
-from .common import check_scale, dataset_facts, dataset_label, edit_moments, metric_columns
+from .common import dataset_facts, dataset_label, edit_moments, metric_columns, resolve_scale
 from .editors import ALONE_ROWS, METHODS, RegistryView, method_settings, run_methods
 from .store import ResultStore, check_unique
 from .units import with_protocol
@@ -175,11 +175,7 @@ def run(model: ModelHandle, dataset: str, scale: str | ScalingScale, root, *,
     :class:`ScalingScale` passed directly takes the train alpha of the ``ci`` scale.
     ``protocol`` and ``generation`` override the scale's evaluation protocol."""
     scale_name = scale if isinstance(scale, str) else "ci"
-    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
-    if protocol is not None:
-        scale = replace(scale, protocol=protocol)
-    if generation is not None:
-        scale = replace(scale, generation=generation)
+    scale = resolve_scale(scale, SCALES, protocol, generation)
     store = ResultStore(root, NAME)
     facts = dataset_facts(dataset)  # read before any work: a bad file fails here
     settings = settings_for(model, scale.rows, scale.mom2_n_tokens, scale_name, root, progress)

@@ -21,7 +21,7 @@ from ..hparams import EditHparams
 from ..loading import ModelHandle
 
 __all__ = ["DATASETS", "dataset_facts", "dataset_label", "edit_moments", "parse_shard",
-           "targets_cache"]
+           "resolve_scale", "targets_cache"]
 
 #: Short names for the benchmark files the experiments use (any path works as well).
 DATASETS: dict[str, str] = {
@@ -104,6 +104,19 @@ def check_scale(scale: str, scales: dict[str, Any]) -> Any:
     if scale not in scales:
         raise ValueError(f"unknown scale {scale!r}; choose from {sorted(scales)}")
     return scales[scale]
+
+
+def resolve_scale(scale: Any, scales: dict[str, Any], protocol: str | None = None, generation: Any = None) -> Any:
+    """The scale named ``scale`` in ``scales`` (or ``scale`` itself, a scale object), with
+    the protocol and generation settings given (``None`` keeps its own)."""
+    from dataclasses import replace
+
+    scale = check_scale(scale, scales) if isinstance(scale, str) else scale
+    if protocol is not None:
+        scale = replace(scale, protocol=protocol)
+    if generation is not None:
+        scale = replace(scale, generation=generation)
+    return scale
 
 
 def metric_columns(frame, names: Sequence[str]) -> list[str]:

@@ -27,7 +27,7 @@ paper's batches), with the models' own settings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -38,7 +38,7 @@ from ..hparams import hparams_for
 from ..intervals import holm_within, paired_against, tidy_intervals
 from ..loading import ModelHandle
 from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
-from .common import check_scale, dataset_batches, dataset_label, metric_columns, targets_cache
+from .common import dataset_batches, dataset_label, metric_columns, resolve_scale, targets_cache
 from .runner import PRE_EDIT, Cell, EvaluationMeasure, Setting, Unit, run_cells
 from .store import ResultStore, check_unique
 from .units import batch_key, method_key, protocol_units, shard_batches, slug, with_protocol
@@ -240,11 +240,7 @@ def run(
 ) -> ResultStore:
     """Run (or resume) the comparison's units of this shard; returns the store.
     ``protocol`` and ``generation`` override the scale's evaluation protocol."""
-    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
-    if protocol is not None:
-        scale = replace(scale, protocol=protocol)
-    if generation is not None:
-        scale = replace(scale, generation=generation)
+    scale = resolve_scale(scale, SCALES, protocol, generation)
     store = ResultStore(root, NAME)
     batches = dataset_batches(dataset, scale.batch_size, scale.n_batches)
     settings = method_settings(model, scale.rows, scale.mom2_n_tokens)

@@ -49,7 +49,9 @@ from ..targets import prompt_rows, read_at_subject
 from ..tracing import balance
 from . import alpha_sweep, localization
 from .alpha_settings import alpha_cells, run_alpha_settings
-from .common import check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, targets_cache
+from .common import (
+    check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, resolve_scale, targets_cache,
+)
 from .planning import PlanIncomplete, active
 from .store import MissingResultsError, ResultStore, check_unique
 from .runner import Unit
@@ -240,7 +242,7 @@ def run(model: ModelHandle, dataset: str, scale, root, *, shard=None, protocol: 
     default); estimator (e) is chosen on train records by teacher-forced metrics under
     every protocol, so that the alpha evaluated is the same."""
     scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
-    scale = replace(scale, test=alpha_sweep.with_scale_protocol(scale.test, protocol, generation))
+    scale = replace(scale, test=resolve_scale(scale.test, alpha_sweep.SCALES, protocol, generation))
     store = ResultStore(root, NAME)
     hp = hparams_for(model)
     if scale.test.mom2_n_tokens is not None:

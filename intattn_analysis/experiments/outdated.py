@@ -71,7 +71,7 @@ experiment's).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -89,7 +89,7 @@ from ..reporting import MAIN_METRICS, VERDICT_METRICS
 from ..tracing import trace
 from . import localization
 from .batch_scaling import ROWS, settings_for
-from .common import check_scale, dataset_facts, dataset_label, metric_columns, targets_cache
+from .common import dataset_facts, dataset_label, metric_columns, resolve_scale, targets_cache
 from .relations import by_relation, relation_labels
 from .runner import PRE_EDIT, Cell, Setting, Unit, run_cells
 from .store import ResultStore, check_unique
@@ -434,11 +434,7 @@ def run(model: ModelHandle, dataset: str, scale: str | OutdatedScale, root, *,
     """Run (or resume) this shard's batches; returns the store. ``protocol`` and
     ``generation`` override the scale's."""
     scale_name = scale if isinstance(scale, str) else "ci"
-    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
-    if protocol is not None:
-        scale = replace(scale, protocol=protocol)
-    if generation is not None:
-        scale = replace(scale, generation=generation)
+    scale = resolve_scale(scale, SCALES, protocol, generation)
     store = ResultStore(root, NAME)
     batches = known_batches(model, dataset, scale.batch_size, scale.n_batches, progress)
     settings = settings_for(model, scale.rows, scale.mom2_n_tokens, scale_name, root, progress)

@@ -32,7 +32,7 @@ PyTorch emulates bfloat16, and its backward passes are far slower than float32's
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -41,7 +41,7 @@ from ..answers import GenerationSettings
 from ..intervals import holm_within, paired_against, tidy_intervals
 from ..loading import EMBEDDED_MODELS, ModelHandle, load_model
 from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
-from .common import check_scale, dataset_batches, dataset_label, metric_columns
+from .common import dataset_batches, dataset_label, metric_columns, resolve_scale
 from .editors import method_settings, run_methods
 from .store import ResultStore, check_unique
 from .units import with_protocol
@@ -109,19 +109,15 @@ def run(
     generation: GenerationSettings | None = None, progress: bool = True,
 ) -> ResultStore:
     """Run (or resume) this shard's units in every dtype of the scale: ``model`` itself
-    for its own dtype and one more loaded copy at a time for the others; returns the store. ``protocol`` and ``generation`` override
-    the scale's evaluation protocol."""
-    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
-    if protocol is not None:
-        scale = replace(scale, protocol=protocol)
-    if generation is not None:
-        scale = replace(scale, generation=generation)
+    for its own dtype and one more loaded copy at a time for the others; returns the
+    store. ``protocol`` and ``generation`` override the scale's evaluation protocol."""
+    scale = resolve_scale(scale, SCALES, protocol, generation)
     store = ResultStore(root, NAME)
     batches = dataset_batches(dataset, scale.batch_size, scale.n_batches)
     for dtype in scale.dtypes:
         handle = model_in(model, dtype)
-        run_methods(handle, batches, method_settings(handle, scale.methods, scale.mom2_n_tokens), store, dataset=dataset_label(dataset),
-                    metrics=scale.metrics, fluency_tokens=scale.fluency_tokens, shard=shard,
+        run_methods(handle, batches, method_settings(handle, scale.methods, scale.mom2_n_tokens), store,
+                    dataset=dataset_label(dataset), metrics=scale.metrics, fluency_tokens=scale.fluency_tokens, shard=shard,
                     protocol=scale.protocol, generation=scale.generation, columns={"dtype": dtype},
                     progress=progress)
         if handle is not model:  # one extra copy at a time

@@ -32,7 +32,7 @@ after rounds 10 and 20.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -46,7 +46,7 @@ from ..loading import ModelHandle
 from ..metrics import evaluate
 from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from .batch_scaling import CONTRASTS, ROWS, settings_for
-from .common import check_scale, dataset_batches, dataset_label, metric_columns
+from .common import dataset_batches, dataset_label, metric_columns, resolve_scale
 from .runner import SharedMoments, Setting, Unit, run_sequence
 from .store import ResultStore, check_unique
 from .units import (batch_key, fact_rows, facts_digest, method_key, part_protocol, protocol_units, protocols_of,
@@ -192,11 +192,7 @@ def run(
     """Run (or resume) every method's sequence (``shard`` splits the methods).
     ``protocol`` and ``generation`` override the scale's evaluation protocol."""
     scale_name = scale if isinstance(scale, str) else "ci"
-    scale = check_scale(scale, SCALES) if isinstance(scale, str) else scale
-    if protocol is not None:
-        scale = replace(scale, protocol=protocol)
-    if generation is not None:
-        scale = replace(scale, generation=generation)
+    scale = resolve_scale(scale, SCALES, protocol, generation)
     store = ResultStore(root, NAME)
     rounds = dataset_batches(dataset, scale.batch_size, scale.rounds)
     methods = list(scale.methods) if scale.methods is not None else list(default_rows())

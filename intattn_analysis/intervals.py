@@ -259,7 +259,8 @@ def formatted_intervals(table: pd.DataFrame, index: Sequence[str], value: str = 
     """A tidy interval table as strings ``"88.5 [84.1, 92.3]"``, one column per metric.
 
     Works for :func:`tidy_intervals` tables (``value="mean"``) and paired tables
-    (``value="diff"``); ``n_edits`` is not shown (the coverage tables give it).
+    (``value="diff"``); ``n_edits`` is not shown (the coverage tables give it). A table
+    whose rows name their settings (``settings_id``) shows it as the first column.
     """
     def cell(row) -> str:
         if pd.isna(row["ci_low"]):
@@ -274,4 +275,10 @@ def formatted_intervals(table: pd.DataFrame, index: Sequence[str], value: str = 
     frame = table.assign(text=table.apply(cell, axis=1))
     order = list(dict.fromkeys(frame["metric"]))
     out = frame.pivot_table(index=list(index), columns="metric", values="text", aggfunc="first", sort=False)
-    return out[[m for m in order if m in out.columns]]
+    out = out[[m for m in order if m in out.columns]]
+    if "settings_id" in frame.columns and "settings_id" not in index:
+        # each row's settings label, first (its metrics' rows pool the same units)
+        ids = frame.assign(settings_id=frame["settings_id"].fillna("")).groupby(list(index), sort=False)[
+            "settings_id"].agg(lambda s: "+".join(dict.fromkeys(s)))
+        out.insert(0, "settings_id", ids.reindex(out.index).to_numpy())
+    return out

@@ -31,6 +31,7 @@ __all__ = [
     "plot_sweep_intervals",
     "plot_trace_heatmaps",
     "save_figure",
+    "settings_note",
 ]
 
 
@@ -66,6 +67,19 @@ def save_figure(fig: plt.Figure, name: str, directory: str | Path | None = None)
         fig.savefig(path, dpi=150, bbox_inches="tight", metadata=metadata)
         paths.append(path)
     return paths
+
+
+def settings_note(fig: plt.Figure, table) -> None:
+    """Write, under ``fig``, the settings ids of the rows it draws (a tidy table's
+    ``settings_id`` column, :mod:`intattn_analysis.experiments.settings`), so that a saved
+    figure says which settings its numbers were computed at; nothing for a table without
+    the column."""
+    if not hasattr(table, "columns") or "settings_id" not in table.columns:
+        return
+    ids = sorted({part for text in table["settings_id"].dropna() for part in str(text).split("+")})
+    if ids:
+        fig.text(0.0, 0.0, "settings: " + ", ".join(ids) + " (the experiment's _settings.csv)", fontsize=6,
+                 color="0.35", ha="left", va="top", wrap=True)
 
 
 def plot_known_by_relation(facts: Sequence[Fact], models: Sequence[str]) -> plt.Figure:
@@ -225,6 +239,7 @@ def plot_attribution_curves(table, label: str = "") -> plt.Figure:
     if label:
         fig.suptitle(label, fontsize=11)
     fig.tight_layout()
+    settings_note(fig, table)
     return fig
 
 
@@ -272,6 +287,7 @@ def plot_aie_table(aie, severed=None, label: str = "") -> plt.Figure:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
+    settings_note(fig, aie)
     return fig
 
 
@@ -361,6 +377,7 @@ def plot_main_table(table, metrics: Sequence[str] = ("Edit Succ.", "Portability"
     axes[0][0].set_ylabel("%")
     axes[0][-1].legend(frameon=False, fontsize=8, loc="upper right")
     fig.tight_layout()
+    settings_note(fig, table)
     return fig
 
 
@@ -383,6 +400,7 @@ def plot_alpha_sweep(sweep, metrics: Sequence[str] = ("Edit Succ.", "Rephrase", 
         ax.set_title(f"alpha sweep{': ' + title if title else ''}", fontsize=10)
         ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
+    settings_note(fig, sweep)
     return fig
 
 
@@ -422,6 +440,7 @@ def plot_sweep_intervals(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rep
         ax.set_title(f"{prefix}{model}, {dataset}, {protocol} (n={n} edits)", fontsize=10)
         ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
+    settings_note(fig, intervals)
     return fig
 
 
@@ -475,6 +494,7 @@ def _metric_curves(intervals, metrics: Sequence[str], x: str, xlabel: str, label
         ax.set_title(f"{prefix}{metric}", fontsize=10)
     axes[0][0].legend(frameon=False, fontsize=8)
     fig.tight_layout()
+    settings_note(fig, intervals)
     return fig
 
 
@@ -513,6 +533,7 @@ def plot_outdated_flow(aie, settings: Sequence[str] | None = None, label: str = 
                 ax.set_xlabel("layer (window centre)")
     axes[0][0].legend(frameon=False, fontsize=7)
     fig.tight_layout()
+    settings_note(fig, aie)
     return fig
 
 
@@ -550,4 +571,5 @@ def plot_protocols(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rephrase"
     model, dataset = intervals[["model", "dataset"]].iloc[0]
     fig.suptitle(f"{model} / {dataset}: teacher-forced vs generation" + (f" ({label})" if label else ""), fontsize=10)
     fig.tight_layout()
+    settings_note(fig, intervals)
     return fig

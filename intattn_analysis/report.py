@@ -133,7 +133,7 @@ def _side_by_side(intervals: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFra
     part["column"] = part["metric"] + ", " + part["protocol"]
     wide = formatted_intervals(part.drop(columns="metric").rename(columns={"column": "metric"}), ["setting"])
     order = [f"{m}, {p}" for m in metrics for p in PROTOCOLS]
-    return wide[[c for c in order if c in wide.columns]]
+    return wide[[c for c in ("settings_id", *order) if c in wide.columns]]
 
 
 def _editors_section(tables: Tables) -> list[str]:
@@ -255,10 +255,11 @@ VARIED = ("alpha", "projection", "nullspace_threshold", "nullspace_l2")
 
 
 def settings_table(store_root: str | os.PathLike, experiments: Sequence[str]) -> pd.DataFrame:
-    """Per (experiment, model, dataset, method): how many stored edit units there are, and
-    whether their hyperparameters are the method's defaults for the model today
+    """Per (experiment, model, dataset, method, settings id): how many stored edit units
+    there are, and whether their hyperparameters are the method's defaults for the model today
     (:func:`intattn_analysis.hparams_for`; the fields of :data:`VARIED` are left out of
     the comparison), or how they differ from them."""
+    from .experiments.settings import settings_id, settings_of
     from .experiments.store import KEY_FIELD, ResultStore
     from .hparams import hparams_for
 
@@ -283,10 +284,10 @@ def settings_table(store_root: str | os.PathLike, experiments: Sequence[str]) ->
                 differ = sorted(n for n in set(stored) | set(now) if n not in VARIED and stored.get(n) != now.get(n))
                 text = ("today's defaults" if not differ else
                         "differs: " + ", ".join(f"{n} {stored.get(n)} (today {now.get(n)})" for n in differ))
-            entry = (experiment, model, first.get("dataset"), method, text)
+            entry = (experiment, model, first.get("dataset"), method, settings_id(settings_of(key)), text)
             counts[entry] = counts.get(entry, 0) + 1
     return pd.DataFrame([(*entry, n) for entry, n in counts.items()],
-                        columns=["experiment", "model", "dataset", "method", "settings", "units"])
+                        columns=["experiment", "model", "dataset", "method", "settings_id", "settings", "units"])
 
 
 def _settings_section(tables: Tables, experiments: Sequence[str]) -> list[str]:
@@ -298,7 +299,8 @@ def _settings_section(tables: Tables, experiments: Sequence[str]) -> list[str]:
         return ["No edit units are stored yet.", ""]
     return ["The hyperparameters of every stored edit unit behind these tables, against the method's "
             "defaults for the model today (the alpha an experiment varies and the null-space projection of "
-            "the `+NS` rows are not compared):", "",
+            "the `+NS` rows are not compared). Each table row names its settings id (`settings_id`); "
+            "`<experiment>_settings.csv` lists every id's settings:", "",
             markdown_table(table), ""]
 
 

@@ -353,7 +353,9 @@ def test_run_command_writes_the_tables_of_a_store(tmp_path, capsys):
                      "--tables", str(tmp_path / "tables")]) == 0
     table = pd.read_csv(tmp_path / "tables" / "alpha_sweep.csv", dtype={"setting": str})
     assert list(table.columns) == ["model", "dataset", "protocol", "setting", "alpha", "metric", "mean", "ci_low",
-                                   "ci_high", "n_edits"]
+                                   "ci_high", "n_edits", "settings_id"]
+    listed = pd.read_csv(tmp_path / "tables" / "alpha_sweep_settings.csv")
+    assert set(table["settings_id"]) <= set(listed["settings_id"]), "a row names settings the table does not list"
     assert table.set_index(["setting", "metric"]).loc[("0", "Edit Succ."), "mean"] == pytest.approx(90.0)
     paired = pd.read_csv(tmp_path / "tables" / "alpha_sweep_paired.csv", dtype={"setting": str})
     assert paired.set_index("metric").loc["Edit Succ.", "diff"] == pytest.approx(-20.0)

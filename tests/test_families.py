@@ -103,10 +103,23 @@ def test_every_experiment_runs_at_ci_scale(family_model, tmp_path, monkeypatch):
         assert len(ResultStore(tmp_path / "store", module.NAME)) > 0, f"{name}: no unit stored on {model.spec.name}"
         shown = {key: len(frame) for key, frame in tables.items() if frame is not None}
         assert shown and any(shown.values()), f"{name}: no table rows on {model.spec.name}"
+        _labelled(name, tables)
     after = model.hf_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "an experiment left the weights edited"
     _precision_float32_is_editors(tmp_path / "store")
     _batch_of_three_is_editors(tmp_path / "store")
+
+
+def _labelled(name, tables):
+    """Every non-empty table with model rows names each row's settings, and each id it
+    names is one of the experiment's settings table."""
+    listed = set(tables["settings"]["settings_id"])
+    for key, frame in tables.items():
+        if frame is None or frame.empty or key == "settings" or "model" not in frame.columns:
+            continue
+        assert "settings_id" in frame.columns, f"{name}: table {key} names no settings"
+        ids = {part for text in frame["settings_id"].dropna() for part in text.split("+")}
+        assert ids and ids <= listed, f"{name}: table {key} names settings {sorted(ids - listed)} not listed"
 
 
 def _precision_float32_is_editors(root):

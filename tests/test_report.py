@@ -135,3 +135,47 @@ def test_the_precision_page_reads_a_store_with_one_dtype_and_with_two(tmp_path):
     both = precision_page(Tables(tmp_path))
     assert "bfloat16 − float32" in both and "-1.0 [-2.0, +0.0]" in both
     assert "1 of 1 differences on the KnowEdit metrics are decided" in both
+
+
+def test_one_unit_stored_by_two_experiments_has_one_set_of_rows():
+    """Batch-scaling's batch of 100 is the editors experiment's batch: where a stored unit of
+    the one has the other's key but for the batch-size label (the same facts, method and
+    settings), the two hold the same rows. ROME's fact-after-fact batch is the sensitive one
+    (docs/design.md, batch-scaling): both of its units must come from one computation.
+
+    Values are compared to 1e-4 relative: units computed by two versions of the code whose
+    float32 forwards differ in their last digits hold probabilities that differ by up to
+    3.4e-5 relative (PMET and the unedited model here); a score that changes, as ROME's did
+    when its two units were two computations, moves by at least a token's share of it."""
+    import gzip
+    import json
+    import math
+
+    from intattn_analysis.experiments.store import KEY_FIELD, ResultStore
+
+    def units(experiment):
+        out = {}
+        for path in ResultStore(PAPER / "store", experiment).files():
+            with gzip.open(path, "rt") as handle:
+                rows = [json.loads(line) for line in handle]
+            key = {k: v for k, v in rows[0][KEY_FIELD].items() if k != "batch_size"}
+            out[json.dumps(key, sort_keys=True)] = rows
+        return out
+
+    def same(a, b):
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=1e-4, abs_tol=0.0)
+        return a == b
+
+    editors, scaling = units("editors"), units("batch-scaling")
+    shared = sorted(set(editors) & set(scaling))
+    methods = {json.loads(key).get("method") for key in shared}
+    assert "rome" in methods, "the committed store holds no ROME unit in both experiments"
+    labels = {"unit", "experiment", "batch_size", "seconds", "edit_seconds", KEY_FIELD}
+    for key in shared:
+        ours, theirs = editors[key], scaling[key]
+        assert len(ours) == len(theirs)
+        for mine, other in zip(ours, theirs):
+            differ = [c for c in (set(mine) | set(other)) - labels if not same(mine.get(c), other.get(c))]
+            assert not differ, (f"{json.loads(key).get('method')}, fact {mine.get('fact_key')}: the same unit "
+                                f"differs in {sorted(differ)}")

@@ -33,6 +33,7 @@ from ..loading import ModelHandle
 from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from .alpha_settings import run_alpha_settings
 from .common import dataset_batches, dataset_label, edit_moments, metric_columns, resolve_scale, targets_cache
+from .settings import with_settings
 from .store import ResultStore, check_unique
 from .units import with_protocol
 
@@ -140,8 +141,10 @@ def summarise(
 
 
 def tables(root) -> dict[str, pd.DataFrame]:
-    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
-    return summarise(ResultStore(root, NAME))
+    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs), each row
+    labelled with its settings id, and the table of those ids (:func:`.settings.with_settings`)."""
+    store = ResultStore(root, NAME)
+    return with_settings(summarise(store), store)
 
 
 def paired_table(edited: pd.DataFrame, baseline: str, criterion: Sequence[str],

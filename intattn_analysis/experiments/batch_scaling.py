@@ -51,6 +51,7 @@ from ..batching import editable_batches
 from . import estimators
 from .common import dataset_facts, dataset_label, edit_moments, metric_columns, resolve_scale
 from .editors import ALONE_ROWS, METHODS, RegistryView, method_settings, run_methods
+from .settings import with_settings
 from .store import ResultStore, check_unique
 from .units import with_protocol
 
@@ -273,5 +274,7 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
 
 
 def tables(root) -> dict[str, pd.DataFrame]:
-    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
-    return summarise(ResultStore(root, NAME))
+    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs), each row
+    labelled with its settings id, and the table of those ids (:func:`.settings.with_settings`)."""
+    store = ResultStore(root, NAME)
+    return with_settings(summarise(store), store)

@@ -40,6 +40,7 @@ from ..loading import ModelHandle
 from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from .common import dataset_batches, dataset_label, metric_columns, resolve_scale, targets_cache
 from .runner import PRE_EDIT, Cell, EvaluationMeasure, Setting, Unit, run_cells
+from .settings import with_settings
 from .store import ResultStore, check_unique
 from .units import batch_key, method_key, protocol_units, shard_batches, slug, with_protocol
 
@@ -383,4 +384,4 @@ def tables(root) -> dict[str, pd.DataFrame]:
     under ``root`` (what ``intattn run`` writes as CSVs)."""
     store = ResultStore(root, NAME)
     summary = summarise(store)
-    return {**summary, **protocol_tables(store, summary), **relation_tables(store)}
+    return with_settings({**summary, **protocol_tables(store, summary), **relation_tables(store)}, store)

@@ -53,6 +53,7 @@ from .common import (
     check_scale, dataset_batches, dataset_label, edit_moments, metric_columns, resolve_scale, targets_cache,
 )
 from .planning import PlanIncomplete, active
+from .settings import with_settings
 from .store import MissingResultsError, ResultStore, check_unique
 from .runner import Unit
 from .units import alpha_label, batch_key, with_protocol
@@ -306,4 +307,5 @@ def _parse_alpha(label: str) -> dict[int, float]:
 
 def tables(root) -> dict[str, pd.DataFrame]:
     """:func:`summarise` of the store under ``root``, with the sweep's store beside it."""
-    return summarise(ResultStore(root, NAME), ResultStore(root, alpha_sweep.NAME))
+    store, sweep = ResultStore(root, NAME), ResultStore(root, alpha_sweep.NAME)
+    return with_settings(summarise(store, sweep), store, sweep)

@@ -42,6 +42,7 @@ from ..localization import early_attention_finding
 from ..tracing import COLUMNS, TraceResult, trace
 from .common import check_scale
 from .runner import PRE_EDIT, Cell, Unit, run_cells
+from .settings import with_settings
 from .store import STORE_FORMAT, MissingResultsError, ResultStore
 from .units import facts_digest, shard_batches
 
@@ -60,6 +61,13 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]] = {
 }
 #: Variants traced one layer at a time whatever the model's window.
 WINDOW_ONE = frozenset({"modules-window1"})
+#: The units each table reads where its columns do not say, by their labels (exact traces
+#: only; the module traces, not the severed ones): its settings ids are those units' alone.
+TABLE_UNITS = {"aie": {"variant": "modules", "method": "exact"}, "claim": {"variant": "modules", "method": "exact"},
+               "severed": {"method": "exact"}, "coverage": {"method": "exact"},
+               **{f"attribution_{name}": {"variant": ("modules", "modules-window1")}
+                  for name in ("agreement", "aie", "paired")},
+               "attribution_claim": {"variant": "modules"}}
 #: The variants attribution patching can estimate (a severed path is not first order).
 ATTRIBUTION_VARIANTS = ("modules", "modules-window1", "severed-none")
 #: How each method is spelt in unit labels (``*`` is no character for a file name).
@@ -423,4 +431,5 @@ def _timing(rows: pd.DataFrame) -> pd.DataFrame:
 
 def tables(root) -> dict[str, pd.DataFrame]:
     """:func:`summarise` of the store under ``root``."""
-    return summarise(ResultStore(root, NAME))
+    store = ResultStore(root, NAME)
+    return with_settings(summarise(store), store, where=TABLE_UNITS)

@@ -92,6 +92,7 @@ from .batch_scaling import ROWS, settings_for
 from .common import dataset_facts, dataset_label, metric_columns, resolve_scale, targets_cache
 from .relations import by_relation, relation_labels
 from .runner import PRE_EDIT, Cell, Setting, Unit, run_cells
+from .settings import with_settings
 from .store import ResultStore, check_unique
 from .units import batch_key, method_key, protocols_of, shard_batches, slug
 
@@ -569,5 +570,7 @@ def _facts_of(per_fact: pd.DataFrame, row, setting: str) -> pd.Series:
 
 
 def tables(root) -> dict[str, pd.DataFrame]:
-    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
-    return summarise(ResultStore(root, NAME))
+    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs), each row
+    labelled with its settings id, and the table of those ids (:func:`.settings.with_settings`)."""
+    store = ResultStore(root, NAME)
+    return with_settings(summarise(store), store)

@@ -43,6 +43,7 @@ from ..loading import EMBEDDED_MODELS, ModelHandle, load_model
 from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from .common import dataset_batches, dataset_label, metric_columns, resolve_scale
 from .editors import method_settings, run_methods
+from .settings import with_settings
 from .store import ResultStore, check_unique
 from .units import with_protocol
 
@@ -171,6 +172,8 @@ def summarise(store: ResultStore, reference: str = REFERENCE) -> dict[str, pd.Da
 
 
 def tables(root) -> dict[str, pd.DataFrame]:
-    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
-    return summarise(ResultStore(root, NAME))
+    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs), each row
+    labelled with its settings id, and the table of those ids (:func:`.settings.with_settings`)."""
+    store = ResultStore(root, NAME)
+    return with_settings(summarise(store), store)
 

@@ -48,6 +48,7 @@ from ..reporting import GENERATION_SCORES, MAIN_METRICS, VERDICT_METRICS
 from .batch_scaling import CONTRASTS, ROWS, settings_for
 from .common import dataset_batches, dataset_label, metric_columns, resolve_scale
 from .runner import SharedMoments, Setting, Unit, run_sequence
+from .settings import with_settings
 from .store import ResultStore, check_unique
 from .units import (batch_key, fact_rows, facts_digest, method_key, part_protocol, protocol_units, protocols_of,
                     slug, with_protocol)
@@ -262,5 +263,7 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
 
 
 def tables(root) -> dict[str, pd.DataFrame]:
-    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs)."""
-    return summarise(ResultStore(root, NAME))
+    """:func:`summarise` of the store under ``root`` (what ``intattn run`` writes as CSVs), each row
+    labelled with its settings id, and the table of those ids (:func:`.settings.with_settings`)."""
+    store = ResultStore(root, NAME)
+    return with_settings(summarise(store), store)

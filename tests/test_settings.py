@@ -1,0 +1,92 @@
+"""Settings ids: every table row names the settings its units were computed at, a row that
+would pool two settings is refused, and what a unit is *of* is not a setting."""
+
+import pandas as pd
+import pytest
+
+from intattn_analysis.experiments.settings import (
+    MixedSettingsError, label, label_tables, settings_id, settings_of, settings_table, unit_settings, with_settings)
+from intattn_analysis.experiments.store import ResultStore
+
+MEMIT = {"layers": [3, 4], "v_steps": 40, "kl_factor": 0.25, "lambda_mlp": 250.0, "mom2_n_tokens": 100000,
+         "mom2_max_len": 256, "mom2_adjustment": True}
+
+
+def _edit_key(batch=0, **hparams):
+    return {"format": 2, "model": "tiny@0123", "model_dtype": "torch.float32", "dataset": "zsre", "batch": batch,
+            "facts": f"facts{batch}", "n_facts": 4, "method": "memit", "hparams_type": "EditHparams",
+            "hparams": {**MEMIT, **hparams}, "metrics": ["edit"], "unit": "edit"}
+
+
+def _store(tmp_path, units):
+    """A store of ``units``: (key, labels) pairs, each with one row."""
+    store = ResultStore(tmp_path, "demo")
+    for i, (key, labels) in enumerate(units):
+        store.write_unit(key, [{"position": 0, "Edit Succ.": 1.0}], label=f"u{i}", labels=labels)
+    return store
+
+
+def _labels(setting="MEMIT", batch=0):
+    return {"model": "tiny", "dataset": "zsre", "setting": setting, "batch": batch, "method": "memit"}
+
+
+def test_what_a_unit_is_of_is_not_a_setting():
+    base = settings_id(settings_of(_edit_key()))
+    assert settings_id(settings_of(_edit_key(batch=7))) == base, "the batch changed the settings"
+    measured = {**_edit_key(), "part": "trace", "window": 6, "noise": 3.0, "samples": 10, "n_traced": 3}
+    assert settings_id(settings_of(measured)) == base, "what an edit's unit measures changed its settings"
+    assert settings_id(settings_of(_edit_key(kl_factor=0.0625))) != base, "the KL weight is a setting"
+    assert settings_id(settings_of({**_edit_key(), "model": "tiny@4567"})) != base, "the weights are a setting"
+    assert settings_id(settings_of({**_edit_key(), "model_dtype": "torch.bfloat16"})) != base
+    trace = {"format": 2, "model": "tiny@0123", "model_dtype": "torch.float32", "chunk": 0, "facts": "f",
+             "window": 6, "noise": 3.0, "samples": 10, "seed": 0, "kinds": ["attn", "mlp"], "tokens": "all"}
+    assert settings_of({**trace, "chunk": 3, "facts": "g"}) == settings_of(trace)
+    assert settings_id(settings_of({**trace, "noise": 2.0})) != settings_id(settings_of(trace))
+
+
+def test_rows_are_labelled_and_the_settings_are_listed(tmp_path):
+    store = _store(tmp_path, [(_edit_key(0), _labels(batch=0)), (_edit_key(1), _labels(batch=1)),
+                              (_edit_key(0, kl_factor=0.0625), _labels("MEMIT, old KL", 0))])
+    table = pd.DataFrame({"model": ["tiny", "tiny"], "dataset": ["zsre", "zsre"],
+                          "setting": ["MEMIT", "MEMIT, old KL"], "mean": [1.0, 1.0]})
+    labelled = with_settings({"intervals": table}, store)
+    ids = labelled["intervals"]["settings_id"].tolist()
+    assert ids[0] != ids[1] and "+" not in ids[0]
+    listed = labelled["settings"].set_index("settings_id")
+    assert set(ids) == set(listed.index)
+    assert listed.loc[ids[0], "units"] == 2 and listed.loc[ids[0], "kl_factor"] == 0.25
+    assert listed.loc[ids[1], "kl_factor"] == 0.0625 and listed.loc[ids[1], "row_labels"] == "MEMIT, old KL"
+    assert listed.loc[ids[0], "moments_source"] == "model-samples:seed0"
+
+
+def test_a_row_that_pools_two_settings_is_refused(tmp_path):
+    # the same row (MEMIT), one batch at today's KL weight and one at an older one
+    store = _store(tmp_path, [(_edit_key(0), _labels(batch=0)), (_edit_key(1, kl_factor=0.0625), _labels(batch=1))])
+    table = pd.DataFrame({"model": ["tiny"], "dataset": ["zsre"], "setting": ["MEMIT"], "mean": [1.0]})
+    with pytest.raises(MixedSettingsError, match=r"intervals: the row model=tiny, dataset=zsre.*setting=MEMIT.*2 "
+                                                 r"settings.*intattn status"):
+        label_tables({"intervals": table}, store)
+
+
+def test_a_table_that_pools_on_purpose_names_every_id(tmp_path):
+    store = _store(tmp_path, [(_edit_key(0), _labels("MEMIT")), (_edit_key(0, kl_factor=0.0625), _labels("old"))])
+    units = unit_settings(store)
+    per_model = pd.DataFrame({"model": ["tiny"], "n_units": [2]})  # no setting column: one row over every setting
+    ids = label(per_model, units)["settings_id"].iloc[0].split("+")
+    assert sorted(ids) == sorted(set(units["settings_id"])) and len(ids) == 2
+    # a selection of units by their labels narrows it to one
+    assert label(per_model, units, where={"setting": "old"})["settings_id"].iloc[0] in ids
+    # several values of a setting column: a comparison of those settings, pooled on purpose
+    both = label(per_model, units, where={"setting": ("old", "MEMIT")})["settings_id"].iloc[0]
+    assert sorted(both.split("+")) == sorted(ids)
+    with pytest.raises(MixedSettingsError):  # one setting's value asked for, two settings found
+        label(per_model, units.assign(setting="MEMIT"), where={"setting": "MEMIT"})
+
+
+def test_csv_text_joins_the_rows_it_was_written_from(tmp_path):
+    """A table read back from CSV (batch sizes as integers, alphas as text) is labelled as
+    the table it was written from."""
+    key = {**_edit_key(), "alpha": 0.3}
+    store = _store(tmp_path, [(key, {**_labels("IntAttn-Edit, alpha 0.3"), "batch_size": 100.0})])
+    table = pd.DataFrame({"model": ["tiny"], "setting": ["IntAttn-Edit, alpha 0.3"], "batch_size": [100]})
+    assert label(table, unit_settings(store))["settings_id"].iloc[0] == settings_table(store)["settings_id"].iloc[0]

@@ -114,6 +114,12 @@ def _reproduce_paper(args: argparse.Namespace) -> int:
     for name in done:
         for path in write_tables(name, experiment(name).tables(root), root.parent):
             print(f"wrote {path}")
+    if root.resolve() != _default_out("paper").resolve():
+        # the repository's pages are those of its own store; another store's tables would
+        # replace them with pages of whatever that store holds
+        print(f"docs/results/ left as it is: the tables are those of {root}; write pages of them with "
+              f"`intattn report --tables {root.parent} --out FOLDER`")
+        return 0
     for path in write_pages(root.parent, _repo_root() / "docs" / "results"):
         print(f"wrote {path}")
     return 0

@@ -983,3 +983,25 @@ def test_status_estimates_fall_back_to_other_protocols_and_models():
     assert _estimate([unit("MEMIT", "generation")], timed, "b") == 30.0  # another model, same protocol
     assert _estimate([unit("FT-L", "generation")], timed, "b") == 4.0  # nothing of it: this model's mean
     assert math.isnan(_estimate([unit("MEMIT", None)], timed.iloc[:0], "a"))
+
+
+def test_reproduce_into_another_store_leaves_the_repositorys_pages_alone(tmp_path, monkeypatch, capsys):
+    """`intattn reproduce --scale paper --out DIR` writes DIR's tables beside it, and not the
+    repository's docs/results: those are the pages of the repository's own store."""
+    from intattn_analysis import report
+    from intattn_analysis.experiments import status
+
+    store = tmp_path / "store"
+    for setting in ("pre-edit", "0"):
+        ResultStore(store, "alpha-sweep").write_unit(
+            {"setting": setting}, [{"position": 0, "fact_key": "f", "Edit Succ.": 1.0}], label=setting,
+            labels={"model": "m", "dataset": "d", "batch": 0, "setting": setting,
+                    "alpha": None if setting == "pre-edit" else setting})
+    monkeypatch.setattr(cli, "_paper_runs", lambda args, experiments: [])
+    monkeypatch.setattr(status, "reproduce", lambda root, runs, **kw: ["alpha-sweep"])
+    pages = []
+    monkeypatch.setattr(report, "write_pages", lambda *a, **k: pages.append(a) or [])
+    assert cli.main(["reproduce", "--scale", "paper", "--only", "alpha-sweep", "--out", str(store)]) == 0
+    assert (tmp_path / "alpha_sweep.csv").exists(), "the store's tables go beside it"
+    assert pages == [], "the repository's pages were written from another store's tables"
+    assert "docs/results/ left as it is" in capsys.readouterr().out

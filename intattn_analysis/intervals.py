@@ -278,7 +278,7 @@ def formatted_intervals(table: pd.DataFrame, index: Sequence[str], value: str = 
     out = out[[m for m in order if m in out.columns]]
     if "settings_id" in frame.columns and "settings_id" not in index:
         # each row's settings label, first (its metrics' rows pool the same units)
-        ids = frame.assign(settings_id=frame["settings_id"].fillna("")).groupby(list(index), sort=False)[
+        ids = frame.assign(settings_id=frame["settings_id"].fillna("").astype(str)).groupby(list(index), sort=False)[
             "settings_id"].agg(lambda s: "+".join(dict.fromkeys(s)))
         out.insert(0, "settings_id", ids.reindex(out.index).to_numpy())
     return out

@@ -42,14 +42,14 @@ class Tables:
         self.stores: list[str] = []  # the experiments of the store under folder/store read
 
     def get(self, name: str) -> pd.DataFrame | None:
-        """``<name>.csv`` as a frame (``setting`` kept as text), or ``None`` when absent.
+        """``<name>.csv`` as a frame (``setting`` and ``settings_id`` kept as text), or ``None`` when absent.
         ``name`` may lead out of the folder (``../tuning/pmet-smollm2-135m``)."""
         path = self.folder / f"{name}.csv"
         if not path.exists():
             return None
         if name not in self.read:
             self.read.append(name)
-        frame = pd.read_csv(path, dtype={"setting": str})
+        frame = pd.read_csv(path, dtype={"setting": str, "settings_id": str})
         if "protocol" not in frame.columns and {"model", "dataset"} <= set(frame.columns):
             frame["protocol"] = "teacher-forced"
         return frame

@@ -118,8 +118,11 @@ def _labelled(name, tables):
         if frame is None or frame.empty or key == "settings" or "model" not in frame.columns:
             continue
         assert "settings_id" in frame.columns, f"{name}: table {key} names no settings"
-        ids = {part for text in frame["settings_id"].dropna() for part in text.split("+")}
-        assert ids and ids <= listed, f"{name}: table {key} names settings {sorted(ids - listed)} not listed"
+        assert frame["settings_id"].notna().all(), f"{name}: rows of table {key} name no settings"
+        ids = {part for text in frame["settings_id"] for part in text.split("+")}
+        if "baseline_settings_id" in frame.columns:
+            ids |= {part for text in frame["baseline_settings_id"].dropna() for part in text.split("+")}
+        assert ids <= listed, f"{name}: table {key} names settings {sorted(ids - listed)} not listed"
 
 
 def _precision_float32_is_editors(root):

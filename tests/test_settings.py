@@ -63,9 +63,14 @@ def test_a_row_that_pools_two_settings_is_refused(tmp_path):
     # the same row (MEMIT), one batch at today's KL weight and one at an older one
     store = _store(tmp_path, [(_edit_key(0), _labels(batch=0)), (_edit_key(1, kl_factor=0.0625), _labels(batch=1))])
     table = pd.DataFrame({"model": ["tiny"], "dataset": ["zsre"], "setting": ["MEMIT"], "mean": [1.0]})
-    with pytest.raises(MixedSettingsError, match=r"intervals: the row model=tiny, dataset=zsre.*setting=MEMIT.*2 "
-                                                 r"settings.*intattn status"):
+    with pytest.raises(MixedSettingsError, match=r"intervals: the units of model=tiny, dataset=zsre.*setting=MEMIT.* "
+                                                 r"2 settings.*intattn status"):
         label_tables({"intervals": table}, store)
+    # a table whose rows pool every setting of a model refuses them as well: the mix is in
+    # the units, whatever the table does with them
+    per_model = pd.DataFrame({"model": ["tiny"], "n_units": [2]})
+    with pytest.raises(MixedSettingsError, match="coverage: the units of"):
+        label_tables({"coverage": per_model}, store)
 
 
 def test_a_table_that_pools_on_purpose_names_every_id(tmp_path):
@@ -79,14 +84,41 @@ def test_a_table_that_pools_on_purpose_names_every_id(tmp_path):
     # several values of a setting column: a comparison of those settings, pooled on purpose
     both = label(per_model, units, where={"setting": ("old", "MEMIT")})["settings_id"].iloc[0]
     assert sorted(both.split("+")) == sorted(ids)
-    with pytest.raises(MixedSettingsError):  # one setting's value asked for, two settings found
-        label(per_model, units.assign(setting="MEMIT"), where={"setting": "MEMIT"})
+    with pytest.raises(MixedSettingsError):  # two settings under one label
+        label(per_model, units.assign(setting="MEMIT"))
 
 
 def test_csv_text_joins_the_rows_it_was_written_from(tmp_path):
-    """A table read back from CSV (batch sizes as integers, alphas as text) is labelled as
-    the table it was written from."""
-    key = {**_edit_key(), "alpha": 0.3}
-    store = _store(tmp_path, [(key, {**_labels("IntAttn-Edit, alpha 0.3"), "batch_size": 100.0})])
-    table = pd.DataFrame({"model": ["tiny"], "setting": ["IntAttn-Edit, alpha 0.3"], "batch_size": [100]})
-    assert label(table, unit_settings(store))["settings_id"].iloc[0] == settings_table(store)["settings_id"].iloc[0]
+    """A table read back from CSV (a batch size stored as 100.0 read as 100, a setting
+    label that looks like a number read as one) is labelled as the table it was written
+    from."""
+    store = _store(tmp_path, [({**_edit_key(), "alpha": 0.3}, {**_labels("0.3"), "batch_size": 100.0})])
+    written = pd.DataFrame({"model": ["tiny"], "setting": ["0.3"], "batch_size": [100.0], "mean": [1.0]})
+    path = tmp_path / "table.csv"
+    written.to_csv(path, index=False, float_format="%.6g")  # as `intattn run` writes tables
+    read = pd.read_csv(path)
+    assert read["setting"].dtype != object and read["batch_size"].dtype.kind == "i"
+    ids = label(read, unit_settings(store))["settings_id"]
+    assert ids.notna().all() and ids.iloc[0] == settings_table(store)["settings_id"].iloc[0]
+
+
+def test_an_id_never_reads_as_a_number():
+    """Hex digits such as ``44e73976`` or ``00123456`` would come back from a CSV as
+    numbers; an id skips to the first run of digits that cannot."""
+    ids = [settings_id({"n": n}) for n in range(3000)]
+    for ident in ids:
+        with pytest.raises(ValueError):
+            float(ident)
+    assert len(set(ids)) == len(ids) and all(len(i) == 8 for i in ids)
+
+
+def test_a_paired_row_names_its_baselines_settings(tmp_path):
+    store = _store(tmp_path, [(_edit_key(0), _labels("MEMIT")),
+                              ({**_edit_key(0), "method": "intattn", "alpha": 0.3}, _labels("IntAttn-Edit"))])
+    units = unit_settings(store)
+    paired = pd.DataFrame({"model": ["tiny"], "dataset": ["zsre"], "setting": ["IntAttn-Edit"],
+                           "baseline": ["MEMIT"], "diff": [1.0]})
+    out = label(paired, units)
+    ids = units.set_index("setting")["settings_id"]
+    assert out["settings_id"].iloc[0] == ids["IntAttn-Edit"]
+    assert out["baseline_settings_id"].iloc[0] == ids["MEMIT"] != ids["IntAttn-Edit"]

@@ -308,4 +308,4 @@ def _parse_alpha(label: str) -> dict[int, float]:
 def tables(root) -> dict[str, pd.DataFrame]:
     """:func:`summarise` of the store under ``root``, with the sweep's store beside it."""
     store, sweep = ResultStore(root, NAME), ResultStore(root, alpha_sweep.NAME)
-    return with_settings(summarise(store, sweep), store, sweep)
+    return with_settings(summarise(store, sweep), store, reads={"range": (store, sweep)})

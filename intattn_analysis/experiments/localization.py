@@ -64,7 +64,8 @@ WINDOW_ONE = frozenset({"modules-window1"})
 #: The units each table reads where its columns do not say, by their labels (exact traces
 #: only; the module traces, not the severed ones): its settings ids are those units' alone.
 TABLE_UNITS = {"aie": {"variant": "modules", "method": "exact"}, "claim": {"variant": "modules", "method": "exact"},
-               "severed": {"method": "exact"}, "coverage": {"method": "exact"},
+               "severed": {"variant": ("severed-none", "severed-mlp", "severed-attn"), "method": "exact"},
+               "coverage": {"method": "exact"},
                **{f"attribution_{name}": {"variant": ("modules", "modules-window1")}
                   for name in ("agreement", "aie", "paired")},
                "attribution_claim": {"variant": "modules"}}

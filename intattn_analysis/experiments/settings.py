@@ -7,24 +7,33 @@ hash of the unit's *settings*:
 
 * for an edit: the model's weights (its state id) and dtype, the method, and every
   effective hyperparameter (target steps and KL weight, λ, layers, alpha, the second
-  moments' sample size), plus the alpha and layers an experiment sets beside them;
+  moments' sample size), plus the alpha, layers, value site and editing protocol an
+  experiment sets beside them;
 * for the unedited model (``pre-edit``): the model's weights and dtype;
 * for a localization trace: the model's weights and dtype and the trace's settings
   (method, kinds, tokens, window, noise, draws, seed, severed paths).
 
 What a unit is *of* (its batch, its facts, its chunk, its part of a measurement) and how it
-is scored (the metric sets, the protocol's settings, the trace of an edited model) is not a
-setting: tables are split by those already. :func:`settings_table` lists every id with its
-fields, the table ``intattn run`` writes beside an experiment's others
-(``<experiment>_settings.csv``);
-:func:`label` gives a table its ``settings_id`` column and refuses a row that pools units
-of two settings. A table that pools settings on purpose (one row per model over every
-variant) gets the ids it pools, joined by ``+``.
+is scored (the metric sets, the fluency length, the generation settings, the trace of an
+edited model) is not in the id: it names the edit or the trace a row stands for, and
+``intattn status`` compares every field of a unit's key with today's plan. So the parts of
+one outdated edit (its scores, its trace) share the edit's id. :func:`settings_table`
+lists every id with its fields, the table ``intattn run`` writes beside an experiment's
+others (``<experiment>_settings.csv``); :func:`label` gives a table its ``settings_id``
+column and refuses units of one label computed at two settings. A row that pools units of
+several labels (one row per model over every variant) names every id it pools, joined by
+``+``.
+
+A paired row (a setting against a ``baseline`` setting) names both: ``settings_id`` and
+``baseline_settings_id``. Known limit: the same edit stored by two experiments under keys
+of another shape (an alpha at the top of the key or inside the hyperparameters) gets two
+ids.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import hashlib
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -51,8 +60,6 @@ TRACE_FIELDS = ("model", "model_dtype", "method", "kinds", "tokens", "window", "
 MODEL_FIELDS = ("model", "model_dtype")
 #: Row columns a table's rows may be told apart by, in the order they are joined on.
 JOIN_COLUMNS = ("model", "dataset", "protocol", "dtype", "setting", "variant", "batch_size", "window", "method")
-#: Columns that identify one setting's rows (a table with one of them pools no settings).
-SETTING_COLUMNS = ("setting", "variant")
 #: Hyperparameters shown in the settings table, where a unit has them.
 SHOWN = ("layers", "alpha", "v_steps", "v_lr", "kl_factor", "lambda_mlp", "lambda_attn", "mom2_n_tokens",
          "mom2_max_len", "projection", "nullspace_threshold", "lr", "steps", "norm_constraint")
@@ -89,8 +96,24 @@ def _is_trace(key: Mapping[str, Any]) -> bool:
 
 
 def settings_id(settings: Mapping[str, Any]) -> str:
-    """:data:`ID_DIGITS` hex digits of the hash of ``settings`` (the cache's key recipe)."""
-    return cache_key(settings)[:ID_DIGITS]
+    """:data:`ID_DIGITS` hex digits of the hash of ``settings`` (the cache's key recipe):
+    the first run of them that cannot be read as a number, so that a CSV reader keeps the
+    id as text (``44e73976`` would be read as 4.4e73977, ``00123456`` as 123456)."""
+    # the cache key's 16 digits first (most ids are their first 8), then a longer hash's
+    digest = cache_key(settings) + hashlib.sha256(canonical_json(settings).encode()).hexdigest()
+    for start in range(len(digest) - ID_DIGITS + 1):
+        candidate = digest[start:start + ID_DIGITS]
+        if not _reads_as_number(candidate):
+            return candidate
+    raise ValueError(f"every run of {ID_DIGITS} digits of {digest} reads as a number")
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def unit_settings(store: ResultStore) -> pd.DataFrame:
@@ -110,15 +133,17 @@ def unit_settings(store: ResultStore) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def settings_table(store: ResultStore) -> pd.DataFrame:
+def settings_table(store: ResultStore | pd.DataFrame) -> pd.DataFrame:
     """One row per settings id of ``store``: the model (its weights' id) and dtype, the
     method, the hyperparameters of :data:`SHOWN` it has (target steps, learning rate and KL
     weight, λ, layers, alpha, the second moments' size) and the moments' source where it
-    reads them, a trace's settings, the labels of the rows computed at it (``row_labels``)
-    and how many units were."""
+    reads them, a trace's settings, the labels of the rows computed at it (``row_labels``),
+    how many units were, and every setting as canonical JSON (``settings``: what tells
+    two ids apart where the columns shown do not). ``store`` may be units already read
+    (:func:`unit_settings`)."""
     import json
 
-    units = unit_settings(store)
+    units = store if isinstance(store, pd.DataFrame) else unit_settings(store)
     if units.empty:
         return pd.DataFrame(columns=["settings_id", "model", "model_dtype", "method", "units"])
     out = []
@@ -139,6 +164,7 @@ def settings_table(store: ResultStore) -> pd.DataFrame:
         labels = sorted({str(s) for s in group.get("setting", group.get("variant", pd.Series(dtype=str))).dropna()})
         row["row_labels"] = ", ".join(labels)
         row["units"] = len(group)
+        row["settings"] = group["settings"].iloc[0]
         out.append(row)
     return pd.DataFrame(out)
 
@@ -150,43 +176,46 @@ def label(table: pd.DataFrame, units: pd.DataFrame, name: str = "table",
     ``where``'s (a value, or a tuple of values; a missing label is ``""``): the units a
     table reads where its own columns do not say, exact traces only, say.
 
-    A row of a table with a :data:`SETTING_COLUMNS` column (or whose ``where`` names one
-    value of one) must pool one setting, else a :class:`MixedSettingsError` names the row and its ids; a
-    row of a table without one pools on purpose and gets its ids joined by ``+``. Rows no
-    unit matches get none."""
+    Units that carry the same labels (every :data:`JOIN_COLUMNS` they have: one model,
+    dataset, protocol, setting, variant, window, method) must be at one setting, whatever
+    the table does with them; else a :class:`MixedSettingsError` names the labels and the
+    ids (a stale batch beside today's). A table row that pools units of several labels (one
+    row per model over every variant; a comparison of methods) names every id it pools,
+    joined by ``+``. A paired row (a ``baseline`` column naming another setting) also names
+    its baseline's, ``baseline_settings_id``. Rows no unit matches get none."""
     if table.empty or units.empty or "settings_id" in table.columns:
         return table
-    where = dict(where or {})
-    for column, value in where.items():
+    for column, value in dict(where or {}).items():
         own_labels = units[column] if column in units.columns else pd.Series("", index=units.index)
         allowed = {_text(v) for v in value} if isinstance(value, (list, tuple, set, frozenset)) else {_text(value)}
         units = units[own_labels.map(_text).isin(allowed)]
     on = [c for c in JOIN_COLUMNS if c in table.columns and c in units.columns]
     if "model" not in on:
         return table
-    own = units[on + ["settings_id"]].copy()
-    for column in on:  # compare as text: a CSV's "0.3" and a row's 0.3 are one setting
+    labels = [c for c in JOIN_COLUMNS if c in units.columns]
+    own = units[labels + ["settings_id"]].copy()
+    for column in labels:  # compare as text: a CSV's "0.3" and a row's 0.3 are one setting
         own[column] = own[column].map(_text)
-    ids = own.groupby(on, sort=False)["settings_id"].agg(lambda s: sorted(set(s))).reset_index()
-    one_setting = [c for c in SETTING_COLUMNS
-                   if c in on or (c in where and not isinstance(where[c], (list, tuple, set, frozenset)))]
-    pooled = not one_setting
-    if not pooled:
-        mixed = ids[ids["settings_id"].map(len) > 1]
-        if len(mixed):
-            first = mixed.iloc[0]
-            where = ", ".join(f"{c}={first[c]}" for c in on)
-            raise MixedSettingsError(
-                f"{name}: the row {where} would pool units of {len(first['settings_id'])} settings "
-                f"({', '.join(first['settings_id'])}); remove the stale ones (`intattn status`, `intattn reproduce "
-                "--prune-stale`) or run them again at one setting")
-    ids["settings_id"] = ids["settings_id"].map("+".join)
+    per_label = own.groupby(labels, sort=False)["settings_id"].agg(lambda s: sorted(set(s))).reset_index()
+    mixed = per_label[per_label["settings_id"].map(len) > 1]
+    if len(mixed):
+        first = mixed.iloc[0]
+        named = ", ".join(f"{c}={first[c]}" for c in labels if first[c] != "")
+        raise MixedSettingsError(
+            f"{name}: the units of {named} were computed at {len(first['settings_id'])} settings "
+            f"({', '.join(first['settings_id'])}), and a row would pool them; remove the stale ones (`intattn "
+            "status`, `intattn reproduce --prune-stale`) or run them again at one setting")
+    ids = own.groupby(on, sort=False)["settings_id"].agg(lambda s: "+".join(sorted(set(s)))).reset_index()
     keys = table[on].copy()
     for column in on:
         keys[column] = keys[column].map(_text)
     merged = keys.merge(ids, on=on, how="left")
     out = table.copy()
     out["settings_id"] = merged["settings_id"].to_numpy()
+    if "baseline" in table.columns and "setting" in on:
+        # a paired row: its baseline is another setting's row of the same model and dataset
+        keys["setting"] = table["baseline"].map(_text).to_numpy()
+        out["baseline_settings_id"] = keys.merge(ids, on=on, how="left")["settings_id"].to_numpy()
     return out
 
 
@@ -200,24 +229,35 @@ def _text(value: Any) -> str:
 
 
 def label_tables(tables: Mapping[str, pd.DataFrame], *stores: ResultStore,
-                 where: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
-    """Every table of ``tables`` labelled (:func:`label`) from one reading of ``stores``
-    (the experiment's, and any whose units its tables read beside them); ``where`` gives
-    a table's unit selection by its name."""
-    units = pd.concat([unit_settings(store) for store in stores], ignore_index=True)
-    where = where or {}
-    return {name: (label(frame, units, name, where.get(name)) if frame is not None else None)
+                 where: Mapping[str, Mapping[str, Any]] | None = None,
+                 reads: Mapping[str, Sequence[ResultStore]] | None = None) -> dict[str, pd.DataFrame]:
+    """Every table of ``tables`` labelled (:func:`label`) from the units of ``stores``
+    (the experiment's), or of the stores ``reads`` names for it (a table that reads
+    another experiment's units beside its own); ``where`` gives a table's unit selection
+    by its name."""
+    read: dict[int, pd.DataFrame] = {}
+
+    def units_of(chosen: Sequence[ResultStore]) -> pd.DataFrame:
+        for store in chosen:
+            if id(store) not in read:
+                read[id(store)] = unit_settings(store)
+        return pd.concat([read[id(store)] for store in chosen], ignore_index=True)
+
+    where, reads = where or {}, reads or {}
+    return {name: (label(frame, units_of(reads.get(name, stores)), name, where.get(name))
+                   if frame is not None else None)
             for name, frame in tables.items()}
 
 
 def with_settings(tables: Mapping[str, pd.DataFrame], *stores: ResultStore,
-                  where: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
+                  where: Mapping[str, Mapping[str, Any]] | None = None,
+                  reads: Mapping[str, Sequence[ResultStore]] | None = None) -> dict[str, pd.DataFrame]:
     """An experiment's tables as it shows them: each labelled with its rows' settings ids
-    (:func:`label_tables`, ``where`` as there), and ``settings``, the table of those ids
-    (:func:`settings_table`), beside them."""
-    labelled = label_tables(tables, *stores, where=where)
-    listed = pd.concat([settings_table(store) for store in stores], ignore_index=True)
-    if not listed.empty:
-        labelled["settings"] = listed.drop_duplicates("settings_id").reset_index(drop=True)
+    (:func:`label_tables`, ``where`` and ``reads`` as there), and ``settings``, the table of
+    the ids of every store read (:func:`settings_table`), beside them."""
+    labelled = label_tables(tables, *stores, where=where, reads=reads)
+    every = {id(store): store for store in [*stores, *(s for chosen in (reads or {}).values() for s in chosen)]}
+    units = pd.concat([unit_settings(store) for store in every.values()], ignore_index=True)
+    if not units.empty:
+        labelled["settings"] = settings_table(units)
     return labelled
-

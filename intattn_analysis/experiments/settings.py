@@ -235,18 +235,7 @@ def label_tables(tables: Mapping[str, pd.DataFrame], *stores: ResultStore,
     (the experiment's), or of the stores ``reads`` names for it (a table that reads
     another experiment's units beside its own); ``where`` gives a table's unit selection
     by its name."""
-    read: dict[int, pd.DataFrame] = {}
-
-    def units_of(chosen: Sequence[ResultStore]) -> pd.DataFrame:
-        for store in chosen:
-            if id(store) not in read:
-                read[id(store)] = unit_settings(store)
-        return pd.concat([read[id(store)] for store in chosen], ignore_index=True)
-
-    where, reads = where or {}, reads or {}
-    return {name: (label(frame, units_of(reads.get(name, stores)), name, where.get(name))
-                   if frame is not None else None)
-            for name, frame in tables.items()}
+    return _labelled(tables, stores, _read_units(stores, reads), where, reads)
 
 
 def with_settings(tables: Mapping[str, pd.DataFrame], *stores: ResultStore,
@@ -254,10 +243,30 @@ def with_settings(tables: Mapping[str, pd.DataFrame], *stores: ResultStore,
                   reads: Mapping[str, Sequence[ResultStore]] | None = None) -> dict[str, pd.DataFrame]:
     """An experiment's tables as it shows them: each labelled with its rows' settings ids
     (:func:`label_tables`, ``where`` and ``reads`` as there), and ``settings``, the table of
-    the ids of every store read (:func:`settings_table`), beside them."""
-    labelled = label_tables(tables, *stores, where=where, reads=reads)
-    every = {id(store): store for store in [*stores, *(s for chosen in (reads or {}).values() for s in chosen)]}
-    units = pd.concat([unit_settings(store) for store in every.values()], ignore_index=True)
+    the ids of every store read (:func:`settings_table`), beside them. Each store's units
+    are read once."""
+    read = _read_units(stores, reads)
+    labelled = _labelled(tables, stores, read, where, reads)
+    units = pd.concat(list(read.values()), ignore_index=True)
     if not units.empty:
         labelled["settings"] = settings_table(units)
     return labelled
+
+
+def _read_units(stores: Sequence[ResultStore], reads: Mapping[str, Sequence[ResultStore]] | None
+                ) -> dict[int, pd.DataFrame]:
+    """:func:`unit_settings` of every store named, by the store's ``id``."""
+    every = [*stores, *(store for chosen in (reads or {}).values() for store in chosen)]
+    return {id(store): unit_settings(store) for store in {id(s): s for s in every}.values()}
+
+
+def _labelled(tables: Mapping[str, pd.DataFrame], stores: Sequence[ResultStore], read: Mapping[int, pd.DataFrame],
+              where: Mapping[str, Mapping[str, Any]] | None, reads: Mapping[str, Sequence[ResultStore]] | None
+              ) -> dict[str, pd.DataFrame]:
+    where, reads = where or {}, reads or {}
+    out = {}
+    for name, frame in tables.items():
+        chosen = reads.get(name, stores)
+        units = pd.concat([read[id(store)] for store in chosen], ignore_index=True)
+        out[name] = label(frame, units, name, where.get(name)) if frame is not None else None
+    return out

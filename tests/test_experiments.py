@@ -956,6 +956,45 @@ def test_reproduce_refuses_stale_units_unless_pruned_then_brings_them_current(ti
     assert (after["done"], after["stale"], after["missing"]) == (6, 0, 0)
 
 
+def test_reproduce_prunes_what_a_waiting_plan_names_only_once_it_has_run(tmp_path, monkeypatch):
+    """A plan that waits on a result not stored yet (estimator (e)'s train choice, say)
+    cannot tell which stored units are stale; once the run has stored what it waited on,
+    reproduce plans again and removes (or refuses) the units no plan names."""
+    import types
+
+    from intattn_analysis import experiments
+    from intattn_analysis.experiments import planning
+    from intattn_analysis.experiments.status import StaleUnitsError, reproduce
+
+    labels = {"model": "m", "dataset": "d", "batch": 0}
+
+    def run(model, dataset, scale, root, shard=None, progress=True):
+        store = ResultStore(root, "waits")
+        plan = planning.active()
+        for name in ("choice", "after-choice"):
+            key = {"unit": name}
+            if plan is not None:
+                plan.record(store, key, name, {**labels, "setting": name})
+                if not store.has(key, name):
+                    raise planning.PlanIncomplete("waits on the choice")
+            elif not store.has(key, name):
+                store.write_unit(key, [{"position": 0, "Edit Succ.": 1.0}], name, {**labels, "setting": name})
+
+    monkeypatch.setitem(experiments.EXPERIMENTS, "waits", types.SimpleNamespace(NAME="waits", run=run))
+    model = types.SimpleNamespace(name="m")
+    runs = [("waits", model, "d")]
+    stale = ResultStore(tmp_path, "waits")
+    stale.write_unit({"unit": "old"}, [{"position": 0, "Edit Succ.": 0.0}], "old", {**labels, "setting": "old"})
+    with pytest.raises(StaleUnitsError, match="1 stale unit"):
+        reproduce(tmp_path, runs, protocol="teacher-forced", progress=False, log=lambda m: None)
+    assert len(unit_files(tmp_path / "waits")) == 3, "the run's units are kept; the stale one is named"
+    said = []
+    assert reproduce(tmp_path, runs, prune_stale=True, protocol="teacher-forced", progress=False,
+                     log=said.append) == ["waits"]
+    assert sorted(p.name.split("-")[0] for p in unit_files(tmp_path / "waits").values()) == ["after", "choice"]
+    assert any("removed 1 stale unit" in line for line in said)
+
+
 def test_reproduce_checks_its_arguments_before_any_work(capsys):
     assert cli.main(["reproduce", "--scale", "huge"]) == 2
     assert "--scale must be ci" in capsys.readouterr().err

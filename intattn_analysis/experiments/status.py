@@ -164,32 +164,52 @@ def reproduce(root, runs: Sequence[tuple[str, Any, str]], *, prune_stale: bool =
     experiment in the order given (an experiment that reads another's results comes after
     it): plan each run, remove its stale unit files when ``prune_stale`` (they stay in the
     repository's history) or refuse, naming them, when not, then run it (resumable; a
-    stopped call computes only what is missing the next time). Returns the experiments
-    run, whose tables the caller writes."""
+    stopped call computes only what is missing the next time). A plan that waits on
+    results not stored yet does not name all its units, so its stale units are known, and
+    removed or refused, only once an unsharded run has stored what it waited on. Returns
+    the experiments run, whose tables the caller writes."""
     from . import experiment as experiment_module
 
     done: list[str] = []
     for name in dict.fromkeys(n for n, _, _ in runs):
         group = [run for run in runs if run[0] == name]
-        for plan in plan_runs(root, group, "paper", protocol):
-            if plan.stale:
-                folder = Path(root) / name
-                if not prune_stale:
-                    raise StaleUnitsError(
-                        f"{len(plan.stale)} stale unit(s) of {name} / {plan.model} / {plan.dataset} would sit beside "
-                        f"today's (for example unit {plan.stale[0]} in {folder}); pass --prune-stale to remove them "
-                        "(they stay in the repository's history)")
-                store = ResultStore(root, name)
-                for uid in plan.stale:
-                    store.remove(uid)
-                log(f"{name} / {plan.model} / {plan.dataset}: removed {len(plan.stale)} stale unit(s)")
+        waiting = _clear_stale(root, name, group, protocol, prune_stale, log)
         module = experiment_module(name)
         keywords = {"protocol": protocol} if _takes_protocol(module) else {}
         for _, model, dataset in group:
             log(f"{name} / {model.name} / {dataset}: running")
             module.run(model, dataset, "paper", root, shard=shard, progress=progress, **keywords)
+        if waiting and shard is None:
+            # a plan that waited on results not stored then (the units past that point
+            # were not named) is whole now: what it does not name is known to be stale
+            _clear_stale(root, name, group, protocol, prune_stale, log)
         done.append(name)
     return done
+
+
+def _clear_stale(root, name: str, group, protocol: str, prune_stale: bool, log) -> bool:
+    """Remove (``prune_stale``) or refuse the stale units of ``group``'s plans; returns
+    whether some plan was incomplete, so that its stale units are not known yet."""
+    waiting = False
+    for plan in plan_runs(root, group, "paper", protocol):
+        if plan.stale is None:
+            waiting = True
+            log(f"{name} / {plan.model} / {plan.dataset}: stale units are not known until the run has "
+                f"stored what its plan waits on ({plan.note})")
+            continue
+        if not plan.stale:
+            continue
+        folder = Path(root) / name
+        if not prune_stale:
+            raise StaleUnitsError(
+                f"{len(plan.stale)} stale unit(s) of {name} / {plan.model} / {plan.dataset} would sit beside "
+                f"today's (for example unit {plan.stale[0]} in {folder}); pass --prune-stale to remove them "
+                "(they stay in the repository's history)")
+        store = ResultStore(root, name)
+        for uid in plan.stale:
+            store.remove(uid)
+        log(f"{name} / {plan.model} / {plan.dataset}: removed {len(plan.stale)} stale unit(s)")
+    return waiting
 
 
 class StaleUnitsError(ValueError):

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .cache import CacheEntry, cache_key, canonical_json, entry_name
 from .loading import EMBEDDED_MODELS, ModelHandle, write_atomic

@@ -60,7 +60,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .architectures import MODULES
 from .corpus import CorpusError, ModelSamples, TextCorpus, resolve_corpus

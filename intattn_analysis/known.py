@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .facts import Fact
 from .loading import ModelHandle

@@ -96,7 +96,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .answers import GenerationSettings, answer_text, match_answer, normalize_answer, render_prompts, stopped
 from .facts import Fact

@@ -65,7 +65,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .architectures import hook
 from .facts import SUBJECT_SLOT, Fact

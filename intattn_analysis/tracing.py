@@ -692,7 +692,7 @@ def trace(
             token, an unknown kind or token class, a window larger than the model, a bad
             ``severed`` value.
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     facts = [facts] if isinstance(facts, Fact) else list(facts)
     if not facts:

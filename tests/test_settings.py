@@ -122,3 +122,17 @@ def test_a_paired_row_names_its_baselines_settings(tmp_path):
     ids = units.set_index("setting")["settings_id"]
     assert out["settings_id"].iloc[0] == ids["IntAttn-Edit"]
     assert out["baseline_settings_id"].iloc[0] == ids["MEMIT"] != ids["IntAttn-Edit"]
+
+
+def test_one_edit_has_one_id_whatever_the_shape_of_its_key():
+    """The alpha sweep keys an edit's alpha beside hyperparameters without it; the editor
+    family keys it inside them, with their type. Same edit, same id."""
+    swept = {**_edit_key(), "method": "intattn", "alpha": 0.3}
+    del swept["hparams_type"]
+    family = {**_edit_key(alpha={"3": 0.3, "4": 0.3}), "method": "intattn"}
+    by_layer = {**_edit_key(alpha={3: 0.3, 4: 0.3}), "method": "intattn"}
+    assert settings_id(settings_of(swept)) == settings_id(settings_of(family)) == settings_id(settings_of(by_layer))
+    assert settings_id(settings_of({**swept, "alpha": 0.4})) != settings_id(settings_of(family))
+    assert settings_id(settings_of({**swept, "alpha": {"3": 0.3, "4": 0.0}})) != settings_id(settings_of(family))
+    assert settings_id(settings_of({**_edit_key(), "method": "intattn"})) != settings_id(settings_of(family)), \
+        "no alpha at all is another edit"

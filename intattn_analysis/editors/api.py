@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from torch import Tensor
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..facts import SUBJECT_SLOT, Fact
 from ..hparams import hparams_for

@@ -76,7 +76,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..answers import GenerationSettings, answer_text, match_answer
 from ..facts import Fact, sample_by_relation

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..editors import EditError, edit, edit_sequence, editor
 from ..editors.api import batch_targets, resolve_hparams

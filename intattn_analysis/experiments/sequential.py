@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..answers import GenerationSettings
 from ..datasets import load_facts

@@ -25,9 +25,10 @@ several labels (one row per model over every variant) names every id it pools, j
 ``+``.
 
 A paired row (a setting against a ``baseline`` setting) names both: ``settings_id`` and
-``baseline_settings_id``. Known limit: the same edit stored by two experiments under keys
-of another shape (an alpha at the top of the key or inside the hyperparameters) gets two
-ids.
+``baseline_settings_id``. The same edit stored by two experiments under keys of another
+shape (an alpha at the top of the key, as the alpha sweep writes it, or inside the
+hyperparameters, as the editor family does) has one id: :func:`settings_of` puts an edit's
+settings in one shape.
 """
 
 from __future__ import annotations
@@ -82,12 +83,28 @@ def settings_of(key: Mapping[str, Any]) -> dict:
     unedited model is at its :data:`TRACE_FIELDS`; anything else (the unedited model
     scored) at its :data:`MODEL_FIELDS`."""
     if "hparams" in key:
-        fields = EDIT_FIELDS
-    elif _is_trace(key):
-        fields = TRACE_FIELDS
-    else:
-        fields = MODEL_FIELDS
+        return _edit_settings(key)
+    fields = TRACE_FIELDS if _is_trace(key) else MODEL_FIELDS
     return {name: key[name] for name in fields if name in key}
+
+
+def _edit_settings(key: Mapping[str, Any]) -> dict:
+    """An edit's :data:`EDIT_FIELDS` in one shape, whichever shape its key has: an alpha
+    set beside the hyperparameters (the alpha sweep's keys) goes into them, as the edit
+    applies it; a single alpha becomes one per edited layer; ``hparams_type`` (implied by
+    the method) is dropped. So one edit has one id in every experiment."""
+    settings = {name: key[name] for name in EDIT_FIELDS if name in key and name != "hparams_type"}
+    hparams = dict(settings.get("hparams") or {})
+    if "alpha" in settings:
+        hparams["alpha"] = settings.pop("alpha")
+    alpha, layers = hparams.get("alpha"), settings.get("layers", hparams.get("layers"))
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and layers:
+        hparams["alpha"] = {str(layer): float(alpha) for layer in layers}
+    elif isinstance(alpha, Mapping):
+        hparams["alpha"] = {str(layer): float(value) for layer, value in alpha.items()}
+    if settings.get("hparams") is not None or hparams:
+        settings["hparams"] = hparams
+    return settings
 
 
 def _is_trace(key: Mapping[str, Any]) -> bool:

@@ -66,7 +66,7 @@ import weakref
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ...architectures import hook
 from ...facts import SUBJECT_SLOT

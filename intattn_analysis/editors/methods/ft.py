@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ...hparams import FTHparams
 from ...model_access import initial_loss_scale

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ...facts import SUBJECT_SLOT
 from ...hparams import RomeHparams, generic_layers

@@ -440,7 +440,7 @@ def plot_sweep_intervals(intervals, metrics: Sequence[str] = ("Edit Succ.", "Rep
         ax.set_title(f"{prefix}{model}, {dataset}, {protocol} (n={n} edits)", fontsize=10)
         ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
-    settings_note(fig, intervals)
+    settings_note(fig, fixed[fixed["metric"].isin(metrics)])  # the rows drawn, not the traced alpha's
     return fig
 
 
@@ -494,7 +494,7 @@ def _metric_curves(intervals, metrics: Sequence[str], x: str, xlabel: str, label
         ax.set_title(f"{prefix}{metric}", fontsize=10)
     axes[0][0].legend(frameon=False, fontsize=8)
     fig.tight_layout()
-    settings_note(fig, intervals)
+    settings_note(fig, intervals[intervals["metric"].isin(metrics)])
     return fig
 
 

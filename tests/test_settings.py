@@ -136,3 +136,23 @@ def test_one_edit_has_one_id_whatever_the_shape_of_its_key():
     assert settings_id(settings_of({**swept, "alpha": {"3": 0.3, "4": 0.0}})) != settings_id(settings_of(family))
     assert settings_id(settings_of({**_edit_key(), "method": "intattn"})) != settings_id(settings_of(family)), \
         "no alpha at all is another edit"
+
+
+def test_a_figure_names_the_settings_of_the_rows_it_draws():
+    """The sweep figure draws the fixed alphas only: the traced alpha's id (a row it leaves
+    out) is not written under it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from intattn_analysis import plots
+
+    rows = [{"model": "tiny", "dataset": "zsre", "setting": setting, "metric": metric, "mean": 50.0, "ci_low": 40.0,
+             "ci_high": 60.0, "n_edits": 10, "settings_id": ident}
+            for setting, ident in (("0", "aaaaaaaa"), ("0.5", "bbbbbbbb"), ("traced", "cccccccc"))
+            for metric in ("Edit Succ.", "Fluency")]
+    fig = plots.plot_sweep_intervals(pd.DataFrame(rows), metrics=("Edit Succ.",))
+    note = " ".join(text.get_text() for text in fig.texts)
+    plt.close(fig)
+    assert "aaaaaaaa" in note and "bbbbbbbb" in note and "cccccccc" not in note, note

@@ -306,6 +306,14 @@ def _parse_alpha(label: str) -> dict[int, float]:
 
 
 def tables(root) -> dict[str, pd.DataFrame]:
-    """:func:`summarise` of the store under ``root``, with the sweep's store beside it."""
+    """:func:`summarise` of the store under ``root``, with the sweep's store beside it.
+    A row of ``alphas`` names the settings of the edits made at its estimator's alpha
+    (the units whose ``setting`` is the estimator)."""
     store, sweep = ResultStore(root, NAME), ResultStore(root, alpha_sweep.NAME)
-    return with_settings(summarise(store, sweep), store, reads={"range": (store, sweep)})
+    summary = summarise(store, sweep)
+    if summary.get("alphas") is not None:
+        summary["alphas"] = summary["alphas"].rename(columns={"estimator": "setting"})
+    out = with_settings(summary, store, reads={"range": (store, sweep)})
+    if out.get("alphas") is not None:
+        out["alphas"] = out["alphas"].rename(columns={"setting": "estimator"})
+    return out

@@ -600,7 +600,38 @@ def _batch_scaling_section(tables: Tables) -> list[str]:
             lines += [f"- Against MEMIT at {largest} facts at once:",
                       *(f"  {line}" for line in _against_baseline(pair[pair["batch_size"] == largest],
                                                                    ("Edit Succ.", "Rephrase", "Locality"), family))]
+        lines += _replication_lines(tables.get("batch_scaling_replication"), model, dataset, protocol, largest)
         lines.append("")
+    return lines
+
+
+def _replication_lines(replication: pd.DataFrame | None, model: str, dataset: str, protocol: str,
+                       largest: int) -> list[str]:
+    """The comparison against MEMIT at each replicated size, batch by batch and pooled, or
+    what the paper scale asks for that is not stored yet."""
+    from .experiments.batch_scaling import SCALES
+
+    part = None if replication is None or replication.empty else _by(replication, model, dataset, protocol)
+    if part is None or part.empty:
+        asked = [f"{count} disjoint batches of {size}" for size, count in SCALES["paper"].replicates]
+        if not asked:
+            return []
+        return [f"- Not replicated yet: the paper scale asks for {', '.join(asked)}; `intattn status` counts the "
+                "missing units."]
+    lines = []
+    for size, rows in part.groupby("batch_size", sort=False):
+        batches = sorted(b for b in rows["batch"].astype(str).unique() if b != "all")
+        family = (f"{int(rows['metric'].isin(VERDICT_METRICS).sum())} comparisons: each editor, batch by batch "
+                  "and pooled, on the four KnowEdit metrics")
+        lines.append(f"- Replicated at {int(size)} facts at once on {len(batches)} disjoint batches, against MEMIT:")
+        for batch in [*batches, "all"]:
+            chosen = rows[rows["batch"].astype(str) == batch]
+            if chosen.empty:
+                continue
+            n = int(chosen["n_edits"].max())
+            name = f"batch {batch} ({n} facts)" if batch != "all" else f"the batches pooled ({n} facts)"
+            lines += [f"  - {name}:", *(f"    {line}" for line in _against_baseline(
+                chosen, ("Edit Succ.", "Rephrase", "Locality"), family))]
     return lines
 
 

@@ -642,6 +642,50 @@ def test_batch_scaling_writes_each_size_and_pairs_sizes_on_the_same_facts(tiny_l
     assert row["diff"] == pytest.approx(100 * (means[2] - means[1]), abs=1e-9)
 
 
+
+def test_batch_scaling_replicates_a_size_on_disjoint_batches(tmp_path):
+    """Two batches of 2 beside a population of 2 facts every size evaluated: size 2 is
+    replicated. The ``replication`` table pairs each method with MEMIT within each batch
+    and over both, under one Holm family; the sizes that merely cover the population
+    (size 1: two batches of one fact) are not replications."""
+    from intattn_analysis.experiments import batch_scaling
+
+    scale = batch_scaling.ScalingScale(sizes=(1, 2), n_facts=2, replicates=((2, 2),))
+    assert scale.n_batches(1) == 2 and scale.n_batches(2) == 2
+    with pytest.raises(ValueError, match="replicates"):
+        batch_scaling.ScalingScale(sizes=(1, 2), n_facts=2, replicates=((3, 2),))
+    store = ResultStore(tmp_path, batch_scaling.NAME)
+    # Edit Succ. per (setting, fact): IntAttn-Edit wins on batch 0 of size 2, loses on batch 1
+    succ = {"MEMIT": [1.0, 0.0, 1.0, 1.0], "IntAttn-Edit": [1.0, 1.0, 0.0, 0.0], "pre-edit": [0.0] * 4}
+    for size, batches in ((1, [[0], [1]]), (2, [[0, 1], [2, 3]])):
+        for b, facts in enumerate(batches):
+            for setting, values in succ.items():
+                rows = [{"position": i, "fact_key": f"f{f}", "Edit Succ.": values[f], "Locality": 1.0,
+                         "seconds": 1.0, "edit_seconds": 0.5} for i, f in enumerate(facts)]
+                store.write_unit({"size": size, "batch": b, "setting": setting}, rows, f"s{size}-b{b}-{setting}",
+                                 {"model": "m", "dataset": "d", "batch_size": size, "batch": b, "setting": setting})
+    tables = batch_scaling.summarise(store)
+    replication = tables["replication"]
+    assert set(replication["batch_size"]) == {2} and set(replication["setting"]) == {"IntAttn-Edit"}
+    succ_rows = replication[replication["metric"] == "Edit Succ."].set_index("batch")
+    assert succ_rows.loc["0", "diff"] == pytest.approx(50.0) and succ_rows.loc["1", "diff"] == pytest.approx(-100.0)
+    assert succ_rows.loc["all", "diff"] == pytest.approx(-25.0) and succ_rows.loc["all", "n_edits"] == 4
+    assert (replication["p_holm"] >= replication["p_value"]).all()
+    # the pooled comparison at size 2 is the paired table's, over both batches
+    paired = tables["paired"]
+    pooled = paired[(paired["batch_size"] == 2) & (paired["metric"] == "Edit Succ.")].iloc[0]
+    assert pooled["diff"] == pytest.approx(-25.0) and pooled["n_edits"] == 4
+    # the curve's population is still the 2 facts every size evaluated
+    curve = tables["intervals"]
+    assert (curve[curve["batch_size"] == 2]["n_edits"] == 2).all()
+    # the scaling page states it batch by batch and pooled, and says when it is missing
+    from intattn_analysis.report import _replication_lines
+
+    said = "\n".join(_replication_lines(replication, "m", "d", "teacher-forced", 2))
+    assert "on 2 disjoint batches" in said and "batch 0 (2 facts)" in said and "pooled (4 facts)" in said
+    assert "Not replicated yet" in _replication_lines(replication.iloc[:0], "m", "d", "teacher-forced", 2)[0]
+
+
 ALIASED = [
     ia.Fact.from_text("w10 w11 w20 w21 w22", "w10 w11", "w40", target_true="w50",
                       paraphrases=["w33 {} w21"], portability=[("w34 w35 w21", "w40", "Subject_Aliasing"),

@@ -29,8 +29,9 @@ every size. Every (size, batch, method) is a stored unit; a killed run resumes.
 
 Scales: ``ci``: sizes 1 and 3 on 3 ZsRE test facts with ROME, MEMIT, AlphaEdit and
 IntAttn-Edit, Edit Succ. and the other KnowEdit metrics only, second moments from 20,000
-tokens; ``paper``: sizes 1, 10, 100 and 500 on (at least) the first 100 facts, every
-method, the editors experiment's metrics.
+tokens; ``paper``: sizes 1, 10, 100 and 500 on (at least) the first 100 facts, and a
+second, disjoint batch of 500 that replicates the comparison at 500 (:func:`summarise`'s
+``replication`` table), every method, the editors experiment's metrics.
 """
 
 from __future__ import annotations
@@ -109,12 +110,19 @@ class ScalingScale:
     metrics: tuple[str, ...] = ("knowedit", "residue", "fluency")
     protocol: str = "teacher-forced"
     generation: GenerationSettings = GenerationSettings()
+    # (size, batches): at these sizes, at least this many disjoint batches, so that a
+    # comparison at a size larger than n_facts is replicated on other facts
+    replicates: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if not self.sizes or any(not isinstance(s, int) or s < 1 for s in self.sizes):
             raise ValueError(f"sizes must be integers >= 1, got {self.sizes}")
         if list(self.sizes) != sorted(set(self.sizes)):
             raise ValueError(f"sizes must be increasing and distinct, got {self.sizes}")
+        for size, count in self.replicates:
+            if size not in self.sizes or not isinstance(count, int) or count < 1:
+                raise ValueError(f"replicates: ({size}, {count}) must name one of the sizes {self.sizes} and a "
+                                 "number of batches >= 1")
         unknown = [m for m in self.methods or () if m not in ROWS]
         if unknown:
             raise ValueError(f"unknown rows {unknown}; rows: {list(ROWS)}")
@@ -125,13 +133,15 @@ class ScalingScale:
         return tuple(self.methods) if self.methods is not None else tuple(ROWS)
 
     def n_batches(self, size: int) -> int:
-        return max(1, math.ceil(self.n_facts / size))
+        """The batches of ``size``: enough to cover ``n_facts``, and at least its
+        :attr:`replicates` count."""
+        return max(1, math.ceil(self.n_facts / size), dict(self.replicates).get(size, 1))
 
 
 SCALES: dict[str, ScalingScale] = {
     "ci": ScalingScale(sizes=(1, 3), n_facts=3, methods=("ROME", "MEMIT", "AlphaEdit", "IntAttn-Edit, train alpha"),
                        mom2_n_tokens=20_000, fluency_tokens=20, metrics=("knowedit",)),
-    "paper": ScalingScale(sizes=(1, 10, 100, 500), n_facts=100),
+    "paper": ScalingScale(sizes=(1, 10, 100, 500), n_facts=100, replicates=((500, 2),)),
 }
 
 
@@ -223,6 +233,11 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
         ``scaling``: each method at each batch size minus the same method at the smallest
         size, on the facts both evaluated (the first ``n_facts``): how much it loses as
         the batch grows;
+        ``replication``: at each replicated size (more batches than it takes to cover the
+        facts every size evaluated: disjoint batches of other facts, see
+        :attr:`ScalingScale.replicates`), each method minus ``baseline`` within each
+        batch, and over all of them (``batch`` ``"all"``); Holm over each (model, dataset,
+        protocol)'s rows on the KnowEdit metrics, the other metrics another family;
         ``seconds``: mean seconds per batch (the edit alone, and with its teacher-forced
         evaluation).
     """
@@ -265,12 +280,39 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
         scaling["baseline_size"] = scaling["baseline_size"].str.split().str[1].astype(int)
         first = ["model", "dataset", "protocol", "setting", "batch_size", "baseline_size"]
         scaling = scaling[first + [c for c in scaling.columns if c not in first]]
+    replication = _replication(edited, common, metrics, baseline, groups)
     forced = edited[edited["protocol"] == "teacher-forced"]
     timed = ["model", "dataset", "batch_size"]
     seconds = (forced.groupby([*timed, "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
                .first().groupby([*timed, "setting"], sort=False).mean().reset_index())
     return {"intervals": intervals, "intervals_all": intervals_all, "paired": paired, "contrasts": contrasted,
-            "scaling": scaling, "seconds": seconds}
+            "scaling": scaling, "replication": replication, "seconds": seconds}
+
+
+def _replication(edited: pd.DataFrame, common: pd.DataFrame, metrics: Sequence[str], baseline: str,
+                 groups: Sequence[str]) -> pd.DataFrame:
+    """Each method against ``baseline`` per batch, and over every batch, at the sizes whose
+    batches replicate one another: more batches than it takes to cover the facts every
+    size evaluated (``common``), e.g. two disjoint batches of 500 beside 100 common facts."""
+    population = common.groupby(["model", "dataset", "protocol"])["fact_key"].nunique()
+    batches = edited.groupby(groups)["batch"].nunique()
+    replicated = [key for key, count in batches.items()
+                  if count > math.ceil(population.get(key[:3], 0) / key[3])]
+    columns = [*groups, "batch", "setting", "baseline", "metric", "diff", "ci_low", "ci_high", "p_value",
+               "p_holm", "n_edits"]
+    if not replicated:
+        return pd.DataFrame(columns=columns)
+    keys = pd.MultiIndex.from_tuples(replicated, names=list(groups))
+    rows = edited[pd.MultiIndex.from_frame(edited[list(groups)]).isin(keys)]
+    per_batch = pd.DataFrame(paired_against(rows, metrics, baseline, groups=[*groups, "batch"],
+                                            on=["batch", "position"]))
+    pooled = pd.DataFrame(paired_against(rows, metrics, baseline, groups=groups, on=["batch", "position"]))
+    if per_batch.empty:
+        return pd.DataFrame(columns=columns)
+    per_batch["batch"] = per_batch["batch"].astype(int).astype(str)
+    pooled["batch"] = "all"
+    table = pd.concat([per_batch, pooled], ignore_index=True)
+    return holm_within(table, ["model", "dataset", "protocol"], VERDICT_METRICS)[columns]
 
 
 def tables(root) -> dict[str, pd.DataFrame]:

@@ -29,6 +29,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent
 
+# one float path on every x86-64 machine, for this process and the notebook kernels it
+# starts (they inherit the environment): see intattn_analysis/numerics.py
+from intattn_analysis.numerics import pin_cpu_numerics  # noqa: E402
+
+pin_cpu_numerics()
+
 TIERS = ("unit", "models", "notebooks")
 #: Fixtures that load an embedded model: a test that uses one is in the ``models`` tier.
 MODEL_FIXTURES = {"smollm2", "gemma3", "embedded"}

@@ -6,7 +6,14 @@ LLMs* (IntAttn-Edit, arXiv 2510.27400). Typical use::
     import intattn_analysis as ia
     model = ia.load_model()            # SmolLM2-135M, embedded, offline
     facts = ia.load_facts("builtin")   # or a KnowEdit / CounterFact / ZsRE / MQuAKE file
+
+Importing the package pins PyTorch's CPU kernels to one float path on every x86-64
+machine (:mod:`intattn_analysis.numerics`; ``INTATTN_NATIVE_NUMERICS=1`` opts out).
 """
+
+from .numerics import pin_cpu_numerics
+
+pin_cpu_numerics()  # before any torch operation runs: the kernels are chosen at the first
 
 from .architectures import ARCHITECTURES, HOOKS, ArchSpec, LayerSpec, UnknownArchitectureError
 from .editors import (EDITORS, METHODS, EditError, EditResult, EditSequence, Editor, apply_deltas, edit, edit_sequence,

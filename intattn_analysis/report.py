@@ -600,13 +600,12 @@ def _batch_scaling_section(tables: Tables) -> list[str]:
             lines += [f"- Against MEMIT at {largest} facts at once:",
                       *(f"  {line}" for line in _against_baseline(pair[pair["batch_size"] == largest],
                                                                    ("Edit Succ.", "Rephrase", "Locality"), family))]
-        lines += _replication_lines(tables.get("batch_scaling_replication"), model, dataset, protocol, largest)
+        lines += _replication_lines(tables.get("batch_scaling_replication"), model, dataset, protocol)
         lines.append("")
     return lines
 
 
-def _replication_lines(replication: pd.DataFrame | None, model: str, dataset: str, protocol: str,
-                       largest: int) -> list[str]:
+def _replication_lines(replication: pd.DataFrame | None, model: str, dataset: str, protocol: str) -> list[str]:
     """The comparison against MEMIT at each replicated size, batch by batch and pooled, or
     what the paper scale asks for that is not stored yet."""
     from .experiments.batch_scaling import SCALES

@@ -681,9 +681,9 @@ def test_batch_scaling_replicates_a_size_on_disjoint_batches(tmp_path):
     # the scaling page states it batch by batch and pooled, and says when it is missing
     from intattn_analysis.report import _replication_lines
 
-    said = "\n".join(_replication_lines(replication, "m", "d", "teacher-forced", 2))
+    said = "\n".join(_replication_lines(replication, "m", "d", "teacher-forced"))
     assert "on 2 disjoint batches" in said and "batch 0 (2 facts)" in said and "pooled (4 facts)" in said
-    assert "Not replicated yet" in _replication_lines(replication.iloc[:0], "m", "d", "teacher-forced", 2)[0]
+    assert "Not replicated yet" in _replication_lines(replication.iloc[:0], "m", "d", "teacher-forced")[0]
 
 
 ALIASED = [

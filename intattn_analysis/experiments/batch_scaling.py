@@ -258,9 +258,8 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
     # one family of comparisons per (model, dataset, protocol): every size and editor on the
     # KnowEdit metrics (VERDICT_METRICS), the other metrics another
     family = ["model", "dataset", "protocol"]
-    paired = holm_within(pd.DataFrame(paired_against(edited, metrics, baseline, groups=groups,
-                                                     on=["batch", "position"])), family,
-                         VERDICT_METRICS)
+    against = pd.DataFrame(paired_against(edited, metrics, baseline, groups=groups, on=["batch", "position"]))
+    paired = holm_within(against, family, VERDICT_METRICS)
     contrasted = holm_within(pd.DataFrame(paired_contrasts(edited, metrics, contrasts, groups=groups,
                                                            on=["batch", "position"])), family,
                          VERDICT_METRICS)
@@ -280,7 +279,7 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
         scaling["baseline_size"] = scaling["baseline_size"].str.split().str[1].astype(int)
         first = ["model", "dataset", "protocol", "setting", "batch_size", "baseline_size"]
         scaling = scaling[first + [c for c in scaling.columns if c not in first]]
-    replication = _replication(edited, common, metrics, baseline, groups)
+    replication = _replication(edited, common, against, metrics, baseline, groups)
     forced = edited[edited["protocol"] == "teacher-forced"]
     timed = ["model", "dataset", "batch_size"]
     seconds = (forced.groupby([*timed, "setting", "batch"], sort=False)[["edit_seconds", "seconds"]]
@@ -289,11 +288,13 @@ def summarise(store: ResultStore, baseline: str = "MEMIT",
             "scaling": scaling, "replication": replication, "seconds": seconds}
 
 
-def _replication(edited: pd.DataFrame, common: pd.DataFrame, metrics: Sequence[str], baseline: str,
-                 groups: Sequence[str]) -> pd.DataFrame:
+def _replication(edited: pd.DataFrame, common: pd.DataFrame, against: pd.DataFrame, metrics: Sequence[str],
+                 baseline: str, groups: Sequence[str]) -> pd.DataFrame:
     """Each method against ``baseline`` per batch, and over every batch, at the sizes whose
     batches replicate one another: more batches than it takes to cover the facts every
-    size evaluated (``common``), e.g. two disjoint batches of 500 beside 100 common facts."""
+    size evaluated (``common``), e.g. two disjoint batches of 500 beside 100 common facts.
+    The pooled rows are those of ``against`` (the paired table before its Holm
+    adjustment), not computed again."""
     population = common.groupby(["model", "dataset", "protocol"])["fact_key"].nunique()
     batches = edited.groupby(groups)["batch"].nunique()
     replicated = [key for key, count in batches.items()
@@ -306,11 +307,10 @@ def _replication(edited: pd.DataFrame, common: pd.DataFrame, metrics: Sequence[s
     rows = edited[pd.MultiIndex.from_frame(edited[list(groups)]).isin(keys)]
     per_batch = pd.DataFrame(paired_against(rows, metrics, baseline, groups=[*groups, "batch"],
                                             on=["batch", "position"]))
-    pooled = pd.DataFrame(paired_against(rows, metrics, baseline, groups=groups, on=["batch", "position"]))
     if per_batch.empty:
         return pd.DataFrame(columns=columns)
     per_batch["batch"] = per_batch["batch"].astype(int).astype(str)
-    pooled["batch"] = "all"
+    pooled = against[pd.MultiIndex.from_frame(against[list(groups)]).isin(keys)].assign(batch="all")
     table = pd.concat([per_batch, pooled], ignore_index=True)
     return holm_within(table, ["model", "dataset", "protocol"], VERDICT_METRICS)[columns]
 
